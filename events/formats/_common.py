@@ -1,0 +1,166 @@
+"""Helpers shared by the parsers: limits, the event array builder, time unwrapping, checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .._types import EVENT_DTYPE, EventFormatError, Recording
+
+#: A timestamp may step back by at most this much (after wrap-around handling) before the
+#: file is declared corrupt. Smaller steps happen in real data (events of several packets or
+#: sources interleaved); they are sorted stably and counted in ``metadata["time_backsteps"]``.
+MAX_BACKSTEP_US = 10_000
+
+#: Largest sensor side any reader accepts (a header claiming more is absurd).
+MAX_SENSOR_SIDE = 16384
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on one read. ``max_decompressed`` caps what compressed packets may inflate to."""
+
+    max_bytes: int
+    max_events: int
+    max_decompressed: int
+
+
+def check_count(n: int, limits: Limits, *, offset: int | None = None, packet: int | None = None) -> None:
+    if n > limits.max_events:
+        raise EventFormatError(
+            f"recording holds more than max_events={limits.max_events} events ({n})",
+            offset=offset,
+            packet=packet,
+        )
+
+
+def build_events(t: np.ndarray, x: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Pack field arrays (any integer dtypes, equal length) into one EVENT_DTYPE array."""
+    out = np.empty(len(t), dtype=EVENT_DTYPE)
+    out["t"] = t
+    out["x"] = x
+    out["y"] = y
+    out["p"] = p
+    return out
+
+
+def unwrap(t: np.ndarray, period: int) -> tuple[np.ndarray, int]:
+    r"""Undo counter wrap-around of a timestamp that counts modulo ``period``.
+
+    A step :math:`t_{i} - t_{i-1} < -\mathrm{period}/2` is read as one wrap:
+    :math:`t'_i = t_i + \mathrm{period}\cdot\#\{j \le i : \text{wrap at } j\}`.
+    Returns the unwrapped int64 array and the number of wraps.
+    """
+    t = np.asarray(t, dtype=np.int64)
+    if len(t) < 2:
+        return t, 0
+    d = np.diff(t)
+    wraps = d < -(period // 2)
+    n = int(np.count_nonzero(wraps))
+    if n == 0:
+        return t, 0
+    add = np.zeros(len(t), dtype=np.int64)
+    add[1:] = np.cumsum(wraps, dtype=np.int64) * period
+    return t + add, n
+
+
+def order_by_time(
+    events: np.ndarray,
+    metadata: dict[str, Any],
+    *,
+    offsets: np.ndarray | None = None,
+    max_backstep_us: int = MAX_BACKSTEP_US,
+) -> np.ndarray:
+    """Return ``events`` sorted by t (stable); raise when time jumps back more than allowed.
+
+    ``offsets`` (byte offset of each event in the file) lets the error say where.
+    """
+    t = events["t"]
+    if len(t) < 2:
+        metadata["time_backsteps"] = 0
+        return events
+    d = np.diff(t)
+    back = d < 0
+    if not back.any():
+        metadata["time_backsteps"] = 0
+        return events
+    worst = int(np.argmin(d))
+    if -int(d[worst]) > max_backstep_us:
+        where = int(offsets[worst + 1]) if offsets is not None else None
+        raise EventFormatError(
+            f"timestamp goes backwards by {-int(d[worst])} us at event {worst + 1} "
+            f"({int(t[worst])} -> {int(t[worst + 1])}); more than the {max_backstep_us} us tolerated",
+            offset=where,
+        )
+    metadata["time_backsteps"] = int(np.count_nonzero(back))
+    return events[np.argsort(t, kind="stable")]
+
+
+def check_bounds(
+    events: np.ndarray, width: int, height: int, *, offsets: np.ndarray | None = None, what: str = "event"
+) -> None:
+    """Raise EventFormatError if any event lies outside the ``width`` x ``height`` sensor."""
+    if len(events) == 0:
+        return
+    bad = (events["x"] >= width) | (events["y"] >= height)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise EventFormatError(
+            f"{what} {i} at (x={int(events['x'][i])}, y={int(events['y'][i])}) lies outside the "
+            f"{width}x{height} sensor",
+            offset=int(offsets[i]) if offsets is not None else None,
+        )
+
+
+def check_sensor(width: int, height: int, *, what: str = "sensor size", offset: int | None = None) -> None:
+    if not (0 < width <= MAX_SENSOR_SIDE and 0 < height <= MAX_SENSOR_SIDE):
+        raise EventFormatError(f"absurd {what} {width}x{height}", offset=offset)
+
+
+def size_from_events(events: np.ndarray, default: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+    """Smallest sensor holding every event (used when no header gives the size)."""
+    if len(events) == 0:
+        return default
+    return int(events["x"].max()) + 1, int(events["y"].max()) + 1
+
+
+def finish(
+    events: np.ndarray,
+    width: int,
+    height: int,
+    fmt: str,
+    metadata: dict[str, Any],
+    *,
+    offsets: np.ndarray | None = None,
+    max_backstep_us: int = MAX_BACKSTEP_US,
+) -> Recording:
+    """Bounds check, sort by time (stable) and wrap into a Recording."""
+    check_sensor(width, height)
+    check_bounds(events, width, height, offsets=offsets)
+    events = order_by_time(events, metadata, offsets=offsets, max_backstep_us=max_backstep_us)
+    metadata.setdefault("events", int(len(events)))
+    return Recording(events=events, width=int(width), height=int(height), format=fmt, metadata=metadata)
+
+
+def text_header(data: bytes | memoryview, prefix: bytes, *, max_header: int = 16 << 20) -> tuple[list[str], int]:
+    """Read leading lines that start with ``prefix``; return (decoded lines, data offset).
+
+    Lines end with LF (CR stripped). Stops at the first line not starting with ``prefix``.
+    """
+    buf = bytes(data[: min(len(data), max_header)])
+    lines: list[str] = []
+    pos = 0
+    n = len(buf)
+    while pos < n and buf.startswith(prefix, pos):
+        end = buf.find(b"\n", pos)
+        if end < 0:
+            if len(data) > max_header:
+                raise EventFormatError("header longer than 16 MiB", offset=pos)
+            # a header line that never ends: the whole buffer is header
+            lines.append(buf[pos:].decode("latin-1").rstrip("\r"))
+            return lines, n
+        lines.append(buf[pos:end].decode("latin-1").rstrip("\r"))
+        pos = end + 1
+    return lines, pos
