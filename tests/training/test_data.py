@@ -1,0 +1,111 @@
+"""Datasets: MNIST loading and spike encodings, drifting blobs, bit-packed frame sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training import data
+
+
+def test_ttfs_formula_and_silent_zeros():
+    T = 30
+    x = torch.tensor([[1.0, 0.0, 0.5, 1 / 255, 0.9]])
+    s = data.ttfs_encode(x, T)
+    assert s.shape == (T, 1, 5)
+    counts = s.sum(0)[0]
+    assert counts.tolist() == [1, 0, 1, 1, 1]  # exactly one spike, none for black pixels
+    # 1-based t = T - round(x (T-1))
+    for i, v in [(0, 1.0), (2, 0.5), (3, 1 / 255), (4, 0.9)]:
+        t1 = int(s[:, 0, i].nonzero()[0, 0]) + 1
+        assert t1 == T - round(v * (T - 1))
+    assert int(s[:, 0, 0].nonzero()[0, 0]) == 0  # brightest first
+
+
+def test_rate_encoding_mean_and_seed():
+    x = torch.tensor([[0.0, 0.25, 0.75, 1.0]])
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    s = data.rate_encode(x.expand(2000, 4), 10, g1)
+    np.testing.assert_allclose(s.mean((0, 1)).numpy(), [0.0, 0.25, 0.75, 1.0], atol=0.01)
+    assert torch.equal(s, data.rate_encode(x.expand(2000, 4), 10, g2))
+
+
+def test_blob_classes_enumerate_210_patterns():
+    table = data.blob_class_table(20)
+    assert table.max() == 209 and (table == table.T).all()
+    assert len(np.unique(table)) == 210
+
+
+@pytest.mark.parametrize("lag", [-3, 0, 2])
+def test_drifting_blobs_lag_alignment(lag):
+    rng = np.random.default_rng(0)
+    x, y = data.drifting_blobs(50, 4, lag=lag, rng=rng)
+    assert x.shape == (50, 4, 20) and y.shape == (50, 4)
+    assert ((x.sum(-1) >= 1) & (x.sum(-1) <= 2)).all()  # two blobs OR-ed
+    # the class of the input pattern at time s
+    table = data.blob_class_table(20)
+
+    def cls(frame):
+        on = np.flatnonzero(frame)
+        return table[on[0], on[-1]]
+
+    for t in range(5, 40):
+        assert y[t, 1] == cls(x[t + lag, 1].numpy())
+
+
+def test_blob_dynamics_drift():
+    pos = data.blob_positions(400, 8, rng=np.random.default_rng(1))
+    assert pos.min() >= 0 and pos.max() <= 19
+    # the blob moves: consecutive positions differ most of the time, but not uniformly at random
+    assert (np.diff(pos, axis=0) != 0).mean() > 0.3
+
+
+def test_frameset_roundtrip(tmp_path):
+    rng = np.random.default_rng(0)
+    frames = (rng.random((5, 7, 2, 26, 26)) < 0.1).astype(np.uint8)
+    fs = data.FrameSet(data.pack_frames(frames), (2, 26, 26),
+                       rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), np.arange(5), {"k": 1})
+    np.testing.assert_array_equal(fs.frames(np.arange(5)), frames)
+    fs.save(tmp_path / "f.npz")
+    fs2 = data.FrameSet.load(tmp_path / "f.npz")
+    x, tgt, lab = fs2.batch(np.array([3, 1]))
+    assert x.shape == (7, 2, 2 * 26 * 26)
+    np.testing.assert_array_equal(x[:, 0].numpy().reshape(7, 2, 26, 26), frames[3])
+    np.testing.assert_allclose(tgt[1].numpy(), fs.targets[1].reshape(-1) / 255.0)
+    assert lab.tolist() == [3, 1] and fs2.meta == {"k": 1}
+
+
+def test_prototypes_are_class_members():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    labels = np.arange(40) % 10
+    protos = data.prototype_images(imgs, labels)
+    for c in range(10):
+        assert any((protos[c] == imgs[i]).all() for i in np.flatnonzero(labels == c))
+
+
+def test_mnist_files_at_hand(shared_mnist):
+    x, y = data.load_mnist_split(shared_mnist, "train", limit=100)
+    assert x.shape == (100, 28, 28) and x.dtype == np.uint8 and y.shape == (100,)
+    xt, _ = data.load_mnist_split(shared_mnist, "test")
+    assert xt.shape == (10_000, 28, 28)
+
+
+def test_standard_names_win(tmp_path):
+    for name in ("train10k-images-idx3-ubyte", "train10k-labels-idx1-ubyte",
+                 "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (tmp_path / name).write_bytes(b"")
+    assert data.find_mnist_files(tmp_path, "train")[0].name == "train-images-idx3-ubyte.gz"
+    with pytest.raises(data.DatasetError):
+        data.find_mnist_files(tmp_path, "test")
+
+
+def test_scan_mnist_dvs_layout(tmp_path):
+    for d, s, i in [(0, 4, 1), (0, 4, 950), (3, 4, 2), (3, 8, 2)]:
+        p = tmp_path / f"grabbed_data{d}" / f"scale{s}"
+        p.mkdir(parents=True, exist_ok=True)
+        (p / f"mnist_{d}_scale{s:02d}_{i:04d}.aedat").write_bytes(b"")
+    recs = data.scan_mnist_dvs(tmp_path, scale=4)
+    assert [(r[1], r[2]) for r in recs] == [(0, 1), (0, 950), (3, 2)]
+    assert [data.mnist_dvs_split_of(r[2]) for r in recs] == ["train", "test", "train"]

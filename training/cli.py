@@ -1,0 +1,104 @@
+"""``vdib train``, ``vdib train-judge`` and ``vdib evaluate``: the training package's commands.
+
+Heavy imports (torch, the trainer) stay inside the command functions so ``vdib --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="train a VDIB naturalizer from a TOML config")
+    p.add_argument("config", type=Path, help="TOML config (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, dotted keys (e.g. --set train.steps=100); repeatable")
+    p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoint")
+    p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: from the config)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_train)
+
+    j = subparsers.add_parser("train-judge", help="train the LeNet-5 judge on MNIST")
+    j.add_argument("--data", type=Path, default=None, help="MNIST idx folder (default ../shared/data/mnist)")
+    j.add_argument("--out", type=Path, default=None, help="output folder (default checkpoints/judge)")
+    j.add_argument("--epochs", type=int, default=None)
+    j.add_argument("--train-limit", type=int, default=10_000, help="training digits used (0 = all)")
+    j.add_argument("--seed", type=int, default=0)
+    j.add_argument("--threads", type=int, default=None, help="torch threads")
+    j.add_argument("--no-progress", action="store_true")
+    j.set_defaults(func=_cmd_train_judge)
+
+    e = subparsers.add_parser("evaluate", help="evaluate a naturalizer checkpoint (judge accuracy, MSE, SSIM)")
+    e.add_argument("checkpoint", type=Path, help="naturalizer checkpoint directory")
+    e.add_argument("--data", type=Path, default=None,
+                   help="MNIST idx folder (image checkpoints) or MNIST-DVS recordings folder")
+    e.add_argument("--judge", type=Path, default=None, help="judge checkpoint (default checkpoints/judge)")
+    e.add_argument("--limit", type=int, default=None, help="evaluate on the first N test items only")
+    e.add_argument("--out", type=Path, default=None, help="results directory (markdown, JSON, plots)")
+    e.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .trainer import load_config, train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.run_dir is not None:
+        cfg["run"]["dir"] = str(args.run_dir)
+    result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    print(json.dumps(result.get("final_eval", {}), indent=None))
+    return 0
+
+
+def _cmd_train_judge(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from .judge import (
+        JudgeConfig,
+        default_judge_dir,
+        hardware_string,
+        load_mnist_tensors,
+        save_judge,
+        train_judge,
+    )
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = JudgeConfig(seed=args.seed, train_limit=args.train_limit or None)
+    if args.epochs:
+        cfg.epochs = args.epochs
+    t0 = time.perf_counter()
+    trx, tr_y, tex, te_y, trf, tef = load_mnist_tensors(args.data, cfg.train_limit)
+    model, metrics = train_judge(trx, tr_y, tex, te_y, cfg, progress=not args.no_progress)
+    out = args.out or default_judge_dir()
+    cmd = "vdib train-judge" + (f" --epochs {args.epochs}" if args.epochs else "") + (
+        f" --seed {args.seed}" if args.seed else "")
+    prov = {"train_files": trf, "test_files": tef, "hardware": hardware_string(), "command": cmd}
+    save_judge(out, model, cfg, metrics, prov)
+    print(json.dumps({"test_accuracy": metrics["test_accuracy"], "train_seconds": metrics["train_seconds"],
+                      "total_seconds": round(time.perf_counter() - t0, 1), "out": str(out)}))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    summary = evaluate_checkpoint(
+        args.checkpoint, data=args.data, judge_dir=args.judge, limit=args.limit, out_dir=args.out,
+        seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress and not args.json,
+    )
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            if not isinstance(v, dict | list):
+                print(f"{k}: {v}", file=sys.stdout)
+    return 0
