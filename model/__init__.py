@@ -1,0 +1,62 @@
+"""The VDIB model: encoder SNN, decoders, online stepping, checkpoints, learning rules, ONNX.
+
+Torch only; knows nothing of HTTP or event files. Names are loaded lazily so that
+``import model`` stays cheap (sub-modules import torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    # neurons / encoder
+    "EncoderConfig": "model.encoder",
+    "EncoderState": "model.encoder",
+    "Encoder": "model.encoder",
+    "LIFState": "model.functional",
+    "SRMState": "model.functional",
+    "LIFParameters": "model.functional",
+    # decoders
+    "Decoder": "model.decoders",
+    "DECODERS": "model.decoders",
+    "build_decoder": "model.decoders",
+    "decoder_names": "model.decoders",
+    # naturalizer / online
+    "NaturalizerConfig": "model.naturalizer",
+    "Naturalizer": "model.naturalizer",
+    "OnlineNaturalizer": "model.naturalizer",
+    "sliding_windows": "model.naturalizer",
+    # cross-stream batching
+    "stack_states": "model.batching",
+    "unstack_states": "model.batching",
+    "state_row": "model.batching",
+    "select_rows": "model.batching",
+    "set_rows": "model.batching",
+    "draw_stream_uniforms": "model.batching",
+    "step_streams": "model.batching",
+    "push_window": "model.batching",
+    "decode_windows": "model.batching",
+    # checkpoints
+    "CheckpointError": "model.checkpoint",
+    "save_checkpoint": "model.checkpoint",
+    "load_checkpoint": "model.checkpoint",
+    "FORMAT_VERSION": "model.checkpoint",
+    # loss / rules / export
+    "vdib_loss": "model.loss",
+    "build_rule": "model.rules",
+    "RULES": "model.rules",
+    "export_onnx": "model.onnx_export",
+    "OnnxEngine": "model.onnx_export",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

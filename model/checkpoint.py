@@ -1,0 +1,228 @@
+"""Self-describing checkpoints (STYLE.md 5): ``weights.safetensors`` + ``config.json``; never pickles.
+
+``config.json``::
+
+    {
+      "format_version": 1,
+      "kind": "vdib-naturalizer",
+      "model": NaturalizerConfig.to_dict(),
+      "training": {...}, "metrics": {...}, "provenance": {...},
+      "code_version": "git describe or package version",
+      "created_utc": "...",
+      "tensors": {"name": {"shape": [...], "dtype": "float32"}, ...},
+      "weights_sha256": "hex digest of weights.safetensors"
+    }
+
+:func:`load_checkpoint` rebuilds the model from ``model``, then checks the weight file's digest,
+the tensor names, shapes and dtypes against both the JSON manifest and the freshly built model.
+Anything else raises :class:`CheckpointError` with what is wrong.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .decoders import DECODERS
+from .naturalizer import Naturalizer, NaturalizerConfig
+
+__all__ = ["CheckpointError", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "code_version"]
+
+FORMAT_VERSION = 1
+KIND = "vdib-naturalizer"
+WEIGHTS = "weights.safetensors"
+CONFIG = "config.json"
+_MAX_CONFIG_BYTES = 16 << 20
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, corrupt, or does not describe a model this code can build."""
+
+
+def code_version() -> str:
+    """``git describe --always --dirty`` of this source tree, else the installed package version."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        )
+        if out.stdout.strip():
+            return "git:" + out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        from importlib.metadata import version
+
+        return "vdib " + version("vdib")
+    except Exception:  # noqa: BLE001 - metadata may be absent in a bare checkout
+        return "unknown"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonable(obj: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(obj, allow_nan=True, default=str))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{what} is not JSON-serialisable: {exc}") from exc
+
+
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    naturalizer: Naturalizer,
+    training_config: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``directory/weights.safetensors`` and ``directory/config.json`` (atomically each).
+
+    Returns the directory path. The extra dicts must be JSON-serialisable (non-JSON leaves are
+    stored as strings).
+    """
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in naturalizer.state_dict().items()}
+    tmp_w = out / (WEIGHTS + ".tmp")
+    save_file(tensors, str(tmp_w), metadata={"format_version": str(FORMAT_VERSION), "kind": KIND})
+    os.replace(tmp_w, out / WEIGHTS)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": KIND,
+        "model": naturalizer.config.to_dict(),
+        "training": _jsonable(training_config or {}, "training_config"),
+        "metrics": _jsonable(metrics or {}, "metrics"),
+        "provenance": _jsonable(provenance or {}, "provenance"),
+        "code_version": code_version(),
+        "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
+        "weights_sha256": _sha256(out / WEIGHTS),
+    }
+    tmp_c = out / (CONFIG + ".tmp")
+    tmp_c.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp_c, out / CONFIG)
+    return out
+
+
+def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse and check ``config.json`` without touching the weights."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {d} does not exist or is not a directory")
+    cfg_path = d / CONFIG
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: missing (a checkpoint needs {CONFIG} and {WEIGHTS})")
+    if cfg_path.stat().st_size > _MAX_CONFIG_BYTES:
+        raise CheckpointError(f"{cfg_path}: larger than {_MAX_CONFIG_BYTES} bytes")
+    try:
+        meta = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{cfg_path}: not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{cfg_path}: top level must be a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_path}: format_version {version!r} is not supported (this code reads {FORMAT_VERSION})")
+    if meta.get("kind", KIND) != KIND:
+        raise CheckpointError(f"{cfg_path}: kind {meta.get('kind')!r} is not {KIND!r}")
+    for key in ("model", "tensors"):
+        if not isinstance(meta.get(key), dict):
+            raise CheckpointError(f"{cfg_path}: missing or invalid {key!r} object")
+    return meta
+
+
+def load_checkpoint(
+    directory: str | os.PathLike[str], device: torch.device | str | None = None
+) -> tuple[Naturalizer, dict[str, Any]]:
+    """Load a checkpoint written by :func:`save_checkpoint`: returns ``(naturalizer, meta)``.
+
+    The model is in eval mode on ``device`` (default CPU). Raises :class:`CheckpointError` for a
+    missing file, bad JSON, unsupported version, unknown decoder, a weight file that does not
+    match its digest or cannot be parsed, and any tensor name, shape or dtype mismatch.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    d = Path(directory)
+    meta = read_meta(d)
+    model_cfg = meta["model"]
+    dec = model_cfg.get("decoder")
+    if dec not in DECODERS:
+        raise CheckpointError(f"{d / CONFIG}: unknown decoder {dec!r}; known: {sorted(DECODERS)}")
+    try:
+        config = NaturalizerConfig.from_dict(model_cfg)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{d / CONFIG}: invalid model config: {exc}") from exc
+    # refuse absurd sizes before allocating (a hostile config could ask for terabytes)
+    manifest = meta["tensors"]
+    try:
+        n_values = sum(math.prod(int(s) for s in spec["shape"]) for spec in manifest.values())
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{d / CONFIG}: invalid tensor manifest: {exc}") from exc
+    if n_values > 4_000_000_000:
+        raise CheckpointError(f"{d / CONFIG}: manifest declares {n_values} values, refusing")
+
+    w_path = d / WEIGHTS
+    if not w_path.is_file():
+        raise CheckpointError(f"{w_path}: missing")
+    digest = meta.get("weights_sha256")
+    if digest is not None and digest != _sha256(w_path):
+        raise CheckpointError(f"{w_path}: sha256 does not match config.json (corrupt or replaced file)")
+    try:
+        tensors = load_file(str(w_path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{w_path}: not a readable safetensors file: {exc}") from exc
+
+    try:
+        model = Naturalizer(config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{d / CONFIG}: cannot build the model: {exc}") from exc
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{w_path}: tensor names differ from the model: missing {missing}, unexpected {extra}")
+    for name, ref in expected.items():
+        t = tensors[name]
+        spec = manifest.get(name)
+        if spec is None:
+            raise CheckpointError(f"{d / CONFIG}: tensor {name!r} not in the manifest")
+        if tuple(t.shape) != tuple(ref.shape) or list(t.shape) != list(spec.get("shape", [])):
+            raise CheckpointError(
+                f"{w_path}: tensor {name!r} has shape {tuple(t.shape)}, model expects {tuple(ref.shape)}"
+                f" (manifest {spec.get('shape')})"
+            )
+        if _dtype_name(t.dtype) != spec.get("dtype") or t.dtype not in _DTYPES.values():
+            raise CheckpointError(f"{w_path}: tensor {name!r} has dtype {t.dtype}, manifest says {spec.get('dtype')}")
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"{w_path}: tensor {name!r} holds NaN or infinite values")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model, meta
