@@ -1,0 +1,248 @@
+"""bin_events against a per-event reference, and the streaming Binner against bin_events."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import events
+from events import EVENT_DTYPE
+from events.binning import MNIST_DVS, ROI, Binner, BinSpec, bin_events
+
+
+def reference(ev, roi, dt, t0, n_bins, polarity="split", mode="presence", pool=1):
+    """One event at a time, the definition in INTERFACES.md written as plainly as possible."""
+    h, w = roi.height // pool, roi.width // pool
+    acc = np.zeros((n_bins, 2, h, w), dtype=np.int64)
+    for t, x, y, p in zip(ev["t"].tolist(), ev["x"].tolist(), ev["y"].tolist(), ev["p"].tolist(), strict=True):
+        k = (t - t0) // dt
+        dx, dy = x - roi.x, y - roi.y
+        if 0 <= k < n_bins and 0 <= dx < w * pool and 0 <= dy < h * pool and p in (0, 1):
+            acc[k, p, dy // pool, dx // pool] += 1
+    if polarity == "merge":
+        acc = acc.sum(axis=1, keepdims=True)
+    cells = (acc > 0).astype(np.int64) if mode == "presence" else np.minimum(acc, 255)
+    if polarity == "signed":
+        return np.clip(cells[:, 1:2] - cells[:, 0:1], -128, 127).astype(np.int8)
+    return cells.astype(np.uint8)
+
+
+def random_events(rng, n, width=40, height=30, t_span=50_000, sort=True):
+    ev = np.zeros(n, EVENT_DTYPE)
+    ev["t"] = rng.integers(0, t_span, n) + 1_000
+    if sort:
+        ev["t"].sort()
+    ev["x"] = rng.integers(0, width, n)
+    ev["y"] = rng.integers(0, height, n)
+    ev["p"] = rng.integers(0, 2, n)
+    return ev
+
+
+@pytest.mark.parametrize("polarity", ["split", "merge", "signed"])
+@pytest.mark.parametrize("mode", ["presence", "count"])
+@pytest.mark.parametrize("pool", [1, 3])
+def test_bin_events_matches_reference(polarity, mode, pool):
+    rng = np.random.default_rng(1)
+    ev = random_events(rng, 3000, t_span=20_000)
+    # Concentrate events so that counts exceed 1 and saturation at 255 happens in a few cells.
+    hot = np.zeros(600, EVENT_DTYPE)
+    hot["t"], hot["x"], hot["y"], hot["p"] = 5_000, 12, 9, 1
+    ev = np.sort(np.concatenate([ev, hot]), order="t", kind="stable")
+    roi = ROI(5, 4, 22, 17)
+    got = bin_events(ev, roi, 1_000, 2_000, 15, polarity, mode, pool)
+    want = reference(ev, roi, 1_000, 2_000, 15, polarity, mode, pool)
+    c = 2 if polarity == "split" else 1
+    assert got.shape == (15, c, 17 // pool, 22 // pool)
+    assert got.dtype == (np.int8 if polarity == "signed" else np.uint8)
+    np.testing.assert_array_equal(got, want)
+    if mode == "count" and pool == 1 and polarity == "split":
+        assert got[3, 1, 9 - 4, 12 - 5] == 255  # 600+ events saturate
+
+
+def test_unsorted_and_out_of_window_events_and_input_untouched():
+    rng = np.random.default_rng(2)
+    ev = random_events(rng, 200_000, width=300, height=200, t_span=3_000_000, sort=False)
+    ev["p"][::97] = 7  # not a polarity: ignored
+    before = ev.copy()
+    roi = ROI(100, 50, 64, 48)
+    got = bin_events(ev, roi, 7_000, 500_000, 200, "split", "presence", 2)
+    np.testing.assert_array_equal(ev, before)
+    sel = ev[:20_000]  # the reference is slow: compare on a sub-set
+    np.testing.assert_array_equal(
+        bin_events(sel, roi, 7_000, 500_000, 200, "split", "presence", 2),
+        reference(sel, roi, 7_000, 500_000, 200, "split", "presence", 2),
+    )
+    assert got.sum() > 0
+
+
+def test_defaults_t0_first_event_and_n_bins_cover_last():
+    ev = np.zeros(3, EVENT_DTYPE)
+    ev["t"] = [1_234, 5_000, 31_233]
+    ev["x"] = [0, 1, 2]
+    out = bin_events(ev, ROI(0, 0, 4, 1), 10_000)
+    # t0 = 1234: bins [1234, 11234), [11234, 21234), [21234, 31234) -> 3 bins, last event in bin 2.
+    assert out.shape == (3, 2, 1, 4)
+    assert out[0, 0, 0].tolist() == [1, 1, 0, 0]
+    assert out[2, 0, 0].tolist() == [0, 0, 1, 0]
+    assert bin_events(ev[:0], ROI(0, 0, 4, 1), 10_000).shape == (0, 2, 1, 4)
+
+
+def test_large_output_count_path_matches_small_path():
+    # More than 2**24 cells takes the per-chunk bincount path.
+    rng = np.random.default_rng(3)
+    ev = random_events(rng, 100_000, width=256, height=256, t_span=2_000_000)
+    ev["x"][:5000], ev["y"][:5000], ev["p"][:5000], ev["t"][:5000] = 17, 9, 1, 5_000
+    big = bin_events(ev, ROI(0, 0, 256, 256), 1_000, 1_000, 300, mode="count")
+    assert big.size > 1 << 24
+    small = np.concatenate(
+        [bin_events(ev, ROI(0, 0, 256, 256), 1_000, 1_000 + 1_000 * i, 50, mode="count") for i in range(0, 300, 50)]
+    )
+    np.testing.assert_array_equal(big, small)
+    assert big[4, 1, 9, 17] == 255
+    np.testing.assert_array_equal(big[:50], reference(ev, ROI(0, 0, 256, 256), 1_000, 1_000, 50, mode="count"))
+
+
+def test_binspec_and_roi_validation():
+    assert ROI.centre(128, 128, 26, 26) == ROI(51, 51, 26, 26)
+    assert ROI.full(346, 260) == ROI(0, 0, 346, 260)
+    assert BinSpec(ROI(0, 0, 30, 20), 1000, "merge", pool=4).shape == (1, 5, 7)
+    assert MNIST_DVS.shape == (2, 26, 26) and MNIST_DVS.dt_us == 10_000
+    for bad in [dict(dt_us=0), dict(polarity="both"), dict(mode="sum"), dict(pool=0), dict(pool=40)]:
+        kw = dict(roi=ROI(0, 0, 30, 20), dt_us=1000) | bad
+        with pytest.raises(ValueError):
+            BinSpec(**kw)
+    with pytest.raises(ValueError):
+        ROI.centre(20, 20, 26, 26)
+    with pytest.raises(ValueError):
+        Binner(BinSpec(ROI(0, 0, 4, 4), 1000), max_gap_us=10)
+
+
+def stream(binner, ev, cuts):
+    segs = []
+    for a, b in zip([0, *cuts], [*cuts, len(ev)], strict=True):
+        segs += binner.push(ev[a:b])
+    segs += binner.flush()
+    return segs
+
+
+def concat(segs, shape, dtype=np.uint8):
+    if not segs:
+        return np.zeros((0, *shape), dtype)
+    return np.concatenate([s.frames for s in segs])
+
+
+SPECS = [
+    BinSpec(ROI(3, 2, 20, 16), 1_000),
+    BinSpec(ROI(0, 0, 40, 30), 2_500, "merge", "count", 2),
+    BinSpec(ROI(10, 5, 30, 25), 700, "signed", "count", 1),
+]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(0, 400),
+    spec_i=st.integers(0, len(SPECS) - 1),
+    t0_given=st.booleans(),
+    cut_fracs=st.lists(st.floats(0, 1), max_size=8),
+)
+def test_binner_any_chunking_equals_one_shot(seed, n, spec_i, t0_given, cut_fracs):
+    rng = np.random.default_rng(seed)
+    ev = random_events(rng, n, t_span=int(rng.integers(1, 60_000)))
+    spec = SPECS[spec_i]
+    t0 = 900 if t0_given else None
+    cuts = sorted(int(f * n) for f in cut_fracs)
+    b = Binner(spec, t0=t0, max_gap_us=None)
+    segs = stream(b, ev, cuts)
+    want = bin_events(ev, spec.roi, spec.dt_us, t0, None, spec.polarity, spec.mode, spec.pool)
+    got = concat(segs, spec.shape, want.dtype)
+    np.testing.assert_array_equal(got, want)
+    assert b.bins_emitted == len(want) and b.late_events == 0 and b.gaps == 0
+    assert not any(s.reset for s in segs)
+    if segs:
+        ends = np.concatenate([s.bin_end_us for s in segs])
+        start = t0 if t0 is not None else int(ev["t"][0])
+        np.testing.assert_array_equal(ends, start + spec.dt_us * np.arange(1, len(want) + 1))
+
+
+def test_binner_real_recording_random_chunkings(shared_events):
+    rec = events.read(shared_events / "aedat2" / "mnist_0_scale04_0001.aedat")
+    ev = rec.events
+    want = MNIST_DVS.bin(ev)
+    assert want.shape[0] == rec.duration_us // 10_000 + 1
+    rng = np.random.default_rng(4)
+    for _ in range(5):
+        cuts = np.sort(rng.integers(0, len(ev), rng.integers(1, 200))).tolist()
+        b = Binner(MNIST_DVS, max_gap_us=None)
+        np.testing.assert_array_equal(concat(stream(b, ev, cuts), MNIST_DVS.shape), want)
+    # one event at a time over the first 2000 events
+    b = Binner(MNIST_DVS, max_gap_us=None)
+    segs = []
+    for i in range(2000):
+        segs += b.push(ev[i : i + 1])
+    segs += b.flush()
+    np.testing.assert_array_equal(concat(segs, MNIST_DVS.shape), MNIST_DVS.bin(ev[:2000]))
+
+
+def test_binner_late_events_dropped_and_counted():
+    spec = BinSpec(ROI(0, 0, 4, 4), 1_000)
+    ev = np.zeros(6, EVENT_DTYPE)
+    ev["t"] = [0, 500, 2_100, 1_900, 2_500, 900]  # 1900 and 900 arrive after bin 2 opened
+    ev["x"] = [0, 1, 2, 3, 0, 1]
+    b = Binner(spec, t0=0)
+    segs = b.push(ev[:3]) + b.push(ev[3:])
+    assert b.late_events == 2
+    segs += b.flush()
+    frames = concat(segs, spec.shape)
+    kept = ev[[0, 1, 2, 4]]
+    np.testing.assert_array_equal(frames, bin_events(kept, spec.roi, 1_000, 0, 3))
+    # after a flush the flushed bin is closed: an event in it is late, a later one opens bin 3+.
+    assert b.push(ev[4:5]) == [] and b.late_events == 3
+    assert b.flush() == []
+
+
+def test_binner_steps_empty_bins_and_reports_gaps():
+    spec = BinSpec(ROI(0, 0, 4, 4), 1_000)
+    ev = np.zeros(5, EVENT_DTYPE)
+    ev["t"] = [100, 4_200, 4_300, 59_200, 60_050]  # 3 empty bins, then a 54.9 ms gap
+    ev["x"] = [0, 1, 2, 3, 1]
+    b = Binner(spec, max_gap_us=20_000)
+    segs = b.push(ev[:4]) + b.push(ev[4:]) + b.flush()
+    assert b.gaps == 1
+    assert [s.reset for s in segs] == [False, True]
+    first, second = segs
+    # t0 = 100: bins 0..4 before the gap (bins 1-3 empty but stepped), then bin 59 alone.
+    assert len(first.frames) == 5 and first.frames[1:4].sum() == 0
+    np.testing.assert_array_equal(first.frames, bin_events(ev[:3], spec.roi, 1_000, 100, 5))
+    assert first.bin_end_us.tolist() == [1_100, 2_100, 3_100, 4_100, 5_100]
+    assert second.bin_end_us.tolist() == [60_100]
+    np.testing.assert_array_equal(second.frames, bin_events(ev[3:], spec.roi, 1_000, 59_100, 1))
+    assert b.bins_emitted == 6
+
+
+def test_binner_gap_is_chunking_independent():
+    rng = np.random.default_rng(5)
+    spec = BinSpec(ROI(0, 0, 40, 30), 1_000)
+    a = random_events(rng, 300, t_span=30_000)
+    c = random_events(rng, 300, t_span=30_000)
+    c["t"] += 10_000_000  # a 10 s silence
+    ev = np.concatenate([a, c])
+    outs = []
+    for cuts in ([], [300], [1, 299, 301, 450], list(range(0, 600, 7))):
+        b = Binner(spec, max_gap_us=500_000)
+        segs = stream(b, ev, cuts)
+        assert b.gaps == 1
+        merged = [(s.reset, s.frames) for s in segs]
+        resets = [r for r, _ in merged]
+        assert resets.count(True) == 1
+        i = resets.index(True)
+        before = np.concatenate([f for _, f in merged[:i]])
+        after = np.concatenate([f for _, f in merged[i:]])
+        outs.append((before, after))
+        # No bin is stepped through the silence: about 30 + 30 bins, not 10,000.
+        assert b.bins_emitted < 100
+    for before, after in outs[1:]:
+        np.testing.assert_array_equal(before, outs[0][0])
+        np.testing.assert_array_equal(after, outs[0][1])
