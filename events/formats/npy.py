@@ -1,0 +1,99 @@
+"""``.npy`` / ``.npz`` of the event dtype (never unpickled: ``allow_pickle=False`` always).
+
+``.npy``: one structured array with fields t, x, y, p (any integer/bool types; tonic's
+``(x, y, t, p)`` order and ``on`` for ``p`` accepted). ``.npz``: an ``events`` array plus
+optional ``width`` / ``height`` scalars, as ``events.write_npz`` writes.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from .._types import EventFormatError, Recording
+from ._common import Limits, build_events, check_count, check_sensor, finish, size_from_events
+
+
+def _load_npy(buf: bytes, limits: Limits, what: str) -> np.ndarray:
+    f = io.BytesIO(buf)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=1 << 16)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=1 << 16)
+    except ValueError as exc:
+        raise EventFormatError(f"{what}: bad .npy header: {exc}", offset=0) from exc
+    if dtype.hasobject:
+        raise EventFormatError(f"{what}: object arrays are refused (no pickle)", offset=0)
+    n = int(np.prod(shape)) if shape else 1
+    check_count(n, limits, offset=0)
+    if n * dtype.itemsize > len(buf):
+        raise EventFormatError(f"{what}: header claims {n} items but the data is truncated", offset=f.tell())
+    try:
+        return np.load(io.BytesIO(buf), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise EventFormatError(f"{what}: {exc}", offset=0) from exc
+
+
+def _to_events(arr: np.ndarray, what: str) -> np.ndarray:
+    names = arr.dtype.names or ()
+    p_name = "p" if "p" in names else ("on" if "on" in names else ("polarity" if "polarity" in names else None))
+    t_name = "t" if "t" in names else ("timestamp" if "timestamp" in names else None)
+    if arr.ndim != 1 or t_name is None or p_name is None or "x" not in names or "y" not in names:
+        raise EventFormatError(f"{what}: expected a 1-D structured array with t, x, y, p fields, got "
+                               f"shape {arr.shape} dtype {arr.dtype}", offset=0)
+    for k in (t_name, "x", "y", p_name):
+        if arr.dtype[k].kind not in "iub":
+            raise EventFormatError(f"{what}: field {k} has non-integer type {arr.dtype[k]}", offset=0)
+    for k in ("x", "y"):
+        if len(arr) and (int(arr[k].min()) < 0 or int(arr[k].max()) > 0xFFFF):
+            raise EventFormatError(f"{what}: field {k} holds values outside 0..65535", offset=0)
+    if len(arr) and arr.dtype[t_name].kind == "u" and int(arr[t_name].max()) >= 1 << 63:
+        raise EventFormatError(f"{what}: timestamps do not fit in int64", offset=0)
+    return build_events(arr[t_name], arr["x"], arr["y"], arr[p_name] > 0)
+
+
+def parse(data: bytes, *, limits: Limits, kind: str = "npy", name: str = "") -> Recording:
+    meta: dict[str, Any] = {"skipped": {}}
+    size = None
+    if kind == "npy":
+        arr = _load_npy(data, limits, "npy")
+    else:
+        try:
+            z = zipfile.ZipFile(io.BytesIO(data))
+            infos = {i.filename: i for i in z.infolist()}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
+            raise EventFormatError(f"npz: not a valid zip archive: {exc}", offset=0) from exc
+        total = sum(i.file_size for i in infos.values())
+        if total > limits.max_decompressed or total > 64 * max(len(data), 1 << 20):
+            raise EventFormatError(f"npz: members inflate to {total} bytes (decompression bomb?)", offset=0)
+        if "events.npy" not in infos:
+            raise EventFormatError(f"npz: no 'events' array (members: {sorted(infos)[:10]})", offset=0)
+
+        def member(nm: str) -> bytes:
+            try:
+                with z.open(infos[nm]) as f:
+                    out = f.read(infos[nm].file_size + 1)
+            except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+                raise EventFormatError(f"npz: member {nm} is corrupt: {exc}", offset=infos[nm].header_offset) from exc
+            if len(out) > infos[nm].file_size:
+                raise EventFormatError(f"npz: member {nm} is longer than declared", offset=infos[nm].header_offset)
+            return out
+
+        arr = _load_npy(member("events.npy"), limits, "npz events")
+        if "width.npy" in infos and "height.npy" in infos:
+            w = _load_npy(member("width.npy"), limits, "npz width")
+            h = _load_npy(member("height.npy"), limits, "npz height")
+            if w.size != 1 or h.size != 1 or w.dtype.kind not in "iu" or h.dtype.kind not in "iu":
+                raise EventFormatError("npz: width/height must be integer scalars", offset=0)
+            size = (int(w.reshape(())), int(h.reshape(())))
+            check_sensor(*size, what="npz sensor size", offset=0)
+    events = _to_events(arr, kind)
+    if size is None:
+        size = size_from_events(events)
+        meta["sensor_size_from"] = "event coordinates"
+    return finish(events, size[0], size[1], kind, meta)
