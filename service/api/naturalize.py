@@ -1,0 +1,249 @@
+"""Uploads: POST /v1/naturalize (events -> images) and POST /v1/events (events -> packets)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from collections.abc import AsyncGenerator
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
+from fastapi.concurrency import run_in_threadpool
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from ..deps import AuthDep, MetricsDep, RegistryDep, SettingsDep
+from ..pipeline import LimitError, RunOptions, naturalize
+from ..protocol import default_emit, encode_events
+from ..registry import ModelEntry, RoiError
+from ..render import event_rgb, gif, pack_spikes, png_gray, png_rgb
+from ..settings import Settings
+
+router = APIRouter(prefix="/v1", tags=["naturalize"], dependencies=[AuthDep])
+
+_413 = status.HTTP_413_CONTENT_TOO_LARGE
+
+
+async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
+    """The request body, chunk by chunk, failing with 413 as soon as it passes ``limit`` bytes."""
+    n = 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise HTTPException(_413, f"request body exceeds the upload limit of {limit} bytes")
+        yield chunk
+
+
+async def read_upload(request: Request, settings: Settings) -> tuple[bytes, str]:
+    """The event file of a raw or multipart body, and its file name (a format hint)."""
+    limit = settings.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            if int(length) > limit:
+                raise HTTPException(_413, f"Content-Length {length} exceeds the upload limit of {limit} bytes")
+        except ValueError as exc:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid Content-Length") from exc
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        parser = MultiPartParser(request.headers, _limited(request, limit), max_files=1, max_fields=16)
+        try:
+            form = await parser.parse()
+        except MultiPartException as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"bad multipart body: {exc.message}") from exc
+        for _, value in form.multi_items():
+            if not isinstance(value, str):
+                data = await value.read()
+                name = value.filename or ""
+                await form.close()
+                return data, name
+        await form.close()
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "multipart body holds no file part")
+    buf = bytearray()
+    async for chunk in _limited(request, limit):
+        buf += chunk
+    return bytes(buf), request.query_params.get("filename", "")
+
+
+def read_recording(data: bytes, name: str, settings: Settings) -> Any:
+    """Decode an event file; 415 for an unknown format, 422 for a bad file, 413 for limits."""
+    from events import EventFormatError, read, sniff_format
+
+    if not data:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "empty body: send an event file")
+    try:
+        fmt = sniff_format(data, name)
+    except EventFormatError as exc:
+        raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, str(exc)) from exc
+    try:
+        rec = read(data, format=fmt, max_bytes=settings.max_upload_bytes, max_events=settings.max_events)
+    except EventFormatError as exc:
+        code = _413 if "max_events" in str(exc) or "max_bytes" in str(exc) else status.HTTP_422_UNPROCESSABLE_CONTENT
+        raise HTTPException(code, str(exc)) from exc
+    if rec.duration_us > settings.max_duration_s * 1e6:
+        raise HTTPException(
+            _413, f"recording lasts {rec.duration_us / 1e6:.1f} s, over the limit of {settings.max_duration_s} s"
+        )
+    return rec
+
+
+def _entry(registry: Any, name: str | None) -> ModelEntry:
+    ok, reason = registry.ready
+    if name is None and not ok:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no model loaded: {reason}")
+    try:
+        return registry.get(name)
+    except KeyError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, exc.args[0]) from exc
+
+
+def parse_roi(roi: str | None) -> Any:
+    if roi is None or roi in ("default", "centre", "center", "full"):
+        return roi
+    parts = roi.split(",")
+    if len(parts) != 4:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"roi must be 'x,y,w,h', 'centre', 'full' or 'default', got {roi!r}")
+    try:
+        return [int(p) for p in parts]
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"roi values must be integers, got {roi!r}") from exc
+
+
+@router.post(
+    "/naturalize",
+    responses={
+        200: {"content": {"application/json": {}, "image/png": {}, "image/gif": {}, "application/octet-stream": {}}},
+        413: {"description": "body, events or duration over a limit"},
+        415: {"description": "unknown event-file format"},
+        422: {"description": "the file or a parameter cannot be used"},
+    },
+)
+async def naturalize_upload(
+    request: Request,
+    settings: SettingsDep,
+    registry: RegistryDep,
+    metrics: MetricsDep,
+    model: Annotated[str | None, Query(description="model name (default: the service's default)")] = None,
+    roi: Annotated[str | None, Query(description="'x,y,w,h', 'centre', 'full' or 'default'")] = None,
+    dt_us: Annotated[int | None, Query(gt=0, le=10_000_000, description="bin width (default: the model's)")] = None,
+    emit: Annotated[str | None, Query(description="a frame every k bins, or 'last' (default: ~30 frames/s)")] = None,
+    spikes: Literal["none", "bitpacked"] = "none",
+    seed: Annotated[int, Query(ge=0, lt=2**63)] = 0,
+    format: Literal["json", "png", "gif", "npz"] = "json",
+    inputs: Annotated[bool, Query(description="json: add the event image of each frame")] = False,
+    filename: Annotated[str | None, Query(description="raw body: a file name hinting the format")] = None,
+) -> Response:
+    """Naturalize an uploaded event file (raw body or multipart) into frames."""
+    entry = _entry(registry, model)
+    t = time.perf_counter()
+    data, name = await read_upload(request, settings)
+    rec = await run_in_threadpool(read_recording, data, filename or name, settings)
+    t_read = time.perf_counter() - t
+    metrics.upload_events.inc(len(rec.events))
+    try:
+        roi_v, pool = entry.resolve_roi(rec.width, rec.height, parse_roi(roi))
+    except RoiError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
+    dt = dt_us or entry.dt_us
+    if emit is None:
+        k: int | None = default_emit(dt)
+    elif emit == "last":
+        k = None
+    else:
+        try:
+            k = int(emit)
+        except ValueError:
+            k = 0
+        if not 1 <= k <= 1_000_000:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"emit must be an integer >= 1 or 'last', got {emit!r}")
+    if format == "png":
+        k = None
+    opts = RunOptions(
+        roi=roi_v, pool=pool, dt_us=dt, emit=k, spikes=spikes == "bitpacked", seed=seed,
+        inputs=inputs and format == "json", max_gap_us=settings.max_gap_us,
+        max_frames=settings.max_frames,
+    )
+    try:
+        res = await run_in_threadpool(naturalize, entry, rec.events, opts)
+    except LimitError as exc:
+        raise HTTPException(_413, str(exc)) from exc
+    t = time.perf_counter()
+    if format == "png":
+        body = png_gray(res.images[-1] if len(res.images) else np.zeros(entry.engine.image_shape, np.float32))
+        resp = Response(body, media_type="image/png")
+    elif format == "gif":
+        resp = Response(gif(list(res.images), (k or 1) * dt / 1000.0), media_type="image/gif")
+    elif format == "npz":
+        buf = io.BytesIO()
+        arrays: dict[str, np.ndarray] = {
+            "images": res.images, "frame_bins": res.frame_bins, "frame_end_us": res.frame_end_us,
+            "bin_end_us": res.bin_end_us,
+        }
+        if res.spikes is not None:
+            arrays["spikes"] = res.spikes
+        np.savez_compressed(buf, **arrays)
+        resp = Response(buf.getvalue(), media_type="application/octet-stream",
+                        headers={"Content-Disposition": 'attachment; filename="naturalized.npz"'})
+    else:
+        frames = []
+        for j in range(len(res.images)):
+            f: dict[str, Any] = {
+                "bin": int(res.frame_bins[j]),
+                "bin_end_us": int(res.frame_end_us[j]),
+                "image": base64.b64encode(png_gray(res.images[j])).decode(),
+            }
+            if opts.inputs:
+                f["input"] = base64.b64encode(png_rgb(event_rgb(res.inputs[j]))).decode()
+            frames.append(f)
+        stats = dict(res.stats)
+        stats["seconds"] = {"read": t_read, **stats["seconds"], "render": time.perf_counter() - t}
+        body_obj: dict[str, Any] = {
+            "model": entry.name,
+            "sensor": {"width": rec.width, "height": rec.height},
+            "file_format": rec.format,
+            "roi": list(roi_v),
+            "pool": pool,
+            "dt_us": dt,
+            "emit": k if k is not None else "last",
+            "seed": seed,
+            "image_shape": list(entry.engine.image_shape),
+            "frames": frames,
+            "spikes": None,
+            "stats": stats,
+        }
+        if res.spikes is not None:
+            body_obj["spikes"] = {
+                "encoding": "bitpacked-little",
+                "rows": int(len(res.spikes)),
+                "n_readout": entry.engine.n_readout,
+                "bin_end_us_first": int(res.bin_end_us[0]) if len(res.bin_end_us) else None,
+                "data": base64.b64encode(pack_spikes(res.spikes)).decode(),
+            }
+        resp = Response(json.dumps(body_obj), media_type="application/json")
+    resp.headers["X-Events"] = str(len(rec.events))
+    resp.headers["X-Bins"] = str(res.stats["bins"])
+    return resp
+
+
+@router.post("/events", responses={200: {"content": {"application/octet-stream": {}}}})
+async def convert_events(
+    request: Request,
+    settings: SettingsDep,
+    filename: Annotated[str | None, Query()] = None,
+) -> Response:
+    """Decode an event file into one protocol event packet (used by the viewer to replay files).
+
+    The sensor size and format come back in the ``X-Sensor-Width``, ``X-Sensor-Height`` and
+    ``X-Format`` headers.
+    """
+    data, name = await read_upload(request, settings)
+    rec = await run_in_threadpool(read_recording, data, filename or name, settings)
+    body = await run_in_threadpool(encode_events, rec.events)
+    return Response(
+        body,
+        media_type="application/octet-stream",
+        headers={"X-Sensor-Width": str(rec.width), "X-Sensor-Height": str(rec.height), "X-Format": rec.format,
+                 "X-Events": str(len(rec.events)), "Access-Control-Expose-Headers": "X-Sensor-Width, X-Sensor-Height, X-Format, X-Events"},
+    )

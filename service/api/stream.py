@@ -1,0 +1,266 @@
+"""WS /v1/stream: live event streams, protocol version 1 (service/protocol.py, docs/service.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from fastapi import APIRouter, WebSocket
+from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from ..deps import bearer, key_ok
+from ..protocol import (
+    AEDAT4_MAGIC,
+    CLOSE_GOING_AWAY,
+    CLOSE_INTERNAL,
+    CLOSE_INVALID,
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN,
+    CLOSE_UNSUPPORTED,
+    EVENT_MAGIC,
+    PROTOCOL_VERSION,
+    SUBPROTOCOL,
+    ProtocolError,
+    StartMessage,
+    decode_events,
+    default_emit,
+)
+from ..registry import RoiError
+from ..session import Aedat4Stream, Outgoing, Session
+
+log = logging.getLogger("vdib.service")
+router = APIRouter(tags=["stream"])
+
+
+class _Closed(Exception):
+    """The connection is gone (client closed or we closed it)."""
+
+
+async def _send_error(ws: WebSocket, metrics: Any, code: int, message: str) -> None:
+    metrics.streams_rejected.labels(str(code)).inc()
+    with contextlib.suppress(Exception):
+        await ws.send_text(json.dumps({"type": "error", "code": code, "message": message}))
+    with contextlib.suppress(Exception):
+        await ws.close(code=code, reason=message[:120])
+
+
+async def _receive(ws: WebSocket, timeout: float) -> dict[str, Any]:
+    try:
+        msg = await asyncio.wait_for(ws.receive(), timeout=timeout)
+    except TimeoutError as exc:
+        raise ProtocolError(CLOSE_GOING_AWAY, f"idle for {timeout:g} s: stream timed out") from exc
+    if msg["type"] == "websocket.disconnect":
+        raise _Closed()
+    return msg
+
+
+def _size(msg: dict[str, Any]) -> int:
+    b, t = msg.get("bytes"), msg.get("text")
+    return len(b) if b is not None else len(t.encode()) if t is not None else 0
+
+
+def _parse_json(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(CLOSE_INVALID, f"text message is not JSON: {exc}") from exc
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        raise ProtocolError(CLOSE_INVALID, "a text message must be a JSON object with a string 'type'")
+    return obj
+
+
+@router.websocket("/v1/stream")
+async def stream(ws: WebSocket) -> None:
+    """A live stream: start message, event packets, flush/end; frames and stats back."""
+    app = ws.app
+    settings, registry, scheduler, metrics = (
+        app.state.settings, app.state.registry, app.state.scheduler, app.state.metrics,
+    )
+    offered = list(ws.scope.get("subprotocols") or [])
+    key = bearer(ws.headers.get("authorization"))
+    for proto in offered:
+        if proto.startswith("bearer."):
+            key = proto[len("bearer.") :]
+    await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
+
+    if app.state.stream_slots >= settings.max_sessions:
+        await _send_error(ws, metrics, CLOSE_TRY_AGAIN, f"session limit of {settings.max_sessions} streams reached; try again later")
+        return
+    app.state.stream_slots += 1
+    session: Session | None = None
+    sender: asyncio.Task[None] | None = None
+    try:
+        ok, reason = registry.ready
+        if not ok:
+            raise ProtocolError(CLOSE_TRY_AGAIN, f"service not ready: {reason}")
+        msg = await _receive(ws, settings.idle_timeout_s)
+        if _size(msg) > settings.max_message_bytes:
+            raise ProtocolError(CLOSE_TOO_BIG, f"message of {_size(msg)} bytes exceeds {settings.max_message_bytes}")
+        if msg.get("text") is None:
+            raise ProtocolError(CLOSE_UNSUPPORTED, "the first message must be the JSON start message")
+        obj = _parse_json(msg["text"])
+        if obj.get("type") != "start":
+            raise ProtocolError(CLOSE_UNSUPPORTED, f"expected a 'start' message, got {obj.get('type')!r}")
+        if not key_ok(settings, key or obj.get("api_key")):
+            raise ProtocolError(CLOSE_POLICY, "missing or invalid API key")
+        if obj.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+            raise ProtocolError(CLOSE_UNSUPPORTED, f"protocol version {obj.get('protocol')!r} is not supported (server speaks {PROTOCOL_VERSION})")
+        try:
+            start = StartMessage.model_validate(obj)
+        except ValidationError as exc:
+            errs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ProtocolError(CLOSE_INVALID, f"bad start message: {errs}") from exc
+        try:
+            entry = registry.get(start.model)
+        except KeyError as exc:
+            raise ProtocolError(CLOSE_UNSUPPORTED, exc.args[0]) from exc
+        try:
+            roi, pool = entry.resolve_roi(start.sensor.width, start.sensor.height, start.roi)
+        except RoiError as exc:
+            raise ProtocolError(CLOSE_UNSUPPORTED, str(exc)) from exc
+        dt = start.dt_us or entry.dt_us
+        emit = None if start.emit == "last" else int(start.emit or default_emit(dt))
+        session = Session(
+            entry, roi, pool, dt, emit, start.seed, spikes=start.spikes, inputs=start.inputs, fmt=start.format,
+            encoding=start.encoding, t0_us=start.t0_us, max_gap_us=settings.max_gap_us,
+            out_queue_frames=settings.out_queue_frames,
+        )
+        scheduler.add(session)
+        metrics.streams_total.inc()
+        metrics.active_streams.inc()
+        await ws.send_text(json.dumps({
+            "type": "ready", "protocol": PROTOCOL_VERSION, "session": session.id, "model": entry.name,
+            "roi": list(roi), "pool": pool, "dt_us": dt, "emit": emit if emit is not None else "last",
+            "input_shape": list(entry.input_shape), "image_shape": list(entry.engine.image_shape),
+            "n_readout": entry.engine.n_readout, "tau_d": entry.engine.tau_d, "format": start.format,
+            "spikes": start.spikes, "inputs": start.inputs, "seed": start.seed,
+            "limits": {"max_message_bytes": settings.max_message_bytes, "idle_timeout_s": settings.idle_timeout_s,
+                       "max_gap_us": settings.max_gap_us, "out_queue_frames": settings.out_queue_frames},
+        }))
+        sender = asyncio.create_task(_sender(ws, session, metrics, settings.stats_interval_s))
+        await _ingest(ws, session, settings, scheduler, metrics, sender)
+    except ProtocolError as exc:
+        await _send_error(ws, metrics, exc.code, exc.message)
+    except (_Closed, WebSocketDisconnect):
+        pass
+    except Exception as exc:  # noqa: BLE001 - report, close this stream only
+        log.exception("stream failed")
+        await _send_error(ws, metrics, CLOSE_INTERNAL, f"internal error: {type(exc).__name__}")
+    finally:
+        app.state.stream_slots -= 1
+        if session is not None:
+            scheduler.remove(session)
+            metrics.active_streams.dec()
+        if sender is not None and not sender.done():
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+
+
+async def _ingest(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metrics: Any,
+                  sender: asyncio.Task[None]) -> None:
+    """Read client messages until ``end`` or a disconnect; raises ProtocolError on bad input."""
+    while True:
+        receive = asyncio.ensure_future(_receive(ws, settings.idle_timeout_s))
+        done, _ = await asyncio.wait({receive, sender}, return_when=asyncio.FIRST_COMPLETED)
+        if sender in done:  # the sender closed the socket (internal error) or the client vanished
+            receive.cancel()
+            with contextlib.suppress(BaseException):
+                await receive
+            exc = sender.exception()
+            if isinstance(exc, ProtocolError):
+                raise exc
+            return
+        msg = receive.result()
+        n = _size(msg)
+        if n > settings.max_message_bytes:
+            raise ProtocolError(CLOSE_TOO_BIG, f"message of {n} bytes exceeds {settings.max_message_bytes}")
+        data = msg.get("bytes")
+        if data is not None:
+            events = _decode(s, data, settings)
+            if len(events):
+                late = s.binner.late_events
+                s.push_events(events)
+                metrics.stream_events.inc(len(events))
+                if s.binner.late_events > late:
+                    metrics.late_events.inc(s.binner.late_events - late)
+                if len(s.pending) > settings.max_pending_bins:
+                    raise ProtocolError(
+                        CLOSE_POLICY, f"{len(s.pending)} bins waiting (limit {settings.max_pending_bins}): "
+                        "the stream runs ahead of the service; slow down or raise dt_us",
+                    )
+                scheduler.notify()
+            continue
+        obj = _parse_json(msg.get("text") or "")
+        kind = obj["type"]
+        if kind == "flush":
+            s.flush()
+            scheduler.notify()
+        elif kind == "end":
+            s.flush(end=True)
+            scheduler.notify()
+            with contextlib.suppress(Exception):
+                await sender  # sends the remaining frames, the final stats, then closes with 1000
+            return
+        elif kind == "ping":
+            s.deliver(Outgoing(json.dumps({"type": "pong", "t": time.time()}), False))
+        elif kind == "start":
+            raise ProtocolError(CLOSE_UNSUPPORTED, "the stream has already started")
+        else:
+            raise ProtocolError(CLOSE_UNSUPPORTED, f"unknown message type {kind!r} (expected flush, end or ping)")
+
+
+def _decode(s: Session, data: bytes, settings: Any) -> Any:
+    if s.encoding == "auto":
+        if data[:4] == EVENT_MAGIC:
+            s.encoding = "packed"
+        elif data[: len(AEDAT4_MAGIC)] == AEDAT4_MAGIC:
+            s.encoding = "aedat4"
+        else:
+            raise ProtocolError(CLOSE_UNSUPPORTED, "binary data is neither a 'VDEV' event packet nor an AEDAT 4 stream")
+    if s.encoding == "aedat4":
+        if s.aedat4 is None:
+            s.aedat4 = Aedat4Stream(max_buffer=settings.max_message_bytes * 4, max_events=settings.max_events)
+        return s.aedat4.feed(data)
+    return decode_events(data)
+
+
+async def _sender(ws: WebSocket, s: Session, metrics: Any, interval: float) -> None:
+    """Send queued messages, and stats every ``interval`` seconds, until a closing message."""
+    next_stats = time.monotonic() + interval
+    while True:
+        timeout = max(0.0, next_stats - time.monotonic())
+        if not s.out:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(s.out_event.wait(), timeout)
+        s.out_event.clear()
+        while s.out:
+            m = s.out.popleft()
+            if m.is_frame:
+                s.out_frames -= 1
+            data = m.data() if callable(m.data) else m.data
+            if isinstance(data, bytes):
+                await ws.send_bytes(data)
+            else:
+                await ws.send_text(data)
+            if m.is_frame:
+                lat = time.perf_counter() - m.t_ready
+                s.counters.frames_sent += 1
+                s.counters.latency_ms.append(lat * 1e3)
+                metrics.frames_sent.inc()
+                metrics.frame_latency.observe(lat)
+            if m.close_code is not None:
+                if ws.application_state == WebSocketState.CONNECTED:
+                    await ws.close(code=m.close_code)
+                if m.close_code != 1000:
+                    metrics.streams_rejected.labels(str(m.close_code)).inc()
+                return
+        if time.monotonic() >= next_stats:
+            await ws.send_text(json.dumps(s.stats()))
+            next_stats = time.monotonic() + interval

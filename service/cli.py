@@ -1,0 +1,86 @@
+"""``vdib serve`` (the service) and ``vdib stream`` (replay a recording or a DV camera to it)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("serve", help="run the naturalization service (HTTP + websocket + viewer)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--checkpoints", default=None, help="checkpoints directory (default: the shipped checkpoints/)")
+    p.add_argument("--engine", choices=("torch", "onnx"), default=None)
+    p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
+    p.add_argument("--model", default=None, help="default model name")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=_serve)
+
+    s = subparsers.add_parser("stream", help="replay a recording (or a DV network stream) to a running service")
+    s.add_argument("file", nargs="?", help="event file (any format events.read reads)")
+    s.add_argument("--dv", default=None, metavar="tcp://HOST:PORT", help="read a DV NetworkWriter stream instead of a file")
+    s.add_argument("--url", default="ws://127.0.0.1:8000/v1/stream")
+    s.add_argument("--realtime", action="store_true", help="pace packets to the recording's timestamps")
+    s.add_argument("--speed", type=float, default=1.0, help="replay speed factor with --realtime")
+    s.add_argument("--model", default=None)
+    s.add_argument("--roi", default=None, help="x,y,w,h | centre | full | default")
+    s.add_argument("--dt-us", type=int, default=None)
+    s.add_argument("--emit", default=None, help="frame every k bins, or 'last'")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--packet-us", type=int, default=10_000, help="event time per packet")
+    s.add_argument("--api-key", default=os.environ.get("VDIB_API_KEY"))
+    s.add_argument("--out", default=None, help="write the received frames to this .npz")
+    s.add_argument("--max-seconds", type=float, default=None, help="stop a --dv stream after this long")
+    s.set_defaults(func=_stream)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .settings import Settings
+
+    overrides: dict[str, object] = {}
+    if args.checkpoints:
+        overrides["checkpoints_dir"] = args.checkpoints
+    if args.engine:
+        overrides["engine"] = args.engine
+    if args.device:
+        overrides["device"] = args.device
+    if args.model:
+        overrides["default_model"] = args.model
+    settings = Settings(**overrides)  # type: ignore[arg-type]
+    app = create_app(settings)
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"vdib service: viewer at http://{host}:{args.port}/  (API docs at /docs, "
+          f"checkpoints {settings.checkpoints_dir}, engine {settings.engine})", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                ws_max_size=settings.max_message_bytes + 1024 * 1024)
+    return 0
+
+
+def _stream(args: argparse.Namespace) -> int:
+    from .client import StreamOptions, replay_dv, replay_file
+
+    if (args.file is None) == (args.dv is None):
+        print("give either a FILE or --dv tcp://HOST:PORT", file=sys.stderr)
+        return 2
+    emit: int | str | None = None
+    if args.emit is not None:
+        emit = "last" if args.emit == "last" else int(args.emit)
+    roi: object = args.roi
+    if args.roi and "," in args.roi:
+        roi = [int(v) for v in args.roi.split(",")]
+    opts = StreamOptions(model=args.model, roi=roi, dt_us=args.dt_us, emit=emit, seed=args.seed,
+                         api_key=args.api_key)
+    if args.dv:
+        summary = replay_dv(args.url, args.dv, opts, max_seconds=args.max_seconds, progress=True)
+    else:
+        summary = replay_file(args.url, args.file, opts, realtime=args.realtime, speed=args.speed,
+                              packet_us=args.packet_us, progress=True)
+    if args.out:
+        summary.save(args.out)
+    print(summary.describe())
+    return 0 if summary.ok else 1

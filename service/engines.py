@@ -1,0 +1,209 @@
+"""Engines: the compute behind a served model, batched over streams.
+
+An engine owns one immutable model and offers four batched operations on numpy arrays
+(state is opaque and per stream; the scheduler stacks the states of the streams due in a tick):
+
+* ``init_state()`` - the state of one fresh stream (batch 1);
+* ``stack(states)`` / ``unstack(state, n)`` - batch and un-batch per-stream states;
+* ``step(x [B, n_inputs], state, uniforms [B, n_readout]) -> (y [B, n_readout] uint8, state)``:
+  one encoder step, :math:`y_{t,b,j} = [U_{t,b,j} < \\sigma(u_{t,b,j})]` with the stream's own
+  uniforms :math:`U` (drawn by the session from its seeded ``torch.Generator``, so a stream's
+  spikes do not depend on which other streams share its batch);
+* ``decode(windows [B, tau_d, n_readout]) -> images [B, H, W]`` in [0, 1].
+
+Two implementations: :class:`TorchEngine` (CUDA when present, else CPU) and
+:class:`OnnxEngine` (onnxruntime; CUDAExecutionProvider when present, else CPU).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+State = Any
+
+
+class EngineError(RuntimeError):
+    """An engine could not be built for a model (missing runtime, failed export...)."""
+
+
+class Engine(ABC):
+    """Batched encoder steps and decoder calls for one model (see the module docstring)."""
+
+    name: str
+    device: str
+    n_inputs: int
+    n_readout: int
+    tau_d: int
+    image_shape: tuple[int, int]
+
+    @abstractmethod
+    def init_state(self) -> State: ...
+
+    @abstractmethod
+    def stack(self, states: list[State]) -> State: ...
+
+    @abstractmethod
+    def unstack(self, state: State, n: int) -> list[State]: ...
+
+    @abstractmethod
+    def step(self, x: np.ndarray, state: State, uniforms: np.ndarray) -> tuple[np.ndarray, State]: ...
+
+    @abstractmethod
+    def decode(self, windows: np.ndarray) -> np.ndarray: ...
+
+    def run_sequence(self, x: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        """Spikes ``[T, n_readout]`` of one stream over ``x [T, n_inputs]`` from a fresh state.
+
+        Equal to ``T`` calls of :meth:`step` (engines may override it with a faster path that
+        keeps that equality).
+        """
+        state = self.init_state()
+        out = np.zeros((x.shape[0], self.n_readout), dtype=np.uint8)
+        for t in range(x.shape[0]):
+            y, state = self.step(x[t : t + 1], state, uniforms[t : t + 1])
+            out[t] = y[0]
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "device": self.device}
+
+
+def _resolve_torch_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class TorchEngine(Engine):
+    """PyTorch eager engine over a :class:`model.Naturalizer`."""
+
+    name = "torch"
+
+    def __init__(self, naturalizer: Any, device: str = "auto") -> None:
+        import torch
+
+        self.device = _resolve_torch_device(device)
+        self.model = naturalizer.to(self.device).eval()
+        self.encoder = self.model.encoder
+        self.decoder = self.model.decoder
+        cfg = self.model.config
+        c, h, w = cfg.input_shape
+        self.n_inputs = int(c * h * w)
+        self.n_readout = int(self.encoder.config.n_readout)
+        self.tau_d = int(cfg.tau_d)
+        self.image_shape = (int(cfg.image_shape[0]), int(cfg.image_shape[1]))
+        self._torch = torch
+        if getattr(cfg, "output", "image") != "image":
+            raise EngineError(f"model output {cfg.output!r} is not an image; the service serves image models")
+        from model import stack_states, unstack_states
+
+        self._stack, self._unstack = stack_states, unstack_states
+        with torch.inference_mode():
+            self._fresh = self.encoder.init_state(1, device=self.device)
+
+    def init_state(self) -> State:
+        # States are never mutated in place (pure step functions), so sharing one is safe.
+        return self._fresh
+
+    def stack(self, states: list[State]) -> State:
+        return states[0] if len(states) == 1 else self._stack(states)
+
+    def unstack(self, state: State, n: int) -> list[State]:
+        return [state] if n == 1 else self._unstack(state)
+
+    def step(self, x: np.ndarray, state: State, uniforms: np.ndarray) -> tuple[np.ndarray, State]:
+        torch = self._torch
+        with torch.inference_mode():
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+            ut = torch.from_numpy(np.ascontiguousarray(uniforms, dtype=np.float32)).to(self.device)
+            y, state = self.encoder.step(xt, state, uniforms=ut)
+            return y.to("cpu", torch.uint8).numpy(), state
+
+    def run_sequence(self, x: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            state = self.init_state()
+            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
+            ut = torch.from_numpy(np.ascontiguousarray(uniforms, dtype=np.float32)).to(self.device)
+            out = torch.empty((x.shape[0], self.n_readout), dtype=torch.uint8, device=self.device)
+            for t, (x_t, u_t) in enumerate(zip(xt.unbind(0), ut.unbind(0), strict=True)):
+                y, state = self.encoder.step(x_t.unsqueeze(0), state, uniforms=u_t.unsqueeze(0))
+                out[t] = y[0]
+            return out.cpu().numpy()
+
+    def decode(self, windows: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        with torch.inference_mode():
+            wt = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device)
+            img = self.model.decode(wt).float().clamp_(0.0, 1.0)
+            return img.reshape(windows.shape[0], *self.image_shape).cpu().numpy()
+
+
+class OnnxEngine(Engine):
+    """ONNX Runtime engine: the model exported by ``model.export_onnx``, run by onnxruntime."""
+
+    name = "onnx"
+
+    def __init__(self, naturalizer: Any, device: str = "auto", export_dir: Path | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
+            raise EngineError(f"onnxruntime is not installed: {exc}") from exc
+        from model import OnnxNaturalizer, export_onnx  # type: ignore[attr-defined]
+
+        providers = ["CPUExecutionProvider"]
+        available = ort.get_available_providers()
+        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
+        self._tmp = None
+        if export_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="vdib-onnx-")
+            export_dir = Path(self._tmp.name)
+        export_onnx(naturalizer, export_dir)
+        self.runner = OnnxNaturalizer(export_dir, providers=providers)
+        cfg = naturalizer.config
+        c, h, w = cfg.input_shape
+        self.n_inputs = int(c * h * w)
+        self.n_readout = int(naturalizer.encoder.config.n_readout)
+        self.tau_d = int(cfg.tau_d)
+        self.image_shape = (int(cfg.image_shape[0]), int(cfg.image_shape[1]))
+
+    def init_state(self) -> State:
+        return self.runner.init_state(1)
+
+    def stack(self, states: list[State]) -> State:
+        if len(states) == 1:
+            return states[0]
+        return tuple(np.concatenate(parts, axis=0) for parts in zip(*states, strict=True))
+
+    def unstack(self, state: State, n: int) -> list[State]:
+        if n == 1:
+            return [state]
+        return [tuple(a[i : i + 1] for a in state) for i in range(n)]
+
+    def step(self, x: np.ndarray, state: State, uniforms: np.ndarray) -> tuple[np.ndarray, State]:
+        y, state = self.runner.step(
+            np.ascontiguousarray(x, dtype=np.float32), state, np.ascontiguousarray(uniforms, dtype=np.float32)
+        )
+        return np.asarray(y).astype(np.uint8, copy=False), state
+
+    def decode(self, windows: np.ndarray) -> np.ndarray:
+        img = self.runner.decode(np.ascontiguousarray(windows, dtype=np.float32))
+        return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0).reshape(windows.shape[0], *self.image_shape)
+
+
+def build_engine(kind: str, naturalizer: Any, device: str = "auto") -> Engine:
+    """The engine called ``kind`` ("torch" or "onnx") over ``naturalizer``."""
+    if kind == "torch":
+        return TorchEngine(naturalizer, device)
+    if kind == "onnx":
+        return OnnxEngine(naturalizer, device)
+    raise EngineError(f"unknown engine {kind!r} (expected 'torch' or 'onnx')")

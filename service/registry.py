@@ -1,0 +1,183 @@
+"""The model registry: every checkpoint directory under ``settings.checkpoints_dir`` is a model.
+
+Loaded once in the app's lifespan (never at import time). A sub-directory counts as a model when
+it holds a ``config.json``; its name is the directory name. Models that fail to load are kept
+with their error so ``/readyz`` and ``/v1/models`` can say why.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .engines import Engine, build_engine
+from .settings import Settings
+
+log = logging.getLogger("vdib.service")
+
+
+class RoiError(ValueError):
+    """A requested ROI cannot feed the model (maps to HTTP 422 / close code 1003)."""
+
+
+@dataclass
+class ModelEntry:
+    """One loaded model: its engine and what the service needs to bin events for it."""
+
+    name: str
+    path: Path
+    engine: Engine
+    meta: dict[str, Any]
+    input_shape: tuple[int, int, int]  # (C, H, W) of one spike frame
+    dt_us: int
+    polarity: str
+    mode: str
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON description for ``/v1/models``."""
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "image_shape": list(self.engine.image_shape),
+            "n_readout": self.engine.n_readout,
+            "tau_d": self.engine.tau_d,
+            "dt_us": self.dt_us,
+            "polarity": self.polarity,
+            "mode": self.mode,
+            "preprocessing": self.preprocessing,
+            "metrics": self.meta.get("metrics", {}),
+            **self.engine.describe(),
+        }
+
+    def resolve_roi(self, sensor_w: int, sensor_h: int, roi: Any = None) -> tuple[Any, int]:
+        """The ROI and integer pooling that turn a ``sensor_w x sensor_h`` sensor into the input.
+
+        Policy (documented in docs/service.md):
+
+        1. ``roi`` given as ``(x, y, w, h)``: ``w`` and ``h`` must be the same integer multiple
+           ``p`` of the model's input width/height; the region is pooled by ``p``.
+        2. ``roi`` is ``None`` or ``"default"``: the checkpoint's own ``preprocessing.roi`` when
+           its ``preprocessing.sensor`` equals this sensor (e.g. the MNIST-DVS crop for a DVS128),
+           else ``"centre"``.
+        3. ``"centre"``: the centred ``W x H`` crop at pool 1 (the sensor must be at least that
+           large; a smaller sensor gets the region at the origin, padded with silence).
+        4. ``"full"``: the whole sensor pooled down: ``p = max(1, min(sensor_w // W, sensor_h // H))``
+           and the centred ``p*W x p*H`` region (the few rows/columns that do not divide are cut).
+        """
+        from events import ROI
+
+        c, h, w = self.input_shape
+        if sensor_w <= 0 or sensor_h <= 0:
+            raise RoiError(f"sensor size must be positive, got {sensor_w}x{sensor_h}")
+        if roi is None or roi == "default":
+            pre_roi = self.preprocessing.get("roi")
+            pre_sensor = self.preprocessing.get("sensor")
+            if pre_roi is not None and pre_sensor is not None and tuple(pre_sensor) == (sensor_w, sensor_h):
+                return self._check(ROI(*map(int, pre_roi)), sensor_w, sensor_h)
+            roi = "centre"
+        if roi == "centre" or roi == "center":
+            x0 = max(0, (sensor_w - w) // 2)
+            y0 = max(0, (sensor_h - h) // 2)
+            return ROI(x0, y0, w, h), 1
+        if roi == "full":
+            p = max(1, min(sensor_w // w, sensor_h // h))
+            return ROI(max(0, (sensor_w - p * w) // 2), max(0, (sensor_h - p * h) // 2), p * w, p * h), p
+        if isinstance(roi, str):
+            raise RoiError(f"roi must be 'x,y,w,h', 'centre', 'full' or 'default', got {roi!r}")
+        try:
+            x, y, rw, rh = (int(v) for v in roi)
+        except (TypeError, ValueError) as exc:
+            raise RoiError(f"roi must be four integers x,y,w,h, got {roi!r}") from exc
+        return self._check(ROI(x, y, rw, rh), sensor_w, sensor_h)
+
+    def _check(self, roi: Any, sensor_w: int, sensor_h: int) -> tuple[Any, int]:
+        c, h, w = self.input_shape
+        if roi.x < 0 or roi.y < 0 or roi.width <= 0 or roi.height <= 0:
+            raise RoiError(f"roi {tuple(roi)} must have x, y >= 0 and a positive size")
+        if roi.x >= sensor_w or roi.y >= sensor_h:
+            raise RoiError(f"roi {tuple(roi)} starts outside the {sensor_w}x{sensor_h} sensor")
+        if roi.width % w or roi.height % h or roi.width // w != roi.height // h:
+            raise RoiError(
+                f"roi size {roi.width}x{roi.height} must be the same integer multiple of the model input {w}x{h}"
+            )
+        return roi, roi.width // w
+
+
+class ModelRegistry:
+    """Name -> :class:`ModelEntry`, plus the errors of checkpoints that did not load."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, ModelEntry] = {}
+        self.errors: dict[str, str] = {}
+        self.default: str | None = None
+        self.checkpoints_dir: Path | None = None
+
+    @classmethod
+    def load(cls, settings: Settings) -> ModelRegistry:
+        reg = cls()
+        root = Path(settings.checkpoints_dir)
+        reg.checkpoints_dir = root
+        if not root.is_dir():
+            reg.errors["*"] = f"checkpoints directory {root} does not exist"
+            return reg
+        for sub in sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()):
+            try:
+                reg.models[sub.name] = load_entry(sub, settings)
+            except Exception as exc:  # noqa: BLE001 - a broken checkpoint must not stop the others
+                log.warning("model %s failed to load: %s", sub.name, exc)
+                reg.errors[sub.name] = f"{type(exc).__name__}: {exc}"
+        if not reg.models and not reg.errors:
+            reg.errors["*"] = f"no checkpoint (a sub-directory with config.json) in {root}"
+        if settings.default_model is not None:
+            if settings.default_model in reg.models:
+                reg.default = settings.default_model
+            else:
+                reg.errors["default"] = f"default model {settings.default_model!r} is not loaded"
+        elif "mnist-dvs" in reg.models:
+            reg.default = "mnist-dvs"
+        elif reg.models:
+            reg.default = sorted(reg.models)[0]
+        return reg
+
+    @property
+    def ready(self) -> tuple[bool, str]:
+        """Whether the service can serve requests, and why not."""
+        if self.default is None:
+            reasons = "; ".join(f"{k}: {v}" for k, v in self.errors.items()) or "no model loaded"
+            return False, reasons
+        return True, "ok"
+
+    def get(self, name: str | None) -> ModelEntry:
+        """The named model (or the default); ``KeyError`` with a message when absent."""
+        key = name or self.default
+        if key is None or key not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise KeyError(f"unknown model {name!r} (loaded: {known})")
+        return self.models[key]
+
+
+def load_entry(path: Path, settings: Settings) -> ModelEntry:
+    """Load one checkpoint directory and build its engine."""
+    import torch
+
+    from model import load_checkpoint
+
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    naturalizer, meta = load_checkpoint(path)
+    cfg = naturalizer.config
+    engine = build_engine(settings.engine, naturalizer, settings.device)
+    return ModelEntry(
+        name=path.name,
+        path=path,
+        engine=engine,
+        meta=meta,
+        input_shape=tuple(int(v) for v in cfg.input_shape),  # type: ignore[arg-type]
+        dt_us=int(cfg.dt_us),
+        polarity=str(cfg.polarity),
+        mode=str(cfg.mode),
+        preprocessing=dict(getattr(cfg, "preprocessing", {}) or {}),
+    )

@@ -1,0 +1,72 @@
+"""Images out: PNG/GIF encoding of reconstructions and event frames, spike bit-packing."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """``[H, W]`` float in [0, 1] -> uint8 by :math:`\\mathrm{round}(255 \\cdot \\mathrm{clip}(r, 0, 1))`."""
+    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def png_gray(image: np.ndarray) -> bytes:
+    """A reconstruction ``[H, W]`` in [0, 1] as an 8-bit grayscale PNG."""
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(image), mode="L").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def event_rgb(frames: np.ndarray) -> np.ndarray:
+    """Spike frames ``[k, C, H, W]`` -> RGB ``[H, W, 3]``: on events green, off events red.
+
+    With one channel (merged polarity) every active pixel is white. Presence over the ``k`` bins
+    (any bin active) so a frame shows everything since the previous emitted frame.
+    """
+    active = frames.astype(bool).any(axis=0) if frames.ndim == 4 else frames.astype(bool)
+    h, w = active.shape[-2:]
+    rgb = np.zeros((h, w, 3), dtype=np.uint8)
+    if active.shape[0] >= 2:
+        rgb[..., 0] = active[0] * 255  # off -> red
+        rgb[..., 1] = active[1] * 255  # on -> green
+    else:
+        rgb[active[0]] = 255
+    return rgb
+
+
+def png_rgb(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def gif(images: list[np.ndarray], frame_ms: float) -> bytes:
+    """An animated GIF of reconstructions ``[H, W]`` in [0, 1], ``frame_ms`` per frame."""
+    frames = [Image.fromarray(to_uint8(im), mode="L") for im in images]
+    buf = io.BytesIO()
+    if not frames:
+        frames = [Image.new("L", (1, 1))]
+    frames[0].save(
+        buf, format="GIF", save_all=True, append_images=frames[1:], duration=max(20, int(round(frame_ms))), loop=0
+    )
+    return buf.getvalue()
+
+
+def pack_spikes(spikes: np.ndarray) -> bytes:
+    """Spikes ``[T, N]`` (0/1) bit-packed row by row, little bit order, rows padded to bytes.
+
+    Row ``t`` takes ``ceil(N / 8)`` bytes; neuron ``j`` is bit ``j % 8`` of byte ``j // 8``.
+    """
+    if spikes.size == 0:
+        return b""
+    return np.packbits(spikes.astype(bool), axis=1, bitorder="little").tobytes()
+
+
+def unpack_spikes(data: bytes, n_rows: int, n: int) -> np.ndarray:
+    """Inverse of :func:`pack_spikes`: ``[n_rows, n]`` uint8."""
+    row = (n + 7) // 8
+    arr = np.frombuffer(data, dtype=np.uint8, count=n_rows * row).reshape(n_rows, row)
+    return np.unpackbits(arr, axis=1, count=n, bitorder="little")

@@ -1,0 +1,253 @@
+"""One websocket stream's state: binner, encoder state, decoder ring buffer, generator, queues.
+
+Everything a stream owns lives here (DESIGN.md: no per-stream state anywhere else). The event
+loop thread touches the ingress side (``binner``, ``pending``, ``out``); the scheduler's worker
+thread touches the model side (``state``, ``ring``, ``generator``) of the sessions in its batch
+only, and never concurrently with another tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .protocol import AEDAT4_MAGIC, CLOSE_INVALID, ProtocolError
+from .registry import ModelEntry
+
+_ids = itertools.count(1)
+
+BIN, EMIT_NOW, END = 0, 1, 2
+
+
+@dataclass(slots=True)
+class Pending:
+    """A unit of work for the scheduler: a complete bin, a forced emit (flush) or the end."""
+
+    kind: int
+    frame: np.ndarray | None = None  # [C, H, W]
+    bin_end_us: int = 0
+    reset: bool = False
+    t_ready: float = 0.0  # perf_counter when the bin became complete (latency origin)
+
+
+@dataclass(slots=True)
+class Outgoing:
+    """A message for the client; frames may be dropped under backpressure, control never."""
+
+    data: bytes | str | Callable[[], str]  # a callable is rendered when sent (final stats)
+    is_frame: bool
+    t_ready: float = 0.0
+    close_code: int | None = None  # close the socket with this code after sending
+
+
+@dataclass
+class Counters:
+    events: int = 0
+    bins: int = 0
+    frames_sent: int = 0
+    dropped_frames: int = 0
+    spikes: int = 0
+    latency_ms: deque = field(default_factory=lambda: deque(maxlen=1024))
+
+
+class Session:
+    """State of one stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        entry: ModelEntry,
+        roi: Any,
+        pool: int,
+        dt_us: int,
+        emit: int | None,
+        seed: int,
+        *,
+        spikes: bool,
+        inputs: bool,
+        fmt: str,
+        encoding: str,
+        t0_us: int | None,
+        max_gap_us: int,
+        out_queue_frames: int,
+    ) -> None:
+        from events import Binner, BinSpec
+
+        self.id = f"s{next(_ids)}"
+        self.entry = entry
+        self.engine = entry.engine
+        self.spec = BinSpec(roi, dt_us, entry.polarity, entry.mode, pool)
+        self.roi, self.pool, self.dt_us = roi, pool, dt_us
+        self.binner = Binner(self.spec, t0=t0_us, max_gap_us=max(max_gap_us, dt_us))
+        self.emit = emit
+        self.seed = seed
+        self.want_spikes, self.want_inputs, self.format = spikes, inputs, fmt
+        self.encoding = encoding
+        self.aedat4: Aedat4Stream | None = None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.state = self.engine.init_state()
+        self.ring = np.zeros((self.engine.tau_d, self.engine.n_readout), dtype=np.uint8)
+        self.head = 0
+        self.steps = 0
+        self.last_emit_step = 0
+        self.last_bin_end = 0
+        self.since_emit: list[np.ndarray] = []  # spikes of the bins since the last frame
+        self.input_acc: np.ndarray | None = None
+        self.pending: deque[Pending] = deque()
+        self.out: deque[Outgoing] = deque()
+        self.out_frames = 0
+        self.out_limit = out_queue_frames
+        self.out_event = asyncio.Event()
+        self.counters = Counters()
+        self.closed = False
+        self.ending = False
+        self.created = time.time()
+
+    # ------------------------------------------------------------------ ingress (event loop)
+    def push_events(self, events: np.ndarray) -> int:
+        """Bin a chunk of events; queue the completed bins. Returns the bins queued."""
+        self.counters.events += len(events)
+        return self._queue(self.binner.push(events))
+
+    def flush(self, end: bool = False) -> None:
+        """Complete the open bin, then force a frame for the last bin (and end the stream)."""
+        self._queue(self.binner.flush())
+        self.pending.append(Pending(EMIT_NOW, t_ready=time.perf_counter()))
+        if end:
+            self.ending = True
+            self.pending.append(Pending(END, t_ready=time.perf_counter()))
+
+    def _queue(self, segments: list[Any]) -> int:
+        now = time.perf_counter()
+        n = 0
+        for seg in segments:
+            for j in range(len(seg.frames)):
+                self.pending.append(Pending(BIN, seg.frames[j], int(seg.bin_end_us[j]), bool(seg.reset and j == 0), now))
+            n += len(seg.frames)
+        return n
+
+    # ------------------------------------------------------------------ model side (worker)
+    def draw_uniforms(self) -> np.ndarray:
+        """This stream's draw for one step: ``torch.rand((1, n_readout), generator)``."""
+        return torch.rand((1, self.engine.n_readout), generator=self.generator).numpy()
+
+    def reset_model_state(self) -> None:
+        self.state = self.engine.init_state()
+        self.ring[:] = 0
+        self.head = 0
+
+    def record_step(self, y: np.ndarray, frame: np.ndarray, bin_end_us: int) -> bool:
+        """Store one step's spikes; True when this step is due to emit a frame."""
+        self.last_bin_end = bin_end_us
+        self.ring[self.head] = y
+        self.head = (self.head + 1) % len(self.ring)
+        self.steps += 1
+        self.counters.bins += 1
+        self.counters.spikes += int(y.sum())
+        if self.want_spikes:
+            self.since_emit.append(y.copy())
+        if self.want_inputs:
+            self.input_acc = frame.astype(bool) if self.input_acc is None else (self.input_acc | frame.astype(bool))
+        return self.emit is not None and self.steps % self.emit == 0
+
+    def window(self) -> np.ndarray:
+        """The last ``tau_d`` spike vectors, oldest first ``[tau_d, n_readout]``."""
+        return np.concatenate((self.ring[self.head :], self.ring[: self.head]))
+
+    # ------------------------------------------------------------------ egress (event loop)
+    def deliver(self, msg: Outgoing, metrics: Any = None) -> None:
+        """Queue a message; beyond ``out_limit`` queued frames the oldest frame is dropped."""
+        if self.closed:
+            return
+        if msg.is_frame:
+            if self.out_frames >= self.out_limit:
+                for i, old in enumerate(self.out):
+                    if old.is_frame:
+                        del self.out[i]
+                        self.out_frames -= 1
+                        self.counters.dropped_frames += 1
+                        if metrics is not None:
+                            metrics.dropped_frames.inc()
+                        break
+            self.out_frames += 1
+        self.out.append(msg)
+        self.out_event.set()
+
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        lat = sorted(c.latency_ms)
+        return {
+            "type": "stats",
+            "session": self.id,
+            "events": c.events,
+            "bins": c.bins,
+            "frames_sent": c.frames_sent,
+            "dropped_frames": c.dropped_frames,
+            "late_events": int(self.binner.late_events),
+            "gaps": int(self.binner.gaps),
+            "pending_bins": len(self.pending),
+            "spike_rate": c.spikes / max(1, c.bins * self.engine.n_readout),
+            "latency_ms_p50": lat[len(lat) // 2] if lat else None,
+            "latency_ms_p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+        }
+
+
+class Aedat4Stream:
+    """Incremental AEDAT 4 decoding: whole packets are cut from the byte stream as they arrive.
+
+    The file header (version line, int32 size, IO header) is kept and prepended to each batch of
+    complete packets (int32 stream id, int32 size, payload), which ``events.read`` then decodes.
+    """
+
+    _VERSION_LINE = b"#!AER-DAT4.0\r\n"
+
+    def __init__(self, max_buffer: int, max_events: int) -> None:
+        self.buf = bytearray()
+        self.header: bytes | None = None
+        self.max_buffer = max_buffer
+        self.max_events = max_events
+
+    def feed(self, data: bytes) -> np.ndarray:
+        from events import EVENT_DTYPE, EventFormatError, read
+
+        self.buf += data
+        if len(self.buf) > self.max_buffer:
+            raise ProtocolError(CLOSE_INVALID, f"AEDAT 4 packet larger than {self.max_buffer} bytes")
+        if self.header is None:
+            if len(self.buf) < len(self._VERSION_LINE) + 4:
+                return np.zeros(0, EVENT_DTYPE)
+            if not bytes(self.buf).startswith(AEDAT4_MAGIC):
+                raise ProtocolError(CLOSE_INVALID, "AEDAT 4 stream does not start with '#!AER-DAT4.0'")
+            (hsize,) = struct.unpack_from("<i", self.buf, len(self._VERSION_LINE))
+            end = len(self._VERSION_LINE) + 4 + hsize
+            if hsize < 0 or hsize > self.max_buffer:
+                raise ProtocolError(CLOSE_INVALID, f"AEDAT 4 header size {hsize} is invalid")
+            if len(self.buf) < end:
+                return np.zeros(0, EVENT_DTYPE)
+            self.header = bytes(self.buf[:end])
+            del self.buf[:end]
+        o = 0
+        while len(self.buf) - o >= 8:
+            _, size = struct.unpack_from("<ii", self.buf, o)
+            if size < 0 or size > self.max_buffer:
+                raise ProtocolError(CLOSE_INVALID, f"AEDAT 4 packet size {size} is invalid")
+            if len(self.buf) - o - 8 < size:
+                break
+            o += 8 + size
+        if o == 0:
+            return np.zeros(0, EVENT_DTYPE)
+        chunk = self.header + bytes(self.buf[:o])
+        del self.buf[:o]
+        try:
+            rec = read(chunk, format="aedat4", max_events=self.max_events)
+        except EventFormatError as exc:
+            raise ProtocolError(CLOSE_INVALID, f"AEDAT 4: {exc}") from exc
+        return rec.events
