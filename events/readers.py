@@ -75,7 +75,7 @@ def _header_lines(data: bytes, prefix: bytes, limit: int = 1 << 16) -> list[byte
 def _looks_text(head: bytes) -> bool:
     if not head:
         return False
-    allowed = set(b"0123456789+-.eE,; \t\r\nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_#\"'")
+    allowed = set(b"0123456789+-.eE,; \t\r\nabcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_#@\"'")
     return all(b in allowed for b in head)
 
 

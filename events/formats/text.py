@@ -1,5 +1,7 @@
 """CSV / text: one event per line, ``t x y p`` (comma, semicolon, tab or space separated).
 
+faery's ``t,x@W,y@H,on`` header gives the sensor size.
+
 An optional first line naming the columns (any order of ``t``/``timestamp``, ``x``, ``y``,
 ``p``/``polarity``/``on``) is honoured; ``#`` lines are comments. ``t`` is in µs (integers;
 a column with a decimal point is read as seconds). Sensor size: ``# width W height H`` or
@@ -45,6 +47,11 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
     if rows:
         first = [c.strip().strip('"').lower() for c in re.split(r"[,;\t ]+", rows[0].strip())]
         if first and all(re.fullmatch(r"[-+0-9.eE]+", c) is None for c in first):
+            # faery writes the sensor size into the header: t,x@640,y@480,on
+            dims = {c.split("@")[0]: c.split("@")[1] for c in first if "@" in c}
+            if dims.get("x", "").isdigit() and dims.get("y", "").isdigit():
+                size = (int(dims["x"]), int(dims["y"]))
+            first = [c.split("@")[0] for c in first]
             try:
                 order = [NAMES[c] for c in first]
             except KeyError as exc:
