@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,18 @@ MAX_BACKSTEP_US = 10_000
 
 #: Largest sensor side any reader accepts (a header claiming more is absurd).
 MAX_SENSOR_SIDE = 16384
+
+
+#: byte offset of each event: an array, or a function of the event index (cheaper for big files)
+Offsets = np.ndarray | Callable[[int], int] | None
+
+
+def where(offsets: Offsets, i: int) -> int | None:
+    if offsets is None:
+        return None
+    if callable(offsets):
+        return int(offsets(i))
+    return int(offsets[i])
 
 
 @dataclass(frozen=True)
@@ -70,7 +83,7 @@ def order_by_time(
     events: np.ndarray,
     metadata: dict[str, Any],
     *,
-    offsets: np.ndarray | None = None,
+    offsets: Offsets = None,
     max_backstep_us: int = MAX_BACKSTEP_US,
 ) -> np.ndarray:
     """Return ``events`` sorted by t (stable); raise when time jumps back more than allowed.
@@ -88,18 +101,18 @@ def order_by_time(
         return events
     worst = int(np.argmin(d))
     if -int(d[worst]) > max_backstep_us:
-        where = int(offsets[worst + 1]) if offsets is not None else None
+        where_ = where(offsets, worst + 1)
         raise EventFormatError(
             f"timestamp goes backwards by {-int(d[worst])} us at event {worst + 1} "
             f"({int(t[worst])} -> {int(t[worst + 1])}); more than the {max_backstep_us} us tolerated",
-            offset=where,
+            offset=where_,
         )
     metadata["time_backsteps"] = int(np.count_nonzero(back))
     return events[np.argsort(t, kind="stable")]
 
 
 def check_bounds(
-    events: np.ndarray, width: int, height: int, *, offsets: np.ndarray | None = None, what: str = "event"
+    events: np.ndarray, width: int, height: int, *, offsets: Offsets = None, what: str = "event"
 ) -> None:
     """Raise EventFormatError if any event lies outside the ``width`` x ``height`` sensor."""
     if len(events) == 0:
@@ -110,7 +123,7 @@ def check_bounds(
         raise EventFormatError(
             f"{what} {i} at (x={int(events['x'][i])}, y={int(events['y'][i])}) lies outside the "
             f"{width}x{height} sensor",
-            offset=int(offsets[i]) if offsets is not None else None,
+            offset=where(offsets, i),
         )
 
 
@@ -133,7 +146,7 @@ def finish(
     fmt: str,
     metadata: dict[str, Any],
     *,
-    offsets: np.ndarray | None = None,
+    offsets: Offsets = None,
     max_backstep_us: int = MAX_BACKSTEP_US,
 ) -> Recording:
     """Bounds check, sort by time (stable) and wrap into a Recording."""

@@ -115,9 +115,11 @@ def parse(data: bytes, *, limits: Limits, version: str | None = None, name: str 
     else:
         events, keep, (w, h) = _davis(addr, ts, chip, meta)
     meta["camera"] = info.get("AEChip") or info.get("HardwareInterface") or layout.upper()
-    offsets = None
     if keep is not None:
-        offsets = start + np.flatnonzero(keep) * word
+        kept = np.flatnonzero(keep)
+        offsets = start + kept * word
+    else:
+        offsets = lambda i: start + i * word  # noqa: E731 - no 80 MB offset array for clean files
     return finish(events, w, h, "aedat2" if version == "2.0" else "aedat1", meta, offsets=offsets)
 
 

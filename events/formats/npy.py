@@ -31,7 +31,7 @@ def _load_npy(buf: bytes, limits: Limits, what: str) -> np.ndarray:
         raise EventFormatError(f"{what}: object arrays are refused (no pickle)", offset=0)
     n = int(np.prod(shape)) if shape else 1
     check_count(n, limits, offset=0)
-    if n * dtype.itemsize > len(buf):
+    if n * dtype.itemsize > len(buf) - f.tell():
         raise EventFormatError(f"{what}: header claims {n} items but the data is truncated", offset=f.tell())
     try:
         return np.load(io.BytesIO(buf), allow_pickle=False)
