@@ -1,0 +1,75 @@
+"""A straightforward per-sample, per-time-step implementation of the ``vdib`` encoder eligibilities.
+
+This is how the authors' code runs (one sample at a time, eligibilities accumulated as outer
+products at every step). It exists as a test oracle for the vectorised
+:func:`model.rules.encoder_gradients` and as the baseline of ``bench/model.py``; do not train
+with it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import functional as F
+from .encoder import Encoder
+
+
+@torch.no_grad()
+def reference_encoder_gradients(
+    encoder: Encoder, x: Tensor, uniforms: Tensor, weights: Tensor, dfa: list[Tensor]
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """:math:`\\sum_b w_b g_b` computed sample by sample and step by step.
+
+    Args:
+        x: ``[T, B, n_inputs]``; uniforms: ``[T, B, N_Y]``; weights: ``[B]``; dfa: per hidden
+        layer ``[H_l, N_Y]``.
+
+    Returns:
+        ``(grads, y [T, B, N_Y], u [T, B, N_Y])``.
+    """
+    T, B = x.shape[:2]
+    lif = encoder.config.lif
+    scale = lif.surrogate_scale
+    params = dict(encoder.named_parameters())
+    total = {n: torch.zeros_like(p) for n, p in params.items()}
+    ys = torch.zeros_like(uniforms)
+    us = torch.zeros_like(uniforms)
+    for b in range(B):
+        acc = {n: torch.zeros_like(p) for n, p in params.items()}
+        state = encoder.init_state(1, x.device, x.dtype)
+        for t in range(T):
+            z = x[t, b : b + 1]
+            hidden_states = []
+            hidden_info = []
+            for layer, st in zip(encoder.hidden, state.hidden, strict=True):
+                z, st2, u_h = F.lif_step(z, st, layer.weight, layer.bias, lif)
+                hidden_states.append(st2)
+                hidden_info.append((st2.p[0], u_h[0]))
+            ro = state.readout
+            fb = torch.einsum("blo,l->bo", ro.fb_hist, encoder.fb_kernel)[0]
+            y, ro2, u = F.srm_readout_step(
+                z,
+                ro,
+                encoder.readout_ff_weight,
+                encoder.readout_fb_weight,
+                encoder.readout_bias,
+                encoder.ff_kernel,
+                encoder.fb_kernel,
+                uniforms[t, b : b + 1],
+            )
+            e = y[0] - torch.sigmoid(u[0])  # eq. 19 error
+            trace = F.srm_ff_trace(ro2.ff_hist, encoder.ff_kernel)[0]  # [n_in, K]
+            acc["readout_ff_weight"] += e[:, None, None] * trace[None]
+            acc["readout_fb_weight"] += e * fb
+            acc["readout_bias"] += e
+            for li, ((p_pre, u_h), b_mat) in enumerate(zip(hidden_info, dfa, strict=True)):
+                sg = torch.sigmoid(scale * u_h)
+                h = (b_mat @ e) * (scale * sg * (1 - sg))  # eq. 21 x eq. 22 surrogate
+                acc[f"hidden.{li}.weight"] += torch.outer(h, p_pre)
+                acc[f"hidden.{li}.bias"] += h
+            ys[t, b], us[t, b] = y[0], u[0]
+            state = type(state)(tuple(hidden_states), ro2)
+        for n in total:
+            total[n] += weights[b] * acc[n]
+    return total, ys, us

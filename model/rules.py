@@ -1,0 +1,658 @@
+"""Learning rules: ``vdib`` (the paper's rule) and ``vdib-bptt`` (surrogate-gradient BPTT).
+
+Usage (training/)::
+
+    rule = build_rule("vdib", naturalizer, lr=1e-3, beta=1e-3, baseline="loo", n_samples=2)
+    stats = rule.train_step(x, target, generator=g)   # x [T, B, C, H, W] or [T, B, N]
+    ckpt = rule.state_dict(); rule.load_state_dict(ckpt)   # model + optimizers + rule state
+    rule.all_reduce = lambda t: (dist.all_reduce(t), t)[1]  # DDP: sum over ranks
+
+``vdib`` (paper eq. 11-22). Per sample ``b`` with spikes ``y_b`` drawn from the SNN, the learning
+signal is :math:`\\ell_b = \\ell_d(y_b, r_b) + \\beta\\,\\ell_e(y_b, x_b)`; the encoder update is
+
+.. math:: \\Delta\\theta = -\\eta\\,\\frac{1}{B}\\sum_b (\\ell_b - b_b)\\, g_b,
+
+where :math:`g_b` is sample ``b``'s own eligibility (not the batch-mean gradient):
+
+* readout (exact score function, eq. 19): :math:`g_{W_{ijk}} = \\sum_t (y_{it}-\\sigma(u_{it}))
+  (z_j * \\phi_k)_t`, likewise for the feedback weight (trace :math:`(y_i*\\psi)_{t-1}`) and bias;
+* hidden (e-prop with direct feedback alignment, eq. 20-22): :math:`g_{W_{ij}} = \\sum_t L_{it}\\,
+  \\Theta'(U_{it})\\,P_{jt}` with :math:`L_t = B_{dfa}(y_t - \\sigma(u_t))`, ``B_dfa`` fixed random.
+
+Because :math:`\\ell_b - b_b` is a per-sample scalar, :math:`\\sum_b (\\ell_b-b_b) g_b` collapses
+into one GEMM over ``(t, b)`` with the errors pre-scaled per sample; no per-sample matrices
+are formed (except for the per-parameter baseline, which needs :math:`g_b^2`).
+
+Baselines ``b_b``: ``none``; ``moving-average`` (EMA of the batch-mean signal); ``per-parameter``
+(the authors': :math:`b = \\mathrm{EMA}[g^2\\ell]/\\mathrm{EMA}[g^2]` per parameter);
+``loo`` (leave-one-out over ``n_samples`` readout samples of the same input — removes the
+loss variance that comes from the input itself, VDIB-REFERENCE.md pitfall 2).
+The decoder is trained by backprop on :math:`\\ell_d` with Adam; the encoder with Adam
+(default) or plain SGD (the authors').
+
+``vdib-bptt``: the same objective, surrogate-gradient BPTT through the hidden layers,
+straight-through estimator for the Bernoulli readout and the analytic KL; one Adam.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as tF
+from torch import Tensor
+
+from .encoder import Encoder
+from .loss import analytic_kl, decoder_loss, sampled_kl
+from .naturalizer import Naturalizer, sliding_windows
+from .rollout import HiddenRollout, hidden_rollout, mm, readout_ff, readout_sample
+
+__all__ = [
+    "RULES",
+    "BPTTOptions",
+    "BPTTRule",
+    "Rule",
+    "VDIBOptions",
+    "VDIBRule",
+    "build_rule",
+    "calibrate_hidden_init",
+    "encoder_gradients",
+    "hidden_activity",
+]
+
+BASELINES = ("none", "moving-average", "per-parameter", "loo")
+_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------- helpers
+def hidden_activity(encoder: Encoder, x: Tensor, measure: str = "rate") -> list[float]:
+    """Hidden activity on ``x [T, B, n_inputs]`` per layer.
+
+    ``measure="rate"``: mean spike probability per neuron and step (the fraction of neurons
+    active at a step); ``"any"``: fraction of neurons that spike at least once per sequence
+    (with the authors' bias init U(-1e-3, 1e-3) about half the neurons fire periodically even
+    without input, so this is >= ~0.5 for sequences longer than ~16 steps).
+    """
+    with torch.no_grad():
+        roll = hidden_rollout(encoder, x)
+    if measure == "rate":
+        return [float(s.mean()) for s in roll.s]
+    if measure == "any":
+        return [float(s.amax(0).mean()) for s in roll.s]
+    raise ValueError(f"measure must be 'rate' or 'any', got {measure!r}")
+
+
+def calibrate_hidden_init(
+    encoder: Encoder,
+    x: Tensor,
+    target_active: float = 0.15,
+    *,
+    measure: str = "rate",
+    iters: int = 18,
+    seed: int = 0,
+) -> float:
+    """Random-initialise the hidden layers so that their activity on ``x`` is ~``target_active``.
+
+    Bisects the init scale (log space) of W ~ N(0, scale^2 / (0.05 n_in)) layer by layer
+    (VDIB-REFERENCE.md pitfall 3: ~15 % active was the largest single gain); returns the scale
+    of the last layer. Biases and the readout are left as they were. ``x``: a representative
+    batch ``[T, B, n_inputs]``; ``measure`` as in :func:`hidden_activity`.
+    """
+    g = torch.Generator().manual_seed(seed)
+    scale = 1.0
+    with torch.no_grad():
+        for li, layer in enumerate(encoder.hidden):
+            noise = torch.randn(layer.weight.shape, generator=g) / math.sqrt(layer.in_features * 0.05)
+            noise = noise.to(layer.weight.dtype)
+            lo, hi = -8.0, 8.0
+            for _ in range(iters):
+                mid = 0.5 * (lo + hi)
+                layer.weight.copy_(noise * math.exp(mid))
+                act = hidden_activity(encoder, x, measure)[li]
+                if act < target_active:
+                    lo = mid
+                else:
+                    hi = mid
+            scale = math.exp(0.5 * (lo + hi))
+            layer.weight.copy_(noise * scale)
+    return scale
+
+
+def _flatten_x(nat: Naturalizer, x: Tensor) -> Tensor:
+    if x.dim() == 5 or (x.dim() == 3 and x.shape[-1] == nat.config.encoder.n_inputs):
+        return nat.flatten_input(x)
+    raise ValueError(f"x must be [T, B, C, H, W] or [T, B, n_inputs], got {tuple(x.shape)}")
+
+
+def _encoder_param_names(encoder: Encoder) -> list[str]:
+    return [n for n, _ in encoder.named_parameters()]
+
+
+def _basis_filter(err: Tensor, encoder: Encoder) -> Tensor:
+    """:math:`\\tilde E_k[t'] = \\sum_d \\phi_k(d) E[t'+d]`: ``[T, B, N_Y] -> [T*B, K*N_Y]``.
+
+    The transpose of :func:`readout_ff`'s temporal filter, so that
+    :math:`\\partial/\\partial W_{stack} = \\tilde E^T Z`.
+    """
+    T, B, ny = err.shape
+    k, tau = encoder.config.n_basis, encoder.config.tau_e
+    e = err.permute(1, 2, 0).reshape(B * ny, 1, T)
+    e = tF.pad(e, (0, tau - 1))
+    w = encoder.ff_kernel.flip(0).t().unsqueeze(1).to(err.dtype)  # [K, 1, tau], by lag
+    out = tF.conv1d(e, w)  # [B*N_Y, K, T]
+    return out.view(B, ny, k, T).permute(3, 0, 2, 1).reshape(T * B, k * ny)
+
+
+def encoder_gradients(
+    encoder: Encoder,
+    roll: HiddenRollout,
+    y: Tensor,
+    u: Tensor,
+    fb: Tensor,
+    weights: Tensor,
+    dfa: list[Tensor],
+    *,
+    n_samples: int = 1,
+    matmul_dtype: torch.dtype | None = None,
+) -> dict[str, Tensor]:
+    """:math:`\\sum_r w_r\\, g_r` for every encoder parameter (readout: score function; hidden: e-prop/DFA).
+
+    ``y, u, fb``: ``[T, R, N_Y]`` with ``R = B * n_samples`` readout rows (row ``b * n + k`` is
+    sample ``k`` of input ``b``); ``weights [R]`` the per-row factors (e.g. ``(ℓ_r - b_r) / R``).
+    """
+    T, R, ny = y.shape
+    B = R // n_samples
+    ew = (y - torch.sigmoid(u)) * weights.view(1, R, 1)  # weighted readout errors
+    grads: dict[str, Tensor] = {
+        "readout_bias": ew.sum((0, 1)),
+        "readout_fb_weight": (ew * fb).sum((0, 1)),
+    }
+    # the hidden activity is shared by the n samples of an input, and L = B e is linear: sum first
+    eb = ew.view(T, B, n_samples, ny).sum(2) if n_samples > 1 else ew
+    z = roll.z
+    et = _basis_filter(eb, encoder)  # [T*B, K*N_Y]
+    g_stack = mm(et.t().contiguous(), z.reshape(T * B, -1), matmul_dtype)  # [K*N_Y, n_in]
+    k = encoder.config.n_basis
+    grads["readout_ff_weight"] = g_stack.view(k, ny, -1).permute(1, 2, 0).contiguous()
+    scale = encoder.config.surrogate_scale
+    for li, (layer, b_mat) in enumerate(zip(encoder.hidden, dfa, strict=True)):
+        sg = torch.sigmoid(scale * roll.u[li])
+        h = (eb @ b_mat.t()) * (scale * sg * (1 - sg))  # L_t * Theta'(U_t), [T, B, H]
+        H = layer.out_features
+        grads[f"hidden.{li}.weight"] = mm(h.reshape(T * B, H).t().contiguous(), roll.p[li].reshape(T * B, -1), matmul_dtype)
+        grads[f"hidden.{li}.bias"] = h.sum((0, 1))
+    return grads
+
+
+def per_row_gradients(
+    encoder: Encoder,
+    roll: HiddenRollout,
+    y: Tensor,
+    u: Tensor,
+    fb: Tensor,
+    dfa: list[Tensor],
+    rows: Tensor,
+    n_samples: int = 1,
+) -> dict[str, Tensor]:
+    """Unweighted per-row eligibilities :math:`g_r` for the rows ``rows`` -> ``{name: [n, *shape]}``."""
+    T = y.shape[0]
+    ny = y.shape[2]
+    e = (y[:, rows] - torch.sigmoid(u[:, rows]))  # [T, n, N_Y]
+    b_idx = rows // n_samples
+    n = rows.numel()
+    out: dict[str, Tensor] = {
+        "readout_bias": e.sum(0),
+        "readout_fb_weight": (e * fb[:, rows]).sum(0),
+    }
+    k = encoder.config.n_basis
+    et = _basis_filter(e, encoder).view(T, n, k * ny)  # [T, n, K*N_Y]
+    z = roll.z[:, b_idx]  # [T, n, n_in]
+    g = torch.bmm(et.permute(1, 2, 0), z.permute(1, 0, 2))  # [n, K*N_Y, n_in]
+    out["readout_ff_weight"] = g.view(n, k, ny, -1).permute(0, 2, 3, 1)
+    scale = encoder.config.surrogate_scale
+    for li, b_mat in enumerate(dfa):
+        sg = torch.sigmoid(scale * roll.u[li][:, b_idx])
+        h = (e @ b_mat.t()) * (scale * sg * (1 - sg))  # [T, n, H]
+        out[f"hidden.{li}.weight"] = torch.bmm(h.permute(1, 2, 0), roll.p[li][:, b_idx].permute(1, 0, 2))
+        out[f"hidden.{li}.bias"] = h.sum(0)
+    return out
+
+
+# ----------------------------------------------------------------------------- rules
+class Rule:
+    """Common API: ``train_step``, ``evaluate``, ``state_dict``/``load_state_dict``, ``all_reduce``."""
+
+    name = ""
+
+    def __init__(self, naturalizer: Naturalizer):
+        self.naturalizer = naturalizer
+        self.steps = 0
+        # DDP hook: sums a tensor over ranks and returns it (None: single process)
+        self.all_reduce: Callable[[Tensor], Tensor] | None = None
+        self._world: float | None = None
+
+    # -- DDP
+    def _world_size(self) -> float:
+        if self.all_reduce is None:
+            return 1.0
+        if self._world is None:
+            self._world = float(self.all_reduce(torch.ones(1)).item())
+        return self._world
+
+    def _reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Average tensors over ranks with one all-reduce call (identity without a hook)."""
+        if self.all_reduce is None or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        flat = self.all_reduce(flat) / self._world_size()
+        out, i = [], 0
+        for t in tensors:
+            out.append(flat[i : i + t.numel()].view_as(t))
+            i += t.numel()
+        return out
+
+    def _reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        ps = [p for p in params if p.grad is not None]
+        for p, g in zip(ps, self._reduce_mean([p.grad for p in ps]), strict=True):  # type: ignore[misc]
+            p.grad = g
+
+    # -- targets / windows
+    def _loss_kind(self) -> str:
+        return "bce" if self.naturalizer.config.output == "image" else "nll"
+
+    def _decode_logits(self, y: Tensor, target_steps: str) -> Tensor:
+        """Decoder logits: ``[R, F]`` for the last window, or ``[T, R, F]`` for every step."""
+        tau_d = self.naturalizer.config.tau_d
+        dec = self.naturalizer.decoder
+        if target_steps == "last":
+            return dec.logits(sliding_windows(y[-tau_d:], tau_d)[-1])
+        w = sliding_windows(y, tau_d)  # [T, R, tau_d, N]
+        T, R = w.shape[:2]
+        return dec.logits(w.reshape(T * R, tau_d, -1)).view(T, R, -1)
+
+    def _decoder_loss(self, logits: Tensor, target: Tensor, target_steps: str, n_samples: int) -> Tensor:
+        """Per-row ℓ_d ``[R]``; ``target`` ``[B, ...]`` (last) or ``[T, B, ...]``/``[B, ...]`` (all)."""
+        kind = self._loss_kind()
+        if target_steps == "last":
+            tgt = target.repeat_interleave(n_samples, 0) if n_samples > 1 else target
+            return decoder_loss(logits, tgt, kind)
+        T, R = logits.shape[:2]
+        B = R // n_samples
+        if tuple(target.shape[:2]) != (T, B):  # one target for every step
+            target = target.unsqueeze(0).expand(T, *target.shape)
+        tgt = target.repeat_interleave(n_samples, 1) if n_samples > 1 else target
+        flat = decoder_loss(logits.reshape(T * R, -1), tgt.reshape(T * R, *tgt.shape[2:]), kind)
+        return flat.view(T, R).sum(0)
+
+    def train_step(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class VDIBOptions:
+    """Options of the ``vdib`` rule (authors' choices: ``baseline="per-parameter"``, ``n_samples=1``,
+    ``encoder_optimizer="sgd"``, zero hidden init; the experiment's best: ``baseline="loo"``,
+    ``n_samples=2``, random hidden init with ~15 % active, Adam)."""
+
+    lr: float = 1e-3
+    decoder_lr: float | None = None  # default: lr
+    beta: float = 1e-3
+    baseline: str = "loo"
+    n_samples: int = 2
+    baseline_decay: float = 0.99  # EMA decay of the moving-average and per-parameter baselines
+    encoder_optimizer: str = "adam"  # "adam" | "sgd" (authors)
+    kl_reduction: str = "mean"  # ℓ_e / (T * N_Y) as the authors; "sum" = eq. 10
+    target_steps: str = "last"  # decode the last window only, or "all" windows
+    matmul_dtype: str = "float32"  # "bfloat16" casts the big GEMM operands (spikes are exact)
+    dfa_scale: float = 1.0  # B_dfa ~ N(0, dfa_scale^2 / N_Y)
+    dfa_seed: int = 1234
+    hidden_init: str | None = None  # None: keep the model's weights; "zero" | "random" re-initialise
+    hidden_init_scale: float = 1.0
+    grad_clip: float | None = None  # clip the encoder update's norm (None: off)
+    per_parameter_chunk: int = 8  # rows per chunk when forming per-sample eligibilities
+
+    def __post_init__(self) -> None:
+        if self.baseline not in BASELINES:
+            raise ValueError(f"baseline must be one of {BASELINES}, got {self.baseline!r}")
+        if self.n_samples < 1 or (self.baseline == "loo" and self.n_samples < 2):
+            raise ValueError(f"n_samples must be >= 1 (>= 2 for the loo baseline), got {self.n_samples}")
+        if self.encoder_optimizer not in ("adam", "sgd"):
+            raise ValueError(f"encoder_optimizer must be 'adam' or 'sgd', got {self.encoder_optimizer!r}")
+        if self.target_steps not in ("last", "all"):
+            raise ValueError(f"target_steps must be 'last' or 'all', got {self.target_steps!r}")
+        if self.matmul_dtype not in _DTYPES:
+            raise ValueError(f"matmul_dtype must be one of {sorted(_DTYPES)}, got {self.matmul_dtype!r}")
+        if self.hidden_init not in (None, "zero", "random"):
+            raise ValueError(f"hidden_init must be None, 'zero' or 'random', got {self.hidden_init!r}")
+
+
+def _init_hidden(encoder: Encoder, kind: str, scale: float) -> None:
+    with torch.no_grad():
+        for layer in encoder.hidden:
+            if kind == "zero":
+                layer.weight.zero_()
+            else:
+                torch.nn.init.normal_(layer.weight, 0.0, scale / math.sqrt(layer.in_features * 0.05))
+            torch.nn.init.uniform_(layer.bias, -1e-3, 1e-3)
+
+
+class VDIBRule(Rule):
+    """The paper's rule (see the module docstring); options in :class:`VDIBOptions`."""
+
+    name = "vdib"
+
+    def __init__(self, naturalizer: Naturalizer, **options: Any):
+        super().__init__(naturalizer)
+        self.opts = VDIBOptions(**options)
+        o = self.opts
+        enc = naturalizer.encoder
+        if o.hidden_init is not None:
+            _init_hidden(enc, o.hidden_init, o.hidden_init_scale)
+        g = torch.Generator().manual_seed(o.dfa_seed)
+        ny = naturalizer.config.encoder.n_readout
+        dev = enc.readout_bias.device
+        self.dfa = [
+            (torch.randn(layer.out_features, ny, generator=g) * (o.dfa_scale / math.sqrt(ny))).to(dev)
+            for layer in enc.hidden
+        ]
+        self.enc_params = dict(enc.named_parameters())
+        lr_d = o.decoder_lr if o.decoder_lr is not None else o.lr
+        if o.encoder_optimizer == "adam":
+            self.enc_opt: torch.optim.Optimizer = torch.optim.Adam(enc.parameters(), lr=o.lr)
+        else:
+            self.enc_opt = torch.optim.SGD(enc.parameters(), lr=o.lr)
+        self.dec_opt = torch.optim.Adam(naturalizer.decoder.parameters(), lr=lr_d)
+        self.baseline_ma: Tensor | None = None
+        self.pp_g2: dict[str, Tensor] = {}
+        self.pp_g2l: dict[str, Tensor] = {}
+        self._mm = _DTYPES[o.matmul_dtype]
+
+    # -- the rollout shared by train_step and evaluate
+    def _rollout(self, x: Tensor, target: Tensor, generator: torch.Generator | None, n_samples: int):
+        nat = self.naturalizer
+        enc = nat.encoder
+        xf = _flatten_x(nat, x)
+        T, B = xf.shape[:2]
+        with torch.no_grad():
+            roll = hidden_rollout(enc, xf, matmul_dtype=self._mm)
+            u_ff = readout_ff(enc, roll.z, matmul_dtype=self._mm)
+            if n_samples > 1:
+                u_ff = u_ff.repeat_interleave(n_samples, dim=1)
+            uniforms = torch.rand(u_ff.shape, generator=generator, dtype=u_ff.dtype, device=u_ff.device)
+            y, u, fb = readout_sample(enc, u_ff, uniforms)
+        logits = self._decode_logits(y, self.opts.target_steps)
+        ld = self._decoder_loss(logits, target, self.opts.target_steps, n_samples)
+        le = sampled_kl(y, u, nat.config.encoder.prior_rate, self.opts.kl_reduction)
+        return roll, y, u, fb, ld, le, B
+
+    def _stats(self, roll: HiddenRollout, y: Tensor, ld: Tensor, le: Tensor, t0: float) -> dict[str, float]:
+        ls = ld.detach() + self.opts.beta * le
+        stats = {
+            "loss": float(ls.mean()),
+            "decoder_loss": float(ld.detach().mean()),
+            "encoder_loss": float(le.mean()),
+            "readout_rate": float(y.mean()),
+            "signal_std": float(ls.std()) if ls.numel() > 1 else 0.0,
+            "seconds": time.perf_counter() - t0,
+        }
+        for i, s in enumerate(roll.s):
+            stats[f"hidden_rate_{i}"] = float(s.mean())
+            stats[f"hidden_active_{i}"] = float(s.amax(0).mean())
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+        """Losses and rates of one batch without any update (one readout sample per input)."""
+        t0 = time.perf_counter()
+        roll, y, u, fb, ld, le, _ = self._rollout(x, target, generator, 1)
+        return self._stats(roll, y, ld, le, t0)
+
+    def train_step(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+        """One update on a batch: ``x [T, B, C, H, W]`` or ``[T, B, N]``; ``target [B, ...]``.
+
+        Draws ``torch.rand((T, B * n_samples, N_Y), generator=generator)`` for the readout.
+        """
+        t0 = time.perf_counter()
+        o = self.opts
+        nat = self.naturalizer
+        enc = nat.encoder
+        K = o.n_samples
+        roll, y, u, fb, ld, le, B = self._rollout(x, target, generator, K)
+        R = B * K
+
+        # decoder: backprop on the mean ℓ_d (spikes are detached inputs)
+        self.dec_opt.zero_grad(set_to_none=True)
+        ld.mean().backward()
+        self._reduce_grads(list(nat.decoder.parameters()))
+        self.dec_opt.step()
+
+        # encoder: common learning signal times each row's own eligibility
+        ls = (ld.detach() + o.beta * le).to(y.dtype)  # [R]
+        with torch.no_grad():
+            if o.baseline == "per-parameter":
+                grads = self._per_parameter_update(roll, y, u, fb, ls, K)
+                base_value = float("nan")
+            else:
+                if o.baseline == "none":
+                    base = torch.zeros_like(ls)
+                elif o.baseline == "loo":
+                    per = ls.view(B, K)
+                    base = ((per.sum(1, keepdim=True) - per) / (K - 1)).reshape(R)
+                else:  # moving-average of the batch-mean signal (from previous batches)
+                    (mean_ls,) = self._reduce_mean([ls.mean().reshape(1)])
+                    if self.baseline_ma is None:
+                        self.baseline_ma = mean_ls.clone()
+                    base = self.baseline_ma.expand(R)
+                    self.baseline_ma = o.baseline_decay * self.baseline_ma + (1 - o.baseline_decay) * mean_ls
+                base_value = float(base.mean())
+                w = (ls - base) / R
+                grads = encoder_gradients(enc, roll, y, u, fb, w, self.dfa, n_samples=K, matmul_dtype=self._mm)
+            names = list(grads)
+            reduced = self._reduce_mean([grads[n] for n in names])
+            if o.grad_clip is not None:
+                norm = torch.sqrt(sum((g.float() ** 2).sum() for g in reduced))
+                if norm > o.grad_clip:
+                    reduced = [g * (o.grad_clip / norm) for g in reduced]
+            for n, g in zip(names, reduced, strict=True):
+                self.enc_params[n].grad = g.to(self.enc_params[n].dtype)
+        self.enc_opt.step()
+        self.enc_opt.zero_grad(set_to_none=True)
+        self.steps += 1
+        stats = self._stats(roll, y, ld, le, t0)
+        stats["baseline"] = base_value
+        return stats
+
+    def _per_parameter_update(
+        self, roll: HiddenRollout, y: Tensor, u: Tensor, fb: Tensor, ls: Tensor, K: int
+    ) -> dict[str, Tensor]:
+        """Authors' baseline :math:`b = EMA[g^2 \\ell]/EMA[g^2]`; returns :math:`\\frac1R\\sum_r (\\ell_r - b) g_r`."""
+        o = self.opts
+        R = ls.numel()
+        s_gl: dict[str, Tensor] = {}
+        s_g: dict[str, Tensor] = {}
+        s_g2: dict[str, Tensor] = {}
+        s_g2l: dict[str, Tensor] = {}
+        enc = self.naturalizer.encoder
+        for start in range(0, R, o.per_parameter_chunk):
+            rows = torch.arange(start, min(R, start + o.per_parameter_chunk), device=y.device)
+            g = per_row_gradients(enc, roll, y, u, fb, self.dfa, rows, K)
+            lr_ = ls[rows]
+            for n, gr in g.items():
+                lw = lr_.view(-1, *([1] * (gr.dim() - 1)))
+                g2 = gr * gr
+                for acc, val in ((s_gl, (gr * lw).sum(0)), (s_g, gr.sum(0)), (s_g2, g2.sum(0)), (s_g2l, (g2 * lw).sum(0))):
+                    acc[n] = acc[n] + val if n in acc else val
+        names = list(s_g2)
+        stats = self._reduce_mean([s_g2[n] / R for n in names] + [s_g2l[n] / R for n in names])
+        m2 = dict(zip(names, stats[: len(names)], strict=True))
+        m2l = dict(zip(names, stats[len(names) :], strict=True))
+        out = {}
+        for n in names:
+            if n not in self.pp_g2:  # first batch: start the averages at this batch's values
+                self.pp_g2[n], self.pp_g2l[n] = m2[n].clone(), m2l[n].clone()
+            base = self.pp_g2l[n] / (self.pp_g2[n] + 1e-12)
+            out[n] = (s_gl[n] - base * s_g[n]) / R
+            self.pp_g2[n] = o.baseline_decay * self.pp_g2[n] + (1 - o.baseline_decay) * m2[n]
+            self.pp_g2l[n] = o.baseline_decay * self.pp_g2l[n] + (1 - o.baseline_decay) * m2l[n]
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.name,
+            "options": asdict(self.opts),
+            "steps": self.steps,
+            "model": {k: v.detach().clone() for k, v in self.naturalizer.state_dict().items()},
+            "enc_opt": copy.deepcopy(self.enc_opt.state_dict()),
+            "dec_opt": copy.deepcopy(self.dec_opt.state_dict()),
+            "dfa": [b.clone() for b in self.dfa],
+            "baseline_ma": None if self.baseline_ma is None else self.baseline_ma.clone(),
+            "pp_g2": {k: v.clone() for k, v in self.pp_g2.items()},
+            "pp_g2l": {k: v.clone() for k, v in self.pp_g2l.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("rule") != self.name:
+            raise ValueError(f"state is for rule {state.get('rule')!r}, not {self.name!r}")
+        self.naturalizer.load_state_dict(state["model"])
+        self.enc_opt.load_state_dict(copy.deepcopy(state["enc_opt"]))
+        self.dec_opt.load_state_dict(copy.deepcopy(state["dec_opt"]))
+        self.dfa = [b.clone() for b in state["dfa"]]
+        self.baseline_ma = state["baseline_ma"]
+        self.pp_g2 = dict(state["pp_g2"])
+        self.pp_g2l = dict(state["pp_g2l"])
+        self.steps = int(state["steps"])
+
+
+@dataclass
+class BPTTOptions:
+    """Options of ``vdib-bptt``: same objective, surrogate-gradient BPTT + straight-through readout."""
+
+    lr: float = 1e-3
+    beta: float = 1e-3
+    kl_reduction: str = "mean"
+    target_steps: str = "last"
+    matmul_dtype: str = "float32"
+    hidden_init: str | None = None
+    hidden_init_scale: float = 1.0
+    grad_clip: float | None = None
+    n_samples: int = 1
+
+    def __post_init__(self) -> None:
+        if self.target_steps not in ("last", "all"):
+            raise ValueError(f"target_steps must be 'last' or 'all', got {self.target_steps!r}")
+        if self.matmul_dtype not in _DTYPES:
+            raise ValueError(f"matmul_dtype must be one of {sorted(_DTYPES)}, got {self.matmul_dtype!r}")
+        if self.hidden_init not in (None, "zero", "random"):
+            raise ValueError(f"hidden_init must be None, 'zero' or 'random', got {self.hidden_init!r}")
+
+
+class BPTTRule(Rule):
+    """``vdib-bptt``: minimise ``mean_b[ℓ_d + β KL(Bern(σ(u)) || Bern(r))]`` by backprop through time."""
+
+    name = "vdib-bptt"
+
+    def __init__(self, naturalizer: Naturalizer, **options: Any):
+        super().__init__(naturalizer)
+        self.opts = BPTTOptions(**options)
+        if self.opts.hidden_init is not None:
+            _init_hidden(naturalizer.encoder, self.opts.hidden_init, self.opts.hidden_init_scale)
+        self.opt = torch.optim.Adam(naturalizer.parameters(), lr=self.opts.lr)
+        self._mm = _DTYPES[self.opts.matmul_dtype]
+
+    def _forward(self, x: Tensor, target: Tensor, generator: torch.Generator | None, differentiable: bool):
+        nat = self.naturalizer
+        enc = nat.encoder
+        o = self.opts
+        xf = _flatten_x(nat, x)
+        roll = hidden_rollout(enc, xf, matmul_dtype=self._mm, differentiable=differentiable)
+        u_ff = readout_ff(enc, roll.z, matmul_dtype=self._mm)
+        if o.n_samples > 1:
+            u_ff = u_ff.repeat_interleave(o.n_samples, dim=1)
+        uniforms = torch.rand(u_ff.shape, generator=generator, dtype=u_ff.dtype, device=u_ff.device)
+        y, u, _ = readout_sample(enc, u_ff, uniforms, straight_through=differentiable)
+        logits = self._decode_logits(y, o.target_steps)
+        ld = self._decoder_loss(logits, target, o.target_steps, o.n_samples)
+        kl = analytic_kl(u, nat.config.encoder.prior_rate, o.kl_reduction)
+        return roll, y, u, ld, kl
+
+    def _stats(self, roll: HiddenRollout, y: Tensor, u: Tensor, ld: Tensor, kl: Tensor, t0: float) -> dict[str, float]:
+        le = sampled_kl(y.detach(), u.detach(), self.naturalizer.config.encoder.prior_rate, self.opts.kl_reduction)
+        stats = {
+            "loss": float((ld + self.opts.beta * kl).mean()),
+            "decoder_loss": float(ld.mean()),
+            "encoder_loss": float(le.mean()),
+            "kl": float(kl.mean()),
+            "readout_rate": float(y.detach().mean()),
+            "seconds": time.perf_counter() - t0,
+        }
+        for i, s in enumerate(roll.s):
+            stats[f"hidden_rate_{i}"] = float(s.detach().mean())
+            stats[f"hidden_active_{i}"] = float(s.detach().amax(0).mean())
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+        t0 = time.perf_counter()
+        roll, y, u, ld, kl = self._forward(x, target, generator, differentiable=False)
+        return self._stats(roll, y, u, ld, kl, t0)
+
+    def train_step(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+        t0 = time.perf_counter()
+        roll, y, u, ld, kl = self._forward(x, target, generator, differentiable=True)
+        loss = (ld + self.opts.beta * kl).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = list(self.naturalizer.parameters())
+        self._reduce_grads(params)
+        if self.opts.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.opts.grad_clip)
+        self.opt.step()
+        self.steps += 1
+        return self._stats(roll, y, u, ld.detach(), kl.detach(), t0)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rule": self.name,
+            "options": asdict(self.opts),
+            "steps": self.steps,
+            "model": {k: v.detach().clone() for k, v in self.naturalizer.state_dict().items()},
+            "opt": copy.deepcopy(self.opt.state_dict()),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("rule") != self.name:
+            raise ValueError(f"state is for rule {state.get('rule')!r}, not {self.name!r}")
+        self.naturalizer.load_state_dict(state["model"])
+        self.opt.load_state_dict(copy.deepcopy(state["opt"]))
+        self.steps = int(state["steps"])
+
+
+RULES: dict[str, type[Rule]] = {"vdib": VDIBRule, "vdib-bptt": BPTTRule}
+_OPTIONS = {"vdib": VDIBOptions, "vdib-bptt": BPTTOptions}
+
+
+def rule_options(name: str) -> list[str]:
+    """Option names a rule accepts (for CLIs)."""
+    return [f.name for f in fields(_OPTIONS[name])]
+
+
+def build_rule(name: str, naturalizer: Naturalizer, **options: Any) -> Rule:
+    """Build a learning rule by name (``vdib``, ``vdib-bptt``) for ``naturalizer`` (trained in place)."""
+    cls = RULES.get(name)
+    if cls is None:
+        raise KeyError(f"unknown rule {name!r}; known: {sorted(RULES)}")
+    return cls(naturalizer, **options)  # type: ignore[call-arg]
