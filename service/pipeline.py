@@ -25,8 +25,10 @@ from .registry import ModelEntry
 
 #: Events pushed to the binner at once (bounds the memory of one step of the pipeline).
 CHUNK_EVENTS = 1 << 20
-#: Decoder windows per engine call.
-DECODE_BATCH = 256
+#: Decoder windows per engine call. One: a GEMM over M rows may round differently from M = 1,
+#: and a lone websocket stream decodes one window at a time; per-window decoding keeps uploads
+#: and streams bit-identical (a frame costs ~0.05-0.5 ms, and uploads are bounded by max_frames).
+DECODE_BATCH = 1
 
 
 class LimitError(ValueError):

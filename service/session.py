@@ -203,8 +203,11 @@ class Session:
 class Aedat4Stream:
     """Incremental AEDAT 4 decoding: whole packets are cut from the byte stream as they arrive.
 
-    The file header (version line, int32 size, IO header) is kept and prepended to each batch of
-    complete packets (int32 stream id, int32 size, payload), which ``events.read`` then decodes.
+    The file header (version line, uint32 size, IOHeader flatbuffer) is kept, with its data-table
+    position patched to -1 (the packets of a live stream end nowhere in particular), and
+    prepended to each batch of complete packets (int32 stream id, int32 size, payload), which
+    ``events.read`` then checks and decodes. Bytes at or after the original data-table position
+    (the file's index, not packets) are ignored.
     """
 
     _VERSION_LINE = b"#!AER-DAT4.0\r\n"
@@ -214,38 +217,65 @@ class Aedat4Stream:
         self.header: bytes | None = None
         self.max_buffer = max_buffer
         self.max_events = max_events
+        self.offset = 0  # absolute stream offset of buf[0]
+        self.table_at = -1  # absolute offset of the data table (-1: none)
+
+    def _take_header(self, end: int) -> None:
+        from events import EventFormatError
+        from events.formats.aedat4 import parse_ioheader
+
+        base = len(self._VERSION_LINE) + 4
+        head = bytearray(self.buf[:end])
+        try:
+            info = parse_ioheader(bytes(head[base:]), base)
+        except EventFormatError as exc:
+            raise ProtocolError(CLOSE_INVALID, f"AEDAT 4: {exc}") from exc
+        self.table_at = int(info["data_table_position"])
+        if self.table_at >= 0:
+            # locate the int64 field 1 of the IOHeader table and set it to -1
+            root = struct.unpack_from("<I", head, base)[0]
+            vt = root - struct.unpack_from("<i", head, base + root)[0]
+            off = struct.unpack_from("<H", head, base + vt + 6)[0]
+            struct.pack_into("<q", head, base + root + off, -1)
+        self.header = bytes(head)
+        del self.buf[:end]
+        self.offset = end
 
     def feed(self, data: bytes) -> np.ndarray:
         from events import EVENT_DTYPE, EventFormatError, read
 
+        none = np.zeros(0, EVENT_DTYPE)
+        if self.table_at >= 0 and self.offset >= self.table_at:
+            return none
         self.buf += data
         if len(self.buf) > self.max_buffer:
             raise ProtocolError(CLOSE_INVALID, f"AEDAT 4 packet larger than {self.max_buffer} bytes")
         if self.header is None:
             if len(self.buf) < len(self._VERSION_LINE) + 4:
-                return np.zeros(0, EVENT_DTYPE)
-            if not bytes(self.buf).startswith(AEDAT4_MAGIC):
+                return none
+            if not bytes(self.buf[: len(AEDAT4_MAGIC)]) == AEDAT4_MAGIC:
                 raise ProtocolError(CLOSE_INVALID, "AEDAT 4 stream does not start with '#!AER-DAT4.0'")
             (hsize,) = struct.unpack_from("<i", self.buf, len(self._VERSION_LINE))
-            end = len(self._VERSION_LINE) + 4 + hsize
             if hsize < 0 or hsize > self.max_buffer:
                 raise ProtocolError(CLOSE_INVALID, f"AEDAT 4 header size {hsize} is invalid")
+            end = len(self._VERSION_LINE) + 4 + hsize
             if len(self.buf) < end:
-                return np.zeros(0, EVENT_DTYPE)
-            self.header = bytes(self.buf[:end])
-            del self.buf[:end]
+                return none
+            self._take_header(end)
+        limit = len(self.buf) if self.table_at < 0 else min(len(self.buf), self.table_at - self.offset)
         o = 0
-        while len(self.buf) - o >= 8:
+        while limit - o >= 8:
             _, size = struct.unpack_from("<ii", self.buf, o)
             if size < 0 or size > self.max_buffer:
                 raise ProtocolError(CLOSE_INVALID, f"AEDAT 4 packet size {size} is invalid")
-            if len(self.buf) - o - 8 < size:
+            if limit - o - 8 < size:
                 break
             o += 8 + size
         if o == 0:
-            return np.zeros(0, EVENT_DTYPE)
-        chunk = self.header + bytes(self.buf[:o])
+            return none
+        chunk = self.header + bytes(self.buf[:o])  # type: ignore[operator]
         del self.buf[:o]
+        self.offset += o
         try:
             rec = read(chunk, format="aedat4", max_events=self.max_events)
         except EventFormatError as exc:

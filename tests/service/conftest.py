@@ -67,3 +67,98 @@ def mnist_dvs_events(mnist_dvs_path: Path) -> np.ndarray:
     import events
 
     return events.read(mnist_dvs_path).events
+
+
+# ------------------------------------------------------------------ websocket helpers
+def start_msg(**kw) -> dict:
+    msg = {"type": "start", "protocol": 1, "sensor": {"width": 128, "height": 128}}
+    msg.update(kw)
+    return msg
+
+
+def collect(ws) -> dict:
+    """Read a TestClient websocket until it closes: frames, json messages and the close code."""
+    import json as _json
+
+    from service.protocol import decode_frame
+
+    out: dict = {"frames": [], "messages": [], "code": None}
+    while True:
+        m = ws.receive()
+        if m["type"] == "websocket.close":
+            out["code"] = m.get("code")
+            return out
+        if m.get("bytes") is not None:
+            out["frames"].append(decode_frame(m["bytes"]))
+        else:
+            obj = _json.loads(m["text"])
+            out["messages"].append(obj)
+            if obj["type"] == "frame":
+                out["frames"].append(obj)
+
+
+def stream_events(client, events, chunks, url="/v1/stream", **start) -> dict:
+    """Stream ``events`` cut at ``chunks`` (indices) and end; returns :func:`collect`'s dict."""
+    import json as _json
+
+    from service.protocol import encode_events
+
+    with client.websocket_connect(url) as ws:
+        ws.send_text(_json.dumps(start_msg(**start)))
+        ready = _json.loads(ws.receive_text())
+        assert ready["type"] == "ready", ready
+        bounds = [0, *chunks, len(events)]
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            ws.send_bytes(encode_events(events[a:b]))
+        ws.send_text(_json.dumps({"type": "end"}))
+        out = collect(ws)
+    out["ready"] = ready
+    return out
+
+
+class LiveServer:
+    """uvicorn serving an app on 127.0.0.1 in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        from service.app import create_app
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.app = create_app(settings)
+        cfg = uvicorn.Config(self.app, log_level="warning", ws_max_size=settings.max_message_bytes + (1 << 20))
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        import time
+
+        for _ in range(400):
+            if self.server.started:
+                break
+            time.sleep(0.025)
+        else:
+            raise RuntimeError("uvicorn did not start")
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/stream"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live_server(settings: Settings) -> Iterator[LiveServer]:
+    srv = LiveServer(settings)
+    yield srv
+    srv.stop()
