@@ -119,7 +119,7 @@ def stream_events(client, events, chunks, url="/v1/stream", **start) -> dict:
 class LiveServer:
     """uvicorn serving an app on 127.0.0.1 in a background thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, sndbuf: int | None = None) -> None:
         import socket
         import threading
 
@@ -128,6 +128,8 @@ class LiveServer:
         from service.app import create_app
 
         self.sock = socket.socket()
+        if sndbuf is not None:  # accepted sockets inherit it (Linux): a small one makes backpressure visible
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.app = create_app(settings)
