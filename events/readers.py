@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import mmap
 import os
 from pathlib import Path
 from typing import IO, Any
@@ -154,16 +155,25 @@ def _limits(source_is_path: bool, max_bytes: int | None, max_events: int | None,
     )
 
 
-def _load(source: Source, limits: Limits) -> tuple[bytes, str | None, str]:
-    """Return (bytes, path or None, name hint), enforcing ``max_bytes``."""
+def _load(source: Source, limits: Limits) -> tuple[Any, str | None, str]:
+    """Return (bytes or a read-only mmap, path or None, name hint), enforcing ``max_bytes``.
+
+    Files are memory-mapped: the binary parsers only take ``np.frombuffer`` views and small
+    slices, so an 80 MB recording is never copied into a bytes object first.
+    """
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
         try:
-            size = os.stat(path).st_size
-            if size > limits.max_bytes:
-                raise EventFormatError(f"{path}: {size} bytes exceeds max_bytes={limits.max_bytes}")
             with open(path, "rb") as f:
-                data = f.read(limits.max_bytes + 1)
+                size = os.fstat(f.fileno()).st_size
+                if size > limits.max_bytes:
+                    raise EventFormatError(f"{path}: {size} bytes exceeds max_bytes={limits.max_bytes}")
+                if size == 0:
+                    return b"", path, path
+                try:
+                    data: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except (OSError, ValueError):  # not mappable (a pipe, /proc ...): read it
+                    data = f.read(limits.max_bytes + 1)
         except OSError as exc:
             raise EventFormatError(f"cannot read {path}: {exc}") from exc
         if len(data) > limits.max_bytes:
@@ -228,8 +238,10 @@ def read(
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(FORMATS)}")
     limits = _limits(isinstance(source, (str, os.PathLike)), max_bytes, max_events, max_decompressed)
     data, path, name = _load(source, limits)
-    fmt = format or sniff_format(data, name)
     try:
+        fmt = format or sniff_format(data, name)
+        if isinstance(data, mmap.mmap) and fmt in ("csv", "npy", "npz"):
+            data = data[:]  # text and numpy loaders want real bytes
         rec = _parse(fmt, data, path, name, limits)
     except EventFormatError:
         raise
@@ -238,6 +250,12 @@ def read(
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeError, io.UnsupportedOperation) as exc:
         # a parser bug or an unforeseen corruption: still the one error type, with the cause chained
         raise EventFormatError(f"{fmt}: malformed input ({type(exc).__name__}: {exc})") from exc
+    finally:
+        if isinstance(data, mmap.mmap):
+            try:
+                data.close()
+            except BufferError:  # a traceback still holds a view; the GC closes it later
+                pass
     rec.metadata.setdefault("source", name or "<bytes>")
     return rec
 

@@ -59,6 +59,20 @@ def build_events(t: np.ndarray, x: np.ndarray, y: np.ndarray, p: np.ndarray) -> 
     return out
 
 
+def times_u32(ts: np.ndarray, meta: dict[str, Any]) -> tuple[np.ndarray, bool]:
+    """int64 microseconds from a uint32 counter (any byte order), unwrapped; and whether monotonic.
+
+    The common case (no wrap, already in order) costs one conversion and one comparison pass.
+    """
+    t = ts.astype(np.int64)
+    if len(t) < 2 or bool((t[1:] >= t[:-1]).all()):
+        meta["time_wraps"] = 0
+        return t, True
+    t, wraps = unwrap(t, 1 << 32)
+    meta["time_wraps"] = wraps
+    return t, bool((t[1:] >= t[:-1]).all())
+
+
 def unwrap(t: np.ndarray, period: int) -> tuple[np.ndarray, int]:
     r"""Undo counter wrap-around of a timestamp that counts modulo ``period``.
 
@@ -85,20 +99,19 @@ def order_by_time(
     *,
     offsets: Offsets = None,
     max_backstep_us: int = MAX_BACKSTEP_US,
+    monotonic: bool | None = None,
 ) -> np.ndarray:
     """Return ``events`` sorted by t (stable); raise when time jumps back more than allowed.
 
-    ``offsets`` (byte offset of each event in the file) lets the error say where.
+    ``offsets`` (byte offset of each event in the file) lets the error say where;
+    ``monotonic=True`` (the parser already checked) skips the check.
     """
     t = events["t"]
-    if len(t) < 2:
+    if monotonic or len(t) < 2 or bool((t[1:] >= t[:-1]).all()):
         metadata["time_backsteps"] = 0
         return events
     d = np.diff(t)
     back = d < 0
-    if not back.any():
-        metadata["time_backsteps"] = 0
-        return events
     worst = int(np.argmin(d))
     if -int(d[worst]) > max_backstep_us:
         where_ = where(offsets, worst + 1)
@@ -115,7 +128,7 @@ def check_bounds(
     events: np.ndarray, width: int, height: int, *, offsets: Offsets = None, what: str = "event"
 ) -> None:
     """Raise EventFormatError if any event lies outside the ``width`` x ``height`` sensor."""
-    if len(events) == 0:
+    if len(events) == 0 or (int(events["x"].max()) < width and int(events["y"].max()) < height):
         return
     bad = (events["x"] >= width) | (events["y"] >= height)
     if bad.any():
@@ -148,32 +161,42 @@ def finish(
     *,
     offsets: Offsets = None,
     max_backstep_us: int = MAX_BACKSTEP_US,
+    monotonic: bool | None = None,
+    in_bounds: bool = False,
 ) -> Recording:
-    """Bounds check, sort by time (stable) and wrap into a Recording."""
+    """Bounds check, sort by time (stable) and wrap into a Recording.
+
+    Parsers that already know the events are in time order (``monotonic``) or on the sensor
+    (``in_bounds``) say so and skip those passes.
+    """
     check_sensor(width, height)
-    check_bounds(events, width, height, offsets=offsets)
-    events = order_by_time(events, metadata, offsets=offsets, max_backstep_us=max_backstep_us)
+    if not in_bounds:
+        check_bounds(events, width, height, offsets=offsets)
+    events = order_by_time(events, metadata, offsets=offsets, max_backstep_us=max_backstep_us, monotonic=monotonic)
     metadata.setdefault("events", int(len(events)))
     return Recording(events=events, width=int(width), height=int(height), format=fmt, metadata=metadata)
 
 
-def text_header(data: bytes | memoryview, prefix: bytes, *, max_header: int = 16 << 20) -> tuple[list[str], int]:
+def text_header(data: Any, prefix: bytes, *, max_header: int = 16 << 20) -> tuple[list[str], int]:
     """Read leading lines that start with ``prefix``; return (decoded lines, data offset).
 
+    ``data`` is bytes or an mmap (only ``find`` and slicing are used, so nothing big is copied).
     Lines end with LF (CR stripped). Stops at the first line not starting with ``prefix``.
     """
-    buf = bytes(data[: min(len(data), max_header)])
     lines: list[str] = []
     pos = 0
-    n = len(buf)
-    while pos < n and buf.startswith(prefix, pos):
-        end = buf.find(b"\n", pos)
+    n = len(data)
+    k = len(prefix)
+    while pos < n and data[pos : pos + k] == prefix:
+        end = data.find(b"\n", pos, min(n, pos + max_header))
         if end < 0:
-            if len(data) > max_header:
-                raise EventFormatError("header longer than 16 MiB", offset=pos)
+            if n - pos > max_header:
+                raise EventFormatError("header line longer than 16 MiB", offset=pos)
             # a header line that never ends: the whole buffer is header
-            lines.append(buf[pos:].decode("latin-1").rstrip("\r"))
+            lines.append(bytes(data[pos:]).decode("latin-1").rstrip("\r"))
             return lines, n
-        lines.append(buf[pos:end].decode("latin-1").rstrip("\r"))
+        lines.append(bytes(data[pos:end]).decode("latin-1").rstrip("\r"))
         pos = end + 1
+        if pos > max_header:
+            raise EventFormatError("header longer than 16 MiB", offset=pos)
     return lines, pos

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .._types import EventFormatError, Recording
-from ._common import Limits, build_events, check_count, finish, text_header, unwrap
+from .._types import EVENT_DTYPE, EventFormatError, Recording
+from ._common import Limits, Offsets, check_count, finish, text_header, times_u32
 
 #: chip-class (or hardware-interface) name fragment -> (width, height, layout); first match wins.
 CHIPS: list[tuple[str, int, int, str]] = [
@@ -111,32 +111,36 @@ def parse(data: bytes, *, limits: Limits, version: str | None = None, name: str 
             layout = "davis" if n and bool(np.any((addr & 0x7FFF0000) != 0)) else "dvs128"
     meta["layout"] = layout
     if layout == "dvs128":
-        events, keep, (w, h) = _dvs128(data, start, n, word, addr, ts, meta)
+        events, keep, (w, h), mono = _dvs128(data, start, n, word, addr, ts, meta)
     else:
-        events, keep, (w, h) = _davis(addr, ts, chip, meta)
+        events, keep, (w, h), mono = _davis(data, start, n, addr, ts, chip, meta)
     meta["camera"] = info.get("AEChip") or info.get("HardwareInterface") or layout.upper()
     if keep is not None:
         kept = np.flatnonzero(keep)
-        offsets = start + kept * word
+        offsets: Offsets = lambda i: start + int(kept[i]) * word  # noqa: E731
     else:
         offsets = lambda i: start + i * word  # noqa: E731 - no 80 MB offset array for clean files
-    return finish(events, w, h, "aedat2" if version == "2.0" else "aedat1", meta, offsets=offsets)
+    return finish(events, w, h, "aedat2" if version == "2.0" else "aedat1", meta, offsets=offsets,
+                  monotonic=mono, in_bounds=True)
 
 
-def _times(ts: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
-    t, wraps = unwrap(ts.astype(np.int64), 1 << 32)
-    meta["time_wraps"] = wraps
-    return t
+def _le_words(data: bytes, start: int, n: int) -> np.ndarray:
+    """The address words read little-endian: bit tests on them need no byte swapping."""
+    return np.frombuffer(data, dtype="<u4", count=2 * n, offset=start)[0::2]
 
 
 def _dvs128(data: bytes, start: int, n: int, word: int, addr: np.ndarray, ts: np.ndarray, meta: dict[str, Any]):
     w = h = 128
-    special = (addr & 0xFFFF8000) != 0 if n else np.zeros(0, bool)
-    n_special = int(np.count_nonzero(special))
+    if word == 8:
+        # big-endian mask 0xFFFF8000 (bits 15-31: sync/special) seen through a little-endian view
+        special_any = n > 0 and bool(int(np.bitwise_or.reduce(_le_words(data, start, n))) & 0x0080FFFF)
+    else:
+        special_any = n > 0 and bool(np.any(addr & 0x8000))
     keep = None
-    if n_special:
+    if special_any:
+        special = (addr & 0xFFFF8000) != 0
         keep = ~special
-        meta["skipped"]["special"] = n_special
+        meta["skipped"]["special"] = int(np.count_nonzero(special))
         addr = addr[keep]
         ts = ts[keep]
         lo = (addr & 0xFF).astype(np.uint8)
@@ -148,43 +152,66 @@ def _dvs128(data: bytes, start: int, n: int, word: int, addr: np.ndarray, ts: np
     else:
         lo = (addr & 0xFF).astype(np.uint8)
         hi = ((addr >> 8) & 0xFF).astype(np.uint8)
-    t = _times(ts, meta)
-    x = (w - 1) - (lo >> 1)
-    y = (h - 1) - (hi & 0x7F)
-    p = 1 - (lo & 1)
-    return build_events(t, x, y, p), keep, (w, h)
+    t, mono = times_u32(ts, meta)
+    out = np.empty(len(t), dtype=EVENT_DTYPE)
+    out["t"] = t
+    out["x"] = (w - 1) - (lo >> 1)
+    out["y"] = (h - 1) - (hi & 0x7F)
+    out["p"] = 1 - (lo & 1)
+    return out, keep, (w, h), mono
 
 
-def _davis(addr: np.ndarray, ts: np.ndarray, chip: tuple[int, int, str] | None, meta: dict[str, Any]):
+def _davis(data: bytes, start: int, n: int, addr: np.ndarray, ts: np.ndarray,
+           chip: tuple[int, int, str] | None, meta: dict[str, Any]):
+    # bit 31 (APS/IMU) and bit 10 (external input) of the big-endian word, little-endian view
+    other_any = n > 0 and bool(int(np.bitwise_or.reduce(_le_words(data, start, n))) & 0x00040080)
     a = addr.astype(np.uint32)
-    hw = a >> 31
-    kind = (a >> 10) & 3
-    aps_imu = hw == 1
-    imu = aps_imu & (kind == 3)
-    special = (~aps_imu) & ((a & 0x400) != 0)
-    keep = ~(aps_imu | special)
-    meta["skipped"] = {
-        "aps": int(np.count_nonzero(aps_imu)) - int(np.count_nonzero(imu)),
-        "imu": int(np.count_nonzero(imu)),
-        "special": int(np.count_nonzero(special)),
-    }
-    a = a[keep]
-    t = _times(ts[keep], meta)
-    xr = ((a >> 12) & 0x3FF).astype(np.uint16)
-    yr = ((a >> 22) & 0x1FF).astype(np.uint16)
-    p = ((a >> 11) & 1).astype(np.uint8)
+    keep = None
+    if other_any:
+        aps_imu = (a >> 31) == 1
+        imu = aps_imu & (((a >> 10) & 3) == 3)
+        special = (~aps_imu) & ((a & 0x400) != 0)
+        keep = ~(aps_imu | special)
+        n_imu = int(np.count_nonzero(imu))
+        meta["skipped"] = {
+            "aps": int(np.count_nonzero(aps_imu)) - n_imu,
+            "imu": n_imu,
+            "special": int(np.count_nonzero(special)),
+        }
+        a = a[keep]
+        ts = ts[keep]
+    else:
+        meta["skipped"] = {"aps": 0, "imu": 0, "special": 0}
+    t, mono = times_u32(ts, meta)
+    out = np.empty(len(t), dtype=EVENT_DTYPE)
+    out["t"] = t
+    del t
+    # one reusable 32-bit scratch buffer: fresh 40 MB temporaries would each cost page faults
+    tmp = np.empty_like(a)
+    np.right_shift(a, 12, out=tmp)
+    tmp &= 0x3FF
+    mx = int(tmp.max()) if len(tmp) else 0
+    out["x"] = tmp
+    np.right_shift(a, 22, out=tmp)
+    tmp &= 0x1FF
+    my = int(tmp.max()) if len(tmp) else 0
     if chip is not None and chip[0] > 0:
         w, h = chip[0], chip[1]
     else:
-        mx = int(xr.max()) if len(xr) else 0
-        my = int(yr.max()) if len(yr) else 0
         w, h = next(((sw, sh) for sw, sh in DAVIS_SIZES if mx < sw and my < sh), (mx + 1, my + 1))
         meta["sensor_size_from"] = "address range"
-    bad = (xr >= w) | (yr >= h)
-    if bad.any():
-        i = int(np.argmax(bad))
+    if mx >= w or my >= h:
+        xr = (a >> 12) & 0x3FF
+        yr = (a >> 22) & 0x1FF
+        i = int(np.argmax((xr >= w) | (yr >= h)))
+        j = int(np.flatnonzero(keep)[i]) if keep is not None else i
         raise EventFormatError(
-            f"DVS event {i} at raw (x={int(xr[i])}, y={int(yr[i])}) lies outside the {w}x{h} sensor"
+            f"DVS event {i} at raw (x={int(xr[i])}, y={int(yr[i])}) lies outside the {w}x{h} sensor",
+            offset=start + 8 * j,
         )
-    y = (h - 1) - yr
-    return build_events(t, xr, y, p), keep, (w, h)
+    np.subtract(h - 1, tmp, out=tmp)
+    out["y"] = tmp
+    np.right_shift(a, 11, out=tmp)
+    tmp &= 1
+    out["p"] = tmp
+    return out, keep, (w, h), mono

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from .._types import EventFormatError, Recording
-from ._common import Limits, build_events, check_count, finish, size_from_events
+from .._types import EVENT_DTYPE, EventFormatError, Recording
+from ._common import Limits, check_count, finish
 from .aedat2 import CHIPS
 
 END = b"#!END-HEADER\r\n"
@@ -35,12 +35,12 @@ SOURCES = [(frag, w, h) for frag, w, h, _ in CHIPS] + [("dvxplorerlite", 320, 24
 
 def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
     """Parse an AEDAT 3.x buffer (polarity packets; everything else skipped and counted)."""
-    if not data.startswith(b"#!AER-DAT3"):
+    if data[:10] != b"#!AER-DAT3":
         raise EventFormatError("not an AEDAT 3 file (wrong magic)", offset=0)
     end = data.find(END, 0, 16 << 20)
     if end < 0:
         raise EventFormatError("AEDAT 3 header has no '#!END-HEADER' line", offset=0)
-    header = data[:end].decode("latin-1")
+    header = bytes(data[:end]).decode("latin-1")
     start = end + len(END)
     meta: dict[str, Any] = {"header": {}, "skipped": {}, "sources": {}}
     for line in header.splitlines():
@@ -99,29 +99,56 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
         pos += HEADER.size + body
         packet += 1
     meta["packets"] = packet
+    counts = np.array([n for _, n, _ in spans], dtype=np.int64)
+    starts = np.array([off for off, _, _ in spans], dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)])
+
+    def offset_of(i: int, valid_index: np.ndarray | None = None) -> int:
+        k = int(valid_index[i]) if valid_index is not None else i
+        s = int(np.searchsorted(first, k, side="right")) - 1
+        return int(starts[s] + 8 * (k - first[s]))
+
     if spans:
         words = np.concatenate([np.frombuffer(data, "<u4", count=2 * n, offset=off) for off, n, _ in spans])
-        offsets = np.concatenate([off + 8 * np.arange(n, dtype=np.int64) for off, n, _ in spans])
-        over = np.repeat(np.array([o for _, _, o in spans], dtype=np.int64), [n for _, n, _ in spans])
     else:
         words = np.zeros(0, "<u4")
-        offsets = np.zeros(0, np.int64)
-        over = np.zeros(0, np.int64)
     d = words[0::2]
     ts = words[1::2].view("<i4")
-    keep = (d & 1) == 1
-    n_invalid = int(len(d) - np.count_nonzero(keep))
-    if n_invalid:
-        skipped["invalid_polarity"] = n_invalid
-        d, ts, over, offsets = d[keep], ts[keep], over[keep], offsets[keep]
+    valid_index = None
+    # AND over every first byte: bit 0 stays set only if every event carries the valid mark
+    if len(d) and not (int(np.bitwise_and.reduce(words.view(np.uint8)[0::8])) & 1):
+        keep = (d & 1) == 1
+        valid_index = np.flatnonzero(keep)
+        skipped["invalid_polarity"] = int(len(d) - len(valid_index))
+        d, ts = d[keep], ts[keep]
     if len(ts) and int(ts.min()) < 0:
         i = int(np.argmax(ts < 0))
-        raise EventFormatError("AEDAT 3 negative polarity timestamp", offset=int(offsets[i]))
-    t = (over << 31) | ts.astype(np.int64)
-    x = (d >> 17) & 0x7FFF
-    y = (d >> 2) & 0x7FFF
-    p = (d >> 1) & 1
-    events = build_events(t, x, y, p)
+        raise EventFormatError("AEDAT 3 negative polarity timestamp", offset=offset_of(i, valid_index))
+    out = np.empty(len(d), dtype=EVENT_DTYPE)
+    overflow = np.array([o for _, _, o in spans], dtype=np.int64)
+    if overflow.any():
+        over = np.repeat(overflow, counts)
+        if valid_index is not None:
+            over = over[valid_index]
+        t64 = (over << 31) | ts.astype(np.int64)
+    else:
+        t64 = ts.astype(np.int64)
+    # the order check on a contiguous copy is 3x cheaper than on the strided field
+    mono = len(t64) < 2 or bool((t64[1:] >= t64[:-1]).all())
+    out["t"] = t64
+    del t64
+    tmp = np.empty(len(d), dtype=np.uint32)
+    np.right_shift(d, 17, out=tmp)
+    mx = int(tmp.max()) if len(tmp) else 0
+    out["x"] = tmp
+    np.right_shift(d, 2, out=tmp)
+    tmp &= 0x7FFF
+    my = int(tmp.max()) if len(tmp) else 0
+    out["y"] = tmp
+    np.right_shift(d, 1, out=tmp)
+    tmp &= 1
+    out["p"] = tmp
+    events = out
     meta["skipped"] = skipped
     w = h = 0
     for src in meta["sources"].values():
@@ -132,6 +159,7 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
             meta["camera"] = src
             break
     if not w:
-        w, h = size_from_events(events)
+        w, h = mx + 1, my + 1
         meta["sensor_size_from"] = "event coordinates"
-    return finish(events, w, h, "aedat31", meta, offsets=offsets)
+    return finish(events, w, h, "aedat31", meta, offsets=lambda i: offset_of(i, valid_index),
+                  in_bounds=mx < w and my < h, monotonic=mono)

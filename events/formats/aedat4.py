@@ -119,53 +119,47 @@ def parse_description(xml: str) -> dict[int, dict[str, Any]]:
     return streams
 
 
-def _inflated_size(comp: int, chunk: bytes, pos: int, packet: int) -> int:
-    """Upper bound on what ``chunk`` inflates to; decompresses (bounded) only when it must."""
+def _inflated_size(comp: int, data: Any, begin: int, size: int, pos: int, packet: int) -> int:
+    """Upper bound on what ``data[begin:begin+size]`` inflates to.
+
+    Reads only the frame header unless it must decompress (bounded) to find out.
+    """
     if comp == 0:
-        return len(chunk)
+        return size
+    head = bytes(data[begin : begin + min(size, 32)])
     if comp in (1, 2):
         import lz4.frame
 
         try:
-            declared = lz4.frame.get_frame_info(chunk).get("content_size", 0)
+            declared = lz4.frame.get_frame_info(head).get("content_size", 0)
         except Exception as exc:  # lz4 raises RuntimeError on a bad frame header
             raise EventFormatError(f"AEDAT4 corrupt LZ4 packet header: {exc}", offset=pos, packet=packet) from exc
         if declared:
             return int(declared)
-        bound = LZ4_MAX_RATIO * len(chunk)
+        bound = LZ4_MAX_RATIO * size
         if bound <= MAX_PACKET_BYTES:
             return bound
-        return _bounded_lz4(chunk, pos, packet)
+        return _bounded_lz4(bytes(data[begin : begin + size]), pos, packet)
     import zstandard
 
     try:
-        declared = zstandard.frame_content_size(chunk)
+        declared = zstandard.frame_content_size(head)
     except zstandard.ZstdError as exc:
         raise EventFormatError(f"AEDAT4 corrupt ZSTD packet header: {exc}", offset=pos, packet=packet) from exc
     if declared >= 0:
         return int(declared)
-    return _bounded_zstd(chunk, pos, packet)
+    return _bounded_zstd(bytes(data[begin : begin + size]), pos, packet)
 
 
 def _bounded_lz4(chunk: bytes, pos: int, packet: int) -> int:
     import lz4.frame
 
     d = lz4.frame.LZ4FrameDecompressor()
-    total = 0
     try:
-        data = chunk
-        while data and not d.eof:
-            out = d.decompress(data, max_length=1 << 20)
-            total += len(out)
-            if total > MAX_PACKET_BYTES:
-                break
-            data = d.unused_data if d.eof else b""
-            while not d.eof and d.needs_input is False:
-                out = d.decompress(b"", max_length=1 << 20)
-                total += len(out)
-                if total > MAX_PACKET_BYTES:
-                    break
-    except Exception as exc:
+        total = len(d.decompress(chunk, max_length=1 << 20))
+        while not d.eof and not d.needs_input and total <= MAX_PACKET_BYTES:
+            total += len(d.decompress(b"", max_length=1 << 20))
+    except Exception as exc:  # lz4 raises RuntimeError on corrupt blocks
         raise EventFormatError(f"AEDAT4 corrupt LZ4 packet: {exc}", offset=pos, packet=packet) from exc
     return total
 
@@ -186,9 +180,9 @@ def _bounded_zstd(chunk: bytes, pos: int, packet: int) -> int:
     return total
 
 
-def prescan(data: bytes, limits: Limits) -> dict[str, Any]:
+def prescan(data: Any, limits: Limits) -> dict[str, Any]:
     """Validate the file structure and bound every packet; return header and per-stream counts."""
-    if not data.startswith(MAGIC):
+    if data[: len(MAGIC)] != MAGIC:
         raise EventFormatError("not an AEDAT 4.0 file (wrong magic)", offset=0)
     pos = len(MAGIC)
     if pos + 4 > len(data):
@@ -197,7 +191,7 @@ def prescan(data: bytes, limits: Limits) -> dict[str, Any]:
     pos += 4
     if pos + hlen > len(data):
         raise EventFormatError(f"AEDAT4 IOHeader of {hlen} bytes runs past the end of the file", offset=pos)
-    header = parse_ioheader(data[pos : pos + hlen], pos)
+    header = parse_ioheader(bytes(data[pos : pos + hlen]), pos)
     streams = parse_description(header["description"])
     pos += hlen
     end = header["data_table_position"]
@@ -222,7 +216,7 @@ def prescan(data: bytes, limits: Limits) -> dict[str, Any]:
             )
         if size < 8:
             raise EventFormatError(f"AEDAT4 packet of {size} bytes is too small", offset=pos, packet=n_packets)
-        inflated = _inflated_size(comp, data[pos + 8 : pos + 8 + size], pos, n_packets)
+        inflated = _inflated_size(comp, data, pos + 8, size, pos, n_packets)
         if inflated > MAX_PACKET_BYTES:
             raise EventFormatError(
                 f"AEDAT4 packet inflates to {inflated} bytes, more than the {MAX_PACKET_BYTES} allowed "
@@ -251,7 +245,7 @@ def prescan(data: bytes, limits: Limits) -> dict[str, Any]:
     }
 
 
-def parse(data: bytes, *, limits: Limits, path: str | None = None, name: str = "") -> Recording:
+def parse(data: Any, *, limits: Limits, path: str | None = None, name: str = "") -> Recording:
     """Parse an AEDAT 4.0 file (``path`` is decoded in place; bytes go through a temp file)."""
     info = prescan(data, limits)
     streams = info["streams"]
