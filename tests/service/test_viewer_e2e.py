@@ -1,0 +1,109 @@
+"""The viewer page in headless Debian chromium (selenium + chromium-driver): live replay over the
+websocket and upload both render event frames, reconstructions and the spike raster.
+
+Skips when chromium, chromedriver or selenium is missing (scripts/test installs them).
+Screenshots go to $VDIB_SCREENSHOT_DIR when set (else the test's tmp dir).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DRIVER = shutil.which("chromedriver")
+
+pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Debian chromium / chromium-driver not installed")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800"):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
+    drv.set_page_load_timeout(30)
+    yield drv
+    drv.quit()
+
+
+def _wait(fn, timeout=30.0, every=0.1):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = fn()
+        if v:
+            return v
+        time.sleep(every)
+    raise AssertionError("timed out waiting for the page")
+
+
+def _lit_pixels(drv, canvas_id: str) -> int:
+    return drv.execute_script(
+        "const c = document.getElementById(arguments[0]);"
+        "const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
+        "let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] + d[i+1] + d[i+2] > 30) n++; return n;",
+        canvas_id,
+    )
+
+
+def _shot_dir(tmp_path: Path) -> Path:
+    d = Path(os.environ.get("VDIB_SCREENSHOT_DIR", tmp_path))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def test_viewer_live_replay_and_upload(browser, live_server, mnist_dvs_path, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    drv = browser
+    drv.get(live_server.http + "/")
+    _wait(lambda: len(drv.find_elements(By.CSS_SELECTOR, "#model option")) > 0)
+    assert "tiny" in drv.find_element(By.ID, "model").text
+    drv.find_element(By.ID, "file").send_keys(str(mnist_dvs_path))
+    Select(drv.find_element(By.ID, "speed")).select_by_visible_text("2")
+    drv.find_element(By.ID, "replay").click()
+    # frames arrive while the replay runs (2.2 s of events at 2x: ~1.1 s)
+    _wait(lambda: drv.execute_script("return window.vdib.frames") >= 10)
+    mid = drv.execute_script("return window.vdib.frames")
+    status_mid = drv.find_element(By.ID, "status").text
+    assert "streaming" in status_mid
+    _wait(lambda: "closed (1000)" in drv.find_element(By.ID, "status").text, timeout=60)
+    frames = drv.execute_script("return window.vdib.frames")
+    assert frames == 74 and mid < frames  # 222 bins, a frame every 3 bins
+    assert drv.find_element(By.ID, "error").text == ""
+    for cid in ("events", "recon", "raster"):
+        assert int(drv.find_element(By.ID, cid).get_attribute("data-drawn")) > 0
+        assert _lit_pixels(drv, cid) > 20, cid
+    shots = _shot_dir(tmp_path)
+    drv.save_screenshot(str(shots / "viewer_live.png"))
+
+    drv.find_element(By.ID, "upload").click()
+    _wait(lambda: "upload:" in drv.find_element(By.ID, "status").text, timeout=60)
+    assert drv.execute_script("return window.vdib.frames") == 74
+    assert _lit_pixels(drv, "recon") > 20 and _lit_pixels(drv, "events") > 20
+    drv.save_screenshot(str(shots / "viewer_upload.png"))
+
+
+def test_viewer_shows_server_errors(browser, live_server, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    bad = tmp_path / "bad.xyz"
+    bad.write_bytes(bytes(range(256)) * 3 + b"\x01")
+    drv = browser
+    drv.get(live_server.http + "/")
+    _wait(lambda: len(drv.find_elements(By.CSS_SELECTOR, "#model option")) > 0)
+    drv.find_element(By.ID, "file").send_keys(str(bad))
+    drv.find_element(By.ID, "upload").click()
+    _wait(lambda: drv.find_element(By.ID, "error").text)
+    assert drv.find_element(By.ID, "error").text.startswith("415")
