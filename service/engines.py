@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import tempfile
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -147,57 +146,63 @@ class TorchEngine(Engine):
 
 
 class OnnxEngine(Engine):
-    """ONNX Runtime engine: the model exported by ``model.export_onnx``, run by onnxruntime."""
+    """ONNX Runtime engine: the model exported by ``model.export_onnx``, run by ``model.OnnxEngine``.
+
+    The export goes to a temporary directory at load time (checkpoints hold only safetensors +
+    JSON). The uniform noise is an input of the exported step, so streams stay reproducible.
+    """
 
     name = "onnx"
 
-    def __init__(self, naturalizer: Any, device: str = "auto", export_dir: Path | None = None) -> None:
+    def __init__(self, naturalizer: Any, device: str = "auto", threads: int = 1) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
             raise EngineError(f"onnxruntime is not installed: {exc}") from exc
-        from model import OnnxNaturalizer, export_onnx  # type: ignore[attr-defined]
+        from model import OnnxEngine as Runner
+        from model import export_onnx
 
-        providers = ["CPUExecutionProvider"]
-        available = ort.get_available_providers()
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
-        self._tmp = None
-        if export_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="vdib-onnx-")
-            export_dir = Path(self._tmp.name)
-        export_onnx(naturalizer, export_dir)
-        self.runner = OnnxNaturalizer(export_dir, providers=providers)
         cfg = naturalizer.config
+        if getattr(cfg, "output", "image") != "image":
+            raise EngineError(f"model output {cfg.output!r} is not an image; the service serves image models")
+        want_cuda = device in ("auto", "cuda") or device.startswith("cuda")
+        use_cuda = want_cuda and "CUDAExecutionProvider" in ort.get_available_providers()
+        if device.startswith("cuda") and not use_cuda:
+            raise EngineError("device 'cuda' asked for but onnxruntime has no CUDAExecutionProvider (install the gpu extra)")
+        self._tmp = tempfile.TemporaryDirectory(prefix="vdib-onnx-")
+        export_onnx(naturalizer.cpu().eval(), self._tmp.name)
+        self.runner = Runner(self._tmp.name, device="cuda" if use_cuda else "cpu", threads=threads)
+        self.device = "cuda" if use_cuda else "cpu"
         c, h, w = cfg.input_shape
         self.n_inputs = int(c * h * w)
         self.n_readout = int(naturalizer.encoder.config.n_readout)
         self.tau_d = int(cfg.tau_d)
         self.image_shape = (int(cfg.image_shape[0]), int(cfg.image_shape[1]))
+        self._fresh = self.runner.init_state(1)
 
     def init_state(self) -> State:
-        return self.runner.init_state(1)
+        return self._fresh  # never written in place: step returns new arrays
 
     def stack(self, states: list[State]) -> State:
         if len(states) == 1:
             return states[0]
-        return tuple(np.concatenate(parts, axis=0) for parts in zip(*states, strict=True))
+        return [np.concatenate(parts, axis=0) for parts in zip(*states, strict=True)]
 
     def unstack(self, state: State, n: int) -> list[State]:
         if n == 1:
             return [state]
-        return [tuple(a[i : i + 1] for a in state) for i in range(n)]
+        return [[a[i : i + 1] for a in state] for i in range(n)]
 
     def step(self, x: np.ndarray, state: State, uniforms: np.ndarray) -> tuple[np.ndarray, State]:
-        y, state = self.runner.step(
-            np.ascontiguousarray(x, dtype=np.float32), state, np.ascontiguousarray(uniforms, dtype=np.float32)
-        )
-        return np.asarray(y).astype(np.uint8, copy=False), state
+        y, _, _, state = self.runner.step(x, state, uniforms)
+        return np.asarray(y).astype(np.uint8), state
 
     def decode(self, windows: np.ndarray) -> np.ndarray:
-        img = self.runner.decode(np.ascontiguousarray(windows, dtype=np.float32))
+        img = self.runner.decode(windows)
         return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0).reshape(windows.shape[0], *self.image_shape)
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "device": self.device, "providers": list(self.runner.providers)}
 
 
 def build_engine(kind: str, naturalizer: Any, device: str = "auto") -> Engine:
