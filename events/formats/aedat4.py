@@ -271,11 +271,12 @@ def parse(data: Any, *, limits: Limits, path: str | None = None, name: str = "")
     width = int(streams[main].get("sizeX", 0))
     height = int(streams[main].get("sizeY", 0))
     check_sensor(width, height, what=f"AEDAT4 events stream {main} size")
-    chunks, skipped = _decode(data, path, main, streams, limits)
+    chunks, skipped, stats = _decode(data, path, main, streams, limits)
     for k, v in skipped.items():
         meta["skipped"][k] = v
     events = _concat(chunks)
-    return finish(events, width, height, "aedat4", meta)
+    return finish(events, width, height, "aedat4", meta, monotonic=stats["monotonic"],
+                  in_bounds=stats["x_max"] < width and stats["y_max"] < height)
 
 
 def _kind(type_id: str) -> str:
@@ -284,7 +285,7 @@ def _kind(type_id: str) -> str:
 
 def _decode(
     data: bytes, path: str | None, main: int, streams: dict[int, dict[str, Any]], limits: Limits
-) -> tuple[list[np.ndarray], dict[str, int]]:
+) -> tuple[list[np.ndarray], dict[str, int], dict[str, Any]]:
     import aedat
 
     tmp = None
@@ -297,6 +298,8 @@ def _decode(
     skipped: dict[str, int] = {}
     n = 0
     index = -1
+    # bounds and time order are checked per packet while it is still in cache
+    stats = {"x_max": -1, "y_max": -1, "monotonic": True, "last_t": None}
     try:
         decoder = aedat.Decoder(path)
         for index, packet in enumerate(decoder):
@@ -305,6 +308,15 @@ def _decode(
                 ev = packet["events"]
                 n += len(ev)
                 check_count(n, limits, packet=index)
+                if len(ev):
+                    stats["x_max"] = max(stats["x_max"], int(ev["x"].max()))
+                    stats["y_max"] = max(stats["y_max"], int(ev["y"].max()))
+                    t = ev["t"]
+                    if stats["monotonic"] and (
+                        (stats["last_t"] is not None and t[0] < stats["last_t"]) or not bool((t[1:] >= t[:-1]).all())
+                    ):
+                        stats["monotonic"] = False
+                    stats["last_t"] = t[-1]
                 chunks.append(ev)
             else:
                 key = next((k for k in ("events", "frame", "imus", "triggers") if k in packet), "unknown")
@@ -325,7 +337,7 @@ def _decode(
                 os.unlink(tmp)
             except OSError:
                 pass
-    return chunks, skipped
+    return chunks, skipped, stats
 
 
 def _concat(chunks: list[np.ndarray]) -> np.ndarray:
@@ -333,20 +345,16 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
         return np.zeros(0, EVENT_DTYPE)
     cat = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
     names = cat.dtype.names or ()
-    # aedat's packed (t u8, x u2, y u2, on bool) has exactly EVENT_DTYPE's byte layout: reinterpret
+    # aedat's packed (t u8, x u2, y u2, on bool) has exactly EVENT_DTYPE's byte layout, so the
+    # array is reinterpreted, not copied. t comes from the file's int64, so the u8 -> i8 view is
+    # exact; ``on`` is written as 0/1 by the decoder.
     if cat.dtype.itemsize == EVENT_DTYPE.itemsize and len(names) == 4 and all(
         cat.dtype.fields[a][1] == EVENT_DTYPE.fields[b][1] for a, b in zip(names, EVENT_DTYPE.names, strict=True)
     ):
-        out = cat.view(EVENT_DTYPE)
-        if len(out) and int(cat[names[0]].max()) >= 1 << 63:
-            raise EventFormatError("AEDAT4 timestamp does not fit in int64")
-        if len(out) and out["p"].max() > 1:
-            out = out.copy()
-            out["p"] = out["p"] != 0
-        return out
+        return cat.view(EVENT_DTYPE)
     out = np.empty(len(cat), EVENT_DTYPE)
     out["t"] = cat[names[0]]
     out["x"] = cat["x"]
     out["y"] = cat["y"]
-    out["p"] = cat[names[3]]
+    out["p"] = cat[names[3]] != 0
     return out
