@@ -133,7 +133,7 @@ def write_aedat4(
     )
     header = _ioheader(_COMPRESSION[compression], desc)
     own = isinstance(dest, (str, os.PathLike))
-    f: IO[bytes] = open(dest, "wb") if own else dest  # type: ignore[arg-type]
+    f: IO[bytes] = open(dest, "wb") if isinstance(dest, (str, os.PathLike)) else dest
     try:
         f.write(b"#!AER-DAT4.0\r\n")
         f.write(struct.pack("<I", len(header)))
@@ -155,14 +155,17 @@ def write_npz(dest: str | os.PathLike | IO[bytes], events: np.ndarray, width: in
     events = np.asarray(events)
     if events.dtype != EVENT_DTYPE:
         raise ValueError(f"events must have EVENT_DTYPE, not {events.dtype}")
-    extra = {}
+    arrays: dict[str, np.ndarray] = {"events": events, "width": np.asarray(np.int64(width)),
+                                     "height": np.asarray(np.int64(height))}
     for k, v in metadata.items():
         arr = np.asarray(v)
         if arr.dtype == object:
             raise ValueError(f"metadata {k!r} is not a plain number/string array")
-        extra[k] = arr
+        if k in arrays:
+            raise ValueError(f"metadata key {k!r} is reserved")
+        arrays[k] = arr
     buf = io.BytesIO()
-    np.savez(buf, events=events, width=np.int64(width), height=np.int64(height), **extra)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     data = buf.getvalue()
     if isinstance(dest, (str, os.PathLike)):
         with open(dest, "wb") as f:

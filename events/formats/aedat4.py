@@ -299,7 +299,9 @@ def _decode(
     n = 0
     index = -1
     # bounds and time order are checked per packet while it is still in cache
-    stats = {"x_max": -1, "y_max": -1, "monotonic": True, "last_t": None}
+    x_max = y_max = -1
+    monotonic = True
+    last_t: int | None = None
     try:
         decoder = aedat.Decoder(path)
         for index, packet in enumerate(decoder):
@@ -309,14 +311,14 @@ def _decode(
                 n += len(ev)
                 check_count(n, limits, packet=index)
                 if len(ev):
-                    stats["x_max"] = max(stats["x_max"], int(ev["x"].max()))
-                    stats["y_max"] = max(stats["y_max"], int(ev["y"].max()))
+                    x_max = max(x_max, int(ev["x"].max()))
+                    y_max = max(y_max, int(ev["y"].max()))
                     t = ev["t"]
-                    if stats["monotonic"] and (
-                        (stats["last_t"] is not None and t[0] < stats["last_t"]) or not bool((t[1:] >= t[:-1]).all())
+                    if monotonic and (
+                        (last_t is not None and int(t[0]) < last_t) or not bool((t[1:] >= t[:-1]).all())
                     ):
-                        stats["monotonic"] = False
-                    stats["last_t"] = t[-1]
+                        monotonic = False
+                    last_t = int(t[-1])
                 chunks.append(ev)
             else:
                 key = next((k for k in ("events", "frame", "imus", "triggers") if k in packet), "unknown")
@@ -337,7 +339,7 @@ def _decode(
                 os.unlink(tmp)
             except OSError:
                 pass
-    return chunks, skipped, stats
+    return chunks, skipped, {"x_max": x_max, "y_max": y_max, "monotonic": monotonic}
 
 
 def _concat(chunks: list[np.ndarray]) -> np.ndarray:
@@ -345,11 +347,13 @@ def _concat(chunks: list[np.ndarray]) -> np.ndarray:
         return np.zeros(0, EVENT_DTYPE)
     cat = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
     names = cat.dtype.names or ()
+    fields: Any = cat.dtype.fields or {}
+    ours: Any = EVENT_DTYPE.fields or {}
     # aedat's packed (t u8, x u2, y u2, on bool) has exactly EVENT_DTYPE's byte layout, so the
     # array is reinterpreted, not copied. t comes from the file's int64, so the u8 -> i8 view is
     # exact; ``on`` is written as 0/1 by the decoder.
     if cat.dtype.itemsize == EVENT_DTYPE.itemsize and len(names) == 4 and all(
-        cat.dtype.fields[a][1] == EVENT_DTYPE.fields[b][1] for a, b in zip(names, EVENT_DTYPE.names, strict=True)
+        fields[a][1] == ours[b][1] for a, b in zip(names, EVENT_DTYPE.names or (), strict=True)
     ):
         return cat.view(EVENT_DTYPE)
     out = np.empty(len(cat), EVENT_DTYPE)

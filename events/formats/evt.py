@@ -222,12 +222,12 @@ def _evt3(data: bytes, start: int, limits: Limits, meta: dict[str, Any]):
     p[sx] = (pay[x_pos] >> 11) & 1
     off[sx] = x_pos
     if len(vec_pos):
-        r, c = np.nonzero(bits)
+        r, col = np.nonzero(bits)
         rank = np.arange(len(r)) - np.repeat(np.cumsum(pop) - pop, pop)
         sv = slot[len(x_pos) :][r] + rank
         wpos = vec_pos[r]
         t[sv] = t_all[wpos]
-        x[sv] = x0[r] + c
+        x[sv] = x0[r] + col
         y[sv] = y_all[wpos]
         p[sv] = pv[r]
         off[sv] = wpos
