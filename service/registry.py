@@ -112,6 +112,7 @@ class ModelRegistry:
     def __init__(self) -> None:
         self.models: dict[str, ModelEntry] = {}
         self.errors: dict[str, str] = {}
+        self.skipped: list[str] = []  # checkpoints of another kind (e.g. the LeNet judge)
         self.default: str | None = None
         self.checkpoints_dir: Path | None = None
 
@@ -124,6 +125,9 @@ class ModelRegistry:
             reg.errors["*"] = f"checkpoints directory {root} does not exist"
             return reg
         for sub in sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()):
+            if not _is_naturalizer(sub):
+                reg.skipped.append(sub.name)
+                continue
             try:
                 reg.models[sub.name] = load_entry(sub, settings)
             except Exception as exc:  # noqa: BLE001 - a broken checkpoint must not stop the others
@@ -157,6 +161,20 @@ class ModelRegistry:
             known = ", ".join(sorted(self.models)) or "none"
             raise KeyError(f"unknown model {name!r} (loaded: {known})")
         return self.models[key]
+
+
+def _is_naturalizer(path: Path) -> bool:
+    """False for checkpoints that declare another ``kind`` (the judge); unreadable ones count as
+    naturalizers so that their load error is reported."""
+    import json
+
+    from model.checkpoint import KIND
+
+    try:
+        meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True
+    return not isinstance(meta, dict) or meta.get("kind", KIND) == KIND
 
 
 def load_entry(path: Path, settings: Settings) -> ModelEntry:

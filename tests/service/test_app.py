@@ -108,3 +108,15 @@ def test_service_never_imports_training():
     out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert json.loads(out.stdout) == []
+
+
+def test_other_checkpoint_kinds_are_skipped(tmp_path: Path, checkpoints_dir: Path):
+    import shutil
+
+    shutil.copytree(checkpoints_dir / "tiny", tmp_path / "mnist-dvs")
+    (tmp_path / "judge").mkdir()
+    (tmp_path / "judge" / "config.json").write_text(json.dumps({"kind": "vdib-judge", "format_version": 1}))
+    with make_client(Settings(checkpoints_dir=tmp_path, _env_file=None)) as c:
+        body = c.get("/readyz").json()
+        assert body["ready"] and body["default_model"] == "mnist-dvs"  # preferred default name
+        assert body["models"] == ["mnist-dvs"] and body["errors"] == {}
