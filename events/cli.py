@@ -64,6 +64,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_simulate_mnist_dvs)
 
+    p = ssub.add_parser(
+        "compare", help="statistics of simulated MNIST-DVS recordings next to real recordings"
+    )
+    p.add_argument("real", nargs="+", help="real MNIST-DVS recordings (any readable format)")
+    p.add_argument("--n", type=int, default=20, help="simulated recordings per real one")
+    p.add_argument("--digit", type=int, default=None, help="simulate this digit (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mnist", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_compare)
+
 
 def _fail(msg: str, code: int = 2) -> int:
     print(f"vdib: error: {msg}", file=sys.stderr)
@@ -309,4 +320,75 @@ def _simulate_mnist_dvs(args: argparse.Namespace) -> int:
         w.writeheader()
         w.writerows(rows)
     print(f"wrote {len(rows)} recordings and {index_path}")
+    return 0
+
+
+_STAT_KEYS = [
+    ("events_per_s", "events / s", "{:,.0f}"),
+    ("peak_events_per_s_10ms", "peak events / s (10 ms)", "{:,.0f}"),
+    ("on_fraction", "ON fraction", "{:.2f}"),
+    ("extent_x_px", "extent x (5-95 %, px)", "{:.1f}"),
+    ("extent_y_px", "extent y (5-95 %, px)", "{:.1f}"),
+    ("centre_x", "median x", "{:.1f}"),
+    ("centre_y", "median y", "{:.1f}"),
+    ("active_pixels", "active pixels", "{:,.0f}"),
+    ("events_per_active_pixel", "events per active pixel", "{:.1f}"),
+    ("mnist_dvs_cells_per_bin", "set cells per 10 ms bin in the MNIST_DVS crop", "{:.1f}"),
+]
+
+
+def _scale_of(path: str) -> int:
+    import re
+
+    m = re.search(r"scale(\d+)", Path(path).name)
+    return int(m.group(1)) if m and int(m.group(1)) in (4, 8, 16) else 4
+
+
+@_guarded
+def _compare(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    import events
+    from events.mnist_idx import load_mnist
+    from events.simulate import recording_stats, simulate_mnist_dvs
+
+    images = Path(args.mnist) if args.mnist else DEFAULT_MNIST
+    labels = images.with_name(images.name.replace("images-idx3", "labels-idx1"))
+    if not images.exists() or not labels.exists():
+        return _fail(f"MNIST files not found: {images} (give --mnist PATH)")
+    x, y = load_mnist(images, labels)
+    pool = np.flatnonzero(y == args.digit) if args.digit is not None else np.arange(len(x))
+    result = []
+    for path in args.real:
+        rec = events.read(path)
+        scale = _scale_of(path)
+        real = recording_stats(rec.events, rec.width, rec.height)
+        dur = rec.duration_us / 1e6
+        sims = []
+        for j in tqdm(range(args.n), desc=Path(path).name, unit="rec", disable=args.json):
+            i = int(pool[j % len(pool)])
+            rng = np.random.default_rng(np.random.SeedSequence([args.seed, i, scale]))
+            # simulate at least 1 s and compare a clip as long as the real recording
+            sim = simulate_mnist_dvs(x[i], scale=scale, duration_s=max(dur, 1.0), seed=rng)
+            ev = sim.events
+            ev = ev[ev["t"] <= int(dur * 1e6)]
+            sims.append(recording_stats(ev, 128, 128))
+        row = {"file": Path(path).name, "scale": scale, "duration_s": dur, "real": real, "simulated": {
+            k: {"mean": float(np.mean([s[k] for s in sims])), "std": float(np.std([s[k] for s in sims]))}
+            for k, _, _ in _STAT_KEYS if k in real
+        }}
+        result.append(row)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    digit = "all digits" if args.digit is None else f"digit {args.digit}"
+    for row in result:
+        print(f"\n{row['file']} (scale {row['scale']}, {row['duration_s']:.2f} s) vs {args.n} simulated ({digit})\n")
+        print("| statistic | real | simulated (mean +- std) |")
+        print("|---|---|---|")
+        for k, label, fmt in _STAT_KEYS:
+            if k in row["simulated"]:
+                m = row["simulated"][k]
+                print(f"| {label} | {fmt.format(row['real'][k])} | {fmt.format(m['mean'])} +- {fmt.format(m['std'])} |")
     return 0
