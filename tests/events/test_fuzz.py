@@ -193,3 +193,41 @@ def test_npz_bomb_and_truncated_npy():
     np.save(good, np.zeros(100, EVENT_DTYPE))
     with pytest.raises(EventFormatError, match="truncated"):
         read(good.getvalue()[:-50])
+
+
+def test_truncations_that_must_fail_say_where(tmp_path: Path):
+    ev = np.zeros(3000, EVENT_DTYPE)
+    ev["t"] = np.arange(3000)
+    path = tmp_path / "a.aedat4"
+    write_aedat4(path, ev, 64, 64, packet_events=1000)
+    a4 = path.read_bytes()
+    with pytest.raises(EventFormatError, match="runs past the end") as err:
+        read(a4[:-10])
+    assert err.value.packet == 2
+    with pytest.raises(EventFormatError, match="IOHeader"):
+        read(a4[:30])
+    pkt = struct.pack("<hhiiiiii", 1, 1, 8, 4, 0, 2, 2, 2) + bytes(16)
+    with pytest.raises(EventFormatError, match="runs past the end"):
+        read(b"#!AER-DAT3.1\r\n#!END-HEADER\r\n" + pkt[:-1])
+    with pytest.raises(EventFormatError, match="16-bit words") as err:
+        read(b"% evt 3.0\n" + bytes(7))
+    assert err.value.offset == len(b"% evt 3.0\n") + 6
+    with pytest.raises(EventFormatError, match="5-byte"):
+        read(bytes(11), format="nmnist")
+    with pytest.raises(EventFormatError, match="8-byte"):
+        read(b"% Version 2\n" + bytes([0, 8]) + bytes(12))
+
+
+def test_aedat31_coordinates_outside_a_dvs128():
+    header = b"#!AER-DAT3.1\r\n#Source 1: DVS128\r\n#!END-HEADER\r\n"
+    data = (200 << 17) | (5 << 2) | 1  # x = 200 on a 128-wide sensor, valid mark set
+    pkt = struct.pack("<hhiiiiii", 1, 1, 8, 4, 0, 1, 1, 1) + struct.pack("<Ii", data, 10)
+    with pytest.raises(EventFormatError, match="outside the 128x128") as err:
+        read(header + pkt)
+    assert err.value.offset == len(header) + 28
+
+
+def test_aedat4_ioheader_pointing_outside_itself():
+    head = struct.pack("<I", 1 << 20) + b"IOHE" + bytes(16)
+    with pytest.raises(EventFormatError, match="IOHeader"):
+        read(b"#!AER-DAT4.0\r\n" + struct.pack("<I", len(head)) + head)
