@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def test_shared_recordings_match_readme(shared_events: Path, rel, fmt, n, w, h, 
         assert int(rec.events["x"].max()) < rec.width and int(rec.events["y"].max()) < rec.height
         assert rec.duration_us / 1e6 == pytest.approx(dur, rel=0.02, abs=0.005)
         assert set(np.unique(rec.events["p"])) <= {0, 1}
+    json.loads(json.dumps(rec.metadata))  # JSON-serialisable, as the service returns it
     # the same bytes through every kind of source give the same recording
     data = path.read_bytes()
     for src in (data, bytearray(data), memoryview(data), io.BytesIO(data)):
