@@ -133,12 +133,12 @@ def _plausible_nmnist(data: bytes | bytearray | memoryview) -> bool:
 
 def _sniff_prophesee(head: bytes, hint: str | None) -> str:
     text = b"\n".join(_header_lines(head, b"%")).decode("latin-1").lower()
+    if "evt 2.1" in text or "evt21" in text:
+        raise EventFormatError("Prophesee EVT 2.1 is not supported", offset=0)
     if "evt 3" in text or "evt3" in text:
         return "evt3"
     if "evt 2" in text or "evt2" in text:
         return "evt2"
-    if "evt 2.1" in text or "evt21" in text:
-        raise EventFormatError("Prophesee EVT 2.1 is not supported", offset=0)
     if hint == "dat" or "data file containing" in text or "version" in text:
         return "dat"
     if hint == "evt":

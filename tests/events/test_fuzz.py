@@ -227,6 +227,13 @@ def test_aedat31_coordinates_outside_a_dvs128():
     assert err.value.offset == len(header) + 28
 
 
+def test_unsupported_variants_are_named():
+    with pytest.raises(EventFormatError, match="EVT 2.1"):
+        read(b"% evt 2.1\n% format EVT21;height=720;width=1280\n" + bytes(16))
+    with pytest.raises(EventFormatError, match="compressed"):
+        read(b"#!AER-DAT3.1\r\n#Format: SerializedTS\r\n#!END-HEADER\r\n")
+
+
 def test_aedat4_ioheader_pointing_outside_itself():
     head = struct.pack("<I", 1 << 20) + b"IOHE" + bytes(16)
     with pytest.raises(EventFormatError, match="IOHeader"):
