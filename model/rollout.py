@@ -7,9 +7,9 @@ wants speed instead: the hidden input GEMM is hoisted out of the time loop
 (refractory trace, readout feedback, sampling) stay in the loop. Results equal the step path
 up to float rounding (tested).
 
-Readout feedforward potential, with :math:`A_{t} = W_{stack} z_t \\in \\mathbb{R}^{K \\times N_Y}`:
+Readout feedforward potential, with per-lag weights :math:`\\tilde W_d = \\sum_k \\phi_k(d) W_k`:
 
-.. math:: u^{ff}_t = \\sum_{d=0}^{\\tau_e-1}\\sum_k \\phi_k(d)\\, A_{t-d,k}
+.. math:: u^{ff}_t = \\sum_{d=0}^{\\tau_e-1} \\tilde W_d\\, z_{t-d}
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as tF
 from torch import Tensor
 
 from . import functional as F
 from .encoder import Encoder
 
-__all__ = ["HiddenRollout", "hidden_rollout", "readout_ff", "readout_sample", "readout_ff_stack", "mm"]
+__all__ = ["HiddenRollout", "basis_by_lag", "hidden_rollout", "mm", "readout_ff", "readout_lag_weights", "readout_sample"]
 
 
 class HiddenRollout(NamedTuple):
@@ -102,25 +101,32 @@ def hidden_rollout(
     return HiddenRollout(ps, us, ss, z)
 
 
-def readout_ff_stack(encoder: Encoder) -> Tensor:
-    """Readout feedforward weights as ``[K * N_Y, n_in]`` (row ``k * N_Y + i`` = ``W[i, :, k]``)."""
+def basis_by_lag(encoder: Encoder) -> Tensor:
+    """The feedforward bases ``[tau_e, K]``, row ``d`` = lag ``d``."""
+    return encoder.ff_kernel.flip(0)
+
+
+def readout_lag_weights(encoder: Encoder) -> Tensor:
+    """Per-lag readout weights :math:`\\tilde W_d = \\sum_k \\phi_k(d) W_k` as ``[tau_e * N_Y, n_in]``."""
     w = encoder.readout_ff_weight  # [N_Y, n_in, K]
-    return w.permute(2, 0, 1).reshape(-1, w.shape[1])
+    lag = torch.einsum("dk,ijk->dij", basis_by_lag(encoder).to(w.dtype), w)
+    return lag.reshape(-1, w.shape[1])
 
 
 def readout_ff(encoder: Encoder, z: Tensor, *, matmul_dtype: torch.dtype | None = None) -> Tensor:
-    """Feedforward readout potentials ``[T, B, N_Y]`` (without feedback and bias) from ``z [T, B, n_in]``."""
+    """Feedforward readout potentials ``[T, B, N_Y]`` (without feedback and bias) from ``z [T, B, n_in]``.
+
+    One GEMM onto the per-lag weights, :math:`G_{t,d} = \\tilde W_d z_t`, then a shift-and-add
+    over the ``tau_e`` lags, :math:`u_t = \\sum_d G_{t-d,d}` (a GEMM onto the ``K`` bases
+    followed by a temporal filter has fewer FLOPs but the filter is a slow tall-skinny GEMM).
+    """
     T, B, n_in = z.shape
-    ny, k = encoder.config.n_readout, encoder.config.n_basis
-    tau = encoder.config.tau_e
-    a = mm(z.reshape(T * B, n_in), readout_ff_stack(encoder).t(), matmul_dtype)  # [T*B, K*N_Y]
-    a = a.view(T, B, k, ny).permute(1, 3, 2, 0).reshape(B * ny, k, T)
-    a = tF.pad(a, (tau - 1, 0))
-    # conv1d is a cross-correlation: out[t] = sum_i w[:, i] a_pad[t + i]; a_pad[t + i] is lag tau-1-i,
-    # which is exactly how the history-aligned kernel is ordered.
-    w = encoder.ff_kernel.t().unsqueeze(0).to(a.dtype)  # [1, K, tau]
-    out = tF.conv1d(a, w)  # [B*N_Y, 1, T]
-    return out.view(B, ny, T).permute(2, 0, 1)
+    ny, tau = encoder.config.n_readout, encoder.config.tau_e
+    g = mm(z.reshape(T * B, n_in), readout_lag_weights(encoder).t(), matmul_dtype).view(T, B, tau, ny)
+    u = g[:, :, 0].clone()
+    for d in range(1, min(tau, T)):
+        u[d:] += g[: T - d, :, d]
+    return u
 
 
 def readout_sample(

@@ -44,13 +44,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as tF
 from torch import Tensor
 
 from .encoder import Encoder
 from .loss import analytic_kl, decoder_loss, sampled_kl
 from .naturalizer import Naturalizer, sliding_windows
-from .rollout import HiddenRollout, hidden_rollout, mm, readout_ff, readout_sample
+from .rollout import HiddenRollout, basis_by_lag, hidden_rollout, mm, readout_ff, readout_sample
 
 __all__ = [
     "RULES",
@@ -133,19 +132,22 @@ def _encoder_param_names(encoder: Encoder) -> list[str]:
     return [n for n, _ in encoder.named_parameters()]
 
 
-def _basis_filter(err: Tensor, encoder: Encoder) -> Tensor:
-    """:math:`\\tilde E_k[t'] = \\sum_d \\phi_k(d) E[t'+d]`: ``[T, B, N_Y] -> [T*B, K*N_Y]``.
+def _shift_errors(err: Tensor, tau: int) -> Tensor:
+    """``[T, B, N_Y] -> [T, B, tau, N_Y]`` with ``out[t, :, d] = err[t + d]`` (zero past the end).
 
-    The transpose of :func:`readout_ff`'s temporal filter, so that
-    :math:`\\partial/\\partial W_{stack} = \\tilde E^T Z`.
+    The transpose of :func:`model.rollout.readout_ff`'s shift-and-add: the per-lag gradient is
+    :math:`C_d = \\sum_t E_{t+d}^T z_t` and :math:`\\partial W_k = \\sum_d \\phi_k(d) C_d`.
     """
     T, B, ny = err.shape
-    k, tau = encoder.config.n_basis, encoder.config.tau_e
-    e = err.permute(1, 2, 0).reshape(B * ny, 1, T)
-    e = tF.pad(e, (0, tau - 1))
-    w = encoder.ff_kernel.flip(0).t().unsqueeze(1).to(err.dtype)  # [K, 1, tau], by lag
-    out = tF.conv1d(e, w)  # [B*N_Y, K, T]
-    return out.view(B, ny, k, T).permute(3, 0, 2, 1).reshape(T * B, k * ny)
+    shifted = err.new_zeros(T, B, tau, ny)
+    for d in range(min(tau, T)):
+        shifted[: T - d, :, d] = err[d:]
+    return shifted
+
+
+def _lag_to_basis(c: Tensor, encoder: Encoder) -> Tensor:
+    """Per-lag gradients ``[..., tau, N_Y, n_in]`` -> ``[..., N_Y, n_in, K]``."""
+    return torch.einsum("dk,...dij->...ijk", basis_by_lag(encoder).to(c.dtype), c)
 
 
 def encoder_gradients(
@@ -175,16 +177,16 @@ def encoder_gradients(
     # the hidden activity is shared by the n samples of an input, and L = B e is linear: sum first
     eb = ew.view(T, B, n_samples, ny).sum(2) if n_samples > 1 else ew
     z = roll.z
-    et = _basis_filter(eb, encoder)  # [T*B, K*N_Y]
-    g_stack = mm(et.t().contiguous(), z.reshape(T * B, -1), matmul_dtype)  # [K*N_Y, n_in]
-    k = encoder.config.n_basis
-    grads["readout_ff_weight"] = g_stack.view(k, ny, -1).permute(1, 2, 0).contiguous()
+    tau = encoder.config.tau_e
+    es = _shift_errors(eb, tau).view(T * B, tau * ny)
+    c = mm(es.t(), z.reshape(T * B, -1), matmul_dtype).view(tau, ny, -1)  # [tau, N_Y, n_in]
+    grads["readout_ff_weight"] = _lag_to_basis(c, encoder).contiguous()
     scale = encoder.config.surrogate_scale
     for li, (layer, b_mat) in enumerate(zip(encoder.hidden, dfa, strict=True)):
         sg = torch.sigmoid(scale * roll.u[li])
         h = (eb @ b_mat.t()) * (scale * sg * (1 - sg))  # L_t * Theta'(U_t), [T, B, H]
         H = layer.out_features
-        grads[f"hidden.{li}.weight"] = mm(h.reshape(T * B, H).t().contiguous(), roll.p[li].reshape(T * B, -1), matmul_dtype)
+        grads[f"hidden.{li}.weight"] = mm(h.reshape(T * B, H).t(), roll.p[li].reshape(T * B, -1), matmul_dtype)
         grads[f"hidden.{li}.bias"] = h.sum((0, 1))
     return grads
 
@@ -209,11 +211,11 @@ def per_row_gradients(
         "readout_bias": e.sum(0),
         "readout_fb_weight": (e * fb[:, rows]).sum(0),
     }
-    k = encoder.config.n_basis
-    et = _basis_filter(e, encoder).view(T, n, k * ny)  # [T, n, K*N_Y]
+    tau = encoder.config.tau_e
+    es = _shift_errors(e, tau).view(T, n, tau * ny)
     z = roll.z[:, b_idx]  # [T, n, n_in]
-    g = torch.bmm(et.permute(1, 2, 0), z.permute(1, 0, 2))  # [n, K*N_Y, n_in]
-    out["readout_ff_weight"] = g.view(n, k, ny, -1).permute(0, 2, 3, 1)
+    c = torch.bmm(es.permute(1, 2, 0), z.permute(1, 0, 2)).view(n, tau, ny, -1)  # [n, tau, N_Y, n_in]
+    out["readout_ff_weight"] = _lag_to_basis(c, encoder)
     scale = encoder.config.surrogate_scale
     for li, b_mat in enumerate(dfa):
         sg = torch.sigmoid(scale * roll.u[li][:, b_idx])
