@@ -155,12 +155,13 @@ def _lut(roi: ROI, polarity: str, pool: int) -> tuple[np.ndarray, int, int, int]
 def _fill_index(
     events: np.ndarray, lut: np.ndarray, hl: int, wl: int, stride: int, dt_us: int, t0: int,
     n_bins: int, out: np.ndarray, tmp: np.ndarray, flags: np.ndarray,
-) -> None:
+) -> int:
     """Write the flat cell index of every event into ``out`` (``intp``, same length).
 
     Frames are ``stride = C*H*W`` cells apart; events outside the ROI or outside
-    ``[t0, t0 + n_bins*dt)`` get the trash cell ``n_bins * stride`` (one past the frames). ``events`` is at most one
-    chunk long; ``tmp`` (int64) and ``flags`` (bool) are scratch buffers at least as long.
+    ``[t0, t0 + n_bins*dt)`` get the trash cell ``n_bins * stride`` (one past the frames).
+    ``events`` is at most one chunk long; ``tmp`` (int64) and ``flags`` (bool) are scratch
+    buffers at least as long. Returns ``max(t) - t0`` over the chunk.
     """
     n = len(events)
     a, tmp, flags = out[:n], tmp[:n], flags[: max(n - 1, 0)]
@@ -192,7 +193,8 @@ def _fill_index(
                     a[lo:hi] += (k if 0 <= k < n_bins else n_bins) * stride
                 lo = hi
             np.minimum(a, n_bins * stride, out=a)
-            return
+            return int(tmp[-1])
+    t_max = int(tmp.max())
     tmp //= dt_us
     # A negative k is huge as uint64, so one minimum sends both ends of the window to n_bins.
     tu = tmp.view(np.uint64)
@@ -200,6 +202,7 @@ def _fill_index(
     tmp *= stride
     a += tmp
     np.minimum(a, n_bins * stride, out=a)
+    return t_max
 
 
 def _empty_out(n_bins: int, shape: tuple[int, int, int], polarity: str) -> np.ndarray:
@@ -246,15 +249,13 @@ def bin_events(
     if t0 is None:
         t0 = int(events["t"][0]) if n else 0
     t0 = int(t0)
-    if n_bins is None:
-        n_bins = (int(events["t"].max()) - t0) // dt_us + 1 if n else 0
-        n_bins = max(n_bins, 0)
-    n_bins = int(n_bins)
-    if n_bins < 0:
-        raise ValueError(f"n_bins must be >= 0, not {n_bins}")
+    if n_bins is not None:
+        n_bins = int(n_bins)
+        if n_bins < 0:
+            raise ValueError(f"n_bins must be >= 0, not {n_bins}")
     shape = (1 if polarity == "merge" else 2, roi.height // pool, roi.width // pool)
     if n == 0 or n_bins == 0:
-        out = _empty_out(n_bins, shape, polarity)
+        out = _empty_out(n_bins or 0, shape, polarity)
         return out[:, :1] if polarity == "signed" else out
     frames = _bin_split_or_merge(events, roi, dt_us, t0, n_bins, polarity, mode, pool, shape)
     if polarity == "signed":
@@ -272,12 +273,14 @@ def _signed(split: np.ndarray) -> np.ndarray:
 def _accumulate(
     flat: np.ndarray, events: np.ndarray, lut: np.ndarray, hl: int, wl: int, stride: int,
     dt_us: int, t0: int, n_bins: int, mode: str, fresh: bool = False,
-) -> None:
+) -> int:
     """Add ``events`` into ``flat`` (``n_bins * stride + 1`` uint8 cells, the last one trash):
-    presence ORs, counts add with saturation at 255. ``fresh``: ``flat`` is all zeros."""
+    presence ORs, counts add with saturation at 255. ``fresh``: ``flat`` is all zeros.
+    Returns ``max(t) - t0`` (-1 without events)."""
     n = len(events)
+    t_max = -1
     if n == 0:
-        return
+        return t_max
     m = min(n, _CHUNK)
     tmp, flags = np.empty(m, dtype=np.int64), np.empty(m, dtype=bool)
     if mode == "presence":
@@ -285,41 +288,51 @@ def _accumulate(
         # Fused per chunk: indices are assigned while they are still in cache.
         for s in range(0, n, _CHUNK):
             chunk = events[s : s + _CHUNK]
-            _fill_index(chunk, lut, hl, wl, stride, dt_us, t0, n_bins, idx, tmp, flags)
+            t_max = max(t_max, _fill_index(chunk, lut, hl, wl, stride, dt_us, t0, n_bins, idx, tmp, flags))
             flat[idx[: len(chunk)]] = 1
-        return
+        return t_max
     cells = len(flat)
     if fresh and cells <= _BINCOUNT_CELLS and cells <= 8 * n:
         # Dense enough: one bincount over every cell.
         idx = np.empty(n, dtype=np.intp)
         for s in range(0, n, _CHUNK):
-            _fill_index(events[s : s + _CHUNK], lut, hl, wl, stride, dt_us, t0, n_bins, idx[s:], tmp, flags)
+            t_max = max(
+                t_max, _fill_index(events[s : s + _CHUNK], lut, hl, wl, stride, dt_us, t0, n_bins, idx[s:], tmp, flags)
+            )
         counts = np.bincount(idx, minlength=cells)
         np.minimum(counts, 255, out=counts)
         flat[:] = counts
-        return
+        return t_max
     # Sparse: per chunk, a bincount over the range of cells the chunk touches (a few bins for
     # time-sorted events), added with saturation.
     idx = np.empty(m, dtype=np.intp)
     for s in range(0, n, _CHUNK):
         chunk = events[s : s + _CHUNK]
         a = idx[: len(chunk)]
-        _fill_index(chunk, lut, hl, wl, stride, dt_us, t0, n_bins, a, tmp, flags)
+        t_max = max(t_max, _fill_index(chunk, lut, hl, wl, stride, dt_us, t0, n_bins, a, tmp, flags))
         lo, hi = int(a.min()), int(a.max()) + 1
         a -= lo
         c = np.bincount(a, minlength=hi - lo)
         c += flat[lo:hi]
         np.minimum(c, 255, out=c)
         flat[lo:hi] = c
+    return t_max
 
 
 def _bin_split_or_merge(
-    events: np.ndarray, roi: ROI, dt_us: int, t0: int, n_bins: int, polarity: str, mode: str,
+    events: np.ndarray, roi: ROI, dt_us: int, t0: int, n_bins: int | None, polarity: str, mode: str,
     pool: int, shape: tuple[int, int, int],
 ) -> np.ndarray:
+    """``n_bins=None``: enough bins for the latest event. It is guessed from the last event (the
+    latest for sorted events, which saves a pass over ``t``) and redone if an event was later."""
     lut, stride, hl, wl = _lut(roi, "merge" if polarity == "merge" else "split", pool)
+    guess = n_bins is None
+    if n_bins is None:
+        n_bins = max((int(events["t"][-1]) - t0) // dt_us + 1, 1)
     flat = np.zeros(n_bins * stride + 1, dtype=np.uint8)  # + the trash cell
-    _accumulate(flat, events, lut, hl, wl, stride, dt_us, t0, n_bins, mode, fresh=True)
+    t_max = _accumulate(flat, events, lut, hl, wl, stride, dt_us, t0, n_bins, mode, fresh=True)
+    if guess and t_max // dt_us + 1 != n_bins:
+        return _bin_split_or_merge(events, roi, dt_us, t0, max(t_max // dt_us + 1, 0), polarity, mode, pool, shape)
     return flat[:-1].reshape(n_bins, *shape)  # drop the trash cell (a view, no copy)
 
 

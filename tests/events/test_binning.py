@@ -87,6 +87,12 @@ def test_defaults_t0_first_event_and_n_bins_cover_last():
     assert out[0, 0, 0].tolist() == [1, 1, 0, 0]
     assert out[2, 0, 0].tolist() == [0, 0, 1, 0]
     assert bin_events(ev[:0], ROI(0, 0, 4, 1), 10_000).shape == (0, 2, 1, 4)
+    # unsorted: the latest event is not the last one; it still sets the number of bins
+    un = ev[[1, 2, 0]]
+    out2 = bin_events(un, ROI(0, 0, 4, 1), 10_000, t0=1_234)
+    np.testing.assert_array_equal(out2, out)
+    # all events before t0: no bins
+    assert bin_events(ev, ROI(0, 0, 4, 1), 10_000, t0=100_000).shape == (0, 2, 1, 4)
 
 
 def test_large_output_count_path_matches_small_path():
