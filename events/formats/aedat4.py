@@ -7,9 +7,11 @@ int32 byte size, that many bytes of a (possibly LZ4/ZSTD-compressed) size-prefix
 The ``aedat`` decoder trusts the IOHeader and allocates whatever a packet header asks for, so
 before handing it the file we walk every packet header ourselves: sizes must fit in the file,
 stream ids must be declared, and every compressed packet must inflate to at most the per-packet
-and total caps (declared frame content sizes are checked; LZ4 frames without one are bounded by
-LZ4's maximum ratio of 255:1, anything else is decompressed once with a bound). That stops
-decompression bombs before anything large is allocated.
+cap (declared frame content sizes are checked; LZ4 frames without one, as DV writes them, are
+bounded by LZ4's maximum ratio of 255:1; anything else is decompressed once with a bound). That
+stops decompression bombs before anything large is allocated. The total cap
+(``max_decompressed``) is checked on declared sizes before decoding and on what the decoder
+returns while decoding.
 """
 
 from __future__ import annotations
@@ -119,13 +121,17 @@ def parse_description(xml: str) -> dict[int, dict[str, Any]]:
     return streams
 
 
-def _inflated_size(comp: int, data: Any, begin: int, size: int, pos: int, packet: int) -> int:
-    """Upper bound on what ``data[begin:begin+size]`` inflates to.
+def _inflated_size(comp: int, data: Any, begin: int, size: int, pos: int, packet: int) -> tuple[int, bool]:
+    """(upper bound on what ``data[begin:begin+size]`` inflates to, whether it is exact).
 
     Reads only the frame header unless it must decompress (bounded) to find out.
     """
     if comp == 0:
-        return size
+        return size, True
+    if comp in (1, 2) and LZ4_MAX_RATIO * size <= MAX_PACKET_BYTES:
+        # LZ4 cannot inflate past 255:1, so a small packet is safe whatever its header says
+        # (DV does not store content sizes); the total is then enforced while decoding
+        return LZ4_MAX_RATIO * size, False
     head = bytes(data[begin : begin + min(size, 32)])
     if comp in (1, 2):
         import lz4.frame
@@ -135,11 +141,8 @@ def _inflated_size(comp: int, data: Any, begin: int, size: int, pos: int, packet
         except Exception as exc:  # lz4 raises RuntimeError on a bad frame header
             raise EventFormatError(f"AEDAT4 corrupt LZ4 packet header: {exc}", offset=pos, packet=packet) from exc
         if declared:
-            return int(declared)
-        bound = LZ4_MAX_RATIO * size
-        if bound <= MAX_PACKET_BYTES:
-            return bound
-        return _bounded_lz4(bytes(data[begin : begin + size]), pos, packet)
+            return int(declared), True
+        return _bounded_lz4(bytes(data[begin : begin + size]), pos, packet), True
     import zstandard
 
     try:
@@ -147,8 +150,8 @@ def _inflated_size(comp: int, data: Any, begin: int, size: int, pos: int, packet
     except zstandard.ZstdError as exc:
         raise EventFormatError(f"AEDAT4 corrupt ZSTD packet header: {exc}", offset=pos, packet=packet) from exc
     if declared >= 0:
-        return int(declared)
-    return _bounded_zstd(bytes(data[begin : begin + size]), pos, packet)
+        return int(declared), True
+    return _bounded_zstd(bytes(data[begin : begin + size]), pos, packet), True
 
 
 def _bounded_lz4(chunk: bytes, pos: int, packet: int) -> int:
@@ -203,7 +206,6 @@ def prescan(data: Any, limits: Limits) -> dict[str, Any]:
     total = 0
     n_packets = 0
     per_stream: dict[int, int] = {}
-    max_event_bytes = 0
     while pos < end:
         if pos + 8 > end:
             raise EventFormatError("AEDAT4 truncated packet header", offset=pos, packet=n_packets)
@@ -216,7 +218,7 @@ def prescan(data: Any, limits: Limits) -> dict[str, Any]:
             )
         if size < 8:
             raise EventFormatError(f"AEDAT4 packet of {size} bytes is too small", offset=pos, packet=n_packets)
-        inflated = _inflated_size(comp, data, pos + 8, size, pos, n_packets)
+        inflated, exact = _inflated_size(comp, data, pos + 8, size, pos, n_packets)
         if inflated > MAX_PACKET_BYTES:
             raise EventFormatError(
                 f"AEDAT4 packet inflates to {inflated} bytes, more than the {MAX_PACKET_BYTES} allowed "
@@ -224,15 +226,13 @@ def prescan(data: Any, limits: Limits) -> dict[str, Any]:
                 offset=pos,
                 packet=n_packets,
             )
-        total += inflated
+        total += inflated if exact else 0
         if total > limits.max_decompressed:
             raise EventFormatError(
                 f"AEDAT4 packets inflate to more than max_decompressed={limits.max_decompressed} bytes",
                 offset=pos,
                 packet=n_packets,
             )
-        if streams[sid]["type"] == "EVTS":
-            max_event_bytes += inflated
         per_stream[sid] = per_stream.get(sid, 0) + 1
         pos += 8 + size
         n_packets += 1
@@ -298,6 +298,7 @@ def _decode(
     skipped: dict[str, int] = {}
     n = 0
     index = -1
+    decoded = 0  # bytes the decoder handed us: the total cap for packets of unknown inflated size
     # bounds and time order are checked per packet while it is still in cache
     x_max = y_max = -1
     monotonic = True
@@ -306,6 +307,12 @@ def _decode(
         decoder = aedat.Decoder(path)
         for index, packet in enumerate(decoder):
             sid = packet.get("stream_id")
+            decoded += _nbytes(packet)
+            if decoded > limits.max_decompressed:
+                raise EventFormatError(
+                    f"AEDAT4 packets inflate to more than max_decompressed={limits.max_decompressed} bytes",
+                    packet=index,
+                )
             if "events" in packet and sid == main:
                 ev = packet["events"]
                 n += len(ev)
@@ -321,9 +328,9 @@ def _decode(
                     last_t = int(t[-1])
                 chunks.append(ev)
             else:
-                key = next((k for k in ("events", "frame", "imus", "triggers") if k in packet), "unknown")
-                key = {"frame": "frames", "events": f"events_stream_{sid}"}.get(key, key)
-                count = len(packet[key]) if key in ("imus", "triggers") else 1
+                kind = next((k for k in ("events", "frame", "imus", "triggers") if k in packet), "unknown")
+                key = {"frame": "frames", "events": f"events_stream_{sid}"}.get(kind, kind)
+                count = len(packet[kind]) if kind in ("events", "imus", "triggers") else 1
                 skipped[key] = skipped.get(key, 0) + count
     except EventFormatError:
         raise
@@ -340,6 +347,16 @@ def _decode(
             except OSError:
                 pass
     return chunks, skipped, {"x_max": x_max, "y_max": y_max, "monotonic": monotonic}
+
+
+def _nbytes(packet: dict[str, Any]) -> int:
+    total = 0
+    for value in packet.values():
+        if isinstance(value, np.ndarray):
+            total += value.nbytes
+        elif isinstance(value, dict):
+            total += sum(v.nbytes for v in value.values() if isinstance(v, np.ndarray))
+    return total
 
 
 def _concat(chunks: list[np.ndarray]) -> np.ndarray:

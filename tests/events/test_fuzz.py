@@ -238,3 +238,14 @@ def test_aedat4_ioheader_pointing_outside_itself():
     head = struct.pack("<I", 1 << 20) + b"IOHE" + bytes(16)
     with pytest.raises(EventFormatError, match="IOHeader"):
         read(b"#!AER-DAT4.0\r\n" + struct.pack("<I", len(head)) + head)
+
+
+@pytest.mark.skipif(not SAMPLES, reason="shared data absent")
+def test_total_cap_counts_real_sizes_of_dv_lz4_packets():
+    """DV stores no LZ4 content sizes: the 255:1 bound guards each packet, but the total is
+    what the packets really inflate to (a legitimate 1 MB file must not be refused as 240 MB)."""
+    path = EVENTS_DIR / "aedat4" / "tonic_sample.aedat4"
+    rec = read(path, max_decompressed=20 << 20)
+    assert len(rec) == 111_954
+    with pytest.raises(EventFormatError, match="max_decompressed"):
+        read(path, max_decompressed=100_000)
