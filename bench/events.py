@@ -185,7 +185,14 @@ def main(argv: list[str] | None = None) -> int:
 
         for name, path, size, others in files:
             src = sets[size]
-            dt, rec = best(lambda p=path: events.read(p), args.repeat)
+            try:
+                dt, rec = best(lambda p=path: events.read(p), args.repeat)
+            except events.EventFormatError as exc:  # report, do not stop the bench
+                print(f"  {name}: our reader failed: {exc}", flush=True)
+                rows.append({"format": name, "sensor": f"{size[0]}x{size[1]}", "events": len(src),
+                             "file_mb": round(path.stat().st_size / 1e6, 1), "identical": False,
+                             "read_mev_s": f"failed: {exc}", "read_bin_mev_s": "-"})
+                continue
             ok = len(rec.events) == len(src) and bool(np.array_equal(rec.events, src))
             del rec
             dtb, _ = best(lambda p=path: bin_full(events.read(p)), args.repeat)
@@ -240,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     checks = {}
     for f in ("aedat2", "aedat31"):
         if f in by:
-            checks[f"{f} parse >= {TARGETS['parse_aedat2_31_mev_s']:.0f} Mev/s"] = by[f]["read_mev_s"] >= TARGETS["parse_aedat2_31_mev_s"]
+            v = by[f]["read_mev_s"]
+            checks[f"{f} parse >= {TARGETS['parse_aedat2_31_mev_s']:.0f} Mev/s"] = isinstance(v, float) and v >= TARGETS["parse_aedat2_31_mev_s"]
     for f in ("aedat4 (lz4)", "aedat4 (zstd)"):
         r = by.get(f)
-        if r and isinstance(r.get("aedat_mev_s"), float):
+        if r and isinstance(r.get("aedat_mev_s"), float) and isinstance(r["read_mev_s"], float):
             checks[f"{f} within 10 % of aedat"] = r["read_mev_s"] >= TARGETS["aedat4_vs_aedat_pkg"] * r["aedat_mev_s"]
     for b in binning:
         if "presence" in b["case"] or "preset" in b["case"]:
@@ -283,8 +291,10 @@ def _markdown(r: dict[str, Any]) -> str:
         "Mev/s = events / best CPU time (process pinned to one CPU; the machine's 2 cores are shared).",
         "",
         "Read = `events.read(path)` (file bytes to sorted EVENT_DTYPE array); read + bin adds "
-        "`bin_events` over the full sensor (10 ms bins, split polarity, presence). Other readers "
-        "only decode to their own arrays.",
+        "`bin_events` over the full sensor pooled to ~64 px across (10 ms bins, split polarity, "
+        "presence). Other readers only decode to their own arrays. The synthetic recordings are "
+        "5 s long, 80 % of the events on moving edges, 20 % noise. Binning the full sensor "
+        "unpooled is bound by writing its output (9 bytes of frames per event here).",
         "",
         "| format | sensor | file MB | identical | read Mev/s | read + bin Mev/s | aedat Mev/s | faery Mev/s |",
         "|---|---|---|---|---|---|---|---|",
