@@ -252,6 +252,7 @@ class FrameSet:
     targets: np.ndarray
     labels: np.ndarray
     meta: dict
+    crop_T: int = 0  # > 0: batch() returns a random window of crop_T bins of each recording
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -275,16 +276,30 @@ class FrameSet:
         self, idx: torch.Tensor | np.ndarray, generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x [T, B, C*H*W] float, target [B, 784] float in [0, 1], labels [B])``."""
+        """``(x [T, B, C*H*W] float, target [B, 784] float in [0, 1], labels [B])``.
+
+        With ``crop_T`` each recording contributes a window of ``crop_T`` bins whose start is
+        drawn uniformly from ``generator`` (CPU draw, one ``torch.randint`` per batch).
+        """
         idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)
         sel = self.packed[idx]
+        if self.crop_T and self.crop_T < self.T:
+            g = generator if (generator is not None and generator.device.type == "cpu") else None
+            if g is None and generator is not None:
+                start = torch.randint(0, self.T - self.crop_T + 1, (len(idx),), generator=generator,
+                                      device=generator.device).cpu().numpy()
+            else:
+                start = torch.randint(0, self.T - self.crop_T + 1, (len(idx),), generator=g).numpy()
+            win = start[:, None] + np.arange(self.crop_T)[None, :]
+            sel = np.take_along_axis(sel, win[:, :, None], axis=1)
         flat = np.unpackbits(sel, axis=-1, count=self.n_inputs)  # [B, T, N]
         x = torch.from_numpy(flat).to(device=device, dtype=torch.float32).transpose(0, 1).contiguous()
         tgt = torch.from_numpy(self.targets[idx].reshape(len(idx), -1)).to(device=device, dtype=torch.float32)
         return x, tgt / 255.0, torch.from_numpy(self.labels[idx]).to(device)
 
     def subset(self, idx: np.ndarray) -> FrameSet:
-        return FrameSet(self.packed[idx], self.frame_shape, self.targets[idx], self.labels[idx], dict(self.meta))
+        return FrameSet(self.packed[idx], self.frame_shape, self.targets[idx], self.labels[idx], dict(self.meta),
+                        self.crop_T)
 
     def save(self, path: str | Path) -> None:
         """Write an npz atomically (tmp file, then ``os.replace``)."""
@@ -440,13 +455,14 @@ def simulate_mnist_dvs_set(
     images: np.ndarray, labels: np.ndarray, target: str = "source", dt_us: int = 10_000,
     duration_us: int = 2_000_000, seed: int = 0, cache_dir: str | Path | None = None,
     progress: bool = True, simulate_kwargs: dict | None = None, tag: str = "",
-    simulate: Callable | None = None,
+    simulate: Callable | None = None, workers: int = 1,
 ) -> FrameSet:
     """Simulated MNIST-DVS: ``events.simulate_mnist_dvs`` on each digit, binned like the real data.
 
     ``target="source"``: the exact digit that produced the events (true naturalization);
     ``target="prototype"``: one image per class (the paper's setting). Digit ``i`` is simulated
-    with seed ``seed + i`` so the data does not depend on the order of generation. Cached as npz.
+    with seed ``seed + i`` so the data does not depend on the order of generation (nor on
+    ``workers``, the number of processes that simulate). Cached as npz.
     """
     import events
 
@@ -460,26 +476,58 @@ def simulate_mnist_dvs_set(
         "kind": "simulated-mnist-dvs", "images_sha": digest, "n": int(len(images)), "seed": int(seed),
         "dt_us": int(dt_us), "duration_us": int(duration_us), "roi": list(spec.roi),
         "polarity": spec.polarity, "mode": spec.mode, "simulate_kwargs": kw, "tag": tag,
+        "simulator": _simulator_fingerprint(sim),
     }
     cache = Path(cache_dir or default_cache_dir()) / f"sim-mnist-dvs-{cache_key(meta)}.npz"
     if cache.is_file():
         fs = FrameSet.load(cache)
     else:
         n_bins = int(duration_us // dt_us)
+        job = _SimJob(sim, spec, duration_us, seed, kw)
         packed = np.zeros((len(images), n_bins, (spec.shape[0] * spec.shape[1] * spec.shape[2] + 7) // 8),
                           dtype=np.uint8)
-        for i in _progress(range(len(images)), len(images), "simulating MNIST-DVS", progress):
-            ev = sim(images[i], seed=seed + i, **kw)
-            ev_arr = ev.events if hasattr(ev, "events") else ev
-            packed[i] = pack_frames(bin_recording(ev_arr, spec, duration_us, t0=0))
+        if workers > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(workers) as pool:
+                it = pool.imap(job, ((i, images[i]) for i in range(len(images))), chunksize=16)
+                for i, row in enumerate(_progress(it, len(images), "simulating MNIST-DVS", progress)):
+                    packed[i] = row
+        else:
+            for i in _progress(range(len(images)), len(images), "simulating MNIST-DVS", progress):
+                packed[i] = job((i, images[i]))
         fs = FrameSet(packed, tuple(spec.shape), np.ascontiguousarray(images), labels.astype(np.int64), meta)
         fs.save(cache)
     if target == "prototype":
         protos = prototype_images(images, labels)
-        fs = FrameSet(fs.packed, fs.frame_shape, protos[fs.labels], fs.labels, {**fs.meta, "target": target})
+        fs = FrameSet(fs.packed, fs.frame_shape, protos[fs.labels], fs.labels, {**fs.meta, "target": target},
+                      fs.crop_T)
     else:
         fs.meta = {**fs.meta, "target": target}
     return fs
+
+
+def _simulator_fingerprint(sim: Callable) -> str:
+    """Hash of the simulator's default configuration, so a changed simulator misses the cache."""
+    try:
+        from events.simulate import MnistDvsConfig
+
+        return hashlib.sha256(repr(MnistDvsConfig()).encode()).hexdigest()[:12] + f":{getattr(sim, '__name__', '?')}"
+    except ImportError:
+        return getattr(sim, "__name__", "?")
+
+
+class _SimJob:
+    """Simulate and bin digit ``i`` (a picklable callable for multiprocessing)."""
+
+    def __init__(self, sim: Callable, spec: object, duration_us: int, seed: int, kw: dict) -> None:
+        self.sim, self.spec, self.duration_us, self.seed, self.kw = sim, spec, duration_us, seed, kw
+
+    def __call__(self, item: tuple[int, np.ndarray]) -> np.ndarray:
+        i, img = item
+        ev = self.sim(img, seed=self.seed + i, **{"duration_s": self.duration_us / 1e6, **self.kw})
+        ev_arr = ev.events if hasattr(ev, "events") else ev
+        return pack_frames(bin_recording(ev_arr, self.spec, self.duration_us, t0=0))
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> Iterator[torch.Tensor]:

@@ -1,0 +1,448 @@
+"""The trainer: ``vdib train CONFIG.toml`` — data, model, rule, loop, checkpoints, resume, DDP.
+
+One step takes a *global* batch of ``train.batch_size`` examples. Every rank draws the inputs
+and the readout's uniforms for the whole global batch from the same seeded generator and keeps
+its own slice, so a run on W ranks sees exactly the numbers a single process sees; the rule's
+all-reduce hook sums the per-sample learning-signal terms and the gradients across ranks, so
+every rank applies the same update (checked by tests/training/test_trainer.py on 2 CPU ranks).
+
+The run directory holds ``config.toml`` (the resolved config), ``metrics.jsonl`` (``kind`` =
+"train" every ``log_every`` steps, "eval" at each evaluation), ``loss.png``,
+``spike_rate.png``, ``eval.png``, ``checkpoints/step-<n>/`` (the model as
+``model.save_checkpoint`` writes it + the rule/optimizer/RNG state) and ``final/`` (the model
+only, ready for ``vdib evaluate`` or the service).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import data as D
+from .config import load_config, to_toml
+from .metrics import MetricsLog, plot_run
+from .state import (
+    latest_checkpoint,
+    load_train_state,
+    rng_state,
+    save_train_state,
+    save_training_checkpoint,
+    set_rng_state,
+)
+
+__all__ = ["load_config", "train", "build_datasets", "build_naturalizer", "Dist"]
+
+
+# --------------------------------------------------------------------------------------------
+# distributed helpers
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    """Rank / world size and the all-reduce used by the rule (identity on one process)."""
+
+    rank: int = 0
+    world: int = 1
+    initialised_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over ranks in place (returns it)."""
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group that ``torchrun`` (or a test's spawn) describes in the environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    here = False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        here = True
+    return Dist(dist.get_rank(), dist.get_world_size(), here)
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"``: CUDA (this rank's ``LOCAL_RANK`` GPU) when present, else CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+# --------------------------------------------------------------------------------------------
+# data and model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Datasets:
+    train: Any
+    test: Any
+    n_inputs: int
+    input_shape: tuple[int, int, int]
+    T: int
+    info: dict = field(default_factory=dict)
+
+
+def build_datasets(cfg: dict, progress: bool = True) -> Datasets:
+    """Training and test sets of ``cfg["data"]`` (see training/config.py for the keys)."""
+    d = cfg["data"]
+    kind = d["kind"]
+    lim_tr, lim_te = d["train_limit"] or None, d["test_limit"] or None
+    if kind == "mnist":
+        tr = D.load_mnist_split(d["dir"] or None, "train", lim_tr)
+        te = D.load_mnist_split(d["dir"] or None, "test", lim_te)
+        train = D.MnistSpikes(D.ImageSet.from_uint8(*tr), d["encoding"], d["T"])
+        test = D.MnistSpikes(D.ImageSet.from_uint8(*te), d["encoding"], d["T"])
+        return Datasets(train, test, 784, (1, 28, 28), d["T"],
+                        {"train_items": len(train), "test_items": len(test)})
+    if kind == "simulated-mnist-dvs":
+        mdir = d["mnist_dir"] or d["dir"] or None
+        tr = D.load_mnist_split(mdir, "train", lim_tr)
+        te = D.load_mnist_split(mdir, "test", lim_te)
+        kw = dict(dt_us=d["dt_us"], duration_us=d["duration_us"], cache_dir=d["cache_dir"] or None,
+                  progress=progress, simulate_kwargs=d["simulate"], workers=int(d["workers"]))
+        train = D.simulate_mnist_dvs_set(*tr, target=d["target"], seed=0, tag="train", **kw)
+        # tests always score against the exact source digit
+        test = D.simulate_mnist_dvs_set(*te, target="source", seed=10_000_000, tag="test", **kw)
+        train.crop_T = int(d["crop_T"])
+        return Datasets(train, test, train.n_inputs, train.frame_shape, train.T,
+                        {"train_items": len(train), "test_items": len(test)})
+    if kind == "mnist-dvs":
+        protos = D.prototype_images(*D.load_mnist_split(d["mnist_dir"] or None, "train"))
+        kw = dict(dt_us=d["dt_us"], duration_us=d["duration_us"], prototypes=protos,
+                  cache_dir=d["cache_dir"] or None, progress=progress)
+        train = D.load_mnist_dvs(d["dir"], "train", limit=lim_tr, **kw)
+        test = D.load_mnist_dvs(d["dir"], "test", limit=lim_te, **kw)
+        train.crop_T = int(d["crop_T"])
+        return Datasets(train, test, train.n_inputs, train.frame_shape, train.T,
+                        {"train_items": len(train), "test_items": len(test)})
+    raise ValueError(f"data.kind {kind!r} is trained with training.predictive (blobs)")
+
+
+def preprocessing_of(cfg: dict, ds: Datasets) -> dict:
+    """What a consumer of the checkpoint must do to the input (stored in the model config)."""
+    d = cfg["data"]
+    if d["kind"] == "mnist":
+        return {"kind": "mnist", "encoding": d["encoding"], "T": d["T"], "image": "28x28 in [0, 1], row-major"}
+    import events
+
+    spec = D.mnist_dvs_spec(d["dt_us"])
+    return {
+        "kind": d["kind"],
+        "roi": list(spec.roi),
+        "roi_convention": "events top-left convention (x right, y down; jAER x mirrored as in "
+                          "events.MNIST_DVS): ROI(48, 54, 26, 26) on a 128x128 DVS128 sensor",
+        "sensor": [128, 128],
+        "dt_us": int(d["dt_us"]),
+        "duration_us": int(d["duration_us"]),
+        "T": ds.T,
+        "polarity": spec.polarity,
+        "mode": spec.mode,
+        "pool": int(getattr(spec, "pool", 1)),
+        "t0": "first event of the recording",
+        "preset": "events.MNIST_DVS",
+        "events_version": getattr(events, "__version__", None),
+        **cfg["model"]["preprocessing"],
+    }
+
+
+def build_naturalizer(cfg: dict, ds: Datasets) -> torch.nn.Module:
+    """A fresh :class:`model.Naturalizer` for the config and data."""
+    from model import EncoderConfig, Naturalizer, NaturalizerConfig
+
+    m = cfg["model"]
+    enc = EncoderConfig(
+        n_inputs=ds.n_inputs, hidden=tuple(m["hidden"]), n_readout=m["n_readout"], tau_e=m["tau_e"],
+        n_basis=m["n_basis"], fb_memory=m["fb_memory"], prior_rate=m["prior_rate"],
+    )
+    d = cfg["data"]
+    nc = NaturalizerConfig(
+        encoder=enc, decoder=m["decoder"], tau_d=m["tau_d"], image_shape=(28, 28), input_shape=ds.input_shape,
+        dt_us=int(d["dt_us"]) if d["kind"] != "mnist" else 1, polarity="split", mode="presence",
+        preprocessing=preprocessing_of(cfg, ds), decoder_options=dict(m["decoder_options"]),
+    )
+    init = "random" if m["hidden_init"] == "calibrated" else m["hidden_init"]
+    return Naturalizer(nc, hidden_init=init, hidden_init_scale=m["hidden_init_scale"])
+
+
+def init_hidden(cfg: dict, nat: torch.nn.Module, ds: Datasets, device: torch.device) -> dict:
+    """Apply ``model.hidden_init``: "zero"/"random" (done by the model) or "calibrated".
+
+    "calibrated" bisects the random-init scale until ``model.hidden_active`` (default 0.15) of
+    the hidden neurons spike on a batch of training data (VDIB-REFERENCE.md pitfall 3).
+    """
+    m = cfg["model"]
+    if m["hidden_init"] != "calibrated" or not nat.config.encoder.hidden:
+        return {}
+    from model.rules import calibrate_hidden_init
+
+    g = torch.Generator().manual_seed(int(cfg["run"]["seed"]) + 99)
+    idx = torch.randperm(len(ds.train), generator=g)[:64]
+    x, _, _ = ds.train.batch(idx, g, "cpu")
+    enc = nat.encoder
+    scale = calibrate_hidden_init(enc.cpu(), x, float(m.get("hidden_active", 0.15)), seed=int(cfg["run"]["seed"]))
+    enc.to(device)
+    return {"hidden_init_scale": scale}
+
+
+def build_rule(cfg: dict, naturalizer: torch.nn.Module, dist: Dist) -> Any:
+    """The learning rule from ``model.rules`` with the run's all-reduce hook (sum over ranks)."""
+    import model
+
+    r = cfg["rule"]
+    rule = model.build_rule(r["name"], naturalizer, lr=r["lr"], beta=r["beta"], **r["options"])
+    if dist.world > 1:
+        rule.all_reduce = dist.all_reduce_sum
+    return rule
+
+
+class _FedUniforms:
+    """Serve pre-drawn uniforms to the rule's single ``torch.rand`` call of a step.
+
+    The rules draw ``torch.rand((T, rows, N_Y), generator=g)`` themselves. To make a W-rank run
+    equal to one process bit for bit, the trainer draws the uniforms of the whole global batch
+    from the shared generator and each rank takes its rows; this context manager hands those
+    rows to the rule's draw (calls of any other shape go to the real ``torch.rand``). When a
+    rule accepts ``uniforms=`` directly, the trainer passes them instead.
+    """
+
+    def __init__(self, uniforms: torch.Tensor) -> None:
+        self.u = uniforms
+        self.used = False
+
+    def __enter__(self) -> _FedUniforms:
+        self._orig = torch.rand
+
+        def rand(*size: Any, **kw: Any) -> torch.Tensor:
+            shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], tuple | list | torch.Size) else size
+            if not self.used and tuple(shape) == tuple(self.u.shape):
+                self.used = True
+                return self.u.to(device=kw.get("device") or self.u.device, dtype=kw.get("dtype") or self.u.dtype)
+            return self._orig(*size, **kw)
+
+        torch.rand = rand  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.rand = self._orig  # type: ignore[assignment]
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+
+def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of ``epoch``: a function of (seed, epoch) only, so resume needs no state."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+def global_batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tensor:
+    """Indices of global batch ``step`` (epochs of ``n // batch`` full batches, reshuffled each)."""
+    per_epoch = max(n // batch, 1)
+    epoch, k = divmod(step, per_epoch)
+    perm = _epoch_perm(n, seed, epoch)
+    if n < batch:  # tiny datasets: wrap around
+        perm = perm.repeat(math.ceil(batch / n))
+    return perm[k * batch:(k + 1) * batch]
+
+
+def _slice(dist: Dist, b: int) -> slice:
+    if b % dist.world:
+        raise ValueError(f"global batch {b} is not divisible by {dist.world} ranks")
+    per = b // dist.world
+    return slice(dist.rank * per, (dist.rank + 1) * per)
+
+
+def _rule_step(rule: Any, x: torch.Tensor, target: torch.Tensor, uniforms: torch.Tensor) -> dict[str, float]:
+    import inspect
+
+    if "uniforms" in inspect.signature(rule.train_step).parameters:
+        return rule.train_step(x, target, uniforms=uniforms)
+    with _FedUniforms(uniforms) as fed:
+        stats = rule.train_step(x, target, None)
+    if not fed.used:
+        raise RuntimeError("the rule did not draw the readout uniforms the trainer prepared")
+    return stats
+
+
+def evaluate_now(nat: torch.nn.Module, ds: Any, judge: Any, limit: int, batch_size: int, seed: int,
+                 device: torch.device) -> dict:
+    from .evaluate import evaluate_model
+
+    res = evaluate_model(nat, ds, judge, limit or None, batch_size, seed, device)
+    res.pop("judge_accuracy_per_class", None)
+    return res
+
+
+def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or resume) the training a config describes; returns the final summary."""
+    r = cfg["run"]
+    if r["threads"]:
+        torch.set_num_threads(int(r["threads"]))
+    device = pick_device(r["device"])
+    dist = init_distributed(device)
+    run_dir = Path(r["dir"])
+    seed = int(r["seed"])
+    torch.manual_seed(seed)
+
+    ds = build_datasets(cfg, progress=progress and dist.is_main)
+    nat = build_naturalizer(cfg, ds).to(device)
+    init_info = init_hidden(cfg, nat, ds, device)
+    rule = build_rule(cfg, nat, dist)
+    n_samples = int(getattr(getattr(rule, "opts", None), "n_samples", 1))
+    gen = torch.Generator(device=device).manual_seed(seed + 17)
+    B = int(cfg["train"]["batch_size"])
+    total_steps = math.ceil(int(cfg["train"]["examples"]) / B)
+    step = 0
+    elapsed_before = 0.0
+
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None and dist.is_main:
+        print_fn = __import__("logging").getLogger(__name__).warning
+        print_fn("no checkpoint in %s: starting from scratch", run_dir)
+    if ckpt is not None:
+        from model import load_checkpoint
+
+        loaded, _ = load_checkpoint(ckpt, device=device)
+        nat.load_state_dict(loaded.state_dict())
+        st = load_train_state(ckpt)
+        rule.load_state_dict(st["rule"])
+        set_rng_state(st["rng"], None, {"sampling": gen})
+        step = int(st["step"])
+        elapsed_before = float(st.get("elapsed", 0.0))
+
+    judge = None
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        from .judge import default_judge_dir, load_judge
+
+        jdir = Path(cfg["eval"]["judge"]) if cfg["eval"]["judge"] else default_judge_dir()
+        if (jdir / "config.json").is_file():
+            judge = load_judge(jdir, device=device)
+    log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step) if dist.is_main else None
+
+    t_cfg = cfg["train"]
+    eval_every = max(1, round(t_cfg["eval_every"] / B))
+    ckpt_every = max(1, round(t_cfg["checkpoint_every"] / B))
+    bar = None
+    if progress and dist.is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc=f"train {run_dir.name}", unit="step", mininterval=1.0)
+    sl = _slice(dist, B)
+    t_start = time.perf_counter()
+    acc: dict[str, float] = {}
+    n_acc = 0
+
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t_start
+
+    def checkpoint() -> None:
+        if not dist.is_main:
+            return
+        from model import save_checkpoint
+
+        def write(tmp: Path) -> None:
+            save_checkpoint(tmp, nat, training_config=cfg, metrics={"step": step, "examples": step * B},
+                            provenance={"run_dir": str(run_dir)})
+            save_train_state(tmp, {"step": step, "elapsed": elapsed(), "rule": rule.state_dict(),
+                                   "rng": rng_state(None, {"sampling": gen})})
+
+        save_training_checkpoint(run_dir, step, write, keep=int(r["keep_checkpoints"]))
+
+    stopped_early = False
+    first_step = step
+    while step < total_steps:
+        idx = global_batch_indices(len(ds.train), B, seed, step)
+        x, target, _ = ds.train.batch(idx, gen, device)  # the whole global batch on every rank
+        uniforms = torch.rand((x.shape[0], B * n_samples, cfg["model"]["n_readout"]), generator=gen, device=device)
+        rows = slice(sl.start * n_samples, sl.stop * n_samples)
+        nat.train()
+        stats = _rule_step(rule, x[:, sl], target[sl], uniforms[:, rows])
+        stats.pop("seconds", None)
+        step += 1
+        for k, v in stats.items():
+            acc[k] = acc.get(k, 0.0) + float(v)
+        n_acc += 1
+        if bar is not None:
+            bar.update(1)
+            if step % 5 == 0:
+                bar.set_postfix(loss=f"{stats.get('decoder_loss', float('nan')):.1f}",
+                                rate=f"{stats.get('readout_rate', float('nan')):.3f}")
+        if log is not None and (step % t_cfg["log_every"] == 0 or step == total_steps):
+            log.write({"kind": "train", "step": step, "examples": step * B, "seconds": round(elapsed(), 2),
+                       **{k: v / n_acc for k, v in acc.items()}})
+            acc, n_acc = {}, 0
+        if step % eval_every == 0 and step < total_steps and dist.is_main:
+            res = evaluate_now(nat, ds.test, judge, cfg["eval"]["limit"], cfg["eval"]["batch_size"], seed, device)
+            log.write({"kind": "eval", "step": step, "examples": step * B, "seconds": round(elapsed(), 2), **res})
+            if bar is not None:
+                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, float)))
+        if step % ckpt_every == 0 and step < total_steps:
+            checkpoint()
+        if (t_cfg["max_seconds"] and elapsed() > t_cfg["max_seconds"]) or (
+                t_cfg["stop_after_steps"] and step - first_step >= t_cfg["stop_after_steps"]):
+            stopped_early = step < total_steps
+            break
+    if bar is not None:
+        bar.close()
+    checkpoint()
+    summary: dict[str, Any] = {"steps": step, "examples": step * B, "train_seconds": round(elapsed(), 1),
+                               "stopped_early": stopped_early, "world_size": dist.world, "device": str(device)}
+    if dist.is_main:
+        res = evaluate_now(nat, ds.test, judge, cfg["eval"]["final_limit"], cfg["eval"]["batch_size"], seed, device)
+        summary["final_eval"] = res
+        log.write({"kind": "eval", "step": step, "examples": step * B, "seconds": round(elapsed(), 2),
+                   "final": True, **res})
+        log.close()
+        from model import save_checkpoint
+
+        from .judge import hardware_string
+
+        save_dir = Path(r["save"]) if r["save"] else run_dir / "final"
+        save_checkpoint(save_dir, nat, training_config=cfg, metrics={**res, **{k: v for k, v in summary.items()
+                                                                               if k != "final_eval"}},
+                        provenance={"run_dir": str(run_dir), "hardware": hardware_string(),
+                                    "data": ds.info, **init_info})
+        plot_run(run_dir)
+        summary["checkpoint"] = str(save_dir)
+    dist.barrier()
+    if dist.initialised_here:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    return summary
+
+
+def params_vector(nat: torch.nn.Module) -> torch.Tensor:
+    """All parameters concatenated (tests compare runs with it)."""
+    return torch.cat([p.detach().reshape(-1).cpu() for p in nat.parameters()])
