@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -114,6 +114,12 @@ class Encoder(nn.Module):
         fb = F.history_kernel(F.raised_cosine_basis(1, config.fb_memory))[:, 0]
         self.register_buffer("ff_kernel", ff, persistent=False)
         self.register_buffer("fb_kernel", fb.contiguous(), persistent=False)
+        # "auto": sparse inputs at small batch take the event-driven gather (no autograd);
+        # "never": always dense GEMMs (ONNX/TorchScript export); "always": always gather
+        self.event_driven = "auto"
+        self.event_max_batch = 8
+        self.event_max_density = 0.1
+        self._cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
         self.reset_parameters(hidden_init=hidden_init, hidden_init_scale=hidden_init_scale)
 
     # ------------------------------------------------------------------ parameters
@@ -139,6 +145,38 @@ class Encoder(nn.Module):
         nn.init.uniform_(self.readout_fb_weight, -bound, bound)
         nn.init.zeros_(self.readout_bias)
 
+    # ------------------------------------------------------------------ derived weights
+    def _derived(self, name: str, source: Tensor, fn: Callable[[], Tensor]) -> Tensor:
+        """``fn()`` cached until ``source`` changes (in-place updates bump its version)."""
+        if torch.is_grad_enabled() and source.requires_grad:
+            return fn()  # keep the autograd graph
+        key = (source._version, source.data_ptr(), source.dtype, source.device)
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            value = fn().contiguous()
+        self._cache[name] = (key, value)
+        return value
+
+    def lag_weight_t(self) -> Tensor:
+        """Per-lag readout weights, transposed ``[n_in, tau_e * n_readout]`` (see :func:`functional.lag_weights`)."""
+        w = self.readout_ff_weight
+        return self._derived("lag", w, lambda: F.lag_weights(w, self.ff_kernel.flip(0)))
+
+    def hidden_weight_t(self, i: int) -> Tensor:
+        w = self.hidden[i].weight
+        return self._derived(f"h{i}", w, lambda: w.t())
+
+    def _use_events(self, x: Tensor) -> bool:
+        if self.event_driven == "never" or (torch.is_grad_enabled() and self.readout_ff_weight.requires_grad):
+            return False
+        if self.event_driven == "always":
+            return True
+        if x.shape[0] > self.event_max_batch:
+            return False
+        return int(x.count_nonzero()) <= self.event_max_density * x.numel()
+
     # ------------------------------------------------------------------ state
     def init_state(
         self, batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
@@ -147,11 +185,8 @@ class Encoder(nn.Module):
         if device is None:
             device = self.readout_bias.device
         c = self.config
-        sizes = (c.n_inputs, *c.hidden)
-        hidden = tuple(
-            F.lif_init_state(batch, a, b, device, dtype) for a, b in zip(sizes[:-1], sizes[1:], strict=True)
-        )
-        readout = F.srm_init_state(batch, c.readout_inputs, c.n_readout, c.tau_e, c.fb_memory, device, dtype)
+        hidden = tuple(F.lif_init_state(batch, h, device, dtype) for h in c.hidden)
+        readout = F.srm_init_state(batch, c.n_readout, c.tau_e, c.fb_memory, device, dtype)
         return EncoderState(hidden, readout)
 
     # ------------------------------------------------------------------ stepping
@@ -160,8 +195,10 @@ class Encoder(nn.Module):
         lif = self.config.lif
         z = x_t
         new: list[LIFState] = []
-        for layer, st in zip(self.hidden, states, strict=True):
-            z, st2, _ = F.lif_step(z, st, layer.weight, layer.bias, lif)
+        for i, (layer, st) in enumerate(zip(self.hidden, states, strict=True)):
+            z, st2, _ = F.lif_step(
+                z, st, layer.weight, layer.bias, lif, weight_t=self.hidden_weight_t(i), event_driven=self._use_events(z)
+            )
             new.append(st2)
         return z, tuple(new)
 
@@ -173,12 +210,12 @@ class Encoder(nn.Module):
         y, readout, u = F.srm_readout_step(
             z,
             state.readout,
-            self.readout_ff_weight,
+            self.lag_weight_t(),
             self.readout_fb_weight,
             self.readout_bias,
-            self.ff_kernel,
             self.fb_kernel,
             uniforms,
+            event_driven=self._use_events(z),
         )
         return y, u, EncoderState(hidden, readout)
 

@@ -10,6 +10,12 @@ Two neuron types make up the VDIB encoder (paper sec. 5, VDIB-REFERENCE.md "Enco
       R_t = \\alpha_{rp} R_{t-1} - S_{t-1},\\quad
       U_t = W P_t + R_t + b,\\quad S_t = \\Theta(U_t)
 
+  The traces are linear in the input, so the step keeps them *after* the synapses,
+  :math:`WQ_t` and :math:`WP_t` (``[B, n_out]``): the input current :math:`W S^{in}_t` of a
+  sparse binary input is then a gather of the active columns (event-driven), and the state is
+  smaller. The training path (:mod:`model.rollout`) keeps the presynaptic :math:`P_t`, which
+  e-prop needs; both agree to float rounding.
+
   with :math:`\\alpha = 0.9`, :math:`\\beta = 0.85`, :math:`\\alpha_{rp} = 0.65` (dimensionless
   per-step decay factors; one step = one time bin ``dt``) and :math:`\\Theta(u) = [u > 0]` (eq. 16).
   The surrogate derivative is :math:`\\sigma'(U)` (scaled by ``surrogate_scale``).
@@ -23,10 +29,14 @@ Two neuron types make up the VDIB encoder (paper sec. 5, VDIB-REFERENCE.md "Enco
   i.e. :math:`y_t \\sim \\mathrm{Bernoulli}(\\sigma(u_t))`, with ``K`` raised-cosine feedforward
   bases :math:`\\phi_k` on a log time axis over lags ``0 .. tau_e-1`` (the readout at step t sees
   the hidden spikes of steps ``t-tau_e+1 .. t``, matching eq. 3's :math:`x^t_{t-\\tau_e}`) and one
-  feedback basis :math:`\\psi` over lags ``1 .. fb_memory``.
+  feedback basis :math:`\\psi` over lags ``1 .. fb_memory``. With per-lag weights
+  :math:`\\tilde W_d = \\sum_k \\phi_k(d) W_k` the feedforward part is
+  :math:`\\sum_d \\tilde W_d z_{t-d}`; the step adds :math:`\\tilde W_d z_t` to a buffer of
+  *pending* potentials for steps ``t .. t + tau_e - 1`` (state ``[B, tau_e, n_out]``), again a
+  gather of active columns for sparse spikes.
 
 Every function here is pure: state goes in and the new state comes out. Histories are stored
-oldest first, so the filter kernels are stored *aligned with the history* (``kernel[i]`` weights
+oldest first, so filter kernels are stored *aligned with the history* (``kernel[i]`` weights
 history slot ``i``, which holds lag ``len - 1 - i``); :func:`history_kernel` makes them.
 """
 
@@ -48,9 +58,11 @@ __all__ = [
     "lif_step",
     "lif_traces",
     "raised_cosine_basis",
+    "input_current",
+    "lag_weights",
     "srm_init_state",
     "srm_readout_step",
-    "srm_ff_trace",
+    "surrogate_derivative",
 ]
 
 
@@ -64,19 +76,19 @@ class LIFParameters(NamedTuple):
 
 
 class LIFState(NamedTuple):
-    """State of one hidden LIF layer; all tensors are ``[B, n]``."""
+    """State of one hidden LIF layer; all tensors are ``[B, n_out]``."""
 
-    q: Tensor  # fast presynaptic trace, [B, n_in]
-    p: Tensor  # slow presynaptic trace, [B, n_in]
-    r: Tensor  # refractory trace, [B, n_out]
-    s: Tensor  # previous output spikes, [B, n_out]
+    q: Tensor  # fast synaptic trace after the weights, W Q_t
+    p: Tensor  # slow synaptic trace after the weights, W P_t
+    r: Tensor  # refractory trace
+    s: Tensor  # previous output spikes
 
 
 class SRMState(NamedTuple):
-    """State of the stochastic SRM readout: the spike histories its filters see (oldest first)."""
+    """State of the stochastic SRM readout."""
 
-    ff_hist: Tensor  # [B, tau_e, n_in]: presynaptic spikes of the last tau_e steps
-    fb_hist: Tensor  # [B, fb_memory, n_out]: own spikes of the last fb_memory steps
+    pending: Tensor  # [B, tau_e, n_out]: feedforward potential already owed to steps t .. t+tau_e-1
+    fb_hist: Tensor  # [B, fb_memory, n_out]: own spikes of the last fb_memory steps, oldest first
 
 
 class _HeavisideSigmoid(torch.autograd.Function):
@@ -109,38 +121,60 @@ def surrogate_derivative(u: Tensor, scale: float = 1.0) -> Tensor:
 
 
 def lif_init_state(
-    batch: int, n_in: int, n_out: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    batch: int, n_out: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
 ) -> LIFState:
     """All-zero LIF state (no past input, no past spike)."""
-    z_in = torch.zeros(batch, n_in, device=device, dtype=dtype)
-    z_out = torch.zeros(batch, n_out, device=device, dtype=dtype)
-    return LIFState(z_in, z_in.clone(), z_out, z_out.clone())
+    z = torch.zeros(batch, n_out, device=device, dtype=dtype)
+    return LIFState(z, z.clone(), z.clone(), z.clone())
 
 
 def lif_traces(x: Tensor, q: Tensor, p: Tensor, params: LIFParameters) -> tuple[Tensor, Tensor]:
-    """Presynaptic traces: :math:`Q' = \\beta Q + (1-\\beta)x`, :math:`P' = \\alpha P + (1-\\alpha)Q'`."""
+    """Traces: :math:`Q' = \\beta Q + (1-\\beta)x`, :math:`P' = \\alpha P + (1-\\alpha)Q'`."""
     q = params.beta * q + (1.0 - params.beta) * x
     p = params.alpha * p + (1.0 - params.alpha) * q
     return q, p
 
 
+def input_current(x: Tensor, weight_t: Tensor, *, event_driven: bool = False) -> Tensor:
+    """:math:`x W^T` for ``x [B, n_in]`` and ``weight_t = W^T [n_in, n_out]``.
+
+    ``event_driven=True`` multiplies only the input columns that are non-zero in some row
+    (``x[:, active] @ weight_t[active]``): far cheaper than the full GEMM when few inputs are
+    active, equal up to float rounding, and correct for any input values.
+    """
+    if not event_driven:
+        return x @ weight_t
+    active = x.any(0).nonzero().squeeze(1)
+    return x.index_select(1, active) @ weight_t.index_select(0, active)
+
+
 def lif_step(
-    x: Tensor, state: LIFState, weight: Tensor, bias: Tensor, params: LIFParameters = LIFParameters()
+    x: Tensor,
+    state: LIFState,
+    weight: Tensor,
+    bias: Tensor,
+    params: LIFParameters = LIFParameters(),
+    *,
+    weight_t: Tensor | None = None,
+    event_driven: bool = False,
 ) -> tuple[Tensor, LIFState, Tensor]:
     """One step of a hidden LIF layer.
 
     Args:
         x: input spikes ``[B, n_in]`` (0/1, or any real input).
         state: :class:`LIFState` of the previous step.
-        weight: ``[n_out, n_in]``; bias: ``[n_out]``.
+        weight: ``[n_out, n_in]``; bias: ``[n_out]``; ``weight_t``: optional cached ``weight.T``
+        (contiguous, for the event-driven gather).
 
     Returns:
         ``(s, new_state, u)``: spikes :math:`S_t = \\Theta(U_t)` ``[B, n_out]``, the new state
         and the membrane potential :math:`U_t = W P_t + R_t + b`.
     """
-    q, p = lif_traces(x, state.q, state.p, params)
+    wt = weight.t() if weight_t is None else weight_t
+    i = input_current(x, wt, event_driven=event_driven)
+    q, p = lif_traces(i, state.q, state.p, params)
     r = params.alpha_rp * state.r - state.s
-    u = torch.addmm(bias, p, weight.t()) + r
+    u = p + r + bias
     s = heaviside_surrogate(u, params.surrogate_scale)
     return s, LIFState(q, p, r, s), u
 
@@ -178,9 +212,18 @@ def history_kernel(basis_by_lag: Tensor) -> Tensor:
     return basis_by_lag.flip(0).contiguous()
 
 
+def lag_weights(ff_weight: Tensor, basis_by_lag: Tensor) -> Tensor:
+    """Per-lag readout weights :math:`\\tilde W_d = \\sum_k \\phi_k(d) W_k`, transposed: ``[n_in, tau_e * n_out]``.
+
+    ``ff_weight [n_out, n_in, K]``, ``basis_by_lag [tau_e, K]`` (row d = lag d). Column
+    ``d * n_out + i`` holds :math:`\\tilde W_d[i, :]`.
+    """
+    lag = torch.einsum("dk,ijk->jdi", basis_by_lag.to(ff_weight.dtype), ff_weight)
+    return lag.reshape(ff_weight.shape[1], -1)
+
+
 def srm_init_state(
     batch: int,
-    n_in: int,
     n_out: int,
     tau_e: int,
     fb_memory: int,
@@ -189,43 +232,41 @@ def srm_init_state(
 ) -> SRMState:
     """All-zero SRM readout state (no spike in the filter memories)."""
     return SRMState(
-        torch.zeros(batch, tau_e, n_in, device=device, dtype=dtype),
+        torch.zeros(batch, tau_e, n_out, device=device, dtype=dtype),
         torch.zeros(batch, fb_memory, n_out, device=device, dtype=dtype),
     )
-
-
-def srm_ff_trace(ff_hist: Tensor, ff_kernel: Tensor) -> Tensor:
-    """Feedforward traces :math:`(z * \\phi_k)_t` ``[B, n_in, K]`` from a ``[B, L, n_in]`` history."""
-    return torch.einsum("bln,lk->bnk", ff_hist, ff_kernel)
 
 
 def srm_readout_step(
     z: Tensor,
     state: SRMState,
-    ff_weight: Tensor,
+    lag_weight_t: Tensor,
     fb_weight: Tensor,
     bias: Tensor,
-    ff_kernel: Tensor,
     fb_kernel: Tensor,
     uniforms: Tensor,
+    *,
+    event_driven: bool = False,
 ) -> tuple[Tensor, SRMState, Tensor]:
     """One step of the stochastic-threshold SRM readout (eq. 15, 17).
 
     Args:
         z: presynaptic spikes at this step ``[B, n_in]``.
         state: :class:`SRMState` of the previous step.
-        ff_weight: ``[n_out, n_in, K]``; fb_weight: ``[n_out]``; bias: ``[n_out]``.
-        ff_kernel: ``[tau_e, K]`` aligned with the history (:func:`history_kernel`).
-        fb_kernel: ``[fb_memory]`` aligned with the feedback history.
+        lag_weight_t: :func:`lag_weights` ``[n_in, tau_e * n_out]``; fb_weight, bias: ``[n_out]``.
+        fb_kernel: ``[fb_memory]`` aligned with the feedback history (:func:`history_kernel`).
         uniforms: ``[B, n_out]`` in [0, 1); the spike is ``uniforms < sigmoid(u)``.
 
     Returns:
-        ``(y, new_state, u)``: spikes (0/1 in ``z``'s dtype), the new state, the potential.
+        ``(y, new_state, u)``: spikes (0/1 in ``z``'s dtype), the new state, the potential
+        :math:`u_t = \\sum_{d} \\tilde W_d z_{t-d} + w_{fb} (y * \\psi)_{t-1} + b`.
     """
-    ff_hist = torch.cat((state.ff_hist[:, 1:], z.unsqueeze(1)), dim=1)
-    trace = srm_ff_trace(ff_hist, ff_kernel).reshape(z.shape[0], -1)
-    fb = torch.einsum("blo,l->bo", state.fb_hist, fb_kernel)
-    u = torch.addmm(bias, trace, ff_weight.reshape(ff_weight.shape[0], -1).t()) + fb_weight * fb
+    B, tau, n_out = state.pending.shape
+    g = input_current(z, lag_weight_t, event_driven=event_driven).view(B, tau, n_out)
+    # what earlier inputs owe to steps t .. t+tau-2, plus nothing yet for t+tau-1
+    pending = torch.nn.functional.pad(state.pending[:, 1:], (0, 0, 0, 1)) + g
+    fb = torch.matmul(fb_kernel, state.fb_hist)  # [L] @ [B, L, n_out] -> [B, n_out]
+    u = pending[:, 0] + fb_weight * fb + bias
     y = (uniforms < torch.sigmoid(u)).to(z.dtype)
     fb_hist = torch.cat((state.fb_hist[:, 1:], y.unsqueeze(1)), dim=1)
-    return y, SRMState(ff_hist, fb_hist), u
+    return y, SRMState(pending, fb_hist), u

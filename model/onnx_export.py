@@ -9,7 +9,7 @@
 * ``decoder.onnx``: ``window [B, tau_d, n_readout] -> image [B, *image_shape]``.
 * ``onnx.json``: state names and shapes per stream, the model config, the opset.
 
-State tensor names: ``h{l}_q, h{l}_p, h{l}_r, h{l}_s`` per hidden layer, then ``ro_ff_hist``,
+State tensor names: ``h{l}_q, h{l}_p, h{l}_r, h{l}_s`` per hidden layer, then ``ro_pending``,
 ``ro_fb_hist`` (the fields of :class:`~model.functional.LIFState` / ``SRMState``), batch first.
 """
 
@@ -65,7 +65,12 @@ class _EncoderStep(nn.Module):
     def forward(self, x: Tensor, *args: Tensor) -> tuple[Tensor, ...]:
         *flat, uniforms = args
         state = list_to_state(list(flat), self.n_hidden)
-        y, u, new = self.encoder.step_detailed(x, state, uniforms)
+        mode = self.encoder.event_driven
+        self.encoder.event_driven = "never"  # a traced graph must be the dense one
+        try:
+            y, u, new = self.encoder.step_detailed(x, state, uniforms)
+        finally:
+            self.encoder.event_driven = mode
         return (y, u, torch.sigmoid(u), *state_to_list(new))
 
 

@@ -35,31 +35,39 @@ def reference_encoder_gradients(
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     ys = torch.zeros_like(uniforms)
     us = torch.zeros_like(uniforms)
+    tau = encoder.config.tau_e
+    n_ro_in = encoder.config.readout_inputs
     for b in range(B):
         acc = {n: torch.zeros_like(p) for n, p in params.items()}
         state = encoder.init_state(1, x.device, x.dtype)
+        # presynaptic traces (e-prop eligibility, eq. 22) and the readout's input history (eq. 19)
+        pre = [(torch.zeros(1, layer.in_features, dtype=x.dtype), torch.zeros(1, layer.in_features, dtype=x.dtype))
+               for layer in encoder.hidden]
+        hist = torch.zeros(tau, n_ro_in, dtype=x.dtype)
         for t in range(T):
             z = x[t, b : b + 1]
             hidden_states = []
             hidden_info = []
-            for layer, st in zip(encoder.hidden, state.hidden, strict=True):
+            for li, (layer, st) in enumerate(zip(encoder.hidden, state.hidden, strict=True)):
+                q_pre, p_pre = F.lif_traces(z, pre[li][0], pre[li][1], lif)
+                pre[li] = (q_pre, p_pre)
                 z, st2, u_h = F.lif_step(z, st, layer.weight, layer.bias, lif)
                 hidden_states.append(st2)
-                hidden_info.append((st2.p[0], u_h[0]))
+                hidden_info.append((p_pre[0], u_h[0]))
             ro = state.readout
             fb = torch.einsum("blo,l->bo", ro.fb_hist, encoder.fb_kernel)[0]
             y, ro2, u = F.srm_readout_step(
                 z,
                 ro,
-                encoder.readout_ff_weight,
+                F.lag_weights(encoder.readout_ff_weight, encoder.ff_kernel.flip(0)),
                 encoder.readout_fb_weight,
                 encoder.readout_bias,
-                encoder.ff_kernel,
                 encoder.fb_kernel,
                 uniforms[t, b : b + 1],
             )
+            hist = torch.cat((hist[1:], z), dim=0)
             e = y[0] - torch.sigmoid(u[0])  # eq. 19 error
-            trace = F.srm_ff_trace(ro2.ff_hist, encoder.ff_kernel)[0]  # [n_in, K]
+            trace = hist.t() @ encoder.ff_kernel  # [n_in, K]: (z * phi_k)_t
             acc["readout_ff_weight"] += e[:, None, None] * trace[None]
             acc["readout_fb_weight"] += e * fb
             acc["readout_bias"] += e

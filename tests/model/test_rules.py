@@ -92,12 +92,13 @@ def test_readout_score_function_equals_autograd_of_log_likelihood():
     logp = torch.zeros(3, dtype=torch.float64)
     for t in range(9):
         z, hidden = enc.hidden_step(x[t], st.hidden)
-        _, ro, u_t = F.srm_readout_step(z.detach(), st.readout, enc.readout_ff_weight, enc.readout_fb_weight,
-                                        enc.readout_bias, enc.ff_kernel, enc.fb_kernel, uni[t])
+        lag = F.lag_weights(enc.readout_ff_weight, enc.ff_kernel.flip(0))
+        _, ro, u_t = F.srm_readout_step(z.detach(), st.readout, lag, enc.readout_fb_weight,
+                                        enc.readout_bias, enc.fb_kernel, uni[t])
         yt = y[t]
         logp = logp + (yt * torch.nn.functional.logsigmoid(u_t) + (1 - yt) * torch.nn.functional.logsigmoid(-u_t)).sum(1)
         # condition on the drawn y (the score function conditions on the sample)
-        ro = F.SRMState(ro.ff_hist, torch.cat((st.readout.fb_hist[:, 1:], yt.unsqueeze(1)), 1))
+        ro = F.SRMState(ro.pending, torch.cat((st.readout.fb_hist[:, 1:], yt.unsqueeze(1)), 1))
         st = type(st)(hidden, ro)
     (w * logp).sum().backward()
     for name in ("readout_ff_weight", "readout_fb_weight", "readout_bias"):
