@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .._types import EventFormatError, Recording
+from .._types import EVENT_DTYPE, EventFormatError, Recording
 from ._common import Limits, check_count, check_sensor, finish, size_from_events, text_header
 
 #: ``plugin_name`` / ``sensor_generation`` fragments -> sensor size (openeb's camera plugins)
@@ -136,9 +136,7 @@ def _evt2(data: bytes, start: int, limits: Limits, meta: dict[str, Any]):
     return events, offsets
 
 
-def _evt3(data: bytes, start: int, limits: Limits, meta: dict[str, Any]):
-    from ._common import build_events
-
+def _evt3(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
     body = len(data) - start
     if body % 2:
         raise EventFormatError(f"EVT 3.0 data of {body} bytes is not a whole number of 16-bit words",
@@ -149,90 +147,86 @@ def _evt3(data: bytes, start: int, limits: Limits, meta: dict[str, Any]):
     first = int(np.argmax(is_th)) if is_th.any() else len(w)
     meta["skipped"]["before_first_time_high"] = first
     w, typ, is_th = w[first:], typ[first:], is_th[first:]
-    pay = (w & 0x0FFF).astype(np.int64)
-
-    # time: forward-filled TIME_HIGH (with 24-bit loop unwrapping) and TIME_LOW
-    th_full = np.zeros(len(w), np.int64)
-    th_seq = pay[is_th]
-    if len(th_seq) > 1:
-        loops = np.zeros(len(th_seq), np.int64)
-        loops[1:] = np.cumsum(np.diff(th_seq) <= -(1 << 11))
-        th_seq = th_seq + (loops << 12)
-    th_full[is_th] = th_seq
-    th_ff = th_full[np.maximum(_ffill_index(is_th), 0)]
-    is_tl = typ == 0x6
-    tl_idx = _ffill_index(is_tl)
-    tl_ff = np.where(tl_idx >= 0, pay[np.maximum(tl_idx, 0)], 0)
-    t_all = (th_ff << 12) | tl_ff
-
-    is_y = typ == 0x0
-    y_idx = _ffill_index(is_y)
-    y_all = np.where(y_idx >= 0, pay[np.maximum(y_idx, 0)] & 0x7FF, 0)
-
-    is_x = typ == 0x2
-    is_base = typ == 0x3
-    is_v12 = typ == 0x4
-    is_v8 = typ == 0x5
-    is_vec = is_v12 | is_v8
+    counts = np.bincount(typ, minlength=16)
     for code, label in ((0xA, "ext_trigger"), (0xE, "others"), (0x7, "continued_4"), (0xF, "continued_12")):
-        c = int(np.count_nonzero(typ == code))
-        if c:
-            meta["skipped"][label] = c
-    known = is_th | is_tl | is_y | is_x | is_base | is_vec | np.isin(typ, (0xA, 0xE, 0x7, 0xF))
-    unknown = int(len(w) - np.count_nonzero(known))
+        if counts[code]:
+            meta["skipped"][label] = int(counts[code])
+    unknown = int(counts[[0x1, 0x9, 0xB, 0xC, 0xD]].sum())
     if unknown:
         meta["skipped"]["unknown"] = unknown
 
-    # vectors: x0 = base + (steps of earlier vector words since that base)
-    step = np.where(is_v12, 12, np.where(is_v8, 8, 0)).astype(np.int64)
-    cum = np.cumsum(step)
-    base_idx = _ffill_index(is_base)
-    vec_pos = np.flatnonzero(is_vec)
-    bi = base_idx[vec_pos]
-    orphan = bi < 0
+    # decoder state as "value of the latest word of that type", looked up only where events are:
+    # the running count of each state word type indexes its value table (slot 0 = not seen yet)
+    def state(mask: np.ndarray, values: np.ndarray, where_: np.ndarray) -> np.ndarray:
+        table = np.concatenate([[0], values.astype(np.int64)])
+        return table[np.cumsum(mask, dtype=np.int32)[where_]]
+
+    th_seq = (w[is_th] & 0x0FFF).astype(np.int64)
+    if len(th_seq) > 1:
+        # the 24-bit time counter loops: TIME_HIGH stepping back by half its range or more
+        loops = np.zeros(len(th_seq), np.int64)
+        loops[1:] = np.cumsum(np.diff(th_seq) <= -(1 << 11))
+        th_seq = th_seq + (loops << 12)
+    is_tl = typ == 0x6
+    is_y = typ == 0x0
+    is_x = typ == 0x2
+    is_vec = (typ == 0x4) | (typ == 0x5)
+    prod = np.flatnonzero(is_x | is_vec)  # every word that yields events, in stream order
+    prod_vec = is_vec[prod]
+    k = np.flatnonzero(~prod_vec)  # ADDR_X words among them
+    kv = np.flatnonzero(prod_vec)  # vector words among them
+    x_pos = prod[k]
+    vec_pos = prod[kv]
+    t_prod = (state(is_th, th_seq, prod) << 12) | state(is_tl, w[is_tl] & 0x0FFF, prod)
+    y_prod = state(is_y, w[is_y] & 0x07FF, prod)
+
+    # vectors: x0 = base + (steps of the vector words since that base)
+    is_base = typ == 0x3
+    base_pos = np.flatnonzero(is_base)
+    b = np.cumsum(is_base, dtype=np.int32)[vec_pos] - 1
+    orphan = b < 0
     if orphan.any():
         meta["skipped"]["vector_without_base"] = int(np.count_nonzero(orphan))
-        vec_pos, bi = vec_pos[~orphan], bi[~orphan]
-    x0 = (pay[bi] & 0x7FF) + (cum[vec_pos] - step[vec_pos] - cum[bi])
-    pv = (pay[bi] >> 11) & 1
-    masks = pay[vec_pos] & np.where(is_v12[vec_pos], 0xFFF, 0xFF)
+    v12 = typ[vec_pos] == 0x4
+    step = np.where(v12, 12, 8).astype(np.int64)
+    cum = np.cumsum(step)
+    before = np.searchsorted(vec_pos, base_pos[np.maximum(b, 0)])  # vector words before the base
+    cum_at_base = np.where(before > 0, cum[np.maximum(before - 1, 0)], 0)
+    base_word = w[base_pos[np.maximum(b, 0)]].astype(np.int64) if len(base_pos) else np.zeros(len(b), np.int64)
+    x0 = (base_word & 0x7FF) + (cum - step - cum_at_base)
+    pv = (base_word >> 11) & 1
+    masks = (w[vec_pos] & np.where(v12, 0xFFF, 0xFF)).astype(np.int64)
+    masks[orphan] = 0
     bits = ((masks[:, None] >> np.arange(12)) & 1).astype(bool)
     pop = bits.sum(axis=1)
 
-    x_pos = np.flatnonzero(is_x)
-    prod = np.concatenate([x_pos, vec_pos])
-    counts = np.concatenate([np.ones(len(x_pos), np.int64), pop])
-    order = np.argsort(prod, kind="stable")
-    prod, counts = prod[order], counts[order]
-    n = int(counts.sum())
+    # output slots: one per ADDR_X word, popcount per vector word, in stream order
+    per = np.ones(len(prod), np.int64)
+    per[kv] = pop
+    n = int(per.sum())
     check_count(n, limits, offset=start)
-    starts = np.cumsum(counts) - counts
-    slot = np.empty(len(prod), np.int64)
-    slot[order] = starts  # slot[k] = first output index of the k-th entry of [x_pos, vec_pos]
-
-    t = np.empty(n, np.int64)
-    x = np.empty(n, np.int64)
-    y = np.empty(n, np.int64)
-    p = np.empty(n, np.int64)
+    slot = np.cumsum(per) - per
+    out = np.empty(n, dtype=EVENT_DTYPE)
     off = np.empty(n, np.int64)
-    sx = slot[: len(x_pos)]
-    t[sx] = t_all[x_pos]
-    x[sx] = pay[x_pos] & 0x7FF
-    y[sx] = y_all[x_pos]
-    p[sx] = (pay[x_pos] >> 11) & 1
+    sx = slot[k]
+    wx = w[x_pos]
+    out["t"][sx] = t_prod[k]
+    out["x"][sx] = wx & 0x7FF
+    out["y"][sx] = y_prod[k]
+    out["p"][sx] = (wx >> 11) & 1
     off[sx] = x_pos
     if len(vec_pos):
         r, col = np.nonzero(bits)
         rank = np.arange(len(r)) - np.repeat(np.cumsum(pop) - pop, pop)
-        sv = slot[len(x_pos) :][r] + rank
-        wpos = vec_pos[r]
-        t[sv] = t_all[wpos]
-        x[sv] = x0[r] + col
-        y[sv] = y_all[wpos]
-        p[sv] = pv[r]
-        off[sv] = wpos
-    if n and int(x.max()) > 0xFFFF:
-        i = int(np.argmax(x > 0xFFFF))
-        raise EventFormatError(f"EVT 3.0 vector runs past x={int(x[i])}", offset=start + 2 * (first + int(off[i])))
-    events = build_events(t, x, y, p)
-    return events, start + 2 * (first + off)
+        sv = slot[kv][r] + rank
+        xv = x0[r] + col
+        if len(xv) and int(xv.max()) > 0xFFFF:
+            i = int(np.argmax(xv > 0xFFFF))
+            raise EventFormatError(f"EVT 3.0 vector runs past x={int(xv[i])}",
+                                   offset=start + 2 * (first + int(vec_pos[r[i]])))
+        out["t"][sv] = t_prod[kv][r]
+        out["x"][sv] = xv
+        out["y"][sv] = y_prod[kv][r]
+        out["p"][sv] = pv[r]
+        off[sv] = vec_pos[r]
+    return out, start + 2 * (first + off)

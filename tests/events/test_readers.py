@@ -198,6 +198,7 @@ def test_evt3_hand_built_stream_follows_the_spec():
     words = [
         ax(5, 1),  # before the first TIME_HIGH: dropped, as openeb does
         th(0x001), tl(0x002), ay(100), ax(7, 1),  # t = 0x001002
+        v12(0b1),  # a vector before any VECT_BASE_X has no x: skipped and counted
         base(10, 0), v12(0b100000000101), v8(0b10000001),  # x = 10, 12, 21 and 22, 29
         0xA000 | 3,  # EXT_TRIGGER: skipped
         tl(0x010), ay(719), ax(1279, 0),
@@ -218,6 +219,7 @@ def test_evt3_hand_built_stream_follows_the_spec():
     assert got == expected
     assert rec.metadata["skipped"]["before_first_time_high"] == 1
     assert rec.metadata["skipped"]["ext_trigger"] == 1
+    assert rec.metadata["skipped"]["vector_without_base"] == 1
 
 
 def test_evt2_hand_built_words():
