@@ -140,14 +140,14 @@ def _lut(roi: ROI, polarity: str, pool: int) -> tuple[np.ndarray, int, int, int]
     h, w = roi.height // pool, roi.width // pool
     hl, wl = roi.y + roi.height + 1, roi.x + roi.width + 1
     frame = c_n * h * w
-    lut = np.full((2, hl, wl), _OUTSIDE, dtype=np.intp)
+    lut3 = np.full((2, hl, wl), _OUTSIDE, dtype=np.intp)
     yy = np.arange(h * pool) // pool
     xx = np.arange(w * pool) // pool
     cell = yy[:, None] * w + xx[None, :]
     for p in (0, 1):
         c = 0 if polarity == "merge" else p
-        lut[p, roi.y : roi.y + h * pool, roi.x : roi.x + w * pool] = c * h * w + cell
-    lut = lut.reshape(-1)
+        lut3[p, roi.y : roi.y + h * pool, roi.x : roi.x + w * pool] = c * h * w + cell
+    lut = lut3.reshape(-1)
     lut.flags.writeable = False  # cached and shared
     return lut, frame, hl, wl
 

@@ -214,7 +214,7 @@ def _frame(rec: Any, start: int, end: int, scale: int, roi: tuple[int, ...] | No
     t = rec.events["t"]
     a, b = np.searchsorted(t, [start, end])
     img = Image.fromarray(event_image(rec.events[a:b], rec.width, rec.height))
-    img = img.resize((rec.width * scale, rec.height * scale), Image.NEAREST)
+    img = img.resize((rec.width * scale, rec.height * scale), Image.Resampling.NEAREST)
     draw = ImageDraw.Draw(img)
     if roi:
         x, y, w, h = roi
