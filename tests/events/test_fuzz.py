@@ -22,8 +22,8 @@ SAMPLES = sorted(p for p in EVENTS_DIR.glob("*/*") if p.is_file()) if EVENTS_DIR
 #: the first 64 kB of each real recording (keeps every fuzz example fast)
 HEADS = {p.name: p.read_bytes()[: 1 << 16] for p in SAMPLES}
 
-FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-FUZZ_FILES = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ_FILES = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def _check_outcome(data: bytes, fmt: str | None) -> None:
