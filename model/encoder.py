@@ -12,7 +12,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -101,6 +101,9 @@ class Encoder(nn.Module):
     config.
     """
 
+    ff_kernel: Tensor
+    fb_kernel: Tensor
+
     def __init__(self, config: EncoderConfig, *, hidden_init: str = "zero", hidden_init_scale: float = 1.0):
         super().__init__()
         self.config = config
@@ -122,6 +125,11 @@ class Encoder(nn.Module):
         self._cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
         self.reset_parameters(hidden_init=hidden_init, hidden_init_scale=hidden_init_scale)
 
+    @property
+    def layers(self) -> list[nn.Linear]:
+        """The hidden layers' ``nn.Linear`` modules (weight ``[H, n_in]``, bias ``[H]``)."""
+        return [cast(nn.Linear, m) for m in self.hidden]
+
     # ------------------------------------------------------------------ parameters
     def reset_parameters(self, *, hidden_init: str = "zero", hidden_init_scale: float = 1.0) -> None:
         """Initialise as the authors (``hidden_init="zero"``: W = 0, b ~ U(-1e-3, 1e-3)) or randomly.
@@ -131,7 +139,7 @@ class Encoder(nn.Module):
         tune ``scale`` so that ~15 % of hidden neurons are active (VDIB-REFERENCE.md pitfall 3).
         Readout: Xavier-uniform feedforward and feedback weights, zero bias.
         """
-        for layer in self.hidden:
+        for layer in self.layers:
             if hidden_init == "zero":
                 nn.init.zeros_(layer.weight)
             elif hidden_init == "random":
@@ -165,7 +173,7 @@ class Encoder(nn.Module):
         return self._derived("lag", w, lambda: F.lag_weights(w, self.ff_kernel.flip(0)))
 
     def hidden_weight_t(self, i: int) -> Tensor:
-        w = self.hidden[i].weight
+        w = self.layers[i].weight
         return self._derived(f"h{i}", w, lambda: w.t())
 
     def _use_events(self, x: Tensor) -> bool:
@@ -195,7 +203,7 @@ class Encoder(nn.Module):
         lif = self.config.lif
         z = x_t
         new: list[LIFState] = []
-        for i, (layer, st) in enumerate(zip(self.hidden, states, strict=True)):
+        for i, (layer, st) in enumerate(zip(self.layers, states, strict=True)):
             z, st2, _ = F.lif_step(
                 z, st, layer.weight, layer.bias, lif, weight_t=self.hidden_weight_t(i), event_driven=self._use_events(z)
             )

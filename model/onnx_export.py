@@ -95,6 +95,7 @@ def export_onnx(naturalizer: Naturalizer, out_dir: str | os.PathLike[str], *, op
     # the shape checks in the decoders are constant for a given model: the tracer may fold them
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message="Constant folding")
         state = state_to_list(enc.init_state(B, "cpu"))
         x = torch.zeros(B, cfg.encoder.n_inputs)
         uni = torch.rand(B, cfg.encoder.n_readout)

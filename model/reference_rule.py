@@ -42,13 +42,13 @@ def reference_encoder_gradients(
         state = encoder.init_state(1, x.device, x.dtype)
         # presynaptic traces (e-prop eligibility, eq. 22) and the readout's input history (eq. 19)
         pre = [(torch.zeros(1, layer.in_features, dtype=x.dtype), torch.zeros(1, layer.in_features, dtype=x.dtype))
-               for layer in encoder.hidden]
+               for layer in encoder.layers]
         hist = torch.zeros(tau, n_ro_in, dtype=x.dtype)
         for t in range(T):
             z = x[t, b : b + 1]
             hidden_states = []
             hidden_info = []
-            for li, (layer, st) in enumerate(zip(encoder.hidden, state.hidden, strict=True)):
+            for li, (layer, st) in enumerate(zip(encoder.layers, state.hidden, strict=True)):
                 q_pre, p_pre = F.lif_traces(z, pre[li][0], pre[li][1], lif)
                 pre[li] = (q_pre, p_pre)
                 z, st2, u_h = F.lif_step(z, st, layer.weight, layer.bias, lif)

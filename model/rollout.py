@@ -70,7 +70,7 @@ def hidden_rollout(
     T, B = x.shape[:2]
     ps, us, ss = [], [], []
     z = x
-    for layer in encoder.hidden:
+    for layer in encoder.layers:
         p = _traces(z, params, differentiable)
         H = layer.out_features
         wp = mm(p.reshape(T * B, -1), layer.weight.t(), matmul_dtype).view(T, B, H) + layer.bias

@@ -105,7 +105,7 @@ def calibrate_hidden_init(
     g = torch.Generator().manual_seed(seed)
     scale = 1.0
     with torch.no_grad():
-        for li, layer in enumerate(encoder.hidden):
+        for li, layer in enumerate(encoder.layers):
             noise = torch.randn(layer.weight.shape, generator=g) / math.sqrt(layer.in_features * 0.05)
             noise = noise.to(layer.weight.dtype)
             lo, hi = -8.0, 8.0
@@ -182,7 +182,7 @@ def encoder_gradients(
     c = mm(es.t(), z.reshape(T * B, -1), matmul_dtype).view(tau, ny, -1)  # [tau, N_Y, n_in]
     grads["readout_ff_weight"] = _lag_to_basis(c, encoder).contiguous()
     scale = encoder.config.surrogate_scale
-    for li, (layer, b_mat) in enumerate(zip(encoder.hidden, dfa, strict=True)):
+    for li, (layer, b_mat) in enumerate(zip(encoder.layers, dfa, strict=True)):
         sg = torch.sigmoid(scale * roll.u[li])
         h = (eb @ b_mat.t()) * (scale * sg * (1 - sg))  # L_t * Theta'(U_t), [T, B, H]
         H = layer.out_features
@@ -344,7 +344,7 @@ class VDIBOptions:
 
 def _init_hidden(encoder: Encoder, kind: str, scale: float) -> None:
     with torch.no_grad():
-        for layer in encoder.hidden:
+        for layer in encoder.layers:
             if kind == "zero":
                 layer.weight.zero_()
             else:
@@ -369,7 +369,7 @@ class VDIBRule(Rule):
         dev = enc.readout_bias.device
         self.dfa = [
             (torch.randn(layer.out_features, ny, generator=g) * (o.dfa_scale / math.sqrt(ny))).to(dev)
-            for layer in enc.hidden
+            for layer in enc.layers
         ]
         self.enc_params = dict(enc.named_parameters())
         lr_d = o.decoder_lr if o.decoder_lr is not None else o.lr
@@ -466,7 +466,7 @@ class VDIBRule(Rule):
             names = list(grads)
             reduced = self._reduce_mean([grads[n] for n in names])
             if o.grad_clip is not None:
-                norm = torch.sqrt(sum((g.float() ** 2).sum() for g in reduced))
+                norm = torch.sqrt(torch.stack([(g.float() ** 2).sum() for g in reduced]).sum())
                 if norm > o.grad_clip:
                     reduced = [g * (o.grad_clip / norm) for g in reduced]
             for n, g in zip(names, reduced, strict=True):
