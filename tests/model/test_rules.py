@@ -268,3 +268,17 @@ def test_tiny_model_on_drifting_blobs_lowers_its_loss(rule_name, opts):
     marginal = float(-(pm * pm.log() + (1 - pm) * (1 - pm).log()).sum())
     assert last < first
     assert last < marginal, (first, last, marginal)
+
+
+@pytest.mark.parametrize("rule_name", ["vdib", "vdib-bptt"])
+def test_all_steps_targets_and_class_logits(rule_name):
+    nat = tiny_naturalizer(input_shape=(1, 4, 4), hidden=(10,), n_readout=6, tau_d=3, image_shape=(5,), output="logits")
+    opts = {"n_samples": 2} if rule_name == "vdib" else {}
+    rule = build_rule(rule_name, nat, target_steps="all", **opts)
+    x = random_spike_frames(7, (4, 1, 4, 4), rate=0.3, seed=0)
+    per_step = torch.randint(0, 5, (7, 4))
+    s1 = rule.train_step(x, per_step, torch.Generator().manual_seed(0))
+    s2 = rule.train_step(x, per_step[0], torch.Generator().manual_seed(0))  # one class for every step
+    for s in (s1, s2):
+        # summed over 7 decoded steps, each about log(5) nats at the start
+        assert 7 * 0.5 < s["decoder_loss"] < 7 * 4.0
