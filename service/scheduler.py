@@ -36,8 +36,9 @@ log = logging.getLogger("vdib.service")
 class Scheduler:
     """Owns the set of live sessions and the tick loop (start with :meth:`start`)."""
 
-    def __init__(self, metrics: Any, max_batch: int = 1024) -> None:
+    def __init__(self, metrics: Any, max_batch: int = 1024, inline: bool = True) -> None:
         self.metrics = metrics
+        self.inline = inline
         self.max_batch = max_batch
         self.sessions: dict[str, Session] = {}
         self._wake = asyncio.Event()
@@ -86,7 +87,10 @@ class Scheduler:
                 if not work:
                     break
                 try:
-                    results = await loop.run_in_executor(self._pool, self._tick, work)
+                    if self.inline:
+                        results = self._tick(work)
+                    else:
+                        results = await loop.run_in_executor(self._pool, self._tick, work)
                 except Exception as exc:  # noqa: BLE001 - one bad tick must not kill the service
                     log.exception("scheduler tick failed")
                     for s, _ in work:
@@ -96,6 +100,7 @@ class Scheduler:
                 for s, msg in results:
                     s.deliver(msg, self.metrics)
                 self._update_rate()
+                await asyncio.sleep(0)  # let socket reads and sends run between ticks
 
     def _collect(self) -> list[tuple[Session, Pending]]:
         due = [s for s in self.sessions.values() if s.pending and not s.closed]

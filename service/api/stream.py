@@ -261,6 +261,8 @@ async def _sender(ws: WebSocket, s: Session, metrics: Any, interval: float) -> N
                 if m.close_code != 1000:
                     metrics.streams_rejected.labels(str(m.close_code)).inc()
                 return
+            if time.monotonic() >= next_stats:  # also while a slow client keeps the queue full
+                break
         if time.monotonic() >= next_stats:
             await ws.send_text(json.dumps(s.stats()))
             next_stats = time.monotonic() + interval

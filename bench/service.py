@@ -1,0 +1,393 @@
+"""Service benchmark: concurrent real-time websocket streams and upload throughput, per engine.
+
+    python -m bench.service [--engines torch,onnx] [--streams 25,50,100,150,200] [--window 8]
+
+For each engine a ``vdib serve`` subprocess is started on 127.0.0.1 with the default checkpoint
+(``checkpoints/mnist-dvs`` when present, else a random model of the same architecture from
+``configs/mnist-dvs-default.toml``: 2x26x26 -> 256 hidden -> 256 readouts, MLP decoder over
+tau_d = 30 bins, which costs the same). Then:
+
+* streams: N websocket clients (one asyncio process) each replay the real MNIST-DVS recording
+  (``../shared/data/events/aedat2/mnist_0_scale04_0001.aedat``, looped with increasing
+  timestamps) in real time, one 10 ms packet every 10 ms, starts staggered over one packet
+  period; 10 ms bins, a frame every 3 bins (33 frames/s). After a warm-up, over ``--window``
+  seconds: p99 of the server's frame latency (bin complete -> frame sent, from the
+  ``vdib_frame_latency_seconds`` histogram, interpolated in its bucket), the client-side
+  end-to-end latency (bin end in event time -> frame received, which includes the up-to-10 ms
+  wait for the packet that completes the bin), dropped frames, the server's CPU time per stream
+  (from /proc), and the mean batch size. N grows through ``--streams`` until p99 passes 20 ms or
+  frames are dropped; the largest passing N is reported.
+* upload: a 10M-event AEDAT 4 file (the recording tiled in time) posted to /v1/naturalize
+  (``emit=last``): events per second end to end and the server's time per stage.
+
+Writes ``bench/results/service.json`` and ``bench/results/service.md``. Traffic goes only to
+127.0.0.1; every run is bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+RECORDING = REPO / ".." / "shared" / "data" / "events" / "aedat2" / "mnist_0_scale04_0001.aedat"
+LATENCY_TARGET_MS = 20.0
+TARGET_STREAMS = 100
+
+
+# ---------------------------------------------------------------------------- model / server
+def prepare_checkpoints(tmp: Path) -> tuple[Path, str]:
+    """The checkpoints dir to serve and a description of the model in it."""
+    shipped = REPO / "checkpoints" / "mnist-dvs"
+    if (shipped / "config.json").is_file():
+        return REPO / "checkpoints", "checkpoints/mnist-dvs (trained default)"
+    from model import save_checkpoint
+    from model.testing import tiny_naturalizer
+
+    nat = tiny_naturalizer(input_shape=(2, 26, 26), hidden=(256,), n_readout=256, tau_d=30, decoder="mlp",
+                           decoder_options={"hidden": 512}, readout_bias=-2.0,
+                           preprocessing={"roi": [48, 54, 26, 26], "sensor": [128, 128]})
+    save_checkpoint(tmp / "mnist-dvs", nat, {"note": "random weights, default architecture"}, {}, {})
+    return tmp, "random weights, architecture of configs/mnist-dvs-default.toml (2x26x26-256-256, mlp 512, tau_d 30)"
+
+
+class Server:
+    def __init__(self, checkpoints: Path, engine: str) -> None:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        self.port = s.getsockname()[1]
+        s.close()
+        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", VDIB_TORCH_THREADS="1",
+                   VDIB_MAX_SESSIONS="2000", VDIB_STATS_INTERVAL_S="1.0", VDIB_IDLE_TIMEOUT_S="30")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "vdib_cli.py"), "serve", "--port", str(self.port), "--checkpoints",
+             str(checkpoints), "--engine", engine, "--log-level", "warning"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+        )
+        import httpx
+
+        for _ in range(600):
+            try:
+                if httpx.get(self.http + "/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                raise RuntimeError(self.proc.stderr.read().decode() if self.proc.stderr else "server died")
+            time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def metrics(self) -> dict[str, float]:
+        import httpx
+
+        out: dict[str, float] = {}
+        for line in httpx.get(self.http + "/metrics", timeout=10).text.splitlines():
+            if line.startswith("vdib_") and not line.startswith("#"):
+                k, v = line.rsplit(" ", 1)
+                out[k] = float(v)
+        return out
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def hist_p99(m0: dict[str, float], m1: dict[str, float], name: str, q: float = 0.99) -> float | None:
+    """Quantile of a Prometheus histogram over the interval m0 -> m1 (linear within a bucket), ms."""
+    pat = re.compile(rf'^{name}_bucket{{le="([^"]+)"}}$')
+    buckets = []
+    for k, v in m1.items():
+        mm = pat.match(k)
+        if mm:
+            le = float("inf") if mm.group(1) == "+Inf" else float(mm.group(1))
+            buckets.append((le, v - m0.get(k, 0.0)))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0
+    if total <= 0:
+        return None
+    target = q * total
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in buckets:
+        if c >= target:
+            if le == float("inf"):
+                return prev_le * 1e3
+            frac = (target - prev_c) / max(c - prev_c, 1e-9)
+            return (prev_le + frac * (le - prev_le)) * 1e3
+        prev_le, prev_c = le, c
+    return None
+
+
+# ---------------------------------------------------------------------------- streams
+def make_packets(loops: int) -> tuple[list[tuple[float, bytes]], int]:
+    """The recording looped ``loops`` times as (due seconds, packet) pairs of 10 ms each."""
+    import events
+    from service.protocol import encode_events
+
+    ev = events.read(RECORDING).events
+    t0 = int(ev["t"][0])
+    period = int(ev["t"][-1]) - t0 + 10_000
+    parts = []
+    for j in range(loops):
+        e = ev.copy()
+        e["t"] = e["t"] - t0 + j * period
+        parts.append(e)
+    allev = np.concatenate(parts)
+    k = allev["t"] // 10_000
+    cuts = np.flatnonzero(np.diff(k)) + 1
+    packets = []
+    for chunk in np.split(allev, cuts):
+        due = (int(chunk["t"][0]) // 10_000 + 1) * 0.01  # sent when its 10 ms of event time has passed
+        packets.append((due, encode_events(chunk)))
+    return packets, len(allev)
+
+
+async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], duration: float) -> dict[str, Any]:
+    from websockets.asyncio.client import connect
+
+    from service.protocol import FRAME_HEADER
+
+    url = f"ws://127.0.0.1:{port}/v1/stream"
+    start_msg = json.dumps({"type": "start", "protocol": 1, "sensor": {"width": 128, "height": 128}, "emit": 3})
+    conns = []
+    for _ in range(n):
+        ws = await connect(url, max_size=None, compression=None, open_timeout=30, ping_interval=None)
+        await ws.send(start_msg)
+        ready = json.loads(await ws.recv())
+        if ready["type"] != "ready":
+            raise RuntimeError(ready)
+        conns.append(ws)
+    t_start = time.perf_counter() + 0.2
+    lat_e2e: list[list[float]] = [[] for _ in range(n)]
+    frames = [0] * n
+    last_stats: list[dict[str, Any]] = [{} for _ in range(n)]
+    n_packets = sum(1 for d, _ in packets if d <= duration)
+
+    async def sender(i: int, ws: Any) -> None:
+        base = t_start + i * 0.01 / n
+        for due, pk in packets[:n_packets]:
+            delay = base + due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await ws.send(pk)
+        await ws.send(json.dumps({"type": "end"}))
+
+    async def receiver(i: int, ws: Any) -> None:
+        base = t_start + i * 0.01 / n
+        try:
+            async for msg in ws:
+                if isinstance(msg, bytes):
+                    bin_end = FRAME_HEADER.unpack_from(msg)[5]
+                    lat_e2e[i].append(time.perf_counter() - (base + bin_end / 1e6))
+                    frames[i] += 1
+                else:
+                    obj = json.loads(msg)
+                    if obj["type"] in ("stats", "end"):
+                        last_stats[i] = obj
+        except Exception:  # noqa: BLE001 - a closed connection ends the receiver
+            pass
+
+    tasks = [asyncio.create_task(sender(i, ws)) for i, ws in enumerate(conns)]
+    tasks += [asyncio.create_task(receiver(i, ws)) for i, ws in enumerate(conns)]
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=duration + 60)
+    return {"lat_e2e": lat_e2e, "frames": frames, "stats": last_stats, "t_start": t_start}
+
+
+def bench_streams(server: Server, n: int, warmup: float, window: float) -> dict[str, Any]:
+    duration = warmup + window + 0.5
+    packets, _ = make_packets(loops=int(duration / 2.2) + 2)
+    result: dict[str, Any] = {}
+
+    async def main() -> dict[str, Any]:
+        task = asyncio.create_task(run_streams(server.port, n, packets, duration))
+        await asyncio.sleep(warmup + 1.0)  # connections + warm-up
+        m0, c0, w0 = server.metrics(), server.cpu_seconds(), time.perf_counter()
+        await asyncio.sleep(window)
+        m1, c1, w1 = server.metrics(), server.cpu_seconds(), time.perf_counter()
+        result.update(m0=m0, m1=m1, cpu=c1 - c0, wall=w1 - w0)
+        return await task
+
+    out = asyncio.run(main())
+    m0, m1 = result["m0"], result["m1"]
+    frames_win = m1.get("vdib_frames_sent_total", 0) - m0.get("vdib_frames_sent_total", 0)
+    steps_win = m1.get("vdib_steps_total", 0) - m0.get("vdib_steps_total", 0)
+    ticks = m1.get("vdib_batch_size_count", 0) - m0.get("vdib_batch_size_count", 0)
+    e2e = np.concatenate([np.asarray(v[len(v) // 3 :]) for v in out["lat_e2e"] if v]) * 1e3
+    dropped = sum(s.get("dropped_frames", 0) for s in out["stats"])
+    late = sum(s.get("late_events", 0) for s in out["stats"])
+    return {
+        "streams": n,
+        "p99_frame_latency_ms": hist_p99(m0, m1, "vdib_frame_latency_seconds"),
+        "p50_frame_latency_ms": hist_p99(m0, m1, "vdib_frame_latency_seconds", 0.5),
+        "p99_end_to_end_ms": float(np.percentile(e2e, 99)) if len(e2e) else None,
+        "p50_end_to_end_ms": float(np.percentile(e2e, 50)) if len(e2e) else None,
+        "frames_per_s": frames_win / result["wall"],
+        "steps_per_s": steps_win / result["wall"],
+        "expected_steps_per_s": n * 100.0,
+        "mean_batch": steps_win / ticks if ticks else None,
+        "server_cpu_cores": result["cpu"] / result["wall"],
+        "server_cpu_ms_per_stream_s": 1e3 * result["cpu"] / result["wall"] / n,
+        "dropped_frames": int(dropped),
+        "late_events": int(late),
+    }
+
+
+# ---------------------------------------------------------------------------- upload
+def bench_upload(server: Server, path: Path, n_events: int) -> dict[str, Any]:
+    import httpx
+
+    data = path.read_bytes()
+    t = time.perf_counter()
+    r = httpx.post(server.http + "/v1/naturalize?emit=last", content=data, timeout=600,
+                   headers={"Content-Type": "application/octet-stream"}, params={"filename": path.name})
+    wall = time.perf_counter() - t
+    r.raise_for_status()
+    j = r.json()
+    return {
+        "events": n_events,
+        "bytes": len(data),
+        "bins": j["stats"]["bins"],
+        "seconds": wall,
+        "events_per_s": n_events / wall,
+        "stages_s": j["stats"]["seconds"],
+    }
+
+
+def make_upload_file(tmp: Path, n_target: int) -> tuple[Path, int]:
+    import events
+
+    ev = events.read(RECORDING).events
+    t0 = int(ev["t"][0])
+    period = int(ev["t"][-1]) - t0 + 10_000
+    loops = -(-n_target // len(ev))
+    out = np.empty(loops * len(ev), dtype=ev.dtype)
+    for j in range(loops):
+        s = out[j * len(ev) : (j + 1) * len(ev)]
+        s[:] = ev
+        s["t"] = ev["t"] - t0 + j * period
+    out = out[:n_target]
+    path = tmp / "upload_10M.aedat4"
+    events.write_aedat4(path, out, 128, 128)
+    return path, len(out)
+
+
+# ---------------------------------------------------------------------------- report
+def write_md(res: dict[str, Any], path: Path) -> None:
+    lines = [
+        "# Service benchmark",
+        "",
+        f"Machine: {res['machine']}; model: {res['model']}.",
+        f"Command: `{res['command']}`",
+        "",
+        "Streams: each replays the real MNIST-DVS recording in real time (10 ms packets), 10 ms bins, a frame "
+        "every 3 bins (33 frames/s). `p99 server` = bin complete -> frame sent (the criterion, target < "
+        f"{LATENCY_TARGET_MS:.0f} ms); `p99 e2e` = bin end (event clock) -> frame received by the client, which "
+        "includes waiting for the next 10 ms packet. Server and clients share the same cores.",
+        "",
+    ]
+    for eng, r in res["engines"].items():
+        lines += [f"## Engine: {eng}", "",
+                  f"Largest N passing (p99 server < {LATENCY_TARGET_MS:.0f} ms, no drops): **{r['max_streams']}** "
+                  f"(target >= {TARGET_STREAMS}).", "",
+                  "| streams | p50 / p99 server (ms) | p50 / p99 e2e (ms) | frames/s | steps/s (of expected) | mean batch | server CPU (cores) | CPU ms per stream-second | dropped | pass |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for s in r["streams"]:
+            def f(v: Any, d: int = 1) -> str:
+                return "-" if v is None else f"{v:.{d}f}"
+            lines.append(
+                f"| {s['streams']} | {f(s['p50_frame_latency_ms'])} / {f(s['p99_frame_latency_ms'])} | "
+                f"{f(s['p50_end_to_end_ms'])} / {f(s['p99_end_to_end_ms'])} | {s['frames_per_s']:.0f} | "
+                f"{s['steps_per_s']:.0f} ({s['steps_per_s'] / s['expected_steps_per_s']:.0%}) | {f(s['mean_batch'])} | "
+                f"{s['server_cpu_cores']:.2f} | {s['server_cpu_ms_per_stream_s']:.2f} | {s['dropped_frames']} | "
+                f"{'yes' if s['pass'] else 'no'} |")
+        u = r.get("upload")
+        if u:
+            st = u["stages_s"]
+            lines += ["", f"Upload of a {u['events'] / 1e6:.0f}M-event AEDAT 4 file ({u['bytes'] / 1e6:.0f} MB, "
+                      f"{u['bins']} bins, emit=last): **{u['events_per_s'] / 1e6:.2f} M events/s** end to end "
+                      f"({u['seconds']:.1f} s; read {st['read']:.1f} s, bin {st['bin']:.1f} s, encode {st['encode']:.1f} s, "
+                      f"decode {st['decode']:.3f} s)."]
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--engines", default="torch,onnx")
+    ap.add_argument("--streams", default="25,50,100,150,200,300")
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--window", type=float, default=6.0)
+    ap.add_argument("--upload-events", type=int, default=10_000_000)
+    ap.add_argument("--no-upload", action="store_true")
+    args = ap.parse_args()
+    if not RECORDING.exists():
+        print(f"recording not found: {RECORDING}", file=sys.stderr)
+        return 2
+    res: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "command": "python -m bench.service " + " ".join(sys.argv[1:]),
+        "engines": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="vdib-bench-") as td:
+        tmp = Path(td)
+        ckpt, desc = prepare_checkpoints(tmp / "checkpoints")
+        res["model"] = desc
+        upload_file = None
+        if not args.no_upload:
+            upload_file, n_up = make_upload_file(tmp, args.upload_events)
+        for eng in args.engines.split(","):
+            server = Server(ckpt, eng)
+            rows = []
+            best = 0
+            try:
+                for n in (int(v) for v in args.streams.split(",")):
+                    r = bench_streams(server, n, args.warmup, args.window)
+                    r["pass"] = (r["p99_frame_latency_ms"] is not None and r["p99_frame_latency_ms"] < LATENCY_TARGET_MS
+                                 and r["dropped_frames"] == 0 and r["steps_per_s"] >= 0.95 * r["expected_steps_per_s"])
+                    rows.append(r)
+                    print(f"[{eng}] N={n}: p99 server {r['p99_frame_latency_ms']}, e2e {r['p99_end_to_end_ms']}, "
+                          f"cpu {r['server_cpu_cores']:.2f}, batch {r['mean_batch']}, steps {r['steps_per_s']:.0f}, "
+                          f"dropped {r['dropped_frames']}", flush=True)
+                    if not r["pass"]:
+                        break
+                    best = n
+                entry: dict[str, Any] = {"max_streams": best, "streams": rows}
+                if upload_file is not None:
+                    entry["upload"] = bench_upload(server, upload_file, n_up)
+                    print(f"[{eng}] upload: {entry['upload']['events_per_s'] / 1e6:.2f} Mev/s", flush=True)
+                res["engines"][eng] = entry
+            finally:
+                server.stop()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "service.json").write_text(json.dumps(res, indent=2) + "\n")
+    write_md(res, RESULTS / "service.md")
+    print((RESULTS / "service.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
