@@ -310,6 +310,9 @@ def _accumulate(
         chunk = events[s : s + _CHUNK]
         a = idx[: len(chunk)]
         t_max = max(t_max, _fill_index(chunk, lut, hl, wl, stride, dt_us, t0, n_bins, a, tmp, flags))
+        a = a[a < cells - 1]  # the trash cell would stretch the range to the end
+        if len(a) == 0:
+            continue
         lo, hi = int(a.min()), int(a.max()) + 1
         a -= lo
         c = np.bincount(a, minlength=hi - lo)

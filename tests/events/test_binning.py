@@ -107,7 +107,8 @@ def test_large_output_count_path_matches_small_path():
     )
     np.testing.assert_array_equal(big, small)
     assert big[4, 1, 9, 17] == 255
-    np.testing.assert_array_equal(big[:50], reference(ev, ROI(0, 0, 256, 256), 1_000, 1_000, 50, mode="count"))
+    early = ev[ev["t"] < 51_000]  # the reference loops in Python: only the events of bins 0..49
+    np.testing.assert_array_equal(big[:50], reference(early, ROI(0, 0, 256, 256), 1_000, 1_000, 50, mode="count"))
 
 
 def test_binspec_and_roi_validation():

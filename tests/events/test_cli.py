@@ -120,3 +120,19 @@ def test_simulate_mnist_dvs_writes_the_dataset_layout(tmp_path, capsys):
     b = events.read(again / "0/scale04/mnist_0_scale04_0001.aedat4").events
     np.testing.assert_array_equal(a, b)
     assert main(["simulate", "mnist-dvs", "--out", str(out), "--n", "1", "--mnist", str(tmp_path / "nope.gz")]) == 2
+
+
+def test_simulate_compare_prints_real_and_simulated(tmp_path, capsys):
+    yy, xx = np.mgrid[:28, :28]
+    ring = (np.abs(np.hypot(xx - 13.5, yy - 13.5) - 8) < 2) * 255
+    _write_idx(tmp_path / "t-images-idx3-ubyte.gz", np.stack([ring, ring]), 0x08)
+    _write_idx(tmp_path / "t-labels-idx1-ubyte.gz", np.array([0, 0]), 0x08)
+    real = events.simulate_mnist_dvs(ring / 255.0, scale=4, duration_s=0.4, seed=1)
+    path = tmp_path / "mnist_0_scale04_0001.aedat4"
+    events.write_aedat4(path, real.events, 128, 128)
+    assert main(["simulate", "compare", str(path), "--n", "2", "--json",
+                 "--mnist", str(tmp_path / "t-images-idx3-ubyte.gz")]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["scale"] == 4 and row["real"]["events"] == len(real.events)
+    sim = row["simulated"]["events_per_s"]["mean"]
+    assert 0.5 < sim / row["real"]["events_per_s"] < 2.0

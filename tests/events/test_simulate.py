@@ -137,3 +137,20 @@ def test_mnist_dvs_close_to_real_recording(shared_events):
     assert abs(s["on_fraction"] - r["on_fraction"]) < 0.05
     assert 0.5 < s["events_per_active_pixel"] / r["events_per_active_pixel"] < 2.0
     assert abs(s["centre_y"] - r["centre_y"]) < 5 and abs(s["centre_x"] - r["centre_x"]) < 5
+
+
+def test_render_blocks_replicates_pixels_and_conserves_light():
+    from events.simulate import render_blocks
+
+    img = np.zeros((4, 4))
+    img[1, 2] = 1.0
+    # zoom 3, centre (10.5, 10.5): block (row 1, col 2) spans x [10.5, 13.5), y [7.5, 10.5),
+    # which covers the pixel centres x 11..13, y 8..10 (pixel u has its centre at u)
+    out = render_blocks(img, (20, 20), (10.5, 10.5), 3.0, background=0.0, blur_px=0.01)
+    ys, xs = np.nonzero(out > 0.5)
+    assert sorted(set(xs.tolist())) == [11, 12, 13] and sorted(set(ys.tolist())) == [8, 9, 10]
+    assert out.sum() == pytest.approx(9.0, rel=1e-6)
+    # with blur the light spreads but its total is the block area (9 pixels)
+    blurred = render_blocks(img, (20, 20), (10.3, 9.6), 3.0, background=0.0, blur_px=1.0)
+    assert blurred.sum() == pytest.approx(9.0, rel=1e-3)
+    assert blurred.max() < 1.0
