@@ -329,3 +329,14 @@ def test_derived_weight_cache_follows_in_place_updates():
         h = enc.hidden_weight_t(0).clone()
         enc.hidden[0].weight.add_(1.0)
         torch.testing.assert_close(enc.hidden_weight_t(0), h + 1.0)
+
+
+def test_reconstruct_fast_path_matches_forward_given_spikes():
+    nat = tiny_naturalizer(input_shape=(2, 5, 5), hidden=(16,), n_readout=8, tau_d=4)
+    x = random_spike_frames(10, (3, 2, 5, 5), rate=0.2, seed=0)
+    y, img = nat.reconstruct(x, torch.Generator().manual_seed(0))
+    assert y.shape == (10, 3, 8) and img.shape == (3, 28, 28)
+    torch.testing.assert_close(img, nat.decode(sliding_windows(y, 4)[-1]))
+    y2, imgs = nat.reconstruct(x, torch.Generator().manual_seed(0), every_step=True)
+    assert torch.equal(y, y2) and imgs.shape == (10, 3, 28, 28)
+    torch.testing.assert_close(imgs[-1], img)
