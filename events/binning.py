@@ -314,6 +314,13 @@ def _accumulate(
         if len(a) == 0:
             continue
         lo, hi = int(a.min()), int(a.max()) + 1
+        if hi - lo > 8 * len(a):
+            # Scattered (unsorted) chunk: sort its cells instead of counting over the range.
+            u, c = np.unique(a, return_counts=True)
+            c += flat[u]
+            np.minimum(c, 255, out=c)
+            flat[u] = c
+            continue
         a -= lo
         c = np.bincount(a, minlength=hi - lo)
         c += flat[lo:hi]
