@@ -31,6 +31,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     j.add_argument("--no-progress", action="store_true")
     j.set_defaults(func=_cmd_train_judge)
 
+    t = subparsers.add_parser("table1", help="train the paper's Table 1 grid and write docs/results/table1.*")
+    t.add_argument("--examples", type=int, default=200_000)
+    t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    t.add_argument("--rules", nargs="+", default=["vdib", "vdib-bptt"])
+    t.add_argument("--encodings", nargs="+", default=["rate", "ttfs"])
+    t.add_argument("--decodings", nargs="+", default=["time", "rate"])
+    t.add_argument("--train-limit", type=int, default=0, help="training digits (0 = all at hand)")
+    t.add_argument("--root", type=Path, default=None, help="run directories (default runs/table1)")
+    t.add_argument("--out", type=Path, default=None, help="tables and plot (default docs/results)")
+    t.add_argument("--set", dest="extra", action="append", default=[], help="extra config override")
+    t.add_argument("--collect-only", action="store_true")
+    t.add_argument("--progress", action="store_true")
+    t.set_defaults(func=_cmd_table1)
+
     e = subparsers.add_parser("evaluate", help="evaluate a naturalizer checkpoint (judge accuracy, MSE, SSIM)")
     e.add_argument("checkpoint", type=Path, help="naturalizer checkpoint directory")
     e.add_argument("--data", type=Path, default=None,
@@ -85,6 +99,26 @@ def _cmd_train_judge(args: argparse.Namespace) -> int:
     save_judge(out, model, cfg, metrics, prov)
     print(json.dumps({"test_accuracy": metrics["test_accuracy"], "train_seconds": metrics["train_seconds"],
                       "total_seconds": round(time.perf_counter() - t0, 1), "out": str(out)}))
+    return 0
+
+
+def _cmd_table1(args: argparse.Namespace) -> int:
+    import itertools
+
+    from .experiments import REPO, cell_name, collect, run_cell
+
+    root = args.root or REPO / "runs" / "table1"
+    out = args.out or REPO / "docs" / "results"
+    if not args.collect_only:
+        for seed, rule, enc, dec in itertools.product(args.seeds, args.rules, args.encodings, args.decodings):
+            s = run_cell(root, enc, dec, rule, seed, args.examples, args.train_limit, args.extra, args.progress)
+            fe = s.get("final_eval", {})
+            print(json.dumps({"cell": cell_name(enc, dec, rule, seed), "examples": s["examples"],
+                              "train_seconds": s["train_seconds"],
+                              **{k: v for k, v in fe.items() if isinstance(v, float)}}), flush=True)
+            collect(root, out)
+    collect(root, out)
+    print(f"wrote {out / 'table1.md'}")
     return 0
 
 

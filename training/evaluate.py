@@ -178,3 +178,32 @@ def judge_label(images: np.ndarray | torch.Tensor, judge: torch.nn.Module) -> li
 
     t = torch.as_tensor(images, dtype=torch.float32)
     return predict(judge, t.reshape(t.shape[0], -1)).tolist()
+
+
+@torch.no_grad()
+def decode_recording(naturalizer: torch.nn.Module, source: str | Path, seed: int = 0,
+                     every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode an event recording with a naturalizer as the service would (online, from its start).
+
+    The recording is binned with the checkpoint's preprocessing (ROI, ``dt_us``, polarity,
+    presence; ``t0`` = its first event), stepped through the encoder from the zero state with a
+    generator seeded ``seed``, and decoded. Returns ``(final_image [28, 28], images [k, 28, 28])``
+    where ``images`` holds the decodings after every ``every`` steps (empty when ``every`` = 0).
+    """
+    import events
+    from model import OnlineNaturalizer
+
+    cfg = naturalizer.config
+    pre = cfg.preprocessing
+    rec = events.read(source)
+    roi = events.ROI(*pre.get("roi", list(events.MNIST_DVS.roi)))
+    frames = events.bin_events(rec.events, roi, int(cfg.dt_us), None, None, polarity=cfg.polarity,
+                               mode=cfg.mode, pool=int(pre.get("pool", 1)))
+    online = OnlineNaturalizer(naturalizer, torch.Generator().manual_seed(seed))
+    snaps = []
+    for k, f in enumerate(torch.from_numpy(frames).unbind(0)):
+        online.push(f)
+        if every and (k + 1) % every == 0:
+            snaps.append(online.decode().reshape(28, 28))
+    final = online.decode().reshape(28, 28)
+    return final, (torch.stack(snaps) if snaps else torch.zeros(0, 28, 28))

@@ -119,6 +119,7 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: dict) -> None:
 def test_ddp_two_ranks_equal_one_process(tmp_path, rule):
     _mnist_or_skip()
     import torch.multiprocessing as mp
+
     from model import load_checkpoint
 
     over = {"rule.name": f'"{rule}"', "data.encoding": '"rate"', "train.examples": 32}
