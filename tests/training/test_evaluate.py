@@ -24,10 +24,10 @@ def test_ssim_matches_skimage():
 
 
 def test_evaluate_cli_json(tmp_path, capsys, shared_mnist):
+    import vdib_cli
     from tests.training.test_trainer import tiny_cfg
     from training.judge import default_judge_dir
     from training.trainer import train
-    import vdib_cli
 
     if not (default_judge_dir() / "config.json").is_file():
         pytest.skip("judge not trained")
