@@ -167,7 +167,7 @@ def naturalize(entry: ModelEntry, events: np.ndarray, opts: RunOptions) -> RunRe
         allf = np.concatenate(frames_keep)
         prev = 0
         for i in idx:
-            inputs.append(allf[prev : i + 1].astype(bool).any(axis=0))
+            inputs.append(np.asarray(allf[prev : i + 1].astype(bool).any(axis=0)))
             prev = int(i) + 1
     stats = {
         "events": int(n_ev),

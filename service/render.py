@@ -26,7 +26,7 @@ def event_rgb(frames: np.ndarray) -> np.ndarray:
     With one channel (merged polarity) every active pixel is white. Presence over the ``k`` bins
     (any bin active) so a frame shows everything since the previous emitted frame.
     """
-    active = frames.astype(bool).any(axis=0) if frames.ndim == 4 else frames.astype(bool)
+    active: np.ndarray = np.asarray(frames.astype(bool).any(axis=0) if frames.ndim == 4 else frames.astype(bool))
     h, w = active.shape[-2:]
     rgb = np.zeros((h, w, 3), dtype=np.uint8)
     if active.shape[0] >= 2:

@@ -21,6 +21,7 @@ import base64
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -31,6 +32,11 @@ from .render import event_rgb, pack_spikes, png_gray, png_rgb
 from .session import BIN, EMIT_NOW, END, Outgoing, Pending, Session
 
 log = logging.getLogger("vdib.service")
+
+
+def _end_message(s: Session) -> Callable[[], str]:
+    """The final stats, rendered when sent (so it counts every frame sent before it)."""
+    return lambda: json.dumps({**s.stats(), "type": "end"})
 
 
 class Scheduler:
@@ -159,7 +165,7 @@ class Scheduler:
                 out.append((s, self._frame_message(s, img, t_ready)))
         for s, it in items:
             if it.kind == END:
-                out.append((s, Outgoing(lambda s=s: json.dumps({**s.stats(), "type": "end"}), False, close_code=1000)))
+                out.append((s, Outgoing(_end_message(s), False, close_code=1000)))
         return out
 
     def _frame_message(self, s: Session, img: np.ndarray, t_ready: float) -> Outgoing:

@@ -183,7 +183,7 @@ async def naturalize_upload(
         }
         if res.spikes is not None:
             arrays["spikes"] = res.spikes
-        np.savez_compressed(buf, **arrays)
+        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
         resp = Response(buf.getvalue(), media_type="application/octet-stream",
                         headers={"Content-Disposition": 'attachment; filename="naturalized.npz"'})
     else:

@@ -50,7 +50,7 @@ async def _send_error(ws: WebSocket, metrics: Any, code: int, message: str) -> N
         await ws.close(code=code, reason=message[:120])
 
 
-async def _receive(ws: WebSocket, timeout: float) -> dict[str, Any]:
+async def _receive(ws: WebSocket, timeout: float) -> Any:
     try:
         msg = await asyncio.wait_for(ws.receive(), timeout=timeout)
     except TimeoutError as exc:
