@@ -61,13 +61,13 @@ def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
 
 
 def _crossings(
-    idx: np.ndarray, n: np.ndarray, c: np.ndarray, level0: np.ndarray, la: np.ndarray,
+    n: np.ndarray, c: np.ndarray, level0: np.ndarray, la: np.ndarray,
     lb: np.ndarray, ta: float, tb: float, t_last: np.ndarray, refractory: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Times of the emitted crossings of ``n`` levels ``level0 + j*c`` (j = 1..n), per pixel.
 
-    All arrays are per crossing pixel; returns (pixel index per event, time per event, time of
-    each pixel's last emitted event or NaN).
+    All arrays are per crossing pixel (``c`` negative for OFF); returns (position of the pixel
+    in these arrays per event, time per event, time of each pixel's last emitted event or NaN).
     """
     slope = lb - la  # nonzero: the level moved by at least one threshold in this step
     span = tb - ta
@@ -86,15 +86,15 @@ def _crossings(
     k = np.where(j0 <= n, np.floor((n - j0) / m) + 1, 0).astype(np.int64)
     total = int(k.sum())
     if total == 0:
-        return np.empty(0, np.int64), np.empty(0), np.full(len(idx), np.nan)
-    rep = np.repeat(np.arange(len(idx)), k)
+        return np.empty(0, np.int64), np.empty(0), np.full(len(n), np.nan)
+    rep = np.repeat(np.arange(len(n)), k)
     within = np.arange(total) - np.repeat(np.cumsum(k) - k, k)
     j = j0[rep] + within * m[rep]
     t = t1[rep] + (j - 1) * dt_cross[rep]
-    last = np.full(len(idx), np.nan)
+    last = np.full(len(n), np.nan)
     has = k > 0
     last[has] = t1[has] + (j0[has] + (k[has] - 1) * m[has] - 1) * dt_cross[has]
-    return idx[rep], np.minimum(t, tb), last
+    return rep, np.minimum(t, tb), last
 
 
 def simulate(
@@ -163,23 +163,20 @@ def simulate(
         cand = np.flatnonzero(np.abs(d) >= c_min)
         if len(cand):
             dc = d[cand]
-            for sign, cth in ((1, c_on), (0, c_off)):
-                c = cth[cand]
-                n = np.floor(dc / c) if sign else np.floor(-dc / c)
-                sel = n >= 1
-                if not sel.any():
-                    continue
-                i, nn, cc = cand[sel], n[sel], c[sel] if sign else -c[sel]
-                pix, t, last = _crossings(
-                    i, nn, cc, ref[i], la[i], lb[i], t_prev, t_now, t_last[i], p.refractory_us
-                )
+            up = dc > 0
+            c = np.where(up, c_on[cand], -c_off[cand])  # signed threshold: ON up, OFF down
+            n = np.floor(dc / c)
+            sel = n >= 1
+            if sel.any():
+                i, nn, cc = cand[sel], n[sel], c[sel]
+                rep, t, last = _crossings(nn, cc, ref[i], la[i], lb[i], t_prev, t_now, t_last[i], p.refractory_us)
                 ref[i] += nn * cc
                 emitted = ~np.isnan(last)
                 t_last[i[emitted]] = last[emitted]
-                if len(pix):
-                    pix_parts.append(pix)
+                if len(rep):
+                    pix_parts.append(i[rep])
                     t_parts.append(t)
-                    pol_parts.append(np.full(len(pix), sign, np.uint8))
+                    pol_parts.append(up[sel][rep].astype(np.uint8))
         lf = lb
         t_prev = t_now
     if p.noise_rate_hz > 0 and t_prev > t_start:
@@ -366,11 +363,12 @@ def simulate_mnist_dvs(
 ) -> Recording:
     """An MNIST-DVS-like recording of one MNIST digit (``[28, 28]``, 0..1 or 0..255).
 
-    The digit is drawn on a 128x128 monitor image at ``zoom = scale / 4`` sensor pixels per
-    MNIST pixel, moved along :func:`mnist_dvs_trajectory` (updated at the monitor refresh
-    rate), blurred by the lens, sampled every ``config.sample_us`` and fed to
-    :func:`simulate`. Returns a :class:`Recording` (128x128, format ``"simulated"``) whose
-    metadata holds the scale, seed-derived trajectory and parameters.
+    The digit is drawn on a 128x128 monitor image at ``zoom = 0.26 * scale`` sensor pixels
+    per MNIST pixel (:func:`render_blocks`), moved along :func:`mnist_dvs_trajectory` (updated
+    at the monitor refresh rate), sampled every ``config.sample_us`` and fed to
+    :func:`simulate`. Only the box the digit sweeps is simulated (the rest of the sensor sees a
+    constant screen); background noise covers the whole sensor. Returns a :class:`Recording`
+    (128x128, format ``"simulated"``) whose metadata holds the scale and the parameters.
     """
     if scale not in (4, 8, 16):
         raise ValueError(f"MNIST-DVS scales are 4, 8 and 16, not {scale}")
@@ -390,6 +388,12 @@ def simulate_mnist_dvs(
     t_samples = np.arange(0, duration_us + 1, cfg.sample_us, dtype=np.int64)
     # index of the monitor image on screen at each sample time
     shown = np.searchsorted(t_refresh, t_samples, side="right") - 1
+    # The box the digit (plus blur) ever covers; outside it nothing changes.
+    half = np.array(img.shape[::-1]) / 2 * zoom + 3 * cfg.blur_px + 2
+    lo = np.clip(np.floor(centres.min(axis=0) - half), 0, cfg.canvas).astype(int)
+    hi = np.clip(np.ceil(centres.max(axis=0) + half) + 1, 0, cfg.canvas).astype(int)
+    (x0, y0), (x1, y1) = lo, hi
+    box = (max(int(y1 - y0), 1), max(int(x1 - x0), 1))
     cache: dict[int, np.ndarray] = {}
 
     def frames() -> Iterator[np.ndarray]:
@@ -397,15 +401,26 @@ def simulate_mnist_dvs(
             f = cache.get(i)
             if f is None:
                 cache.clear()
-                cx, cy = float(centres[i, 0]), float(centres[i, 1])
+                cx, cy = float(centres[i, 0]) - x0, float(centres[i, 1]) - y0
                 if cfg.render == "blocks":
-                    f = render_blocks(img, (cfg.canvas, cfg.canvas), (cx, cy), zoom, cfg.background, cfg.blur_px)
+                    f = render_blocks(img, box, (cx, cy), zoom, cfg.background, cfg.blur_px)
                 else:
-                    f = _blur(place_image(img, (cfg.canvas, cfg.canvas), (cx, cy), zoom, cfg.background), cfg.blur_px)
+                    f = _blur(place_image(img, box, (cx, cy), zoom, cfg.background), cfg.blur_px)
                 cache[i] = f
             yield f
 
-    ev = simulate(frames(), t_samples, cfg.dvs, seed=rng)
+    ev = simulate(frames(), t_samples, replace(cfg.dvs, noise_rate_hz=0.0), seed=rng)
+    ev["x"] += np.uint16(x0)
+    ev["y"] += np.uint16(y0)
+    if cfg.dvs.noise_rate_hz > 0:
+        n = rng.poisson(cfg.dvs.noise_rate_hz * cfg.canvas**2 * duration_us * 1e-6)
+        noise = np.empty(n, EVENT_DTYPE)
+        noise["t"] = np.floor(rng.uniform(0, duration_us, n)).astype(np.int64)
+        noise["x"] = rng.integers(0, cfg.canvas, n)
+        noise["y"] = rng.integers(0, cfg.canvas, n)
+        noise["p"] = rng.random(n) < cfg.dvs.noise_on_fraction
+        ev = np.concatenate([ev, noise])
+        ev = ev[np.argsort(ev["t"], kind="stable")]
     meta = {
         "simulator": "vdib events.simulate_mnist_dvs",
         "scale": int(scale),
