@@ -174,23 +174,81 @@ def test_binner_any_chunking_equals_one_shot(seed, n, spec_i, t0_given, cut_frac
         np.testing.assert_array_equal(ends, start + spec.dt_us * np.arange(1, len(want) + 1))
 
 
-def test_binner_real_recording_random_chunkings(shared_events):
-    rec = events.read(shared_events / "aedat2" / "mnist_0_scale04_0001.aedat")
-    ev = rec.events
-    want = MNIST_DVS.bin(ev)
-    assert want.shape[0] == rec.duration_us // 10_000 + 1
-    rng = np.random.default_rng(4)
-    for _ in range(5):
-        cuts = np.sort(rng.integers(0, len(ev), rng.integers(1, 200))).tolist()
-        b = Binner(MNIST_DVS, max_gap_us=None)
-        np.testing.assert_array_equal(concat(stream(b, ev, cuts), MNIST_DVS.shape), want)
-    # one event at a time over the first 2000 events
+@pytest.fixture(scope="module")
+def mnist_dvs_events(shared_events):
+    ev = events.read(shared_events / "aedat2" / "mnist_0_scale04_0001.aedat").events
+    return ev, MNIST_DVS.bin(ev)
+
+
+def test_mnist_dvs_preset_on_the_real_recording(mnist_dvs_events):
+    ev, want = mnist_dvs_events
+    assert want.shape == ((int(ev["t"][-1]) - int(ev["t"][0])) // 10_000 + 1, 2, 26, 26)
+    # the crop holds the digit: most events, and cells set in every bin but a few
+    inside = (ev["x"] >= 48) & (ev["x"] < 74) & (ev["y"] >= 54) & (ev["y"] < 80)
+    assert inside.mean() > 0.8
+    assert (want.reshape(len(want), -1).sum(1) > 0).mean() > 0.95
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(0, 15_744), max_size=60), t0_shift=st.integers(-5_000, 5_000))
+def test_binner_real_recording_any_chunking(mnist_dvs_events, cuts, t0_shift):
+    ev, want = mnist_dvs_events
+    t0 = int(ev["t"][0]) + t0_shift if t0_shift else None
+    if t0 is not None:
+        want = MNIST_DVS.bin(ev, t0=t0)
+    b = Binner(MNIST_DVS, t0=t0, max_gap_us=None)
+    got = concat(stream(b, ev, sorted(cuts)), MNIST_DVS.shape)
+    np.testing.assert_array_equal(got, want)
+    assert b.late_events == (int(np.count_nonzero(ev["t"] < t0)) if t0 is not None else 0)
+
+
+def test_binner_real_recording_one_event_at_a_time(mnist_dvs_events):
+    ev, _ = mnist_dvs_events
     b = Binner(MNIST_DVS, max_gap_us=None)
     segs = []
     for i in range(2000):
         segs += b.push(ev[i : i + 1])
     segs += b.flush()
     np.testing.assert_array_equal(concat(segs, MNIST_DVS.shape), MNIST_DVS.bin(ev[:2000]))
+
+
+def flatten(segs):
+    """Per emitted bin: (end time, starts-a-reset-segment) and the frames, across push calls."""
+    marks, frames = [], []
+    for s in segs:
+        marks += [(int(e), s.reset and i == 0) for i, e in enumerate(s.bin_end_us.tolist())]
+        frames.append(s.frames)
+    return marks, (np.concatenate(frames) if frames else None)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(1, 300),
+    shuffle=st.floats(0, 0.3),
+    gaps=st.lists(st.integers(1, 299), max_size=3),
+    cut_fracs=st.lists(st.floats(0, 1), max_size=10),
+)
+def test_binner_late_events_and_gaps_do_not_depend_on_chunking(seed, n, shuffle, gaps, cut_fracs):
+    rng = np.random.default_rng(seed)
+    ev = random_events(rng, n, t_span=40_000)
+    for g in gaps:  # silences longer than max_gap_us
+        ev["t"][g % n :] += 200_000
+    swap = rng.random(n) < shuffle  # some events arrive out of order (late or not)
+    idx = np.arange(n)
+    idx[swap] = rng.permutation(idx[swap])
+    ev = ev[idx]
+    spec = SPECS[seed % len(SPECS)]
+    whole = Binner(spec, max_gap_us=50_000)
+    ref_marks, ref_frames = flatten(stream(whole, ev, []))
+    b = Binner(spec, max_gap_us=50_000)
+    marks, frames = flatten(stream(b, ev, sorted(int(f * n) for f in cut_fracs)))
+    assert marks == ref_marks
+    if ref_frames is not None:
+        np.testing.assert_array_equal(frames, ref_frames)
+    assert (b.late_events, b.gaps, b.bins_emitted) == (whole.late_events, whole.gaps, whole.bins_emitted)
+    # no bin is stepped through a silence: emitted bins are bounded by the active spans
+    assert b.bins_emitted <= (40_000 + 50_000) // spec.dt_us * (len(gaps) + 1) + 2 * (len(gaps) + 1)
 
 
 def test_binner_late_events_dropped_and_counted():
