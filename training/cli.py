@@ -45,6 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--progress", action="store_true")
     t.set_defaults(func=_cmd_table1)
 
+    b = subparsers.add_parser("predictive", help="predictive-coding study (paper Figure 2): lag and β sweeps")
+    b.add_argument("--lags", type=int, nargs="+", default=list(range(-4, 5)))
+    b.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
+    b.add_argument("--examples", type=int, default=50_000)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", type=Path, default=None, help="default docs/results")
+    b.add_argument("--progress", action="store_true")
+    b.set_defaults(func=_cmd_predictive)
+
     e = subparsers.add_parser("evaluate", help="evaluate a naturalizer checkpoint (judge accuracy, MSE, SSIM)")
     e.add_argument("checkpoint", type=Path, help="naturalizer checkpoint directory")
     e.add_argument("--data", type=Path, default=None,
@@ -65,6 +74,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.run_dir is not None:
         cfg["run"]["dir"] = str(args.run_dir)
+    if not cfg["run"]["command"]:
+        import shlex
+
+        cfg["run"]["command"] = "vdib " + shlex.join(sys.argv[1:])
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(result.get("final_eval", {}), indent=None))
     return 0
@@ -119,6 +132,16 @@ def _cmd_table1(args: argparse.Namespace) -> int:
             collect(root, out)
     collect(root, out)
     print(f"wrote {out / 'table1.md'}")
+    return 0
+
+
+def _cmd_predictive(args: argparse.Namespace) -> int:
+    from .experiments import REPO, predictive_study
+
+    res = predictive_study(args.lags, args.betas, args.examples, args.seed, args.out or REPO / "docs" / "results",
+                           progress=args.progress)
+    print(json.dumps({"lags": [(r["lag"], r["accuracy"]) for r in res["lags"]],
+                      "betas": [(r["beta"], r["spike_rate"]) for r in res["betas"]]}))
     return 0
 
 

@@ -22,6 +22,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "threads": 0,  # torch intra-op threads (0 = leave torch's default)
         "keep_checkpoints": 2,
         "save": "",  # export the final model to this checkpoint directory ("" = run_dir/final)
+        "title": "",  # model card title
+        "command": "",  # how to reproduce (written into the model card)
     },
     "data": {
         "kind": "mnist",  # mnist | simulated-mnist-dvs | mnist-dvs | blobs

@@ -108,3 +108,57 @@ def collect(root: Path, out: Path) -> dict:
         fig.savefig(out / "table1.png", dpi=110)
         plt.close(fig)
     return {"rows": rows}
+
+
+def predictive_study(lags: list[int], betas: list[float], examples: int, seed: int, out: Path,
+                     beta_lag: int = -2, progress: bool = False) -> dict:
+    """Figure 2: accuracy / MSE versus lag δ (β = 1) and readout rate / accuracy versus β (δ = beta_lag).
+
+    Writes ``out/predictive.{json,md,png}``; every point is one training run of ``examples``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .predictive import BlobConfig, train_blobs
+
+    lag_rows, beta_rows = [], []
+    for lag in lags:
+        _, r = train_blobs(BlobConfig(lag=lag, beta=1.0, examples=examples, seed=seed), progress)
+        lag_rows.append({"lag": lag, **{k: v for k, v in r.items() if k != "config"}})
+    for beta in betas:
+        _, r = train_blobs(BlobConfig(lag=beta_lag, beta=beta, examples=examples, seed=seed), progress)
+        beta_rows.append({"beta": beta, **{k: v for k, v in r.items() if k != "config"}})
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"examples": examples, "seed": seed, "beta_lag": beta_lag, "lags": lag_rows, "betas": beta_rows}
+    (out / "predictive.json").write_text(json.dumps(res, indent=2) + "\n")
+    md = ["| lag δ | accuracy | MSE | readout rate | train s |", "|---|---|---|---|---|"]
+    md += [f"| {r['lag']} | {100 * r['accuracy']:.1f} % | {r['mse']:.4f} | {r['spike_rate']:.3f} | {r['train_seconds']} |"
+           for r in lag_rows]
+    md += ["", f"| β (δ = {beta_lag}) | accuracy | MSE | readout rate |", "|---|---|---|---|"]
+    md += [f"| {r['beta']} | {100 * r['accuracy']:.1f} % | {r['mse']:.4f} | {r['spike_rate']:.3f} |" for r in beta_rows]
+    (out / "predictive.md").write_text("\n".join(md) + "\n")
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    if lag_rows:
+        ax = axes[0]
+        ax.plot([r["lag"] for r in lag_rows], [100 * r["accuracy"] for r in lag_rows], "o-", label="accuracy (%)")
+        ax.set_xlabel("target lag δ")
+        ax.set_ylabel("accuracy (%)")
+        ax2 = ax.twinx()
+        ax2.plot([r["lag"] for r in lag_rows], [r["mse"] for r in lag_rows], "s--", color="C1", label="MSE")
+        ax2.set_ylabel("MSE")
+        ax.set_title("accuracy / MSE vs lag (β = 1)")
+    if beta_rows:
+        ax = axes[1]
+        ax.semilogx([r["beta"] for r in beta_rows], [r["spike_rate"] for r in beta_rows], "o-", label="readout rate")
+        ax.set_xlabel("β")
+        ax.set_ylabel("readout spike rate")
+        ax2 = ax.twinx()
+        ax2.semilogx([r["beta"] for r in beta_rows], [100 * r["accuracy"] for r in beta_rows], "s--", color="C1")
+        ax2.set_ylabel("accuracy (%)")
+        ax.set_title(f"rate / accuracy vs β (δ = {beta_lag})")
+    fig.tight_layout()
+    fig.savefig(out / "predictive.png", dpi=110)
+    plt.close(fig)
+    return res

@@ -432,7 +432,10 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
         save_checkpoint(save_dir, nat, training_config=cfg, metrics={**res, **{k: v for k, v in summary.items()
                                                                                if k != "final_eval"}},
                         provenance={"run_dir": str(run_dir), "hardware": hardware_string(),
-                                    "data": ds.info, **init_info})
+                                    "data": ds.info, "command": cfg["run"].get("command", ""), **init_info})
+        from .modelcard import write_model_card
+
+        write_model_card(save_dir, cfg["run"].get("title") or None)
         plot_run(run_dir)
         summary["checkpoint"] = str(save_dir)
     dist.barrier()
