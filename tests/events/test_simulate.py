@@ -154,3 +154,12 @@ def test_render_blocks_replicates_pixels_and_conserves_light():
     blurred = render_blocks(img, (20, 20), (10.3, 9.6), 3.0, background=0.0, blur_px=1.0)
     assert blurred.sum() == pytest.approx(9.0, rel=1e-3)
     assert blurred.max() < 1.0
+
+
+def test_peak_rate_counts_the_busiest_window_without_a_bin_per_window():
+    from events.simulate import peak_rate
+
+    t = np.array([0, 5, 9_999, 10_000, 10_001, 10_002, 10_003, 3_000_000_000_000])  # ~35 days
+    assert peak_rate(t, 10_000) == 4 / 0.01
+    assert peak_rate(t[::-1].copy(), 10_000) == 4 / 0.01
+    assert peak_rate(np.zeros(0, np.int64)) == 0.0
