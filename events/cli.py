@@ -95,6 +95,9 @@ def _guarded(fn):  # type: ignore[no-untyped-def]
 
         try:
             return int(fn(args) or 0)
+        except BrokenPipeError:  # output piped into `head` and closed: not an error
+            sys.stderr.close()
+            return 0
         except EventFormatError as exc:
             return _fail(str(exc), 2)
         except ValueError as exc:
