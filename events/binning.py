@@ -168,14 +168,19 @@ def _fill_index(
     # Cell within the frame: lut[(p * hl + min(y, hl-1)) * wl + min(x, wl-1)]. Copying each
     # strided field into a contiguous buffer first is faster than mixed-type ufuncs on it; a
     # p > 1 lands past the table and take(mode="clip") gives the last entry, _OUTSIDE.
+    # Minimums on the uint64 view also send negative coordinates (signed input dtypes) out.
+    tu = tmp.view(np.uint64)
     np.copyto(a, events["p"], casting="unsafe")
+    if events.dtype["p"].kind == "i":
+        au = a.view(np.uint64)
+        np.minimum(au, 2, out=au)
     a *= hl
     np.copyto(tmp, events["y"], casting="unsafe")
-    np.minimum(tmp, hl - 1, out=tmp)
+    np.minimum(tu, hl - 1, out=tu)
     a += tmp
     a *= wl
     np.copyto(tmp, events["x"], casting="unsafe")
-    np.minimum(tmp, wl - 1, out=tmp)
+    np.minimum(tu, wl - 1, out=tu)
     a += tmp
     lut.take(a, out=a, mode="clip")
     # Bin k = (t - t0) // dt, offset k * stride; k outside [0, n_bins) -> offset n_bins * stride.
@@ -197,7 +202,6 @@ def _fill_index(
     t_max = int(tmp.max())
     tmp //= dt_us
     # A negative k is huge as uint64, so one minimum sends both ends of the window to n_bins.
-    tu = tmp.view(np.uint64)
     np.minimum(tu, n_bins, out=tu)
     tmp *= stride
     a += tmp

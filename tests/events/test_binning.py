@@ -311,3 +311,22 @@ def test_binner_gap_is_chunking_independent():
     for before, after in outs[1:]:
         np.testing.assert_array_equal(before, outs[0][0])
         np.testing.assert_array_equal(after, outs[0][1])
+
+
+def test_other_field_dtypes_negative_coordinates_are_outside():
+    # e.g. tonic's dtype: x, y int16, p bool; negative coordinates must not wrap into the ROI
+    dt = np.dtype([("x", "<i2"), ("y", "<i2"), ("t", "<i8"), ("p", "?")])
+    ev = np.zeros(5, dt)
+    ev["t"] = [0, 10, 20, 30, 40]
+    ev["x"] = [0, -1, 3, -32768, 2]
+    ev["y"] = [0, 0, -2, 1, 1]
+    ev["p"] = [True, False, True, True, False]
+    out = bin_events(ev, ROI(0, 0, 4, 2), 100, 0, 1)
+    want = np.zeros((1, 2, 2, 4), np.uint8)
+    want[0, 1, 0, 0] = 1
+    want[0, 0, 1, 2] = 1
+    np.testing.assert_array_equal(out, want)
+    sp = ev.astype([("x", "<i2"), ("y", "<i2"), ("t", "<i8"), ("p", "i1")])
+    sp["p"] = [1, 0, 1, 1, -1]  # a negative polarity is not a polarity: ignored
+    want[0, 0, 1, 2] = 0
+    np.testing.assert_array_equal(bin_events(sp, ROI(0, 0, 4, 2), 100, 0, 1), want)
