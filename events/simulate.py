@@ -283,6 +283,35 @@ def render_blocks(
     return background + (1.0 - background) * (wy @ img @ wx.T)
 
 
+def simulate_trajectory(
+    image: np.ndarray,
+    centres_xy: np.ndarray,
+    timestamps_us: np.ndarray,
+    canvas_hw: tuple[int, int],
+    zoom: float = 1.0,
+    background: float = 0.1,
+    blur_px: float = 0.25,
+    params: DVSParams | None = None,
+    *,
+    seed: int | np.random.Generator | None = None,
+    **overrides: Any,
+) -> np.ndarray:
+    """Events of one image (values 0..1) moved along a path across a ``canvas_hw`` sensor.
+
+    ``centres_xy`` ``[N, 2]`` (sub-pixel, sensor coordinates) at ``timestamps_us`` ``[N]``; the
+    image is drawn by :func:`render_blocks` (pixel-replicated, ``zoom`` sensor pixels per image
+    pixel, lens blur ``blur_px``) on a ``background`` screen, one frame per timestamp, and fed
+    to :func:`simulate`. Frames are rendered lazily, so long paths need no frame stack.
+    """
+    centres = np.asarray(centres_xy, dtype=np.float64)
+    ts = np.asarray(timestamps_us)
+    if centres.ndim != 2 or centres.shape[1] != 2 or len(centres) != len(ts):
+        raise ValueError("centres_xy must be [N, 2] with one row per timestamp")
+    img = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
+    frames = (render_blocks(img, canvas_hw, (float(x), float(y)), zoom, background, blur_px) for x, y in centres)
+    return simulate(frames, ts, params, seed=seed, **overrides)
+
+
 # -- MNIST-DVS ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -163,3 +163,16 @@ def test_peak_rate_counts_the_busiest_window_without_a_bin_per_window():
     assert peak_rate(t, 10_000) == 4 / 0.01
     assert peak_rate(t[::-1].copy(), 10_000) == 4 / 0.01
     assert peak_rate(np.zeros(0, np.int64)) == 0.0
+
+
+def test_simulate_trajectory_follows_the_path():
+    from events.simulate import simulate_trajectory
+
+    ts = np.arange(0, 200_001, 1000)
+    path = np.stack([10 + 40 * ts / 200_000, np.full(len(ts), 12.0)], axis=1)  # 10 -> 50 px
+    ev = simulate_trajectory(np.ones((4, 4)), path, ts, (24, 64), zoom=2.0, seed=0)
+    assert len(ev) > 100 and ev["y"].min() >= 12 - 6 and ev["y"].max() <= 12 + 6
+    early, late = ev[ev["t"] < 50_000], ev[ev["t"] > 150_000]
+    assert late["x"].mean() - early["x"].mean() == pytest.approx(30, abs=6)
+    with pytest.raises(ValueError):
+        simulate_trajectory(np.ones((4, 4)), path[:-1], ts, (24, 64))
