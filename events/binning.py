@@ -18,7 +18,7 @@ in-place numpy passes: a look-up table maps ``(p, y, x)`` to the output cell (RO
 polarity channel and "outside" in one gather), the bin index is added, and presence is one
 fancy-index assignment (``out[idx] = 1``), counts one ``np.bincount``. Events outside the ROI
 or the window land in one trash cell past the end instead of being masked out. About
-230 Mev/s on one core of the development machine (``python -m bench.events``); ``np.add.at``
+210 Mev/s on one core for model-sized outputs (``python -m bench.events``); ``np.add.at``
 would be ~22 Mev/s.
 """
 
@@ -238,7 +238,7 @@ def bin_events(
         t0: start of bin 0; ``None`` = the first event's ``t`` (``events["t"][0]``, the earliest
             one for sorted events), 0 when there are none.
         n_bins: number of bins; ``None`` = enough to cover the latest event,
-            ``max(t) - t0) // dt + 1`` (0 without events).
+            ``(max(t) - t0) // dt + 1`` (0 without events or when all precede ``t0``).
         polarity: ``"split"`` (C=2: off, on), ``"merge"`` (C=1) or ``"signed"`` (C=1, on - off).
         mode: ``"presence"`` (0/1) or ``"count"`` (saturated at 255).
         pool: integer pooling factor of the ROI.
