@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--frames", type=int, default=12, help="PNG: windows spread over the recording")
     p.add_argument("--max-frames", type=int, default=400, help="GIF: at most this many frames")
     p.add_argument("--scale", type=int, default=0, help="pixel magnification (0 = automatic)")
-    p.add_argument("--roi", default=None, help="x,y,w,h: draw this box (e.g. 48,54,26,26)")
+    p.add_argument("--roi", default=None, help="x,y,w,h or 'mnist-dvs': draw this box")
     p.set_defaults(func=_render)
 
     sim = subparsers.add_parser("simulate", help="simulate DVS recordings")
@@ -238,7 +238,14 @@ def _render(args: argparse.Namespace) -> int:
         return _fail(f"output must end in .png or .gif, not {out.name!r}")
     if args.dt_ms <= 0:
         return _fail("--dt-ms must be positive")
-    roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
+    if args.roi == "mnist-dvs":
+        from events.binning import MNIST_DVS
+
+        args.roi = ",".join(str(v) for v in MNIST_DVS.roi)
+    try:
+        roi = tuple(int(v) for v in args.roi.split(",")) if args.roi else None
+    except ValueError:
+        return _fail(f"--roi needs x,y,w,h or mnist-dvs, not {args.roi!r}")
     if roi is not None and len(roi) != 4:
         return _fail("--roi needs x,y,w,h")
     rec = _read(args)
