@@ -282,3 +282,45 @@ def test_all_steps_targets_and_class_logits(rule_name):
     for s in (s1, s2):
         # summed over 7 decoded steps, each about log(5) nats at the start
         assert 7 * 0.5 < s["decoder_loss"] < 7 * 4.0
+
+
+def _routing_batch(g, B=16, T=10):
+    cls = torch.randint(0, 2, (B,), generator=g)
+    x = (torch.rand(T, B, 8, generator=g) < 0.5).float()
+    x[:, :, 4:] *= (cls == 0).float().view(1, B, 1)  # class 1 drives inputs 0-3, class 0 inputs 4-7
+    x[:, :, :4] *= (cls == 1).float().view(1, B, 1)
+    return x, cls.float().view(B, 1)
+
+
+@pytest.mark.parametrize("rule_name,opts,hidden", [("vdib", {"baseline": "loo", "n_samples": 4}, ()),
+                                                   ("vdib", {"baseline": "moving-average", "n_samples": 1}, ()),
+                                                   ("vdib-bptt", {}, ()),
+                                                   ("vdib", {"baseline": "loo", "n_samples": 4}, (16,)),
+                                                   ("vdib-bptt", {}, (16,))])
+def test_encoder_alone_learns_to_route_classes_through_a_fixed_decoder(rule_name, opts, hidden):
+    """Only the encoder can lower this loss: the decoder is frozen (readout 0 minus readout 1 counts).
+
+    With a hidden layer the authors' zero init leaves the hidden spikes blind to the input, so
+    the task is solved only if the hidden learning (e-prop + DFA, or BPTT) works.
+    """
+    torch.manual_seed(0)
+    cfg = NaturalizerConfig(encoder=EncoderConfig(n_inputs=8, hidden=hidden, n_readout=2, tau_e=3, n_basis=2, prior_rate=0.5),
+                            decoder="rate-linear", tau_d=5, image_shape=(1,), input_shape=(1, 1, 8))
+    nat = Naturalizer(cfg)
+    with torch.no_grad():
+        nat.decoder.fc.weight.copy_(torch.tensor([[1.0, -1.0]]))
+        nat.decoder.fc.bias.zero_()
+    rule = build_rule(rule_name, nat, lr=1e-2, beta=0.0, **opts)
+    if rule_name == "vdib":
+        for group in rule.dec_opt.param_groups:
+            group["lr"] = 0.0
+    else:
+        rule.opt = torch.optim.Adam(nat.encoder.parameters(), lr=1e-2)
+    dec_before = nat.decoder.fc.weight.detach().clone()
+    g, gs = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    losses = [rule.train_step(*_routing_batch(g), gs)["decoder_loss"] for _ in range(300)]
+    first, last = sum(losses[:30]) / 30, sum(losses[-30:]) / 30
+    assert torch.equal(nat.decoder.fc.weight, dec_before)
+    assert last < 0.1 < first, (first, last)
+    if hidden:
+        assert nat.encoder.hidden[0].weight.abs().mean() > 0.05  # the hidden layer learned from zero
