@@ -136,6 +136,7 @@ class Naturalizer(nn.Module):
         """``window [B, tau_d, n_readout] -> [B, *image_shape]``."""
         return self.decoder(window).reshape(window.shape[0], *self.config.image_shape)
 
+    @torch.no_grad()
     def forward(
         self,
         x: Tensor,
@@ -143,10 +144,11 @@ class Naturalizer(nn.Module):
         *,
         uniforms: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Encode ``x [T, B, C, H, W]`` (or ``[T, B, N]``) and decode the last window.
+        """Encode ``x [T, B, C, H, W]`` (or ``[T, B, N]``) and decode the last window (inference, no autograd).
 
         Returns ``(y [T, B, n_readout], image [B, *image_shape])``; the window is zero-padded
-        at the old end when ``T < tau_d``.
+        at the old end when ``T < tau_d``. Runs exactly the steps :class:`OnlineNaturalizer`
+        runs (same event-driven/dense choices), so the two agree bit for bit.
         """
         xf = self.flatten_input(x)
         y = self.encoder(xf, generator, uniforms=uniforms)
