@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("models: %s (default %s)", ", ".join(app.state.registry.models), app.state.registry.default)
         else:
             log.warning("service not ready: %s", reason)
-        app.state.scheduler = Scheduler(metrics, settings.max_batch)
+        app.state.scheduler = Scheduler(metrics, settings.max_batch, tick_interval_s=settings.tick_interval_s)
         app.state.scheduler.start()
         try:
             yield

@@ -80,6 +80,10 @@ def _resolve_torch_device(device: str) -> str:
     return device
 
 
+def _row(i: int) -> Any:
+    return lambda t: t[i : i + 1]
+
+
 class TorchEngine(Engine):
     """PyTorch eager engine over a :class:`model.Naturalizer`."""
 
@@ -101,9 +105,10 @@ class TorchEngine(Engine):
         self._torch = torch
         if getattr(cfg, "output", "image") != "image":
             raise EngineError(f"model output {cfg.output!r} is not an image; the service serves image models")
-        from model import stack_states, unstack_states
+        from model import stack_states
+        from model.batching import map_state
 
-        self._stack, self._unstack = stack_states, unstack_states
+        self._stack, self._map = stack_states, map_state
         with torch.inference_mode():
             self._fresh = self.encoder.init_state(1, device=self.device)
 
@@ -115,7 +120,11 @@ class TorchEngine(Engine):
         return states[0] if len(states) == 1 else self._stack(states)
 
     def unstack(self, state: State, n: int) -> list[State]:
-        return [state] if n == 1 else self._unstack(state)
+        # Row views, not copies: states are never written in place (pure step functions), so a
+        # view stays valid; it keeps the batched tensor alive only until the next tick.
+        if n == 1:
+            return [state]
+        return [self._map(state, _row(i)) for i in range(n)]
 
     def step(self, x: np.ndarray, state: State, uniforms: np.ndarray) -> tuple[np.ndarray, State]:
         torch = self._torch

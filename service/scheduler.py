@@ -42,9 +42,10 @@ def _end_message(s: Session) -> Callable[[], str]:
 class Scheduler:
     """Owns the set of live sessions and the tick loop (start with :meth:`start`)."""
 
-    def __init__(self, metrics: Any, max_batch: int = 1024, inline: bool = True) -> None:
+    def __init__(self, metrics: Any, max_batch: int = 1024, inline: bool = True, tick_interval_s: float = 0.0) -> None:
         self.metrics = metrics
         self.inline = inline
+        self.tick_interval_s = tick_interval_s
         self.max_batch = max_batch
         self.sessions: dict[str, Session] = {}
         self._wake = asyncio.Event()
@@ -85,10 +86,18 @@ class Scheduler:
     # ------------------------------------------------------------------ loop
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        last_tick = 0.0
         while True:
             await self._wake.wait()
             self._wake.clear()
             while True:
+                # Like Triton's max queue delay: let bins of other streams arrive so that one tick
+                # steps many streams (per-tick costs, above all the decoder's weight reads, are
+                # nearly independent of the batch size).
+                wait = last_tick + self.tick_interval_s - time.perf_counter()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                last_tick = time.perf_counter()
                 work = self._collect()
                 if not work:
                     break

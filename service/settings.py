@@ -48,6 +48,7 @@ class Settings(BaseSettings):
 
     # --- scheduler -------------------------------------------------------------------------
     max_batch: int = 1024  # streams stepped in one tensor op
+    tick_interval_s: float = 0.004  # least time between ticks: complete bins wait at most this long to batch
 
     @field_validator("api_keys")
     @classmethod

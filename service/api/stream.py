@@ -52,7 +52,8 @@ async def _send_error(ws: WebSocket, metrics: Any, code: int, message: str) -> N
 
 async def _receive(ws: WebSocket, timeout: float) -> Any:
     try:
-        msg = await asyncio.wait_for(ws.receive(), timeout=timeout)
+        async with asyncio.timeout(timeout):
+            msg = await ws.receive()
     except TimeoutError as exc:
         raise ProtocolError(CLOSE_GOING_AWAY, f"idle for {timeout:g} s: stream timed out") from exc
     if msg["type"] == "websocket.disconnect":
@@ -166,18 +167,30 @@ async def stream(ws: WebSocket) -> None:
 async def _ingest(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metrics: Any,
                   sender: asyncio.Task[None]) -> None:
     """Read client messages until ``end`` or a disconnect; raises ProtocolError on bad input."""
+    me = asyncio.current_task()
+    # The sender ending (it closed the socket after an internal error, or the client vanished)
+    # ends this loop too; a callback instead of a task per message keeps receiving cheap.
+    def stop_receiving(_t: asyncio.Task[None]) -> None:
+        if me is not None and not me.done():
+            me.cancel()
+
+    sender.add_done_callback(stop_receiving)
+    try:
+        await _ingest_loop(ws, s, settings, scheduler, metrics, sender, me, stop_receiving)
+    finally:
+        sender.remove_done_callback(stop_receiving)
+
+
+async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metrics: Any,
+                       sender: asyncio.Task[None], me: asyncio.Task[Any] | None, stop_receiving: Any) -> None:
     while True:
-        receive = asyncio.ensure_future(_receive(ws, settings.idle_timeout_s))
-        done, _ = await asyncio.wait({receive, sender}, return_when=asyncio.FIRST_COMPLETED)
-        if sender in done:  # the sender closed the socket (internal error) or the client vanished
-            receive.cancel()
-            with contextlib.suppress(BaseException):
-                await receive
-            exc = sender.exception()
-            if isinstance(exc, ProtocolError):
-                raise exc
+        try:
+            msg = await _receive(ws, settings.idle_timeout_s)
+        except asyncio.CancelledError:
+            if not sender.done() or me is None:
+                raise
+            me.uncancel()
             return
-        msg = receive.result()
         n = _size(msg)
         if n > settings.max_message_bytes:
             raise ProtocolError(CLOSE_TOO_BIG, f"message of {n} bytes exceeds {settings.max_message_bytes}")
@@ -205,6 +218,7 @@ async def _ingest(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metr
         elif kind == "end":
             s.flush(end=True)
             scheduler.notify()
+            sender.remove_done_callback(stop_receiving)
             with contextlib.suppress(Exception):
                 await sender  # sends the remaining frames, the final stats, then closes with 1000
             return
