@@ -198,11 +198,12 @@ def load_checkpoint(
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{w_path}: not a readable safetensors file: {exc}") from exc
 
+    # shapes first on the meta device: a hostile config must not make us allocate its model
     try:
-        model = Naturalizer(config)
+        with torch.device("meta"):
+            expected = Naturalizer(config).state_dict()
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{d / CONFIG}: cannot build the model: {exc}") from exc
-    expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
@@ -210,7 +211,7 @@ def load_checkpoint(
     for name, ref in expected.items():
         t = tensors[name]
         spec = manifest.get(name)
-        if spec is None:
+        if not isinstance(spec, dict):
             raise CheckpointError(f"{d / CONFIG}: tensor {name!r} not in the manifest")
         if tuple(t.shape) != tuple(ref.shape) or list(t.shape) != list(spec.get("shape", [])):
             raise CheckpointError(
@@ -221,6 +222,11 @@ def load_checkpoint(
             raise CheckpointError(f"{w_path}: tensor {name!r} has dtype {t.dtype}, manifest says {spec.get('dtype')}")
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{w_path}: tensor {name!r} holds NaN or infinite values")
+    try:
+        model = Naturalizer(config)
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"{d / CONFIG}: cannot build the model: {exc}") from exc
+    expected = model.state_dict()
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
     model.eval()
     if device is not None:

@@ -44,7 +44,7 @@ def _info(args: argparse.Namespace) -> int:
         "encoder": sum(p.numel() for p in model.encoder.parameters()),
         "decoder": sum(p.numel() for p in model.decoder.parameters()),
     }
-    out = {k: meta[k] for k in ("format_version", "model", "training", "metrics", "provenance", "code_version", "created_utc") if k in meta}
+    out: dict[str, object] = {k: meta[k] for k in ("format_version", "model", "training", "metrics", "provenance", "code_version", "created_utc") if k in meta}
     out["parameters"] = counts
     print(json.dumps(out, indent=2))
     return 0

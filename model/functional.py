@@ -195,14 +195,15 @@ def raised_cosine_basis(n_basis: int, length: int, first_lag: int = 0) -> Tensor
     """
     if n_basis < 1 or length < 1:
         raise ValueError(f"n_basis and length must be >= 1, got {n_basis}, {length}")
-    d = torch.arange(length, dtype=torch.float64)
+    # always computed on the CPU (also under a ``torch.device("meta")`` context)
+    d = torch.arange(length, dtype=torch.float64, device="cpu")
     if n_basis == 1:
         basis = 0.5 * (1 + torch.cos(math.pi * d / length))
         return basis[:, None].float()
     x = torch.log1p(d)
     span = float(x[-1]) if length > 1 else 1.0
     delta = span / (n_basis - 1)
-    centres = torch.linspace(0.0, span, n_basis, dtype=torch.float64)
+    centres = torch.linspace(0.0, span, n_basis, dtype=torch.float64, device="cpu")
     arg = (math.pi * (x[:, None] - centres[None, :]) / (2 * delta)).clamp(-math.pi, math.pi)
     return (0.5 * (1 + torch.cos(arg))).float()
 

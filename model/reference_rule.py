@@ -37,6 +37,7 @@ def reference_encoder_gradients(
     us = torch.zeros_like(uniforms)
     tau = encoder.config.tau_e
     n_ro_in = encoder.config.readout_inputs
+    lag_t = F.lag_weights(encoder.readout_ff_weight, encoder.ff_kernel.flip(0))  # once per call, as a cache would
     for b in range(B):
         acc = {n: torch.zeros_like(p) for n, p in params.items()}
         state = encoder.init_state(1, x.device, x.dtype)
@@ -59,7 +60,7 @@ def reference_encoder_gradients(
             y, ro2, u = F.srm_readout_step(
                 z,
                 ro,
-                F.lag_weights(encoder.readout_ff_weight, encoder.ff_kernel.flip(0)),
+                lag_t,
                 encoder.readout_fb_weight,
                 encoder.readout_bias,
                 encoder.fb_kernel,

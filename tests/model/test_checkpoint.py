@@ -115,3 +115,52 @@ def test_read_meta_and_device(ckpt):
     assert read_meta(d)["tensors"]["encoder.readout_bias"]["shape"] == [8]
     model, _ = load_checkpoint(d, device="cpu")
     assert model.encoder.readout_bias.device.type == "cpu"
+
+
+def _fuzz_ckpt_dir(tmp_path_factory):
+    nat = tiny_naturalizer(input_shape=(1, 3, 3), hidden=(4,), n_readout=3, tau_d=2, image_shape=(2, 2))
+    return nat, save_checkpoint(tmp_path_factory.mktemp("fuzz") / "ck", nat)
+
+
+def _mutations(data: bytes, positions: list[int], values: list[int]) -> bytes:
+    b = bytearray(data)
+    for p, v in zip(positions, values):
+        b[p % len(b)] = v
+    return bytes(b)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    which=st.sampled_from(["config.json", "weights.safetensors"]),
+    positions=st.lists(st.integers(0, 10**6), min_size=1, max_size=4),
+    values=st.lists(st.integers(0, 255), min_size=4, max_size=4),
+    truncate=st.one_of(st.none(), st.integers(0, 10**6)),
+)
+def test_fuzzed_checkpoint_loads_or_raises_checkpoint_error(tmp_path_factory, which, positions, values, truncate):
+    _, d = _fuzz_ckpt_dir(tmp_path_factory)
+    if which == "weights.safetensors":  # without the digest, so the parser and checks are exercised
+        _edit_json(d, lambda m: m.pop("weights_sha256"))
+    path = d / which
+    data = _mutations(path.read_bytes(), positions, values)
+    if truncate is not None:
+        data = data[: truncate % (len(data) + 1)]
+    path.write_bytes(data)
+    try:
+        model, _ = load_checkpoint(d)
+    except CheckpointError:
+        return
+    # if it loaded, it must still be a usable model
+    n_in = model.config.encoder.n_inputs
+    y, img = model(torch.zeros(3, 1, n_in), torch.Generator().manual_seed(0))
+    assert img.shape == (1, *model.config.image_shape)
+
+
+def test_huge_model_config_is_refused_without_allocating(ckpt):
+    _, d = ckpt
+    _edit_json(d, lambda m: m["model"]["encoder"].update(hidden=[50_000_000]))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(d)  # built on the meta device first: no 3.6 G-value allocation
