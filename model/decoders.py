@@ -63,6 +63,40 @@ class Decoder(nn.Module):
         return self.features(window)
 
 
+class _SparseFirstLayer:
+    """``linear(x)`` that, for a small batch of sparse binary windows and no autograd, multiplies
+    only the active input columns (``x[:, active] @ W^T[active]``): the first layer of the
+    ``linear``/``mlp`` decoders streams N_Y * tau_d * out weights per call otherwise, which makes
+    batch-1 decoding memory-bound. Equal to ``F.linear`` up to float rounding.
+    """
+
+    max_batch = 8
+    max_density = 0.5
+    enabled = True  # export_onnx turns it off: a traced graph must be the dense one
+
+    def __init__(self) -> None:
+        self._key: tuple[object, ...] | None = None
+        self._wt: Tensor | None = None
+
+    def __call__(self, layer: nn.Linear, x: Tensor) -> Tensor:
+        w = layer.weight
+        if (
+            not _SparseFirstLayer.enabled
+            or (torch.is_grad_enabled() and w.requires_grad)
+            or x.shape[0] > self.max_batch
+            or x.device.type != "cpu"
+        ):
+            return layer(x)
+        active = x.any(0).nonzero().squeeze(1)
+        if active.numel() > self.max_density * x.shape[1]:
+            return layer(x)
+        key = (w._version, w.data_ptr(), w.dtype)
+        if self._key != key or self._wt is None:
+            self._wt = w.detach().t().contiguous()
+            self._key = key
+        return torch.addmm(layer.bias, x.index_select(1, active), self._wt.index_select(0, active))
+
+
 DECODERS: dict[str, Callable[..., Decoder]] = {}
 
 
@@ -94,9 +128,10 @@ class LinearDecoder(Decoder):
     def __init__(self, n_readout: int, window: int, out_features: int, output: str = "image"):
         super().__init__(n_readout, window, out_features, output)
         self.fc = nn.Linear(n_readout * window, out_features)
+        self._sparse = _SparseFirstLayer()
 
     def features(self, window: Tensor) -> Tensor:
-        return self.fc(window.flatten(1))
+        return self._sparse(self.fc, window.flatten(1))
 
 
 @register_decoder("mlp")
@@ -106,9 +141,10 @@ class MLPDecoder(Decoder):
         self.hidden_size = int(hidden) if hidden is not None else 128 * window
         self.fc1 = nn.Linear(n_readout * window, self.hidden_size)
         self.fc2 = nn.Linear(self.hidden_size, out_features)
+        self._sparse = _SparseFirstLayer()
 
     def features(self, window: Tensor) -> Tensor:
-        return self.fc2(torch.relu(self.fc1(window.flatten(1))))
+        return self.fc2(torch.relu(self._sparse(self.fc1, window.flatten(1))))
 
 
 class _CNNStack(nn.Module):

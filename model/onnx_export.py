@@ -93,6 +93,10 @@ def export_onnx(naturalizer: Naturalizer, out_dir: str | os.PathLike[str], *, op
     names = state_names(enc)
     B = 2
     # the shape checks in the decoders are constant for a given model: the tracer may fold them
+    with torch.no_grad():  # fill the derived-weight caches so the trace sees constants, not ops
+        enc.lag_weight_t()
+        for i in range(len(enc.layers)):
+            enc.hidden_weight_t(i)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message="Constant folding")
@@ -113,16 +117,22 @@ def export_onnx(naturalizer: Naturalizer, out_dir: str | os.PathLike[str], *, op
             dynamo=False,
         )
         window = torch.zeros(B, cfg.tau_d, cfg.encoder.n_readout)
-        torch.onnx.export(
-            _Decode(nat),
-            (window,),
-            str(out / "decoder.onnx"),
-            input_names=["window"],
-            output_names=["image"],
-            dynamic_axes={"window": {0: "batch"}, "image": {0: "batch"}},
-            opset_version=opset,
-            dynamo=False,
-        )
+        from .decoders import _SparseFirstLayer
+
+        _SparseFirstLayer.enabled = False
+        try:
+            torch.onnx.export(
+                _Decode(nat),
+                (window,),
+                str(out / "decoder.onnx"),
+                input_names=["window"],
+                output_names=["image"],
+                dynamic_axes={"window": {0: "batch"}, "image": {0: "batch"}},
+                opset_version=opset,
+                dynamo=False,
+            )
+        finally:
+            _SparseFirstLayer.enabled = True
     single = enc.init_state(1, "cpu")
     meta = {
         "opset": opset,

@@ -340,3 +340,17 @@ def test_reconstruct_fast_path_matches_forward_given_spikes():
     y2, imgs = nat.reconstruct(x, torch.Generator().manual_seed(0), every_step=True)
     assert torch.equal(y, y2) and imgs.shape == (10, 3, 28, 28)
     torch.testing.assert_close(imgs[-1], img)
+
+
+@pytest.mark.parametrize("name", ["linear", "mlp"])
+def test_sparse_first_layer_equals_dense(name):
+    dec = build_decoder(name, 16, 6, 20, **({"hidden": 12} if name == "mlp" else {}))
+    w = (torch.rand(2, 6, 16, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+    with torch.no_grad():
+        fast = dec(w)
+    dense = dec(w)  # autograd on: the plain nn.Linear path
+    torch.testing.assert_close(fast, dense.detach(), atol=1e-6, rtol=1e-5)
+    with torch.no_grad():
+        dec.fc1.weight.mul_(2.0) if name == "mlp" else dec.fc.weight.mul_(2.0)
+        torch.testing.assert_close(dec(w), dec(w.clone().requires_grad_(False)))
+    assert not torch.allclose(dec(w).detach(), dense.detach())  # the cached transpose followed the update
