@@ -89,11 +89,20 @@ class TorchEngine(Engine):
 
     name = "torch"
 
-    def __init__(self, naturalizer: Any, device: str = "auto") -> None:
+    def __init__(self, naturalizer: Any, device: str = "auto", decoder_dtype: str = "float32") -> None:
+        import copy
+
         import torch
 
         self.device = _resolve_torch_device(device)
         self.model = naturalizer.to(self.device).eval()
+        # bfloat16 halves the decoder's weight traffic and uses the bf16 GEMM kernels (an MLP
+        # decoder over tau_d = 30 windows: ~1.2 ms instead of ~4.8 ms at batch 25 here). The
+        # window holds 0/1 spikes, exact in bf16; only the weights and sums are rounded.
+        self.decoder_dtype = getattr(torch, decoder_dtype)
+        self._decoder = self.model.decoder
+        if self.decoder_dtype != torch.float32:
+            self._decoder = copy.deepcopy(self.model.decoder).to(self.decoder_dtype)
         self.encoder = self.model.encoder
         self.decoder = self.model.decoder
         cfg = self.model.config
@@ -146,11 +155,14 @@ class TorchEngine(Engine):
                 out[t] = y[0]
             return out.cpu().numpy()
 
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "device": self.device, "decoder_dtype": str(self.decoder_dtype).split(".")[-1]}
+
     def decode(self, windows: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            wt = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device)
-            img = self.model.decode(wt).float().clamp_(0.0, 1.0)
+            wt = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device, self.decoder_dtype)
+            img = self._decoder(wt).float().clamp_(0.0, 1.0)
             return img.reshape(windows.shape[0], *self.image_shape).cpu().numpy()
 
 
@@ -214,10 +226,10 @@ class OnnxEngine(Engine):
         return {"engine": self.name, "device": self.device, "providers": list(self.runner.providers)}
 
 
-def build_engine(kind: str, naturalizer: Any, device: str = "auto") -> Engine:
+def build_engine(kind: str, naturalizer: Any, device: str = "auto", decoder_dtype: str = "float32") -> Engine:
     """The engine called ``kind`` ("torch" or "onnx") over ``naturalizer``."""
     if kind == "torch":
-        return TorchEngine(naturalizer, device)
+        return TorchEngine(naturalizer, device, decoder_dtype)
     if kind == "onnx":
         return OnnxEngine(naturalizer, device)
     raise EngineError(f"unknown engine {kind!r} (expected 'torch' or 'onnx')")

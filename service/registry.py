@@ -187,7 +187,7 @@ def load_entry(path: Path, settings: Settings) -> ModelEntry:
         torch.set_num_threads(settings.torch_threads)
     naturalizer, meta = load_checkpoint(path)
     cfg = naturalizer.config
-    engine = build_engine(settings.engine, naturalizer, settings.device)
+    engine = build_engine(settings.engine, naturalizer, settings.device, settings.decoder_dtype)
     return ModelEntry(
         name=path.name,
         path=path,

@@ -119,3 +119,14 @@ def test_torch_engine_cuda(nat):
     x = _frames(3, 10)
     u = uniforms_for(torch.Generator().manual_seed(0), 10, eng.n_readout)
     assert eng.run_sequence(x, u).shape == (10, eng.n_readout)
+
+
+def test_bf16_decoder_close_to_fp32(nat):
+    fp = TorchEngine(nat, "cpu")
+    bf = TorchEngine(nat, "cpu", decoder_dtype="bfloat16")
+    assert bf.describe()["decoder_dtype"] == "bfloat16"
+    win = (np.random.default_rng(0).random((4, fp.tau_d, fp.n_readout)) < 0.3).astype(np.float32)
+    a, b = fp.decode(win), bf.decode(win)
+    assert a.shape == b.shape and np.abs(a - b).max() < 0.05
+    # the model itself is untouched (float32)
+    assert next(nat.decoder.parameters()).dtype == torch.float32
