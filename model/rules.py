@@ -444,10 +444,10 @@ class VDIBRule(Rule):
 
         # encoder: common learning signal times each row's own eligibility
         ls = (ld.detach() + o.beta * le).to(y.dtype)  # [R]
+        base_value: float | None = None  # per-parameter baselines have no scalar to report
         with torch.no_grad():
             if o.baseline == "per-parameter":
                 grads = self._per_parameter_update(roll, y, u, fb, ls, K)
-                base_value = float("nan")
             else:
                 if o.baseline == "none":
                     base = torch.zeros_like(ls)
@@ -475,7 +475,8 @@ class VDIBRule(Rule):
         self.enc_opt.zero_grad(set_to_none=True)
         self.steps += 1
         stats = self._stats(roll, y, ld, le, t0)
-        stats["baseline"] = base_value
+        if base_value is not None:
+            stats["baseline"] = base_value
         return stats
 
     def _per_parameter_update(
