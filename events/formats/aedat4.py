@@ -16,6 +16,7 @@ returns while decoding.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import struct
@@ -26,6 +27,7 @@ import numpy as np
 
 from .._types import EVENT_DTYPE, EventFormatError, Recording
 from ._common import Limits, check_count, check_sensor, finish
+from ._jit import kernel, register
 
 MAGIC = b"#!AER-DAT4.0\r\n"
 COMPRESSION = {0: "none", 1: "lz4", 2: "lz4_high", 3: "zstd", 4: "zstd_high"}
@@ -121,8 +123,25 @@ def parse_description(xml: str) -> dict[int, dict[str, Any]]:
     return streams
 
 
-def _inflated_size(comp: int, data: Any, begin: int, size: int, pos: int, packet: int) -> tuple[int, bool]:
-    """(upper bound on what ``data[begin:begin+size]`` inflates to, whether it is exact).
+class _Source:
+    """Random access to the file being pre-scanned: slices of the buffer, or ``pread`` on a
+    descriptor of the same file (for an mmap, the page fault of each packet header costs about
+    five times a ``pread`` of its 8 bytes)."""
+
+    def __init__(self, data: Any, fd: int | None = None):
+        self.data, self.fd, self.n = data, fd, len(data)
+
+    def get(self, pos: int, n: int) -> bytes:
+        if self.fd is None:
+            return bytes(self.data[pos : pos + n])
+        out = os.pread(self.fd, n, pos)
+        if len(out) != min(n, self.n - pos):
+            raise EventFormatError("AEDAT4 file changed while it was read", offset=pos)
+        return out
+
+
+def _inflated_size(comp: int, src: _Source, begin: int, size: int, pos: int, packet: int) -> tuple[int, bool]:
+    """(upper bound on what the ``size`` bytes at ``begin`` inflate to, whether it is exact).
 
     Reads only the frame header unless it must decompress (bounded) to find out.
     """
@@ -132,7 +151,7 @@ def _inflated_size(comp: int, data: Any, begin: int, size: int, pos: int, packet
         # LZ4 cannot inflate past 255:1, so a small packet is safe whatever its header says
         # (DV does not store content sizes); the total is then enforced while decoding
         return LZ4_MAX_RATIO * size, False
-    head = bytes(data[begin : begin + min(size, 32)])
+    head = src.get(begin, min(size, 32))
     if comp in (1, 2):
         import lz4.frame
 
@@ -142,7 +161,7 @@ def _inflated_size(comp: int, data: Any, begin: int, size: int, pos: int, packet
             raise EventFormatError(f"AEDAT4 corrupt LZ4 packet header: {exc}", offset=pos, packet=packet) from exc
         if declared:
             return int(declared), True
-        return _bounded_lz4(bytes(data[begin : begin + size]), pos, packet), True
+        return _bounded_lz4(src.get(begin, size), pos, packet), True
     import zstandard
 
     try:
@@ -151,7 +170,7 @@ def _inflated_size(comp: int, data: Any, begin: int, size: int, pos: int, packet
         raise EventFormatError(f"AEDAT4 corrupt ZSTD packet header: {exc}", offset=pos, packet=packet) from exc
     if declared >= 0:
         return int(declared), True
-    return _bounded_zstd(bytes(data[begin : begin + size]), pos, packet), True
+    return _bounded_zstd(src.get(begin, size), pos, packet), True
 
 
 def _bounded_lz4(chunk: bytes, pos: int, packet: int) -> int:
@@ -183,8 +202,12 @@ def _bounded_zstd(chunk: bytes, pos: int, packet: int) -> int:
     return total
 
 
-def prescan(data: Any, limits: Limits) -> dict[str, Any]:
-    """Validate the file structure and bound every packet; return header and per-stream counts."""
+def prescan(data: Any, limits: Limits, fd: int | None = None) -> dict[str, Any]:
+    """Validate the file structure and bound every packet; return header and per-stream counts.
+
+    ``fd``: an open descriptor of the file ``data`` maps, read with ``pread`` instead.
+    """
+    src = _Source(data, fd)
     if data[: len(MAGIC)] != MAGIC:
         raise EventFormatError("not an AEDAT 4.0 file (wrong magic)", offset=0)
     pos = len(MAGIC)
@@ -206,10 +229,12 @@ def prescan(data: Any, limits: Limits) -> dict[str, Any]:
     total = 0
     n_packets = 0
     per_stream: dict[int, int] = {}
+    stream_bytes: dict[int, int] = {}  # compressed bytes per stream: sizes the output array
+    sizes: list[int] = []
     while pos < end:
         if pos + 8 > end:
             raise EventFormatError("AEDAT4 truncated packet header", offset=pos, packet=n_packets)
-        sid, size = struct.unpack_from("<iI", data, pos)
+        sid, size = struct.unpack("<iI", src.get(pos, 8))
         if sid not in streams:
             raise EventFormatError(f"AEDAT4 packet for undeclared stream {sid}", offset=pos, packet=n_packets)
         if pos + 8 + size > end:
@@ -218,7 +243,7 @@ def prescan(data: Any, limits: Limits) -> dict[str, Any]:
             )
         if size < 8:
             raise EventFormatError(f"AEDAT4 packet of {size} bytes is too small", offset=pos, packet=n_packets)
-        inflated, exact = _inflated_size(comp, data, pos + 8, size, pos, n_packets)
+        inflated, exact = _inflated_size(comp, src, pos + 8, size, pos, n_packets)
         if inflated > MAX_PACKET_BYTES:
             raise EventFormatError(
                 f"AEDAT4 packet inflates to {inflated} bytes, more than the {MAX_PACKET_BYTES} allowed "
@@ -234,6 +259,8 @@ def prescan(data: Any, limits: Limits) -> dict[str, Any]:
                 packet=n_packets,
             )
         per_stream[sid] = per_stream.get(sid, 0) + 1
+        stream_bytes[sid] = stream_bytes.get(sid, 0) + size
+        sizes.append(size)
         pos += 8 + size
         n_packets += 1
     return {
@@ -241,13 +268,38 @@ def prescan(data: Any, limits: Limits) -> dict[str, Any]:
         "streams": streams,
         "packets": n_packets,
         "packets_per_stream": per_stream,
+        "stream_bytes": stream_bytes,
+        "packet_sizes": sizes,
         "compression": COMPRESSION[comp],
     }
 
 
 def parse(data: Any, *, limits: Limits, path: str | None = None, name: str = "") -> Recording:
-    """Parse an AEDAT 4.0 file (``path`` is decoded in place; bytes go through a temp file)."""
-    info = prescan(data, limits)
+    """Parse an AEDAT 4.0 file (``path`` is decoded in place; bytes go through a temp file).
+
+    The ``aedat`` decoder re-opens ``path``, so the file must not change between the pre-scan
+    and the decode: its size and modification time are compared before and after, and the
+    decoder is never asked for more packets than were pre-scanned (a recording still being
+    appended to is refused rather than decoded past what was checked).
+    """
+    fd = None
+    stamp: tuple[int, int] | None = None
+    if path is not None and not isinstance(data, (bytes, bytearray)):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            st = os.fstat(fd)
+            stamp = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            fd = None
+        if stamp is not None and stamp[0] != len(data):
+            if fd is not None:
+                os.close(fd)
+            raise EventFormatError("AEDAT4 file changed while it was read")
+    try:
+        info = prescan(data, limits, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
     streams = info["streams"]
     event_ids = sorted(s for s, v in streams.items() if v["type"] == "EVTS")
     meta: dict[str, Any] = {
@@ -271,10 +323,18 @@ def parse(data: Any, *, limits: Limits, path: str | None = None, name: str = "")
     width = int(streams[main].get("sizeX", 0))
     height = int(streams[main].get("sizeY", 0))
     check_sensor(width, height, what=f"AEDAT4 events stream {main} size")
-    chunks, skipped, stats = _decode(data, path, main, streams, limits)
+    events, skipped, stats = _decode(
+        data, path, main, streams, limits, info["stream_bytes"].get(main, 0), info["packet_sizes"]
+    )
+    if stamp is not None and path is not None:
+        try:
+            st2 = os.stat(path)
+        except OSError as exc:
+            raise EventFormatError(f"AEDAT4 file vanished while it was read: {exc}") from exc
+        if (st2.st_size, st2.st_mtime_ns) != stamp:
+            raise EventFormatError("AEDAT4 file changed while it was read")
     for k, v in skipped.items():
         meta["skipped"][k] = v
-    events = _concat(chunks)
     return finish(events, width, height, "aedat4", meta, monotonic=stats["monotonic"],
                   in_bounds=stats["x_max"] < width and stats["y_max"] < height)
 
@@ -284,8 +344,17 @@ def _kind(type_id: str) -> str:
 
 
 def _decode(
-    data: bytes, path: str | None, main: int, streams: dict[int, dict[str, Any]], limits: Limits
-) -> tuple[list[np.ndarray], dict[str, int], dict[str, Any]]:
+    data: bytes, path: str | None, main: int, streams: dict[int, dict[str, Any]], limits: Limits,
+    main_bytes: int, packet_sizes: list[int],
+) -> tuple[np.ndarray, dict[str, int], dict[str, Any]]:
+    """Decode every packet with ``aedat``; the events of stream ``main`` go into one array.
+
+    Each packet's events are copied into a growing EVENT_DTYPE array while they are in cache,
+    and checked there (largest x and y, time order) in the same pass by a compiled loop when
+    numba is available. Keeping the decoder's per-packet arrays and concatenating them at the
+    end costs twice as much: every packet lands in freshly faulted-in memory, and the
+    concatenation copies everything once more.
+    """
     import aedat
 
     tmp = None
@@ -294,18 +363,25 @@ def _decode(
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         path = tmp
-    chunks: list[np.ndarray] = []
     skipped: dict[str, int] = {}
     n = 0
     index = -1
     decoded = 0  # bytes the decoder handed us: the total cap for packets of unknown inflated size
+    out = np.empty(0, EVENT_DTYPE)
+    seen_bytes = 0  # compressed bytes of the events packets decoded so far (sizes the output)
+    scan = kernel(scan_packed)
     # bounds and time order are checked per packet while it is still in cache
     x_max = y_max = -1
     monotonic = True
-    last_t: int | None = None
+    last_t = np.iinfo(np.int64).min
     try:
         decoder = aedat.Decoder(path)
         for index, packet in enumerate(decoder):
+            if index >= len(packet_sizes):
+                raise EventFormatError(
+                    f"AEDAT4 decoder returned more packets than the {len(packet_sizes)} pre-scanned "
+                    "(the file changed while it was read?)", packet=index,
+                )
             sid = packet.get("stream_id")
             decoded += _nbytes(packet)
             if decoded > limits.max_decompressed:
@@ -315,18 +391,30 @@ def _decode(
                 )
             if "events" in packet and sid == main:
                 ev = packet["events"]
-                n += len(ev)
-                check_count(n, limits, packet=index)
-                if len(ev):
-                    x_max = max(x_max, int(ev["x"].max()))
-                    y_max = max(y_max, int(ev["y"].max()))
-                    t = ev["t"]
-                    if monotonic and (
-                        (last_t is not None and int(t[0]) < last_t) or not bool((t[1:] >= t[:-1]).all())
-                    ):
-                        monotonic = False
-                    last_t = int(t[-1])
-                chunks.append(ev)
+                k = len(ev)
+                seen_bytes += packet_sizes[index]
+                if k == 0:
+                    continue
+                check_count(n + k, limits, packet=index)
+                if n + k > len(out):
+                    out = _grow(out, n, n + k, main_bytes, seen_bytes, limits)
+                raw = _raw_bytes(ev)
+                if raw is not None:
+                    dst = out[n : n + k].view(np.uint8)
+                    dst[:] = raw
+                    if scan is not None:
+                        last_t, x_max, y_max, monotonic = scan(dst, last_t, x_max, y_max, monotonic)
+                        n += k
+                        continue
+                else:
+                    _assign(out[n : n + k], ev)
+                x_max = max(x_max, int(ev["x"].max()))
+                y_max = max(y_max, int(ev["y"].max()))
+                t = out["t"][n : n + k]
+                if monotonic and (int(t[0]) < last_t or not bool((t[1:] >= t[:-1]).all())):
+                    monotonic = False
+                last_t = int(t[-1])
+                n += k
             else:
                 kind = next((k for k in ("events", "frame", "imus", "triggers") if k in packet), "unknown")
                 key = {"frame": "frames", "events": f"events_stream_{sid}"}.get(kind, kind)
@@ -346,10 +434,93 @@ def _decode(
                 os.unlink(tmp)
             except OSError:
                 pass
-    return chunks, skipped, {"x_max": x_max, "y_max": y_max, "monotonic": monotonic}
+    return _shrink(out, n), skipped, {"x_max": int(x_max), "y_max": int(y_max), "monotonic": bool(monotonic)}
+
+
+@register
+def scan_packed(buf: np.ndarray, last_t: int, x_max: int, y_max: int, monotonic: bool) -> tuple[int, int, int, bool]:
+    """One pass over packed EVENT_DTYPE records (``buf``: their uint8 bytes): carry the latest
+    ``t``, the largest ``x`` and ``y`` and whether ``t`` never decreased (compiled by numba)."""
+    n = len(buf) // 13
+    for i in range(n):
+        o = i * 13
+        t = np.int64(0)
+        for j in range(8):  # little-endian int64; LLVM folds this into one (unaligned) load
+            t |= np.int64(buf[o + j]) << np.int64(8 * j)
+        x = np.int64(buf[o + 8]) | (np.int64(buf[o + 9]) << np.int64(8))
+        y = np.int64(buf[o + 10]) | (np.int64(buf[o + 11]) << np.int64(8))
+        monotonic &= t >= last_t
+        last_t = t
+        x_max = max(x_max, x)
+        y_max = max(y_max, y)
+    return last_t, x_max, y_max, monotonic
+
+
+def _raw_bytes(ev: np.ndarray) -> np.ndarray | None:
+    if not ev.flags.c_contiguous:
+        return None
+    return ev.view(np.uint8) if _packed_layout(ev.dtype) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _packed_layout(dtype: np.dtype) -> bool:
+    """``ev`` as uint8 bytes when it has EVENT_DTYPE's packed layout (aedat's ``t u8, x u2, y u2,
+    on bool``: t comes from the file's int64, so reinterpreting it as int64 is exact, and
+    ``on`` is written as 0/1 by the decoder); None otherwise."""
+    names = dtype.names or ()
+    fields: Any = dtype.fields or {}
+    ours: Any = EVENT_DTYPE.fields or {}
+    return (
+        dtype.itemsize == EVENT_DTYPE.itemsize
+        and len(names) == 4
+        and all(
+            fields[a][1] == ours[b][1] and fields[a][0].itemsize == ours[b][0].itemsize
+            and fields[a][0].kind in "iub" and fields[a][0].byteorder in "<=|"
+            for a, b in zip(names, EVENT_DTYPE.names or (), strict=True)
+        )
+    )
+
+
+def _assign(dst: np.ndarray, ev: np.ndarray) -> None:
+    names = ev.dtype.names or ()
+    dst["t"] = ev[names[0]]
+    dst["x"] = ev["x"]
+    dst["y"] = ev["y"]
+    dst["p"] = ev[names[3]] != 0
+
+
+def _grow(out: np.ndarray, n: int, need: int, main_bytes: int, seen_bytes: int, limits: Limits) -> np.ndarray:
+    """A larger output array holding ``out[:n]``: the first time sized from the events per
+    compressed byte so far times the stream's compressed size, plus 1/8 (untouched pages of an
+    over-estimate cost no memory, and the end is trimmed in place), later 1.5x."""
+    if len(out) == 0:
+        cap = need * max(main_bytes, 1) // max(seen_bytes, 1)
+        cap = max(cap + cap // 8, need)
+    else:
+        cap = max(need, len(out) * 3 // 2)
+    cap = min(cap, limits.max_events + 1) if need <= limits.max_events else need
+    new = np.empty(cap, EVENT_DTYPE)
+    new[:n] = out[:n]
+    return new
+
+
+def _shrink(out: np.ndarray, n: int) -> np.ndarray:
+    """``out[:n]`` without a copy where possible (realloc of the array's own buffer)."""
+    if n == len(out):
+        return out
+    if n == 0:
+        return np.zeros(0, EVENT_DTYPE)
+    try:
+        out.resize((n,), refcheck=False)
+        return out
+    except ValueError:  # pragma: no cover - the array is always our own here
+        return out[:n].copy()
 
 
 def _nbytes(packet: dict[str, Any]) -> int:
+    ev = packet.get("events")
+    if len(packet) == 2 and isinstance(ev, np.ndarray):  # the common case: stream_id, events
+        return ev.nbytes
     total = 0
     for value in packet.values():
         if isinstance(value, np.ndarray):
@@ -357,25 +528,3 @@ def _nbytes(packet: dict[str, Any]) -> int:
         elif isinstance(value, dict):
             total += sum(v.nbytes for v in value.values() if isinstance(v, np.ndarray))
     return total
-
-
-def _concat(chunks: list[np.ndarray]) -> np.ndarray:
-    if not chunks:
-        return np.zeros(0, EVENT_DTYPE)
-    cat = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-    names = cat.dtype.names or ()
-    fields: Any = cat.dtype.fields or {}
-    ours: Any = EVENT_DTYPE.fields or {}
-    # aedat's packed (t u8, x u2, y u2, on bool) has exactly EVENT_DTYPE's byte layout, so the
-    # array is reinterpreted, not copied. t comes from the file's int64, so the u8 -> i8 view is
-    # exact; ``on`` is written as 0/1 by the decoder.
-    if cat.dtype.itemsize == EVENT_DTYPE.itemsize and len(names) == 4 and all(
-        fields[a][1] == ours[b][1] for a, b in zip(names, EVENT_DTYPE.names or (), strict=True)
-    ):
-        return cat.view(EVENT_DTYPE)
-    out = np.empty(len(cat), EVENT_DTYPE)
-    out["t"] = cat[names[0]]
-    out["x"] = cat["x"]
-    out["y"] = cat["y"]
-    out["p"] = cat[names[3]] != 0
-    return out
