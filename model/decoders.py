@@ -82,7 +82,7 @@ class _SparseFirstLayer:
         w = layer.weight
         if (
             not _SparseFirstLayer.enabled
-            or (torch.is_grad_enabled() and w.requires_grad)
+            or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             or x.shape[0] > self.max_batch
             or x.device.type != "cpu"
         ):
@@ -92,7 +92,8 @@ class _SparseFirstLayer:
             return layer(x)
         key = (w._version, w.data_ptr(), w.dtype)
         if self._key != key or self._wt is None:
-            self._wt = w.detach().t().contiguous()
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in any mode
+                self._wt = w.detach().t().contiguous()
             self._key = key
         return torch.addmm(layer.bias, x.index_select(1, active), self._wt.index_select(0, active))
 

@@ -162,7 +162,8 @@ class Encoder(nn.Module):
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             return hit[1]
-        with torch.no_grad():
+        # a plain tensor even when called under inference_mode, so it stays usable everywhere
+        with torch.inference_mode(False), torch.no_grad():
             value = fn().contiguous()
         self._cache[name] = (key, value)
         return value
@@ -177,7 +178,7 @@ class Encoder(nn.Module):
         return self._derived(f"h{i}", w, lambda: w.t())
 
     def _use_events(self, x: Tensor) -> bool:
-        if self.event_driven == "never" or (torch.is_grad_enabled() and self.readout_ff_weight.requires_grad):
+        if self.event_driven == "never" or (torch.is_grad_enabled() and (self.readout_ff_weight.requires_grad or x.requires_grad)):
             return False
         if self.event_driven == "always":
             return True

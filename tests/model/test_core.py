@@ -354,3 +354,19 @@ def test_sparse_first_layer_equals_dense(name):
         dec.fc1.weight.mul_(2.0) if name == "mlp" else dec.fc.weight.mul_(2.0)
         torch.testing.assert_close(dec(w), dec(w.clone().requires_grad_(False)))
     assert not torch.allclose(dec(w).detach(), dense.detach())  # the cached transpose followed the update
+
+
+def test_caches_filled_under_inference_mode_work_in_autograd_code():
+    nat = tiny_naturalizer(input_shape=(1, 4, 4), hidden=(8,), n_readout=5, tau_d=3, image_shape=(2, 2))
+    x = (torch.rand(1, 16) < 0.2).float()
+    win = (torch.rand(1, 3, 5) < 0.2).float()
+    with torch.inference_mode():
+        nat.encoder.step(x, nat.encoder.init_state(1), uniforms=torch.rand(1, 5))
+        nat.decoder(win)
+    for p in nat.parameters():
+        p.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    y, st = nat.encoder.step(xg, nat.encoder.init_state(1), uniforms=torch.rand(1, 5))
+    wg = win.clone().requires_grad_(True)
+    nat.decoder(wg).sum().backward()  # frozen decoder, gradient into the window
+    assert wg.grad is not None and torch.isfinite(wg.grad).all()
