@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import tempfile
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -55,13 +55,18 @@ class Engine(ABC):
     @abstractmethod
     def decode(self, windows: np.ndarray) -> np.ndarray: ...
 
+    def order_key(self, state: State) -> Any:
+        """Sort key that lets :meth:`stack` gather rows cheaply (the scheduler orders a tick's
+        streams by it; the order of streams within a tick does not change any result)."""
+        return 0
+
     def run_sequence(self, x: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
         """Spikes ``[T, n_readout]`` of one stream over ``x [T, n_inputs]`` from a fresh state.
 
         Equal to ``T`` calls of :meth:`step` (engines may override it with a faster path that
         keeps that equality).
         """
-        state = self.init_state()
+        state = self.stack([self.init_state()])
         out = np.zeros((x.shape[0], self.n_readout), dtype=np.uint8)
         for t in range(x.shape[0]):
             y, state = self.step(x[t : t + 1], state, uniforms[t : t + 1])
@@ -80,8 +85,16 @@ def _resolve_torch_device(device: str) -> str:
     return device
 
 
-def _row(i: int) -> Any:
-    return lambda t: t[i : i + 1]
+def _select(idx: Any) -> Any:
+    return lambda t: t.index_select(0, idx)
+
+
+class _Row(NamedTuple):
+    """One stream's state: row ``i`` of a batched state (no copy is made when a tick splits its
+    result; states are never written in place, so the batch stays valid)."""
+
+    batch: Any
+    i: int
 
 
 class TorchEngine(Engine):
@@ -123,17 +136,33 @@ class TorchEngine(Engine):
 
     def init_state(self) -> State:
         # States are never mutated in place (pure step functions), so sharing one is safe.
-        return self._fresh
+        return _Row(self._fresh, 0)
+
+    def order_key(self, state: State) -> Any:
+        return (id(state.batch), state.i)
 
     def stack(self, states: list[State]) -> State:
-        return states[0] if len(states) == 1 else self._stack(states)
+        """Gather rows: one ``index_select`` per state tensor and source batch, none at all when
+        the rows are exactly the previous tick's batch (the steady state of a busy server)."""
+        torch = self._torch
+        groups: list[tuple[Any, list[int]]] = []
+        for st in states:
+            if groups and groups[-1][0] is st.batch:
+                groups[-1][1].append(st.i)
+            else:
+                groups.append((st.batch, [st.i]))
+        parts = []
+        for batch, rows in groups:
+            n = batch.readout.fb_hist.shape[0]
+            if rows == list(range(n)):
+                parts.append(batch)
+            else:
+                idx = torch.tensor(rows, dtype=torch.long, device=self.device)
+                parts.append(self._map(batch, _select(idx)))
+        return parts[0] if len(parts) == 1 else self._stack(parts)
 
     def unstack(self, state: State, n: int) -> list[State]:
-        # Row views, not copies: states are never written in place (pure step functions), so a
-        # view stays valid; it keeps the batched tensor alive only until the next tick.
-        if n == 1:
-            return [state]
-        return [self._map(state, _row(i)) for i in range(n)]
+        return [_Row(state, i) for i in range(n)]
 
     def step(self, x: np.ndarray, state: State, uniforms: np.ndarray) -> tuple[np.ndarray, State]:
         torch = self._torch
@@ -146,7 +175,7 @@ class TorchEngine(Engine):
     def run_sequence(self, x: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
-            state = self.init_state()
+            state = self._fresh
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
             ut = torch.from_numpy(np.ascontiguousarray(uniforms, dtype=np.float32)).to(self.device)
             out = torch.empty((x.shape[0], self.n_readout), dtype=torch.uint8, device=self.device)

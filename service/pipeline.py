@@ -107,7 +107,7 @@ def naturalize(entry: ModelEntry, events: np.ndarray, opts: RunOptions) -> RunRe
     frames_keep: list[np.ndarray] = []  # input frames (only when inputs are requested)
     n_steps = 0
     seg_start = 0
-    state = engine.init_state()
+    state = engine.stack([engine.init_state()])
 
     def consume(segments: list[Any]) -> None:
         nonlocal n_steps, seg_start, state, t_enc
@@ -116,7 +116,7 @@ def naturalize(entry: ModelEntry, events: np.ndarray, opts: RunOptions) -> RunRe
             if k == 0:
                 continue
             if seg.reset:
-                state = engine.init_state()
+                state = engine.stack([engine.init_state()])
                 seg_start = n_steps
             t = time.perf_counter()
             x = seg.frames.reshape(k, -1)

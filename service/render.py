@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -13,11 +15,25 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def png_encode(pixels: np.ndarray) -> bytes:
+    """A minimal PNG (IHDR, one IDAT, IEND; filter 0, zlib level 1) of uint8 ``[H, W]`` (gray) or
+    ``[H, W, 3]`` (RGB). ~10x cheaper than PIL's encoder for the small frames streamed here."""
+    h, w = pixels.shape[:2]
+    color = 0 if pixels.ndim == 2 else 2
+    rows = np.empty((h, 1 + w * (1 if color == 0 else 3)), dtype=np.uint8)
+    rows[:, 0] = 0  # filter type None
+    rows[:, 1:] = pixels.reshape(h, -1)
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + _chunk(b"IEND", b"")
+
+
 def png_gray(image: np.ndarray) -> bytes:
     """A reconstruction ``[H, W]`` in [0, 1] as an 8-bit grayscale PNG."""
-    buf = io.BytesIO()
-    Image.fromarray(to_uint8(image), mode="L").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return png_encode(to_uint8(image))
 
 
 def event_rgb(frames: np.ndarray) -> np.ndarray:
@@ -38,9 +54,7 @@ def event_rgb(frames: np.ndarray) -> np.ndarray:
 
 
 def png_rgb(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return png_encode(np.ascontiguousarray(rgb, dtype=np.uint8))
 
 
 def gif(images: list[np.ndarray], frame_ms: float) -> bytes:

@@ -152,6 +152,7 @@ class Scheduler:
             for s, it in steps:
                 if it.reset:
                     s.reset_model_state()
+            steps.sort(key=lambda w: engine.order_key(w[0].state))
             x = np.stack([it.frame.reshape(-1) for _, it in steps]).astype(np.float32)  # type: ignore[union-attr]
             u = np.concatenate([s.draw_uniforms() for s, _ in steps])
             state = engine.stack([s.state for s, _ in steps])
