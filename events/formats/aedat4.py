@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from .._types import EVENT_DTYPE, EventFormatError, Recording
-from ._common import Limits, check_count, check_sensor, finish
-from ._jit import kernel, register
+from ._common import Limits, check_count, check_sensor, finish, scan_packed
+from ._jit import kernel
 
 MAGIC = b"#!AER-DAT4.0\r\n"
 COMPRESSION = {0: "none", 1: "lz4", 2: "lz4_high", 3: "zstd", 4: "zstd_high"}
@@ -435,25 +435,6 @@ def _decode(
             except OSError:
                 pass
     return _shrink(out, n), skipped, {"x_max": int(x_max), "y_max": int(y_max), "monotonic": bool(monotonic)}
-
-
-@register
-def scan_packed(buf: np.ndarray, last_t: int, x_max: int, y_max: int, monotonic: bool) -> tuple[int, int, int, bool]:
-    """One pass over packed EVENT_DTYPE records (``buf``: their uint8 bytes): carry the latest
-    ``t``, the largest ``x`` and ``y`` and whether ``t`` never decreased (compiled by numba)."""
-    n = len(buf) // 13
-    for i in range(n):
-        o = i * 13
-        t = np.int64(0)
-        for j in range(8):  # little-endian int64; LLVM folds this into one (unaligned) load
-            t |= np.int64(buf[o + j]) << np.int64(8 * j)
-        x = np.int64(buf[o + 8]) | (np.int64(buf[o + 9]) << np.int64(8))
-        y = np.int64(buf[o + 10]) | (np.int64(buf[o + 11]) << np.int64(8))
-        monotonic &= t >= last_t
-        last_t = t
-        x_max = max(x_max, x)
-        y_max = max(y_max, y)
-    return last_t, x_max, y_max, monotonic
 
 
 def _raw_bytes(ev: np.ndarray) -> np.ndarray | None:

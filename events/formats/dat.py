@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .._types import EventFormatError, Recording
+from .._types import EVENT_DTYPE, EventFormatError, Recording
 from ._common import (
     Limits,
     build_events,
@@ -24,6 +24,7 @@ from ._common import (
     text_header,
     unwrap,
 )
+from ._jit import kernel, register
 from .evt import parse_header
 
 CD_TYPES = (0x00, 0x0C)
@@ -55,11 +56,54 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
     if size is not None:
         check_sensor(*size, what="header sensor size", offset=0)
     rec = np.frombuffer(data, dtype=[("t", "<u4"), ("a", "<u4")], count=n, offset=start)
-    a = rec["a"]
-    t, wraps = unwrap(rec["t"].astype(np.int64), 1 << 32)
-    meta["time_wraps"] = wraps
-    events = build_events(t, a & 0x3FFF, (a >> 14) & 0x3FFF, (a >> 28) & 1)
+    decode = kernel(decode_dat)
+    stats = None
+    if decode is not None:
+        events = np.empty(n, EVENT_DTYPE)
+        wraps, x_max, y_max, mono = decode(rec["t"], rec["a"], events["t"], events["x"], events["y"], events["p"])
+        stats = (int(x_max), int(y_max), bool(mono))
+    else:
+        a = rec["a"]
+        t, wraps = unwrap(rec["t"].astype(np.int64), 1 << 32)
+        events = build_events(t, a & 0x3FFF, (a >> 14) & 0x3FFF, (a >> 28) & 1)
+    meta["time_wraps"] = int(wraps)
     if size is None:
-        size = size_from_events(events)
+        size = size_from_events(events) if stats is None or n == 0 else (stats[0] + 1, stats[1] + 1)
         meta["sensor_size_from"] = "event coordinates"
-    return finish(events, size[0], size[1], "dat", meta, offsets=start + 8 * np.arange(n, dtype=np.int64))
+    return finish(events, size[0], size[1], "dat", meta, offsets=lambda i: start + 8 * i,
+                  monotonic=None if stats is None else stats[2],
+                  in_bounds=stats is not None and stats[0] < size[0] and stats[1] < size[1])
+
+
+@register
+def decode_dat(ts: np.ndarray, addr: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.ndarray,
+               p_out: np.ndarray) -> tuple[int, int, int, bool]:
+    """One pass (compiled by numba): unwrap the 32-bit µs counter (a step back of more than
+    2^31 is one wrap, as :func:`unwrap`), split the address, and return (wraps, max x, max y,
+    whether t never decreases)."""
+    wraps = 0
+    add = np.int64(0)
+    prev = np.int64(0)
+    last = np.int64(-(2**62))
+    x_max = np.int64(-1)
+    y_max = np.int64(-1)
+    mono = True
+    for i in range(len(ts)):
+        raw = np.int64(ts[i])
+        if i > 0 and raw - prev < -(np.int64(1) << np.int64(31)):
+            wraps += 1
+            add += np.int64(1) << np.int64(32)
+        prev = raw
+        t = raw + add
+        a = np.int64(addr[i])
+        x = a & 0x3FFF
+        y = (a >> 14) & 0x3FFF
+        t_out[i] = t
+        x_out[i] = x
+        y_out[i] = y
+        p_out[i] = (a >> 28) & 1
+        mono &= t >= last
+        last = t
+        x_max = max(x_max, x)
+        y_max = max(y_max, y)
+    return wraps, x_max, y_max, mono

@@ -25,6 +25,7 @@ import numpy as np
 
 from .._types import EVENT_DTYPE, EventFormatError, Recording
 from ._common import Limits, check_count, check_sensor, finish, size_from_events, text_header
+from ._jit import kernel, register
 
 #: ``plugin_name`` / ``sensor_generation`` fragments -> sensor size (openeb's camera plugins)
 SENSORS = [
@@ -84,14 +85,111 @@ def parse(data: bytes, *, limits: Limits, version: str = "evt3", name: str = "")
         meta["camera"] = " ".join(v for k, v in fields.items() if k in ("plugin_name", "serial_number"))
     if size is not None:
         check_sensor(*size, what="header sensor size", offset=0)
-    if version == "evt2":
+    fast = _evt2_fast if version == "evt2" else _evt3_fast
+    got = fast(data, start, limits, meta)
+    stats = None
+    if got is not None:
+        events, offsets, stats = got
+    elif version == "evt2":
         events, offsets = _evt2(data, start, limits, meta)
     else:
         events, offsets = _evt3(data, start, limits, meta)
     if size is None:
-        size = size_from_events(events)
+        size = size_from_events(events) if stats is None or len(events) == 0 else (stats[0] + 1, stats[1] + 1)
         meta["sensor_size_from"] = "event coordinates"
-    return finish(events, size[0], size[1], version, meta, offsets=offsets)
+    return finish(events, size[0], size[1], version, meta, offsets=offsets,
+                  monotonic=None if stats is None else stats[2],
+                  in_bounds=stats is not None and stats[0] < size[0] and stats[1] < size[1])
+
+
+def _shrink(out: np.ndarray, n: int) -> np.ndarray:
+    """``out[:n]``, trimmed in place (realloc) when ``out`` owns its buffer."""
+    if n == len(out):
+        return out
+    try:
+        out.resize((n,), refcheck=False)
+        return out
+    except ValueError:  # pragma: no cover - always our own array here
+        return out[:n].copy()
+
+
+def _evt2_fast(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
+    """EVT 2.0 in one compiled pass (same semantics as :func:`_evt2`); None without numba."""
+    decode = kernel(decode_evt2)
+    if decode is None:
+        return None
+    body = len(data) - start
+    if body % 4:
+        return None  # the numpy path raises the error
+    w = np.frombuffer(data, "<u4", count=body // 4, offset=start)
+    cap = min(len(w), limits.max_events + 1)
+    out = np.empty(cap, EVENT_DTYPE)
+    counts = np.zeros(16, np.int64)
+    n, first, x_max, y_max, mono = decode(w, out["t"], out["x"], out["y"], out["p"], counts)
+    check_count(int(n) if n < cap else limits.max_events + 1, limits, offset=start)
+    meta["skipped"]["before_first_time_high"] = int(first)
+    for code, label in ((0xA, "ext_trigger"), (0xE, "others"), (0xF, "continued")):
+        if counts[code]:
+            meta["skipped"][label] = int(counts[code])
+    unknown = int(counts[[2, 3, 4, 5, 6, 7, 9, 0xB, 0xC, 0xD]].sum())
+    if unknown:
+        meta["skipped"]["unknown"] = unknown
+    events = _shrink(out, int(n))
+
+    def offset(i: int) -> int:  # the i-th CD word after the first TIME_HIGH
+        ww = w[first:]
+        return start + 4 * (int(first) + int(np.flatnonzero((ww >> 28) <= 1)[i]))
+
+    return events, offset, (int(x_max), int(y_max), bool(mono))
+
+
+@register
+def decode_evt2(w: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.ndarray, p_out: np.ndarray,
+                counts: np.ndarray) -> tuple[int, int, int, int, bool]:
+    """EVT 2.0 words to events (compiled by numba): words before the first TIME_HIGH are
+    dropped; TIME_HIGH (28 bits of 64 µs) wraps when it steps back by more than 2^27. Stops
+    when the outputs are full. Returns (events, index of the first TIME_HIGH, max x, max y,
+    t never decreases); ``counts[type]`` counts the other words."""
+    nw = len(w)
+    first = 0
+    while first < nw and (w[first] >> 28) != 0x8:
+        first += 1
+    cap = len(t_out)
+    n = 0
+    th = np.int64(0)
+    prev = np.int64(-1)
+    add = np.int64(0)
+    last = np.int64(-(2**62))
+    x_max = np.int64(-1)
+    y_max = np.int64(-1)
+    mono = True
+    for i in range(first, nw):
+        v = np.int64(w[i])
+        typ = v >> 28
+        if typ <= 1:
+            if n == cap:
+                return n + 1, first, x_max, y_max, mono
+            t = (th << 6) | ((v >> 22) & 0x3F)
+            x = (v >> 11) & 0x7FF
+            y = v & 0x7FF
+            t_out[n] = t
+            x_out[n] = x
+            y_out[n] = y
+            p_out[n] = typ
+            n += 1
+            mono &= t >= last
+            last = t
+            x_max = max(x_max, x)
+            y_max = max(y_max, y)
+        elif typ == 0x8:
+            raw = v & 0x0FFFFFFF
+            if prev >= 0 and raw - prev < -(np.int64(1) << np.int64(27)):
+                add += np.int64(1) << np.int64(28)
+            prev = raw
+            th = raw + add
+        else:
+            counts[typ] += 1
+    return n, first, x_max, y_max, mono
 
 
 def _evt2(data: bytes, start: int, limits: Limits, meta: dict[str, Any]):
@@ -134,6 +232,172 @@ def _evt2(data: bytes, start: int, limits: Limits, meta: dict[str, Any]):
     events = build_events(t, (wc >> 11) & 0x7FF, wc & 0x7FF, typ[cd])
     offsets = start + 4 * (first + np.flatnonzero(cd))
     return events, offsets
+
+
+def _evt3_fast(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
+    """EVT 3.0 in compiled passes (same semantics as :func:`_evt3`); None without numba.
+
+    The state machine runs word by word; when the output fills up (vectors yield up to 12
+    events per word) it returns its state, the output grows by half and it resumes."""
+    decode = kernel(decode_evt3)
+    if decode is None:
+        return None
+    body = len(data) - start
+    if body % 2:
+        return None  # the numpy path raises the error
+    w = np.frombuffer(data, "<u2", count=body // 2, offset=start)
+    state = np.zeros(_S_LEN, np.int64)
+    state[_S_LAST] = -(2**62)
+    state[_S_XMAX] = state[_S_YMAX] = -1
+    state[_S_MONO] = 1
+    state[_S_PREV_TH] = -1
+    counts = np.zeros(16, np.int64)
+    cap = min(len(w) + 16, limits.max_events + 13)
+    out = np.empty(cap, EVENT_DTYPE)
+    while True:
+        done = decode(w, out["t"], out["x"], out["y"], out["p"], counts, state)
+        n = int(state[_S_N])
+        if n > limits.max_events:
+            check_count(n, limits, offset=start)
+        if done:
+            break
+        if state[_S_BAD] >= 0:
+            i = int(state[_S_BAD])
+            raise EventFormatError(f"EVT 3.0 vector runs past x={int(state[_S_BADX])}", offset=start + 2 * i)
+        grown = np.empty(min(max(cap * 3 // 2, n + 12), limits.max_events + 13), EVENT_DTYPE)
+        grown[:n] = out[:n]
+        out, cap = grown, len(grown)
+    first = int(state[_S_FIRST])
+    meta["skipped"]["before_first_time_high"] = first
+    for code, label in ((0xA, "ext_trigger"), (0xE, "others"), (0x7, "continued_4"), (0xF, "continued_12")):
+        if counts[code]:
+            meta["skipped"][label] = int(counts[code])
+    unknown = int(counts[[0x1, 0x9, 0xB, 0xC, 0xD]].sum())
+    if unknown:
+        meta["skipped"]["unknown"] = unknown
+    if state[_S_ORPHANS]:
+        meta["skipped"]["vector_without_base"] = int(state[_S_ORPHANS])
+    check_count(n, limits, offset=start)
+    events = _shrink(out, n)
+
+    def offset(i: int) -> int:  # the word that produced event i
+        return start + 2 * int(locate_evt3(w, first, i))
+
+    return events, offset, (int(state[_S_XMAX]), int(state[_S_YMAX]), bool(state[_S_MONO]))
+
+
+# decode_evt3's state vector (resumable when the output fills up)
+(_S_I, _S_N, _S_FIRST, _S_TH, _S_TL, _S_Y, _S_BASE, _S_POL, _S_HAVE_BASE, _S_LOOPS, _S_PREV_TH,
+ _S_LAST, _S_XMAX, _S_YMAX, _S_MONO, _S_ORPHANS, _S_BAD, _S_BADX, _S_STARTED, _S_LEN) = range(20)
+
+
+@register
+def decode_evt3(w: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.ndarray, p_out: np.ndarray,
+                counts: np.ndarray, state: np.ndarray) -> bool:
+    """EVT 3.0 state machine (compiled by numba), resumable: returns True when every word is
+    decoded, False when the outputs are full (``state`` says where to resume) or a vector runs
+    past x = 65535 (``state[_S_BAD]`` = its word index). Timestamps: ``(TH + loops * 4096) << 12
+    | TL``, a loop when TIME_HIGH steps back by at least 2048."""
+    nw = len(w)
+    cap = len(t_out)
+    if state[_S_STARTED] == 0:  # skip to the first TIME_HIGH
+        first = 0
+        while first < nw and (w[first] >> 12) != 0x8:
+            first += 1
+        state[_S_FIRST] = first
+        state[_S_I] = first
+        state[_S_STARTED] = 1
+        state[_S_BAD] = -1
+    i, n = state[_S_I], state[_S_N]
+    th, tl, y, base, pol, have_base = (state[_S_TH], state[_S_TL], state[_S_Y], state[_S_BASE], state[_S_POL],
+                                       state[_S_HAVE_BASE])
+    loops, prev_th, last = state[_S_LOOPS], state[_S_PREV_TH], state[_S_LAST]
+    x_max, y_max, mono, orphans = state[_S_XMAX], state[_S_YMAX], state[_S_MONO], state[_S_ORPHANS]
+    done = True
+    while i < nw:
+        if n + 12 > cap:
+            done = False
+            break
+        v = np.int64(w[i])
+        typ = v >> 12
+        if typ == 0x2:
+            t = (th << 12) | tl
+            x = v & 0x7FF
+            t_out[n] = t
+            x_out[n] = x
+            y_out[n] = y
+            p_out[n] = (v >> 11) & 1
+            n += 1
+            if t < last:
+                mono = 0
+            last = t
+            x_max = max(x_max, x)
+            y_max = max(y_max, y)
+        elif typ == 0x4 or typ == 0x5:
+            step = 12 if typ == 0x4 else 8
+            if have_base == 0:
+                orphans += 1
+            else:
+                mask = v & (0xFFF if typ == 0x4 else 0xFF)
+                if mask:
+                    t = (th << 12) | tl
+                    if t < last:
+                        mono = 0
+                    last = t
+                    y_max = max(y_max, y)
+                    for b in range(step):
+                        if (mask >> b) & 1:
+                            x = base + b
+                            if x > 0xFFFF:
+                                state[_S_BAD] = i
+                                state[_S_BADX] = x
+                                done = False
+                                break
+                            t_out[n] = t
+                            x_out[n] = x
+                            y_out[n] = y
+                            p_out[n] = pol
+                            n += 1
+                            x_max = max(x_max, x)
+                    if state[_S_BAD] >= 0:
+                        break
+                base += step
+        elif typ == 0x0:
+            y = v & 0x7FF
+        elif typ == 0x3:
+            base = v & 0x7FF
+            pol = (v >> 11) & 1
+            have_base = 1
+        elif typ == 0x6:
+            tl = v & 0xFFF
+        elif typ == 0x8:
+            raw = v & 0xFFF
+            if prev_th >= 0 and raw - prev_th <= -2048:
+                loops += 1
+            prev_th = raw
+            th = raw + (loops << 12)
+        else:
+            counts[typ] += 1
+        i += 1
+    state[_S_I], state[_S_N] = i, n
+    state[_S_TH], state[_S_TL], state[_S_Y], state[_S_BASE] = th, tl, y, base
+    state[_S_POL], state[_S_HAVE_BASE], state[_S_LOOPS], state[_S_PREV_TH] = pol, have_base, loops, prev_th
+    state[_S_LAST], state[_S_XMAX], state[_S_YMAX], state[_S_MONO], state[_S_ORPHANS] = last, x_max, y_max, mono, orphans
+    return done
+
+
+def locate_evt3(w: np.ndarray, first: int, k: int) -> int:
+    """Index of the word that produced event ``k`` (error messages only; numpy)."""
+    w = w[first:]
+    typ = w >> 12
+    is_base = typ == 0x3
+    is_vec = (typ == 0x4) | (typ == 0x5)
+    has_base = np.cumsum(is_base) > 0
+    per = np.where(typ == 0x2, 1, 0)
+    masks = np.where(typ == 0x4, w & 0xFFF, w & 0xFF).astype(np.int64)
+    pop = ((masks[:, None] >> np.arange(12)) & 1).sum(axis=1)
+    per = np.where(is_vec & has_base, pop, per)
+    return first + int(np.searchsorted(np.cumsum(per), k, side="right"))
 
 
 def _evt3(data: Any, start: int, limits: Limits, meta: dict[str, Any]):

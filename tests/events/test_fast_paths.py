@@ -122,3 +122,115 @@ def test_aedat4_fast_path_equals_fallback(tmp_path: Path, kernels):
     data = path.read_bytes().replace(b'"sizeX" type="int">346', b'"sizeX" type="int">300')
     with pytest.raises(EventFormatError, match="outside the 300x260"):
         read(data)
+
+
+def _both(data: bytes, monkeypatch, **kw):
+    """read() with kernels on and off: (events, metadata) or the error message, each."""
+    out = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("VDIB_NUMBA", flag)
+        try:
+            rec = read(data, **kw)
+            out.append((rec.events, rec.metadata, (rec.width, rec.height)))
+        except EventFormatError as exc:
+            out.append(str(exc))
+    return out
+
+
+def _same(a, b) -> None:
+    if isinstance(a, str) or isinstance(b, str):
+        assert a == b
+        return
+    assert np.array_equal(a[0], b[0]) and a[0].dtype == b[0].dtype
+    assert a[1] == b[1] and a[2] == b[2]
+
+
+def _evt3_words(rng: np.random.Generator, n: int, junk: float) -> np.ndarray:
+    """A plausible EVT 3.0 stream: TIME_HIGH stepping up (and looping past 4095), TIME_LOW,
+    ADDR_Y, ADDR_X, vector bases and 12/8-bit vectors, plus a fraction of other words."""
+    words = []
+    th = int(rng.integers(0, 4096))
+    if rng.random() < 0.3:
+        words += [0x2000 | int(rng.integers(0, 640)), 0x4FFF]  # before the first TIME_HIGH: dropped
+    words.append(0x8000 | th)
+    for _ in range(n):
+        r = rng.random()
+        if r < 0.05:
+            th = (th + int(rng.integers(0, 3))) % 4096
+            words.append(0x8000 | th)
+        elif r < 0.15:
+            words.append(0x6000 | int(rng.integers(0, 4096)))
+        elif r < 0.3:
+            words.append(0x0000 | int(rng.integers(0, 480)))
+        elif r < 0.55:
+            words.append(0x2000 | int(rng.integers(0, 2)) << 11 | int(rng.integers(0, 640)))
+        elif r < 0.65:
+            words.append(0x3000 | int(rng.integers(0, 2)) << 11 | int(rng.integers(0, 600)))
+        elif r < 0.8:
+            words.append(0x4000 | int(rng.integers(0, 4096)))
+        elif r < 0.9:
+            words.append(0x5000 | int(rng.integers(0, 256)))
+        elif r < 0.9 + junk:
+            words.append(int(rng.choice([0x1, 0x7, 0x9, 0xA, 0xB, 0xE, 0xF])) << 12 | int(rng.integers(0, 4096)))
+    return np.array(words, "<u2")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_evt3_kernel_equals_numpy(seed, monkeypatch):
+    rng = np.random.default_rng(seed)
+    head = b"% evt 3.0\n% format EVT3;height=480;width=640\n% end\n" if seed % 3 else b"% evt 3.0\n"
+    w = _evt3_words(rng, int(rng.integers(1, 4000)), junk=0.1 if seed % 2 else 0.0)
+    a, b = _both(head + w.tobytes(), monkeypatch)
+    _same(a, b)
+    if seed == 0:
+        assert not isinstance(a, str) and len(a[0]) > 100  # the generator makes readable streams
+
+
+def test_evt3_kernel_grows_output_and_reports_vector_overflow(monkeypatch):
+    # 12 events per word: the output starts at one event per word and must grow
+    w = np.array([0x8000, 0x6000, 0x0005, 0x3000] + [0x4FFF] * 40 + [0x3000 | 100] + [0x5FFF] * 3, "<u2")
+    a, b = _both(b"% evt 3.0\n% format EVT3;height=480;width=1280\n" + w.tobytes(), monkeypatch)
+    _same(a, b)
+    assert len(a[0]) == 40 * 12 + 24
+    # a base advanced past x = 65535 by vectors
+    w = np.array([0x8000, 0x3000 | 0x7FF] + [0x4000] * 5500 + [0x4001], "<u2")
+    a, b = _both(b"% evt 3.0\n" + w.tobytes(), monkeypatch)
+    assert isinstance(a, str) and "runs past x=" in a
+    _same(a, b)
+    # max_events holds while growing
+    w = np.array([0x8000, 0x3000] + [0x4FFF] * 100, "<u2")
+    a, b = _both(b"% evt 3.0\n" + w.tobytes(), monkeypatch, max_events=500)
+    assert all(isinstance(r, str) and "more than max_events=500" in r for r in (a, b))  # counts differ
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_evt2_kernel_equals_numpy(seed, monkeypatch):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(1, 5000))
+    typ = rng.choice([0, 1, 8, 0xA, 0xE, 0xF, 3], n, p=[0.4, 0.4, 0.1, 0.03, 0.03, 0.02, 0.02]).astype(np.uint32)
+    th = np.cumsum(typ == 8).astype(np.uint32)
+    if seed % 2:  # TIME_HIGH wrapping past 2^28
+        th = (th + (1 << 28) - 5) & 0x0FFFFFFF
+    low = rng.integers(0, 1 << 28, n).astype(np.uint32)
+    low = np.where(typ <= 1, (rng.integers(0, 64, n) << 22) | (rng.integers(0, 640, n) << 11)
+                   | rng.integers(0, 480, n), low).astype(np.uint32)
+    w = (typ << 28) | np.where(typ == 8, th, low)
+    head = b"% evt 2.0\n% format EVT2;height=480;width=640\n" if seed % 3 else b"% evt 2.0\n"
+    a, b = _both(head + w.astype("<u4").tobytes(), monkeypatch)
+    _same(a, b)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dat_kernel_equals_numpy(seed, monkeypatch):
+    rng = np.random.default_rng(200 + seed)
+    n = int(rng.integers(1, 5000))
+    t = np.cumsum(rng.integers(0, 3, n)).astype(np.int64) + (2**32 - 1000 if seed % 2 else 0)
+    rec = np.zeros(n, [("t", "<u4"), ("a", "<u4")])
+    rec["t"] = t & 0xFFFFFFFF
+    w = 1 << int(rng.integers(6, 14))
+    rec["a"] = rng.integers(0, w, n) | (rng.integers(0, 300, n) << 14) | (rng.integers(0, 2, n) << 28)
+    head = b"% Version 2\n" + (b"% Width 8192\n% Height 300\n" if seed % 3 == 0 else b"") + bytes([0, 8])
+    a, b = _both(head + rec.tobytes(), monkeypatch)
+    _same(a, b)
+    if seed % 2 and not isinstance(a, str):
+        assert a[1]["time_wraps"] == 1
