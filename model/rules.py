@@ -291,11 +291,24 @@ class Rule:
         flat = decoder_loss(logits.reshape(T * R, -1), tgt.reshape(T * R, *tgt.shape[2:]), kind)
         return flat.view(T, R).sum(0)
 
-    def train_step(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+    def train_step(
+        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+    ) -> dict[str, float]:
         raise NotImplementedError
 
-    def evaluate(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+    def evaluate(
+        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+    ) -> dict[str, float]:
         raise NotImplementedError
+
+    @staticmethod
+    def _uniforms(shape: torch.Size, like: Tensor, generator: torch.Generator | None, given: Tensor | None) -> Tensor:
+        """The readout noise ``[T, R, N_Y]``: ``given`` (checked) or one ``torch.rand`` draw."""
+        if given is None:
+            return torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
+        if tuple(given.shape) != tuple(shape):
+            raise ValueError(f"uniforms must have shape {tuple(shape)} (T, B * n_samples, N_Y), got {tuple(given.shape)}")
+        return given.to(device=like.device, dtype=like.dtype)
 
     def state_dict(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -384,7 +397,9 @@ class VDIBRule(Rule):
         self._mm = _DTYPES[o.matmul_dtype]
 
     # -- the rollout shared by train_step and evaluate
-    def _rollout(self, x: Tensor, target: Tensor, generator: torch.Generator | None, n_samples: int):
+    def _rollout(
+        self, x: Tensor, target: Tensor, generator: torch.Generator | None, n_samples: int, given: Tensor | None = None
+    ):
         nat = self.naturalizer
         enc = nat.encoder
         xf = _flatten_x(nat, x)
@@ -394,7 +409,7 @@ class VDIBRule(Rule):
             u_ff = readout_ff(enc, roll.z, matmul_dtype=self._mm)
             if n_samples > 1:
                 u_ff = u_ff.repeat_interleave(n_samples, dim=1)
-            uniforms = torch.rand(u_ff.shape, generator=generator, dtype=u_ff.dtype, device=u_ff.device)
+            uniforms = self._uniforms(u_ff.shape, u_ff, generator, given)
             y, u, fb = readout_sample(enc, u_ff, uniforms)
         logits = self._decode_logits(y, self.opts.target_steps)
         ld = self._decoder_loss(logits, target, self.opts.target_steps, n_samples)
@@ -417,23 +432,28 @@ class VDIBRule(Rule):
         return stats
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+    def evaluate(
+        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+    ) -> dict[str, float]:
         """Losses and rates of one batch without any update (one readout sample per input)."""
         t0 = time.perf_counter()
-        roll, y, u, fb, ld, le, _ = self._rollout(x, target, generator, 1)
+        roll, y, u, fb, ld, le, _ = self._rollout(x, target, generator, 1, uniforms)
         return self._stats(roll, y, ld, le, t0)
 
-    def train_step(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+    def train_step(
+        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+    ) -> dict[str, float]:
         """One update on a batch: ``x [T, B, C, H, W]`` or ``[T, B, N]``; ``target [B, ...]``.
 
-        Draws ``torch.rand((T, B * n_samples, N_Y), generator=generator)`` for the readout.
+        Draws ``torch.rand((T, B * n_samples, N_Y), generator=generator)`` for the readout unless
+        ``uniforms`` of that shape are given (row ``b * n_samples + k``: sample k of input b).
         """
         t0 = time.perf_counter()
         o = self.opts
         nat = self.naturalizer
         enc = nat.encoder
         K = o.n_samples
-        roll, y, u, fb, ld, le, B = self._rollout(x, target, generator, K)
+        roll, y, u, fb, ld, le, B = self._rollout(x, target, generator, K, uniforms)
         R = B * K
 
         # decoder: backprop on the mean ℓ_d (spikes are detached inputs)
@@ -576,7 +596,14 @@ class BPTTRule(Rule):
         self.opt = torch.optim.Adam(naturalizer.parameters(), lr=self.opts.lr)
         self._mm = _DTYPES[self.opts.matmul_dtype]
 
-    def _forward(self, x: Tensor, target: Tensor, generator: torch.Generator | None, differentiable: bool):
+    def _forward(
+        self,
+        x: Tensor,
+        target: Tensor,
+        generator: torch.Generator | None,
+        differentiable: bool,
+        given: Tensor | None = None,
+    ):
         nat = self.naturalizer
         enc = nat.encoder
         o = self.opts
@@ -585,7 +612,7 @@ class BPTTRule(Rule):
         u_ff = readout_ff(enc, roll.z, matmul_dtype=self._mm)
         if o.n_samples > 1:
             u_ff = u_ff.repeat_interleave(o.n_samples, dim=1)
-        uniforms = torch.rand(u_ff.shape, generator=generator, dtype=u_ff.dtype, device=u_ff.device)
+        uniforms = self._uniforms(u_ff.shape, u_ff.detach(), generator, given)
         y, u, _ = readout_sample(enc, u_ff, uniforms, straight_through=differentiable)
         logits = self._decode_logits(y, o.target_steps)
         ld = self._decoder_loss(logits, target, o.target_steps, o.n_samples)
@@ -608,14 +635,18 @@ class BPTTRule(Rule):
         return stats
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+    def evaluate(
+        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+    ) -> dict[str, float]:
         t0 = time.perf_counter()
-        roll, y, u, ld, kl = self._forward(x, target, generator, differentiable=False)
+        roll, y, u, ld, kl = self._forward(x, target, generator, False, uniforms)
         return self._stats(roll, y, u, ld, kl, t0)
 
-    def train_step(self, x: Tensor, target: Tensor, generator: torch.Generator | None = None) -> dict[str, float]:
+    def train_step(
+        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+    ) -> dict[str, float]:
         t0 = time.perf_counter()
-        roll, y, u, ld, kl = self._forward(x, target, generator, differentiable=True)
+        roll, y, u, ld, kl = self._forward(x, target, generator, True, uniforms)
         loss = (ld + self.opts.beta * kl).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -325,3 +325,24 @@ def test_encoder_alone_learns_to_route_classes_through_a_fixed_decoder(rule_name
     assert last < 0.1 < first, (first, last)
     if hidden:
         assert nat.encoder.hidden[0].weight.abs().mean() > 0.05  # the hidden layer learned from zero
+
+
+@pytest.mark.parametrize("rule_name,opts", [("vdib", {"n_samples": 2}), ("vdib-bptt", {})])
+def test_given_uniforms_equal_generator_draws(rule_name, opts):
+    def make():
+        nat = tiny_naturalizer(input_shape=(1, 4, 4), hidden=(10,), n_readout=5, tau_d=3, image_shape=(4, 4))
+        return nat, build_rule(rule_name, nat, **opts)
+
+    x = random_spike_frames(8, (3, 1, 4, 4), rate=0.3, seed=0)
+    tgt = torch.rand(3, 4, 4)
+    k = opts.get("n_samples", 1)
+    nat_a, a = make()
+    nat_b, b = make()
+    sa = a.train_step(x, tgt, torch.Generator().manual_seed(5))
+    u = torch.rand((8, 3 * k, 5), generator=torch.Generator().manual_seed(5))
+    sb = b.train_step(x, tgt, uniforms=u)
+    assert sa["loss"] == sb["loss"]
+    for p, q in zip(nat_a.parameters(), nat_b.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="uniforms"):
+        b.train_step(x, tgt, uniforms=u[:, :1])
