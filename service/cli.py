@@ -16,6 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.add_argument("--model", default=None, help="default model name")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server processes (each batches its own streams; uses more cores past the GIL)")
     p.set_defaults(func=_serve)
 
     s = subparsers.add_parser("stream", help="replay a recording (or a DV network stream) to a running service")
@@ -52,12 +54,18 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model:
         overrides["default_model"] = args.model
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    app = create_app(settings)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"vdib service: viewer at http://{host}:{args.port}/  (API docs at /docs, "
-          f"checkpoints {settings.checkpoints_dir}, engine {settings.engine})", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                ws_max_size=settings.max_message_bytes + 1024 * 1024)
+          f"checkpoints {settings.checkpoints_dir}, engine {settings.engine}, workers {args.workers})", flush=True)
+    common = dict(host=args.host, port=args.port, log_level=args.log_level,
+                  ws_max_size=settings.max_message_bytes + 1024 * 1024)
+    if args.workers > 1:
+        # worker processes build their app from the environment: pass the CLI choices through it
+        for key, value in overrides.items():
+            os.environ[f"VDIB_{key.upper()}"] = str(value)
+        uvicorn.run("service.app:create_app", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
+    else:
+        uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
     return 0
 
 

@@ -9,6 +9,7 @@ only, and never concurrently with another tick.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import struct
 import time
@@ -49,6 +50,10 @@ class Outgoing:
     close_code: int | None = None  # close the socket with this code after sending
 
 
+#: Upper edges (ms) of the frame-latency histogram reported in stats (last bucket: above 500 ms).
+LATENCY_EDGES_MS = (1, 2, 5, 10, 15, 20, 30, 50, 100, 200, 500)
+
+
 @dataclass
 class Counters:
     events: int = 0
@@ -57,6 +62,11 @@ class Counters:
     dropped_frames: int = 0
     spikes: int = 0
     latency_ms: deque = field(default_factory=lambda: deque(maxlen=1024))
+    latency_hist: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_EDGES_MS) + 1))
+
+    def add_latency(self, ms: float) -> None:
+        self.latency_ms.append(ms)
+        self.latency_hist[bisect.bisect_left(LATENCY_EDGES_MS, ms)] += 1
 
 
 class Session:
@@ -197,6 +207,7 @@ class Session:
             "spike_rate": c.spikes / max(1, c.bins * self.engine.n_readout),
             "latency_ms_p50": lat[len(lat) // 2] if lat else None,
             "latency_ms_p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
+            "latency_hist": {"edges_ms": list(LATENCY_EDGES_MS), "counts": list(c.latency_hist)},
         }
 
 

@@ -266,7 +266,7 @@ async def _sender(ws: WebSocket, s: Session, metrics: Any, interval: float) -> N
             if m.is_frame:
                 lat = time.perf_counter() - m.t_ready
                 s.counters.frames_sent += 1
-                s.counters.latency_ms.append(lat * 1e3)
+                s.counters.add_latency(lat * 1e3)
                 metrics.frames_sent.inc()
                 metrics.frame_latency.observe(lat)
             if m.close_code is not None:

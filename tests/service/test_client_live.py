@@ -247,3 +247,31 @@ def _free_port() -> int:
     p = s.getsockname()[1]
     s.close()
     return p
+
+
+def test_vdib_serve_prints_viewer_url_and_serves(checkpoints_dir):
+    import httpx
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "vdib_cli.py"), "serve", "--port", str(port), "--checkpoints", str(checkpoints_dir),
+         "--engine", "onnx", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert f"viewer at http://127.0.0.1:{port}/" in line and "engine onnx" in line
+        for _ in range(300):
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                if r.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        assert r.json()["models"] == ["tiny"]
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["models"][0]["engine"] == "onnx"
+        assert "vdib" in httpx.get(f"http://127.0.0.1:{port}/").text
+    finally:
+        proc.terminate()
+        proc.wait(20)
