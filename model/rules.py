@@ -381,7 +381,7 @@ class VDIBRule(Rule):
         ny = naturalizer.config.encoder.n_readout
         dev = enc.readout_bias.device
         self.dfa = [
-            (torch.randn(layer.out_features, ny, generator=g) * (o.dfa_scale / math.sqrt(ny))).to(dev)
+            (torch.randn(layer.out_features, ny, generator=g) * (o.dfa_scale / math.sqrt(ny))).to(dev, enc.readout_bias.dtype)
             for layer in enc.layers
         ]
         self.enc_params = dict(enc.named_parameters())

@@ -346,3 +346,32 @@ def test_given_uniforms_equal_generator_draws(rule_name, opts):
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="uniforms"):
         b.train_step(x, tgt, uniforms=u[:, :1])
+
+
+def test_per_parameter_baseline_update_matches_per_sample_computation():
+    nat = _tiny64()
+    rule = build_rule("vdib", nat, baseline="per-parameter", n_samples=1, per_parameter_chunk=2, baseline_decay=0.5)
+    enc = nat.encoder
+    x = random_spike_frames(9, (3, 8), rate=0.4, seed=1).double()
+    uni = torch.rand(9, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ls = torch.tensor([3.0, -1.0, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        roll = hidden_rollout(enc, x)
+        y, u, fb = readout_sample(enc, readout_ff(enc, roll.z), uni)
+    # per-sample eligibilities from the per-sample, per-step oracle
+    per = []
+    for b in range(3):
+        w = torch.zeros(3, dtype=torch.float64)
+        w[b] = 1.0
+        per.append(reference_encoder_gradients(enc, x, uni, w, rule.dfa)[0])
+    # first call: the EMAs start at this batch's moments, so b = mean(g^2 l) / mean(g^2)
+    out = rule._per_parameter_update(roll, y, u, fb, ls, 1)
+    for n in out:
+        g = torch.stack([p[n] for p in per])
+        lw = ls.view(-1, *([1] * (g.dim() - 1)))
+        base = (g * g * lw).mean(0) / ((g * g).mean(0) + 1e-12)
+        expected = ((lw - base) * g).mean(0)
+        torch.testing.assert_close(out[n], expected, atol=1e-9, rtol=1e-7, msg=n)
+    # second call uses the decayed averages from the first batch (and updates them)
+    m2 = {n: torch.stack([p[n] for p in per]).pow(2).mean(0) for n in out}
+    assert all(torch.allclose(rule.pp_g2[n], m2[n]) for n in out)  # 0.5 * m + 0.5 * m
