@@ -240,8 +240,8 @@ def read(
     data, path, name = _load(source, limits)
     try:
         fmt = format or sniff_format(data, name)
-        if isinstance(data, mmap.mmap) and fmt in ("csv", "npy", "npz"):
-            data = data[:]  # text and numpy loaders want real bytes
+        if isinstance(data, mmap.mmap) and fmt == "csv":
+            data = data[:]  # the text loader wants real bytes (npy/npz take views of the map)
         rec = _parse(fmt, data, path, name, limits)
     except EventFormatError:
         raise

@@ -8,35 +8,42 @@ optional ``width`` / ``height`` scalars, as ``events.write_npz`` writes.
 from __future__ import annotations
 
 import io
+import struct
 import zipfile
+import zlib
 from typing import Any
 
 import numpy as np
 
-from .._types import EventFormatError, Recording
+from .._types import EVENT_DTYPE, EventFormatError, Recording
 from ._common import Limits, build_events, check_count, check_sensor, finish, size_from_events
 
 
-def _load_npy(buf: bytes, limits: Limits, what: str) -> np.ndarray:
-    f = io.BytesIO(buf)
+def _load_npy(buf: Any, limits: Limits, what: str, offset: int = 0, length: int | None = None) -> np.ndarray:
+    """The array of the ``.npy`` bytes ``buf[offset:offset+length]``, as a zero-copy view."""
+    if length is None:
+        length = len(buf) - offset
+    head = io.BytesIO(bytes(buf[offset : offset + min(length, (1 << 16) + 16)]))
     try:
-        version = np.lib.format.read_magic(f)
+        version = np.lib.format.read_magic(head)
         if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f, max_header_size=1 << 16)
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(head, max_header_size=1 << 16)
         else:
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f, max_header_size=1 << 16)
-    except ValueError as exc:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(head, max_header_size=1 << 16)
+    except (ValueError, EOFError) as exc:
         raise EventFormatError(f"{what}: bad .npy header: {exc}", offset=0) from exc
     if dtype.hasobject:
         raise EventFormatError(f"{what}: object arrays are refused (no pickle)", offset=0)
     n = int(np.prod(shape)) if shape else 1
     check_count(n, limits, offset=0)
-    if n * dtype.itemsize > len(buf) - f.tell():
-        raise EventFormatError(f"{what}: header claims {n} items but the data is truncated", offset=f.tell())
+    start = head.tell()
+    if n * dtype.itemsize > length - start:
+        raise EventFormatError(f"{what}: header claims {n} items but the data is truncated", offset=start)
     try:
-        return np.load(io.BytesIO(buf), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
+        arr = np.frombuffer(buf, dtype=dtype, count=n, offset=offset + start)
+    except (ValueError, TypeError) as exc:
         raise EventFormatError(f"{what}: {exc}", offset=0) from exc
+    return arr.reshape(shape, order="F" if fortran else "C")
 
 
 def _to_events(arr: np.ndarray, what: str) -> np.ndarray:
@@ -49,6 +56,13 @@ def _to_events(arr: np.ndarray, what: str) -> np.ndarray:
     for k in (t_name, "x", "y", p_name):
         if arr.dtype[k].kind not in "iub":
             raise EventFormatError(f"{what}: field {k} has non-integer type {arr.dtype[k]}", offset=0)
+    if arr.ndim == 1 and arr.dtype == EVENT_DTYPE and arr.flags.c_contiguous:
+        # one byte copy out of the file's buffer (a structured copy is 4x slower)
+        out = np.empty(len(arr), EVENT_DTYPE)
+        out.view(np.uint8)[:] = arr.view(np.uint8)
+        if len(out) == 0 or int(out["p"].max()) <= 1:
+            return out
+        arr = out  # p beyond 0/1: normalised below
     for k in ("x", "y"):
         if len(arr) and (int(arr[k].min()) < 0 or int(arr[k].max()) > 0xFFFF):
             raise EventFormatError(f"{what}: field {k} holds values outside 0..65535", offset=0)
@@ -57,14 +71,42 @@ def _to_events(arr: np.ndarray, what: str) -> np.ndarray:
     return build_events(arr[t_name], arr["x"], arr["y"], arr[p_name] > 0)
 
 
-def parse(data: bytes, *, limits: Limits, kind: str = "npy", name: str = "") -> Recording:
+def _member_array(z: zipfile.ZipFile, info: zipfile.ZipInfo, data: Any, limits: Limits, what: str) -> np.ndarray:
+    """The array stored in one npz member: a view into ``data`` for a stored (uncompressed)
+    member after its CRC-32 is checked (zipfile would copy it twice); inflated otherwise."""
+    at = info.header_offset
+    if info.compress_type == zipfile.ZIP_STORED and info.flag_bits & 1 == 0:
+        if at + 30 > len(data) or bytes(data[at : at + 4]) != b"PK\x03\x04":
+            raise EventFormatError(f"npz: member {info.filename} has no local header", offset=at)
+        name_len, extra_len = struct.unpack("<HH", bytes(data[at + 26 : at + 30]))
+        begin = at + 30 + name_len + extra_len
+        if info.compress_size != info.file_size or begin + info.file_size > len(data):
+            raise EventFormatError(f"npz: member {info.filename} runs past the end of the archive", offset=at)
+        view = memoryview(data)[begin : begin + info.file_size]
+        try:
+            if zlib.crc32(view) != info.CRC:
+                raise EventFormatError(f"npz: member {info.filename} is corrupt (CRC-32 mismatch)", offset=begin)
+        finally:
+            view.release()
+        return _load_npy(data, limits, what, begin, info.file_size)
+    try:
+        with z.open(info) as f:
+            out = f.read(info.file_size + 1)
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise EventFormatError(f"npz: member {info.filename} is corrupt: {exc}", offset=at) from exc
+    if len(out) > info.file_size:
+        raise EventFormatError(f"npz: member {info.filename} is longer than declared", offset=at)
+    return _load_npy(out, limits, what)
+
+
+def parse(data: Any, *, limits: Limits, kind: str = "npy", name: str = "") -> Recording:
     meta: dict[str, Any] = {"skipped": {}}
     size = None
     if kind == "npy":
         arr = _load_npy(data, limits, "npy")
     else:
         try:
-            z = zipfile.ZipFile(io.BytesIO(data))
+            z = zipfile.ZipFile(data if hasattr(data, "seek") else io.BytesIO(data))
             infos = {i.filename: i for i in z.infolist()}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
             raise EventFormatError(f"npz: not a valid zip archive: {exc}", offset=0) from exc
@@ -73,21 +115,10 @@ def parse(data: bytes, *, limits: Limits, kind: str = "npy", name: str = "") -> 
             raise EventFormatError(f"npz: members inflate to {total} bytes (decompression bomb?)", offset=0)
         if "events.npy" not in infos:
             raise EventFormatError(f"npz: no 'events' array (members: {sorted(infos)[:10]})", offset=0)
-
-        def member(nm: str) -> bytes:
-            try:
-                with z.open(infos[nm]) as f:
-                    out = f.read(infos[nm].file_size + 1)
-            except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
-                raise EventFormatError(f"npz: member {nm} is corrupt: {exc}", offset=infos[nm].header_offset) from exc
-            if len(out) > infos[nm].file_size:
-                raise EventFormatError(f"npz: member {nm} is longer than declared", offset=infos[nm].header_offset)
-            return out
-
-        arr = _load_npy(member("events.npy"), limits, "npz events")
+        arr = _member_array(z, infos["events.npy"], data, limits, "npz events")
         if "width.npy" in infos and "height.npy" in infos:
-            w = _load_npy(member("width.npy"), limits, "npz width")
-            h = _load_npy(member("height.npy"), limits, "npz height")
+            w = _member_array(z, infos["width.npy"], data, limits, "npz width")
+            h = _member_array(z, infos["height.npy"], data, limits, "npz height")
             if w.size != 1 or h.size != 1 or w.dtype.kind not in "iu" or h.dtype.kind not in "iu":
                 raise EventFormatError("npz: width/height must be integer scalars", offset=0)
             size = (int(w.reshape(())), int(h.reshape(())))
