@@ -54,6 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--progress", action="store_true")
     b.set_defaults(func=_cmd_predictive)
 
+    ts = subparsers.add_parser("tsne", help="t-SNE of readout spike windows of several checkpoints (Figure 3)")
+    ts.add_argument("checkpoints", nargs="+", help="LABEL=CHECKPOINT_DIR")
+    ts.add_argument("--n", type=int, default=1000)
+    ts.add_argument("--data", type=Path, default=None)
+    ts.add_argument("--out", type=Path, default=Path("docs/results/tsne.png"))
+    ts.set_defaults(func=_cmd_tsne)
+
     e = subparsers.add_parser("evaluate", help="evaluate a naturalizer checkpoint (judge accuracy, MSE, SSIM)")
     e.add_argument("checkpoint", type=Path, help="naturalizer checkpoint directory")
     e.add_argument("--data", type=Path, default=None,
@@ -142,6 +149,15 @@ def _cmd_predictive(args: argparse.Namespace) -> int:
                            progress=args.progress)
     print(json.dumps({"lags": [(r["lag"], r["accuracy"]) for r in res["lags"]],
                       "betas": [(r["beta"], r["spike_rate"]) for r in res["betas"]]}))
+    return 0
+
+
+def _cmd_tsne(args: argparse.Namespace) -> int:
+    from .experiments import tsne_figure
+
+    pairs = [(c.split("=", 1)[0], Path(c.split("=", 1)[1])) if "=" in c else (Path(c).name, Path(c))
+             for c in args.checkpoints]
+    print(json.dumps(tsne_figure(pairs, args.out, args.n, args.data)))
     return 0
 
 

@@ -162,3 +162,50 @@ def predictive_study(lags: list[int], betas: list[float], examples: int, seed: i
     fig.savefig(out / "predictive.png", dpi=110)
     plt.close(fig)
     return res
+
+
+def tsne_figure(checkpoints: list[tuple[str, Path]], out_png: Path, n: int = 1000, data: Path | None = None,
+                seed: int = 0) -> dict:
+    """The paper's Figure 3 (bottom): t-SNE of the SNN's readout spike windows, one panel per model.
+
+    For each checkpoint the first ``n`` test items are encoded and the last τ_d readout frames
+    (the decoder's input, flattened ``τ_d · N_Y``) are embedded with PCA(50) + t-SNE, coloured by
+    digit. Returns the silhouette score of the digit classes in each embedding (higher = classes
+    better separated).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import torch
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+    from sklearn.metrics import silhouette_score
+
+    from model import load_checkpoint
+
+    from .evaluate import build_eval_dataset, reconstruct
+
+    fig, axes = plt.subplots(1, len(checkpoints), figsize=(4.2 * len(checkpoints), 4))
+    axes = np.atleast_1d(axes)
+    scores = {}
+    for ax, (label, path) in zip(axes, checkpoints, strict=True):
+        nat, meta = load_checkpoint(path)
+        ds, _ = build_eval_dataset(meta, data, n, progress=False)
+        g = torch.Generator().manual_seed(seed)
+        x, _, lab = ds.batch(torch.arange(min(n, len(ds))), g)
+        _, y = reconstruct(nat, x, g, return_spikes=True)
+        feats = y[-nat.config.tau_d:].permute(1, 0, 2).reshape(y.shape[1], -1).numpy()
+        z = PCA(min(50, feats.shape[1], feats.shape[0]), random_state=seed).fit_transform(feats)
+        emb = TSNE(2, random_state=seed, init="pca", perplexity=30).fit_transform(z)
+        scores[label] = float(silhouette_score(emb, lab.numpy()))
+        sc = ax.scatter(emb[:, 0], emb[:, 1], c=lab.numpy(), cmap="tab10", s=4)
+        ax.set_title(f"{label}\nsilhouette {scores[label]:.2f}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.colorbar(sc, ax=list(axes), ticks=range(10), fraction=0.03)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return scores
