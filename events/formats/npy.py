@@ -71,6 +71,19 @@ def _to_events(arr: np.ndarray, what: str) -> np.ndarray:
     return build_events(arr[t_name], arr["x"], arr["y"], arr[p_name] > 0)
 
 
+class _MapFile:
+    """An mmap as the seekable file zipfile wants (``mmap.seekable`` only exists from 3.13)."""
+
+    def __init__(self, m: Any):
+        self._m = m
+
+    def seekable(self) -> bool:
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._m, name)
+
+
 def _member_array(z: zipfile.ZipFile, info: zipfile.ZipInfo, data: Any, limits: Limits, what: str) -> np.ndarray:
     """The array stored in one npz member: a view into ``data`` for a stored (uncompressed)
     member after its CRC-32 is checked (zipfile would copy it twice); inflated otherwise."""
@@ -106,7 +119,7 @@ def parse(data: Any, *, limits: Limits, kind: str = "npy", name: str = "") -> Re
         arr = _load_npy(data, limits, "npy")
     else:
         try:
-            z = zipfile.ZipFile(data if hasattr(data, "seek") else io.BytesIO(data))
+            z = zipfile.ZipFile(_MapFile(data) if hasattr(data, "seek") else io.BytesIO(data))
             infos = {i.filename: i for i in z.infolist()}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as exc:
             raise EventFormatError(f"npz: not a valid zip archive: {exc}", offset=0) from exc

@@ -234,3 +234,31 @@ def test_dat_kernel_equals_numpy(seed, monkeypatch):
     _same(a, b)
     if seed % 2 and not isinstance(a, str):
         assert a[1]["time_wraps"] == 1
+
+
+def test_npz_views_are_crc_checked_and_copied(tmp_path: Path):
+    ev = _synthetic(20_000, 346, 260, seed=5)
+    path = tmp_path / "a.npz"
+    events.write_npz(path, ev, 346, 260)
+    rec = read(path)
+    assert np.array_equal(rec.events, ev) and rec.events.flags.owndata and rec.events.flags.writeable
+    assert (rec.width, rec.height) == (346, 260)
+    data = bytearray(path.read_bytes())
+    i = data.index(ev[10_000:10_001].tobytes())
+    data[i + 9] ^= 0x01  # one bit of an x coordinate: still a plausible event
+    with pytest.raises(EventFormatError, match="CRC"):
+        read(bytes(data))
+    # compressed members and other dtypes still go through the general path
+    packed = tmp_path / "c.npz"
+    np.savez_compressed(packed, events=ev, width=np.int64(346), height=np.int64(260))
+    assert np.array_equal(read(packed).events, ev)
+    tonic = np.zeros(len(ev), [("x", "<i2"), ("y", "<i2"), ("t", "<u8"), ("p", "?")])
+    for k in ("x", "y", "t"):
+        tonic[k] = ev[k]
+    tonic["p"] = ev["p"] == 1
+    np.save(tmp_path / "tonic.npy", tonic)
+    assert np.array_equal(read(tmp_path / "tonic.npy").events, ev)
+    wide_p = ev.copy()
+    wide_p["p"] *= 7  # p other than 0/1 is normalised, as before
+    np.save(tmp_path / "p.npy", wide_p)
+    assert np.array_equal(read(tmp_path / "p.npy").events, ev)
