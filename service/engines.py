@@ -60,18 +60,19 @@ class Engine(ABC):
         streams by it; the order of streams within a tick does not change any result)."""
         return 0
 
-    def run_sequence(self, x: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-        """Spikes ``[T, n_readout]`` of one stream over ``x [T, n_inputs]`` from a fresh state.
-
-        Equal to ``T`` calls of :meth:`step` (engines may override it with a faster path that
-        keeps that equality).
-        """
-        state = self.stack([self.init_state()])
+    def run_chunk(self, x: np.ndarray, uniforms: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """One stream over ``x [T, n_inputs]`` from a batch-1 ``state`` (from :meth:`stack`):
+        spikes ``[T, n_readout]`` and the final state. Equal to ``T`` calls of :meth:`step`
+        (engines override it to skip the per-step conversions)."""
         out = np.zeros((x.shape[0], self.n_readout), dtype=np.uint8)
         for t in range(x.shape[0]):
             y, state = self.step(x[t : t + 1], state, uniforms[t : t + 1])
             out[t] = y[0]
-        return out
+        return out, state
+
+    def run_sequence(self, x: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+        """Spikes ``[T, n_readout]`` of one stream over ``x [T, n_inputs]`` from a fresh state."""
+        return self.run_chunk(x, uniforms, self.stack([self.init_state()]))[0]
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "device": self.device}
@@ -172,17 +173,17 @@ class TorchEngine(Engine):
             y, state = self.encoder.step(xt, state, uniforms=ut)
             return y.to("cpu", torch.uint8).numpy(), state
 
-    def run_sequence(self, x: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    def run_chunk(self, x: np.ndarray, uniforms: np.ndarray, state: State) -> tuple[np.ndarray, State]:
         torch = self._torch
         with torch.inference_mode():
-            state = self._fresh
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
             ut = torch.from_numpy(np.ascontiguousarray(uniforms, dtype=np.float32)).to(self.device)
-            out = torch.empty((x.shape[0], self.n_readout), dtype=torch.uint8, device=self.device)
-            for t, (x_t, u_t) in enumerate(zip(xt.unbind(0), ut.unbind(0), strict=True)):
-                y, state = self.encoder.step(x_t.unsqueeze(0), state, uniforms=u_t.unsqueeze(0))
-                out[t] = y[0]
-            return out.cpu().numpy()
+            ys = []
+            for x_t, u_t in zip(xt.split(1), ut.split(1), strict=True):
+                y, state = self.encoder.step(x_t, state, uniforms=u_t)
+                ys.append(y)
+            out = torch.cat(ys) if ys else torch.zeros((0, self.n_readout), device=self.device)
+            return out.to("cpu", torch.uint8).numpy(), state
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "device": self.device, "decoder_dtype": str(self.decoder_dtype).split(".")[-1]}
