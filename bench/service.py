@@ -257,10 +257,10 @@ def bench_streams(server: Server, n: int, warmup: float, window: float) -> dict[
     async def main() -> dict[str, Any]:
         task = asyncio.create_task(run_streams(server.port, n, packets, duration))
         await asyncio.sleep(warmup + 1.0)  # connections + warm-up
-        m0, c0, w0 = server.metrics(), server.cpu_seconds(), time.perf_counter()
+        m0, c0, w0, k0 = server.metrics(), server.cpu_seconds(), time.perf_counter(), time.process_time()
         await asyncio.sleep(window)
-        m1, c1, w1 = server.metrics(), server.cpu_seconds(), time.perf_counter()
-        result.update(m0=m0, m1=m1, cpu=c1 - c0, wall=w1 - w0)
+        m1, c1, w1, k1 = server.metrics(), server.cpu_seconds(), time.perf_counter(), time.process_time()
+        result.update(m0=m0, m1=m1, cpu=c1 - c0, wall=w1 - w0, client_cpu=k1 - k0)
         return await task
 
     out = asyncio.run(main())
@@ -286,9 +286,54 @@ def bench_streams(server: Server, n: int, warmup: float, window: float) -> dict[
         "bins_all_streams": int(sum(s.get("bins", 0) for s in out["stats"])),
         "server_cpu_cores": result["cpu"] / result["wall"],
         "server_cpu_ms_per_stream_s": 1e3 * result["cpu"] / result["wall"] / n,
+        "client_cpu_ms_per_stream_s": 1e3 * result["client_cpu"] / result["wall"] / n,
         "dropped_frames": int(dropped),
         "late_events": int(late),
     }
+
+
+# ---------------------------------------------------------------------------- CPU cost model
+def bench_tick_cpu(checkpoints: Path, engine: str, decoder_dtype: str, sizes: tuple[int, ...] = (1, 10, 50, 100, 200),
+                   steps: int = 60) -> list[dict[str, Any]]:
+    """CPU time of the scheduler's work per stream-second, in process (no sockets): ticks of B
+    streams stepping real MNIST-DVS bins, a frame every 3 bins, plus binning one 10 ms packet.
+    CPU time (not wall time) so that other load on the machine matters less."""
+    import torch
+
+    import events
+    from service.metrics import Metrics
+    from service.registry import ModelRegistry
+    from service.scheduler import Scheduler
+    from service.session import BIN, Pending, Session
+    from service.settings import Settings
+
+    torch.set_num_threads(1)
+    reg = ModelRegistry.load(Settings(checkpoints_dir=checkpoints, engine=engine, decoder_dtype=decoder_dtype,
+                                      _env_file=None))  # type: ignore[call-arg]
+    entry = reg.get(None)
+    ev = events.read(RECORDING).events
+    roi, pool = entry.resolve_roi(128, 128)
+    rows = []
+    for b in sizes:
+        sched = Scheduler(Metrics(), 4096)
+        sess = [Session(entry, roi, pool, 10_000, 3, i, spikes=False, inputs=False, fmt="binary", encoding="packed",
+                        t0_us=None, max_gap_us=1_000_000, out_queue_frames=32) for i in range(b)]
+        frames = events.bin_events(ev, roi, 10_000, None, None, pool=pool)
+        for t in range(3):  # warm-up
+            sched._tick([(s, Pending(BIN, frames[t], (t + 1) * 10_000, False, 0.0)) for s in sess])
+        c0 = time.process_time()
+        for t in range(steps):
+            sched._tick([(s, Pending(BIN, frames[t % len(frames)], (t + 1) * 10_000, False, 0.0)) for s in sess])
+        cpu = (time.process_time() - c0) / steps
+        rows.append({"batch": b, "tick_cpu_ms": 1e3 * cpu, "cpu_ms_per_stream_s": 1e3 * cpu * 100 / b})
+    binner = events.Binner(sess[0].spec)
+    t0 = int(ev["t"][0])
+    packets = [ev[(ev["t"] >= t0 + k * 10_000) & (ev["t"] < t0 + (k + 1) * 10_000)] for k in range(200)]
+    c0 = time.process_time()
+    for p in packets:
+        binner.push(p)
+    push_ms = 1e3 * (time.process_time() - c0) / len(packets)
+    return [*rows, {"binner_push_ms_per_packet": push_ms}]
 
 
 # ---------------------------------------------------------------------------- upload
@@ -297,8 +342,9 @@ def bench_upload(server: Server, path: Path, n_events: int) -> dict[str, Any]:
 
     data = path.read_bytes()
     t = time.perf_counter()
-    r = httpx.post(server.http + "/v1/naturalize?emit=last", content=data, timeout=600,
-                   headers={"Content-Type": "application/octet-stream"}, params={"filename": path.name})
+    r = httpx.post(server.http + "/v1/naturalize", content=data, timeout=900,
+                   headers={"Content-Type": "application/octet-stream"},
+                   params={"emit": "last", "format": "json", "filename": path.name})
     wall = time.perf_counter() - t
     r.raise_for_status()
     j = r.json()
@@ -368,6 +414,12 @@ def write_md(res: dict[str, Any], path: Path) -> None:
                       f"{u['bins']} bins, emit=last): **{u['events_per_s'] / 1e6:.2f} M events/s** end to end "
                       f"({u['seconds']:.1f} s; read {st['read']:.1f} s, bin {st['bin']:.1f} s, encode {st['encode']:.1f} s, "
                       f"decode {st['decode']:.3f} s)."]
+        tc = r.get("tick_cpu")
+        if tc:
+            lines += ["", "Scheduler CPU cost (in process, no sockets; CPU time): "
+                      + ", ".join(f"batch {x['batch']}: {x['tick_cpu_ms']:.2f} ms per tick = {x['cpu_ms_per_stream_s']:.1f} ms "
+                                  "per stream-second" for x in tc if "batch" in x)
+                      + f"; binning one 10 ms packet: {tc[-1]['binner_push_ms_per_packet']:.3f} ms."]
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
@@ -417,6 +469,8 @@ def main() -> int:
                         break
                     best = n
                 entry: dict[str, Any] = {"max_streams": best, "streams": rows}
+                if workers == 1:
+                    entry["tick_cpu"] = bench_tick_cpu(ckpt, parts[0], "bfloat16" if "bf16" in parts else "float32")
                 if upload_file is not None:
                     entry["upload"] = bench_upload(server, upload_file, n_up)
                     print(f"[{eng}] upload: {entry['upload']['events_per_s'] / 1e6:.2f} Mev/s", flush=True)
