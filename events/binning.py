@@ -351,7 +351,7 @@ def bin_events(
 
 def _signed(split: np.ndarray) -> np.ndarray:
     """``[T, 2, H, W]`` uint8 (off, on) -> ``[T, 1, H, W]`` int8 ``clip(on - off, -128, 127)``."""
-    k = kernel(signed_frames)
+    k = kernel(signed_frames, split.size // 4)
     if k is not None and split.flags.c_contiguous:
         t_n, _, h, w = split.shape
         out = np.empty((t_n, 1, h, w), dtype=np.int8)
@@ -365,7 +365,7 @@ def _signed(split: np.ndarray) -> np.ndarray:
 def _accumulate(
     flat: np.ndarray, events: np.ndarray, lut: np.ndarray, hl: int, wl: int, stride: int,
     dt_us: int, t0: int, n_bins: int, mode: str, fresh: bool = False,
-    maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, size: int | None = None,
 ) -> int:
     """Add ``events`` into ``flat`` (``n_bins * stride + 1`` uint8 cells, the last one trash):
     presence ORs, counts add with saturation at 255. ``fresh``: ``flat`` is all zeros.
@@ -374,7 +374,7 @@ def _accumulate(
     t_max = -1
     if n == 0:
         return t_max
-    k = kernel(accumulate_events) if maps is not None else None
+    k = kernel(accumulate_events, size) if maps is not None else None
     if k is not None and all(events.dtype[f].kind in "iub" for f in ("t", "x", "y", "p")):
         return int(k(flat, events["t"], events["x"], events["y"], events["p"], *maps, t0, dt_us, n_bins,
                      stride, mode == "count"))
@@ -438,7 +438,8 @@ def _bin_split_or_merge(
         n_bins = max((int(events["t"][-1]) - t0) // dt_us + 1, 1)
     flat = np.zeros(n_bins * stride + 1, dtype=np.uint8)  # + the trash cell
     maps = _maps(roi, "merge" if polarity == "merge" else "split", pool)
-    t_max = _accumulate(flat, events, lut, hl, wl, stride, dt_us, t0, n_bins, mode, fresh=True, maps=maps)
+    t_max = _accumulate(flat, events, lut, hl, wl, stride, dt_us, t0, n_bins, mode, fresh=True, maps=maps,
+                        size=len(events))
     if guess and t_max // dt_us + 1 != n_bins:
         return _bin_split_or_merge(events, roi, dt_us, t0, max(t_max // dt_us + 1, 0), polarity, mode, pool, shape)
     return flat[:-1].reshape(n_bins, *shape)  # drop the trash cell (a view, no copy)

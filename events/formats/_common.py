@@ -234,7 +234,7 @@ def scan_packed(buf: np.ndarray, last_t: int, x_max: int, y_max: int, monotonic:
 def scan_events(events: np.ndarray) -> tuple[int, int, int, bool] | None:
     """``(last t, max x, max y, t never decreases)`` of a C-contiguous EVENT_DTYPE array in one
     compiled pass; None when kernels are off or the array is not contiguous."""
-    scan = kernel(scan_packed)
+    scan = kernel(scan_packed, len(events))
     if scan is None or not events.flags.c_contiguous or events.dtype != EVENT_DTYPE:
         return None
     last, xm, ym, mono = scan(events.view(np.uint8), np.iinfo(np.int64).min, -1, -1, True)

@@ -2,9 +2,12 @@
 
 ``numba`` is a dependency, but everything in ``events`` also runs without it: each caller
 asks :func:`kernel` for the compiled function and takes its pure-numpy path when it gets
-``None`` (numba not importable, or ``VDIB_NUMBA=0`` in the environment; the tests run both
-paths and compare them). Kernels are compiled lazily on first use, so importing ``events`` does
-not import numba, and cached on disk (``cache=True``) so a later process skips the compile.
+``None``: numba not importable, ``VDIB_NUMBA=0`` in the environment, or (by default) an input
+smaller than :data:`MIN_SIZE`, because importing numba and loading a cached kernel costs about
+0.5-1 s once per process, more than numpy spends on a million events. ``VDIB_NUMBA=1`` uses
+the kernels for any size (the tests run both paths and compare them). Kernels are compiled
+lazily on first use, so importing ``events`` does not import numba, and cached on disk
+(``cache=True``) so a later process skips the compile.
 
 Why compiled loops at all: the checks a reader must make (every coordinate on the sensor, time
 order) and the binning scatter are a few integer operations per event on strided structured
@@ -22,9 +25,20 @@ _COMPILED: dict[str, Any] = {}
 _DEFS: dict[str, Callable[..., Any]] = {}
 
 
+#: inputs (events or words) below this size take the numpy path unless ``VDIB_NUMBA=1``
+MIN_SIZE = 1 << 20
+
+
+def _mode() -> str:
+    v = os.environ.get("VDIB_NUMBA", "auto").strip().lower()
+    if v in ("0", "false", "no", "off"):
+        return "off"
+    return "on" if v in ("1", "true", "yes", "on") else "auto"
+
+
 def enabled() -> bool:
-    """Whether compiled kernels are used: numba importable and ``VDIB_NUMBA`` not ``0``."""
-    if os.environ.get("VDIB_NUMBA", "1").strip() in ("0", "false", "no", "off"):
+    """Whether compiled kernels can be used: numba importable and ``VDIB_NUMBA`` not ``0``."""
+    if _mode() == "off":
         return False
     try:
         import numba  # noqa: F401
@@ -40,8 +54,12 @@ def register(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def kernel(fn: Callable[..., Any]) -> Callable[..., Any] | None:
-    """The numba-compiled version of the registered ``fn``, or None when kernels are off."""
+def kernel(fn: Callable[..., Any], size: int | None = None) -> Callable[..., Any] | None:
+    """The numba-compiled version of the registered ``fn``, or None when kernels are off or
+    (``VDIB_NUMBA`` unset) ``size`` is below :data:`MIN_SIZE`; ``size=None`` for long-lived
+    users (the streaming binner)."""
+    if size is not None and size < MIN_SIZE and _mode() == "auto":
+        return None
     if not enabled():
         return None
     key = fn.__jit_key__  # type: ignore[attr-defined]

@@ -369,7 +369,7 @@ def _decode(
     decoded = 0  # bytes the decoder handed us: the total cap for packets of unknown inflated size
     out = np.empty(0, EVENT_DTYPE)
     seen_bytes = 0  # compressed bytes of the events packets decoded so far (sizes the output)
-    scan = kernel(scan_packed)
+    scan = kernel(scan_packed, main_bytes // 8)
     # bounds and time order are checked per packet while it is still in cache
     x_max = y_max = -1
     monotonic = True

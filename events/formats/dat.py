@@ -56,7 +56,7 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
     if size is not None:
         check_sensor(*size, what="header sensor size", offset=0)
     rec = np.frombuffer(data, dtype=[("t", "<u4"), ("a", "<u4")], count=n, offset=start)
-    decode = kernel(decode_dat)
+    decode = kernel(decode_dat, n)
     stats = None
     if decode is not None:
         events = np.empty(n, EVENT_DTYPE)

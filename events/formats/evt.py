@@ -115,10 +115,10 @@ def _shrink(out: np.ndarray, n: int) -> np.ndarray:
 
 def _evt2_fast(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
     """EVT 2.0 in one compiled pass (same semantics as :func:`_evt2`); None without numba."""
-    decode = kernel(decode_evt2)
+    body = len(data) - start
+    decode = kernel(decode_evt2, body // 4)
     if decode is None:
         return None
-    body = len(data) - start
     if body % 4:
         return None  # the numpy path raises the error
     w = np.frombuffer(data, "<u4", count=body // 4, offset=start)
@@ -239,10 +239,10 @@ def _evt3_fast(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
 
     The state machine runs word by word; when the output fills up (vectors yield up to 12
     events per word) it returns its state, the output grows by half and it resumes."""
-    decode = kernel(decode_evt3)
+    body = len(data) - start
+    decode = kernel(decode_evt3, body // 2)
     if decode is None:
         return None
-    body = len(data) - start
     if body % 2:
         return None  # the numpy path raises the error
     w = np.frombuffer(data, "<u2", count=body // 2, offset=start)
