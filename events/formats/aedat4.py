@@ -368,6 +368,7 @@ def _decode(
     index = -1
     decoded = 0  # bytes the decoder handed us: the total cap for packets of unknown inflated size
     out = np.empty(0, EVENT_DTYPE)
+    raw_dtype, raw_ok = None, False
     seen_bytes = 0  # compressed bytes of the events packets decoded so far (sizes the output)
     scan = kernel(scan_packed, main_bytes // 8)
     # bounds and time order are checked per packet while it is still in cache
@@ -398,10 +399,12 @@ def _decode(
                 check_count(n + k, limits, packet=index)
                 if n + k > len(out):
                     out = _grow(out, n, n + k, main_bytes, seen_bytes, limits)
-                raw = _raw_bytes(ev)
-                if raw is not None:
+                if ev.dtype is not raw_dtype:  # aedat reuses one dtype object: checked once
+                    raw_ok = _packed_layout(ev.dtype)
+                    raw_dtype = ev.dtype
+                if raw_ok and ev.flags.c_contiguous:
                     dst = out[n : n + k].view(np.uint8)
-                    dst[:] = raw
+                    dst[:] = ev.view(np.uint8)
                     if scan is not None:
                         last_t, x_max, y_max, monotonic = scan(dst, last_t, x_max, y_max, monotonic)
                         n += k
@@ -437,17 +440,11 @@ def _decode(
     return _shrink(out, n), skipped, {"x_max": int(x_max), "y_max": int(y_max), "monotonic": bool(monotonic)}
 
 
-def _raw_bytes(ev: np.ndarray) -> np.ndarray | None:
-    if not ev.flags.c_contiguous:
-        return None
-    return ev.view(np.uint8) if _packed_layout(ev.dtype) else None
-
-
 @functools.lru_cache(maxsize=8)
 def _packed_layout(dtype: np.dtype) -> bool:
-    """``ev`` as uint8 bytes when it has EVENT_DTYPE's packed layout (aedat's ``t u8, x u2, y u2,
-    on bool``: t comes from the file's int64, so reinterpreting it as int64 is exact, and
-    ``on`` is written as 0/1 by the decoder); None otherwise."""
+    """Whether ``dtype`` has EVENT_DTYPE's packed byte layout, so its bytes can be copied as is
+    (aedat's ``t u8, x u2, y u2, on bool``: t comes from the file's int64, so reinterpreting it
+    as int64 is exact, and ``on`` is written as 0/1 by the decoder)."""
     names = dtype.names or ()
     fields: Any = dtype.fields or {}
     ours: Any = EVENT_DTYPE.fields or {}
