@@ -51,8 +51,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--examples", type=int, default=50_000)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", type=Path, default=None, help="default docs/results")
+    b.add_argument("--kl-reduction", choices=["mean", "sum"], default="mean",
+                   help="ℓ_e divided by T·N_Y (authors' code) or summed (eq. 10)")
+    b.add_argument("--name", default="predictive", help="output file stem")
     b.add_argument("--progress", action="store_true")
     b.set_defaults(func=_cmd_predictive)
+
+    ab = subparsers.add_parser("ablation", help="the vdib rule's fixes switched on in turn")
+    ab.add_argument("--examples", type=int, default=200_000)
+    ab.add_argument("--encoding", default="ttfs")
+    ab.add_argument("--decoding", default="time")
+    ab.add_argument("--seed", type=int, default=0)
+    ab.add_argument("--root", type=Path, default=None)
+    ab.add_argument("--out", type=Path, default=None)
+    ab.add_argument("--progress", action="store_true")
+    ab.set_defaults(func=_cmd_ablation)
 
     ts = subparsers.add_parser("tsne", help="t-SNE of readout spike windows of several checkpoints (Figure 3)")
     ts.add_argument("checkpoints", nargs="+", help="LABEL=CHECKPOINT_DIR")
@@ -146,9 +159,18 @@ def _cmd_predictive(args: argparse.Namespace) -> int:
     from .experiments import REPO, predictive_study
 
     res = predictive_study(args.lags, args.betas, args.examples, args.seed, args.out or REPO / "docs" / "results",
-                           progress=args.progress)
+                           progress=args.progress, kl_reduction=args.kl_reduction, name=args.name)
     print(json.dumps({"lags": [(r["lag"], r["accuracy"]) for r in res["lags"]],
                       "betas": [(r["beta"], r["spike_rate"]) for r in res["betas"]]}))
+    return 0
+
+
+def _cmd_ablation(args: argparse.Namespace) -> int:
+    from .experiments import REPO, ablation
+
+    rows = ablation(args.root or REPO / "runs" / "ablation", args.out or REPO / "docs" / "results",
+                    args.examples, args.encoding, args.decoding, args.seed, progress=args.progress)
+    print(json.dumps(rows))
     return 0
 
 
