@@ -140,10 +140,13 @@ class _Source:
         return out
 
 
-def _inflated_size(comp: int, src: _Source, begin: int, size: int, pos: int, packet: int) -> tuple[int, bool]:
+def _inflated_size(
+    comp: int, src: _Source, begin: int, size: int, pos: int, packet: int, head: bytes = b""
+) -> tuple[int, bool]:
     """(upper bound on what the ``size`` bytes at ``begin`` inflate to, whether it is exact).
 
-    Reads only the frame header unless it must decompress (bounded) to find out.
+    Reads only the frame header (``head``, when the caller already has it) unless it must
+    decompress (bounded) to find out.
     """
     if comp == 0:
         return size, True
@@ -151,7 +154,7 @@ def _inflated_size(comp: int, src: _Source, begin: int, size: int, pos: int, pac
         # LZ4 cannot inflate past 255:1, so a small packet is safe whatever its header says
         # (DV does not store content sizes); the total is then enforced while decoding
         return LZ4_MAX_RATIO * size, False
-    head = src.get(begin, min(size, 32))
+    head = head[: min(size, 32)] if len(head) >= min(size, 32) else src.get(begin, min(size, 32))
     if comp in (1, 2):
         import lz4.frame
 
@@ -234,7 +237,8 @@ def prescan(data: Any, limits: Limits, fd: int | None = None) -> dict[str, Any]:
     while pos < end:
         if pos + 8 > end:
             raise EventFormatError("AEDAT4 truncated packet header", offset=pos, packet=n_packets)
-        sid, size = struct.unpack("<iI", src.get(pos, 8))
+        chunk = src.get(pos, 40)  # the packet header and the compressed frame's header
+        sid, size = struct.unpack_from("<iI", chunk)
         if sid not in streams:
             raise EventFormatError(f"AEDAT4 packet for undeclared stream {sid}", offset=pos, packet=n_packets)
         if pos + 8 + size > end:
@@ -243,7 +247,7 @@ def prescan(data: Any, limits: Limits, fd: int | None = None) -> dict[str, Any]:
             )
         if size < 8:
             raise EventFormatError(f"AEDAT4 packet of {size} bytes is too small", offset=pos, packet=n_packets)
-        inflated, exact = _inflated_size(comp, src, pos + 8, size, pos, n_packets)
+        inflated, exact = _inflated_size(comp, src, pos + 8, size, pos, n_packets, chunk[8:])
         if inflated > MAX_PACKET_BYTES:
             raise EventFormatError(
                 f"AEDAT4 packet inflates to {inflated} bytes, more than the {MAX_PACKET_BYTES} allowed "
@@ -384,19 +388,21 @@ def _decode(
                     "(the file changed while it was read?)", packet=index,
                 )
             sid = packet.get("stream_id")
-            decoded += _nbytes(packet)
+            ev = packet.get("events")
+            # the common packet is {stream_id, events}: its size without a call
+            decoded += ev.nbytes if len(packet) == 2 and ev is not None else _nbytes(packet)
             if decoded > limits.max_decompressed:
                 raise EventFormatError(
                     f"AEDAT4 packets inflate to more than max_decompressed={limits.max_decompressed} bytes",
                     packet=index,
                 )
-            if "events" in packet and sid == main:
-                ev = packet["events"]
+            if ev is not None and sid == main:
                 k = len(ev)
                 seen_bytes += packet_sizes[index]
                 if k == 0:
                     continue
-                check_count(n + k, limits, packet=index)
+                if n + k > limits.max_events:
+                    check_count(n + k, limits, packet=index)
                 if n + k > len(out):
                     out = _grow(out, n, n + k, main_bytes, seen_bytes, limits)
                 if ev.dtype is not raw_dtype:  # aedat reuses one dtype object: checked once
