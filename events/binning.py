@@ -13,8 +13,9 @@ saturated at 255. ``pool`` sums (count) or ORs (presence) ``pool x pool`` blocks
 ``H = roi.height // pool``, ``W = roi.width // pool``; rows and columns of the ROI past
 ``H * pool`` / ``W * pool`` are ignored, like floor-mode pooling.
 
-Speed: with numba (a dependency; ``VDIB_NUMBA=0`` or a missing numba selects the numpy path,
-which gives identical frames) each event goes through one compiled loop: bin and cell from
+Speed: with numba (a dependency; ``VDIB_NUMBA=0``, a missing numba or fewer than a million
+events in ``bin_events`` select the numpy path, which gives identical frames; the streaming
+``Binner`` always uses the loop) each event goes through one compiled loop: bin and cell from
 three tiny tables (``cbase[p] + ymap[y] + xmap[x]``), outside events sent to a trash cell
 without branching, the bin division only when ``t`` leaves the current bin. About 300 Mev/s on
 one core for the full 346 x 260 sensor unpooled, 400+ pooled or cropped

@@ -13,7 +13,9 @@ TIME_HIGH (12 bits each): :math:`t = L \\cdot 2^{24} + (\\mathrm{th} \\ll 12) \\
 \\mathrm{tl}`, where the loop count L grows when TIME_HIGH steps back by at least half its range
 (the 24-bit counter wrapped, every 16.8 s). ``0xA`` EXT_TRIGGER, ``0xE`` OTHERS, ``0x7``/``0xF``
 CONTINUED are skipped and counted. As in openeb, words before the first TIME_HIGH are dropped.
-Both decoders are vectorised (forward-filled state, no Python loop per word).
+Each has two decoders giving identical results: one compiled pass (numba; EVT 3.0 a word-by-word
+state machine) and a vectorised numpy one (forward-filled state), used for inputs under a
+million words or without numba (see ``_jit``).
 """
 
 from __future__ import annotations
