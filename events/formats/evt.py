@@ -128,7 +128,7 @@ def _evt2_fast(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
     out = np.empty(cap, EVENT_DTYPE)
     counts = np.zeros(16, np.int64)
     n, first, x_max, y_max, mono = decode(w, out["t"], out["x"], out["y"], out["p"], counts)
-    check_count(int(n) if n < cap else limits.max_events + 1, limits, offset=start)
+    check_count(int(n) if n <= cap else limits.max_events + 1, limits, offset=start)  # n = cap + 1: full
     meta["skipped"]["before_first_time_high"] = int(first)
     for code, label in ((0xA, "ext_trigger"), (0xE, "others"), (0xF, "continued")):
         if counts[code]:
@@ -456,7 +456,8 @@ def _evt3(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
     v12 = typ[vec_pos] == 0x4
     step = np.where(v12, 12, 8).astype(np.int64)
     cum = np.cumsum(step)
-    before = np.searchsorted(vec_pos, base_pos[np.maximum(b, 0)])  # vector words before the base
+    # vector words before the base (no base at all: every vector is an orphan, masked below)
+    before = np.searchsorted(vec_pos, base_pos[np.maximum(b, 0)]) if len(base_pos) else np.zeros(len(b), np.int64)
     cum_at_base = np.where(before > 0, cum[np.maximum(before - 1, 0)], 0)
     base_word = w[base_pos[np.maximum(b, 0)]].astype(np.int64) if len(base_pos) else np.zeros(len(b), np.int64)
     x0 = (base_word & 0x7FF) + (cum - step - cum_at_base)
