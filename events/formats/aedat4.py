@@ -288,12 +288,17 @@ def parse(data: Any, *, limits: Limits, path: str | None = None, name: str = "")
     """
     fd = None
     stamp: tuple[int, int] | None = None
-    if path is not None and not isinstance(data, (bytes, bytearray)):
+    if path is not None and isinstance(data, (bytes, bytearray)):
+        path = None  # the file could not be mapped (a pipe...): decode what was read, not the path again
+    if path is not None:
         try:
             fd = os.open(path, os.O_RDONLY)
             st = os.fstat(fd)
             stamp = (st.st_size, st.st_mtime_ns)
         except OSError:
+            fd = None
+        if fd is not None and not hasattr(os, "pread"):  # no pread (Windows): slice the map
+            os.close(fd)
             fd = None
         if stamp is not None and stamp[0] != len(data):
             if fd is not None:
