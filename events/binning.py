@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -183,7 +183,7 @@ def _maps(roi: ROI, polarity: str, pool: int) -> tuple[np.ndarray, np.ndarray, n
 def accumulate_events(
     flat: np.ndarray, t: np.ndarray, x: np.ndarray, y: np.ndarray, p: np.ndarray, xmap: np.ndarray,
     ymap: np.ndarray, cbase: np.ndarray, t0: int, dt: int, n_bins: int, stride: int, count: bool,
-) -> int:
+) -> Any:
     """Fused binning loop (compiled by numba): for each event, bin ``k = (t - t0) // dt`` and
     cell ``k * stride + cbase[p] + ymap[y] + xmap[x]``; presence sets it to 1, count adds 1
     saturating at 255. Events outside the ROI, the window ``0 <= k < n_bins`` or with ``p``
@@ -195,15 +195,15 @@ def accumulate_events(
     ny = len(ymap) - 1
     trash = np.int64(n_bins) * stride
     far = np.int64(1) << np.int64(60)
-    lo = np.int64(0)
-    hi = np.int64(0)  # current bin [lo, hi) in t - t0; empty at first
-    base = far
+    lo: Any = np.int64(0)
+    hi: Any = np.int64(0)  # current bin [lo, hi) in t - t0; empty at first
+    base: Any = far
     for i in range(len(t)):
         ti = np.int64(t[i]) - t0
         t_max = max(t_max, ti)
-        pi = np.int64(p[i])
-        xi = np.int64(x[i])
-        yi = np.int64(y[i])
+        pi: Any = np.int64(p[i])
+        xi: Any = np.int64(x[i])
+        yi: Any = np.int64(y[i])
         pi = pi if 0 <= pi <= 1 else 2
         xi = xi if 0 <= xi < nx else nx
         yi = yi if 0 <= yi < ny else ny
@@ -377,7 +377,8 @@ def _accumulate(
         return t_max
     k = kernel(accumulate_events, size) if maps is not None else None
     if k is not None and all(events.dtype[f].kind in "iub" for f in ("t", "x", "y", "p")):
-        return int(k(flat, events["t"], events["x"], events["y"], events["p"], *maps, t0, dt_us, n_bins,
+        xmap, ymap, cbase = maps  # type: ignore[misc]
+        return int(k(flat, events["t"], events["x"], events["y"], events["p"], xmap, ymap, cbase, t0, dt_us, n_bins,
                      stride, mode == "count"))
     m = min(n, _CHUNK)
     tmp, flags = np.empty(m, dtype=np.int64), np.empty(m, dtype=bool)

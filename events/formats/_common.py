@@ -210,7 +210,7 @@ def text_header(data: Any, prefix: bytes, *, max_header: int = 16 << 20) -> tupl
 
 
 @register
-def scan_packed(buf: np.ndarray, last_t: int, x_max: int, y_max: int, monotonic: bool) -> tuple[int, int, int, bool]:
+def scan_packed(buf: np.ndarray, last_t: Any, x_max: Any, y_max: Any, monotonic: Any) -> tuple[Any, Any, Any, Any]:
     """One pass over packed EVENT_DTYPE records (``buf``: their uint8 bytes): carry the latest
     ``t``, the largest ``x`` and ``y`` and whether ``t`` never decreased (compiled by numba).
 

@@ -77,7 +77,7 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
 
 @register
 def decode_dat(ts: np.ndarray, addr: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.ndarray,
-               p_out: np.ndarray) -> tuple[int, int, int, bool]:
+               p_out: np.ndarray) -> tuple[Any, Any, Any, Any]:
     """One pass (compiled by numba): unwrap the 32-bit µs counter (a step back of more than
     2^31 is one wrap, as :func:`unwrap`), split the address, and return (wraps, max x, max y,
     whether t never decreases)."""
@@ -87,7 +87,7 @@ def decode_dat(ts: np.ndarray, addr: np.ndarray, t_out: np.ndarray, x_out: np.nd
     last = np.int64(-(2**62))
     x_max = np.int64(-1)
     y_max = np.int64(-1)
-    mono = True
+    mono: Any = True
     for i in range(len(ts)):
         raw = np.int64(ts[i])
         if i > 0 and raw - prev < -(np.int64(1) << np.int64(31)):

@@ -147,7 +147,7 @@ def _evt2_fast(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
 
 @register
 def decode_evt2(w: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.ndarray, p_out: np.ndarray,
-                counts: np.ndarray) -> tuple[int, int, int, int, bool]:
+                counts: np.ndarray) -> tuple[Any, Any, Any, Any, Any]:
     """EVT 2.0 words to events (compiled by numba): words before the first TIME_HIGH are
     dropped; TIME_HIGH (28 bits of 64 µs) wraps when it steps back by more than 2^27. Stops
     when the outputs are full. Returns (events, index of the first TIME_HIGH, max x, max y,
@@ -164,7 +164,7 @@ def decode_evt2(w: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.n
     last = np.int64(-(2**62))
     x_max = np.int64(-1)
     y_max = np.int64(-1)
-    mono = True
+    mono: Any = True
     for i in range(first, nw):
         v = np.int64(w[i])
         typ = v >> 28
