@@ -31,8 +31,8 @@ def _synthetic(n: int, w: int, h: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(params=["numba", "numpy"])
 def kernels(request, monkeypatch):
     """Run the test once with compiled kernels and once with the pure-numpy fallbacks."""
-    if request.param == "numba" and not _jit.enabled():
-        pytest.skip("numba not importable")
+    if request.param == "numba":
+        pytest.importorskip("numba")
     monkeypatch.setenv("VDIB_NUMBA", "1" if request.param == "numba" else "0")
     return request.param
 
@@ -414,3 +414,18 @@ def test_aedat4_kernel_and_numpy_agree_on_mutated_files(flips):
         assert a == b
     else:
         assert np.array_equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_kernel_switch(monkeypatch):
+    """VDIB_NUMBA: unset = kernels for inputs of at least MIN_SIZE, 1 = always, 0 = never."""
+    pytest.importorskip("numba")
+    from events.formats._common import scan_packed
+
+    monkeypatch.delenv("VDIB_NUMBA", raising=False)
+    assert _jit.kernel(scan_packed, _jit.MIN_SIZE - 1) is None
+    assert _jit.kernel(scan_packed, _jit.MIN_SIZE) is not None
+    assert _jit.kernel(scan_packed) is not None  # size unknown: long-lived users
+    monkeypatch.setenv("VDIB_NUMBA", "1")
+    assert _jit.kernel(scan_packed, 10) is not None
+    monkeypatch.setenv("VDIB_NUMBA", "0")
+    assert _jit.kernel(scan_packed, 10**9) is None and not _jit.enabled()
