@@ -350,7 +350,7 @@ def test_kernels_and_numpy_agree_on_random_bytes(prefix: bytes, body: bytes):
                 rec = read(prefix + body)
                 out.append((rec.events, rec.metadata, rec.width, rec.height))
             except EventFormatError as exc:
-                out.append(str(exc).split(" (")[0].split(" by ")[0])
+                out.append(str(exc))
     finally:
         if old is None:
             os.environ.pop("VDIB_NUMBA", None)
@@ -359,7 +359,7 @@ def test_kernels_and_numpy_agree_on_random_bytes(prefix: bytes, body: bytes):
     a, b = out
     if isinstance(a, str) or isinstance(b, str):
         assert isinstance(a, str) and isinstance(b, str)
-        assert a.split()[0] == b.split()[0]
+        assert a == b or ("max_events" in a and "max_events" in b)
     else:
         assert np.array_equal(a[0], b[0]) and a[1:] == b[1:]
 
