@@ -128,14 +128,28 @@ class Server:
             self.proc.kill()
 
 
-def stats_quantile(stats: list[dict[str, Any]], q: float) -> float | None:
-    """Quantile (ms) of the frame latency over all streams, from their final ``latency_hist``
-    (bin complete -> frame sent; linear within a bucket). Works with several server workers."""
-    hists = [s["latency_hist"] for s in stats if s.get("latency_hist")]
+def window_hists(timeline: list[list[tuple[float, dict[str, Any]]]], t0: float, t1: float) -> list[np.ndarray]:
+    """Per stream, the latency histogram of the frames sent between its last stats before ``t0``
+    and its first stats after ``t1`` (cumulative histograms subtracted)."""
+    out = []
+    for tl in timeline:
+        before = [s for t, s in tl if t <= t0 and s.get("latency_hist")]
+        after = [s for t, s in tl if t >= t1 and s.get("latency_hist")]
+        if not after:
+            continue
+        h1 = np.asarray(after[0]["latency_hist"]["counts"])
+        h0 = np.asarray(before[-1]["latency_hist"]["counts"]) if before else np.zeros_like(h1)
+        out.append(h1 - h0)
+    return out
+
+
+def stats_quantile(hists: list[np.ndarray], q: float, edges_ms: list[float]) -> float | None:
+    """Quantile (ms) of the frame latency over all streams from per-stream histograms (bin
+    complete -> frame sent; linear within a bucket). Works with several server workers."""
     if not hists:
         return None
-    edges = [0.0, *hists[0]["edges_ms"]]
-    counts = np.sum([h["counts"] for h in hists], axis=0)
+    edges = [0.0, *edges_ms]
+    counts = np.sum(hists, axis=0)
     total = counts.sum()
     if total == 0:
         return None
@@ -198,7 +212,8 @@ def make_packets(loops: int) -> tuple[list[tuple[float, bytes]], int]:
     return packets, len(allev)
 
 
-async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], duration: float) -> dict[str, Any]:
+async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], duration: float,
+                      shared: dict[str, Any] | None = None) -> dict[str, Any]:
     from websockets.asyncio.client import connect
 
     from service.protocol import FRAME_HEADER
@@ -214,9 +229,12 @@ async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], dur
             raise RuntimeError(ready)
         conns.append(ws)
     t_start = time.perf_counter() + 0.2
+    if shared is not None:
+        shared["t_start"] = t_start
     lat_e2e: list[list[float]] = [[] for _ in range(n)]
     frames = [0] * n
     last_stats: list[dict[str, Any]] = [{} for _ in range(n)]
+    timeline: list[list[tuple[float, dict[str, Any]]]] = [[] for _ in range(n)]
     n_packets = sum(1 for d, _ in packets if d <= duration)
 
     async def sender(i: int, ws: Any) -> None:
@@ -240,27 +258,31 @@ async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], dur
                     obj = json.loads(msg)
                     if obj["type"] in ("stats", "end"):
                         last_stats[i] = obj
+                        timeline[i].append((time.perf_counter(), obj))
         except Exception:  # noqa: BLE001 - a closed connection ends the receiver
             pass
 
     tasks = [asyncio.create_task(sender(i, ws)) for i, ws in enumerate(conns)]
     tasks += [asyncio.create_task(receiver(i, ws)) for i, ws in enumerate(conns)]
     await asyncio.wait_for(asyncio.gather(*tasks), timeout=duration + 60)
-    return {"lat_e2e": lat_e2e, "frames": frames, "stats": last_stats, "t_start": t_start}
+    return {"lat_e2e": lat_e2e, "frames": frames, "stats": last_stats, "t_start": t_start, "timeline": timeline}
 
 
 def bench_streams(server: Server, n: int, warmup: float, window: float) -> dict[str, Any]:
-    duration = warmup + window + 0.5
+    duration = warmup + window + 1.5
     packets, _ = make_packets(loops=int(duration / 2.2) + 2)
     result: dict[str, Any] = {}
 
     async def main() -> dict[str, Any]:
-        task = asyncio.create_task(run_streams(server.port, n, packets, duration))
-        await asyncio.sleep(warmup + 1.0)  # connections + warm-up
+        shared: dict[str, Any] = {}
+        task = asyncio.create_task(run_streams(server.port, n, packets, duration, shared))
+        while "t_start" not in shared:  # connecting
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(max(0.0, shared["t_start"] + warmup - time.perf_counter()))
         m0, c0, w0, k0 = server.metrics(), server.cpu_seconds(), time.perf_counter(), time.process_time()
         await asyncio.sleep(window)
         m1, c1, w1, k1 = server.metrics(), server.cpu_seconds(), time.perf_counter(), time.process_time()
-        result.update(m0=m0, m1=m1, cpu=c1 - c0, wall=w1 - w0, client_cpu=k1 - k0)
+        result.update(m0=m0, m1=m1, cpu=c1 - c0, wall=w1 - w0, client_cpu=k1 - k0, t0=w0, t1=w1)
         return await task
 
     out = asyncio.run(main())
@@ -272,10 +294,14 @@ def bench_streams(server: Server, n: int, warmup: float, window: float) -> dict[
     dropped = sum(s.get("dropped_frames", 0) for s in out["stats"])
     late = sum(s.get("late_events", 0) for s in out["stats"])
     one_worker = server.workers == 1
+    from service.session import LATENCY_EDGES_MS
+
+    hists = window_hists(out["timeline"], result["t0"], result["t1"])
     return {
         "streams": n,
-        "p99_frame_latency_ms": stats_quantile(out["stats"], 0.99),
-        "p50_frame_latency_ms": stats_quantile(out["stats"], 0.5),
+        "p99_frame_latency_ms": stats_quantile(hists, 0.99, list(LATENCY_EDGES_MS)),
+        "p50_frame_latency_ms": stats_quantile(hists, 0.5, list(LATENCY_EDGES_MS)),
+        "frames_in_window": int(np.sum(hists)) if hists else 0,
         "p99_window_ms": hist_p99(m0, m1, "vdib_frame_latency_seconds") if one_worker else None,
         "p99_end_to_end_ms": float(np.percentile(e2e, 99)) if len(e2e) else None,
         "p50_end_to_end_ms": float(np.percentile(e2e, 50)) if len(e2e) else None,

@@ -55,6 +55,16 @@ class Engine(ABC):
     @abstractmethod
     def decode(self, windows: np.ndarray) -> np.ndarray: ...
 
+    def warmup(self, batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> None:
+        """Run steps and decodes at a few batch sizes once, so that lazy kernel selection and JIT
+        (oneDNN primitives for bf16, allocator growth) happen at load time, not in a live tick."""
+        for b in batches:
+            state = self.stack([self.init_state()] * b)
+            x = np.zeros((b, self.n_inputs), np.float32)
+            x[:, :: max(1, self.n_inputs // 40)] = 1.0  # a few active inputs (event-driven paths)
+            self.step(x, state, np.full((b, self.n_readout), 0.5, np.float32))
+            self.decode(np.zeros((b, self.tau_d, self.n_readout), np.float32))
+
     def order_key(self, state: State) -> Any:
         """Sort key that lets :meth:`stack` gather rows cheaply (the scheduler orders a tick's
         streams by it; the order of streams within a tick does not change any result)."""

@@ -188,6 +188,8 @@ def load_entry(path: Path, settings: Settings) -> ModelEntry:
     naturalizer, meta = load_checkpoint(path)
     cfg = naturalizer.config
     engine = build_engine(settings.engine, naturalizer, settings.device, settings.decoder_dtype)
+    if settings.warmup:
+        engine.warmup()
     return ModelEntry(
         name=path.name,
         path=path,

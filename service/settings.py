@@ -51,6 +51,7 @@ class Settings(BaseSettings):
 
     # --- scheduler -------------------------------------------------------------------------
     max_batch: int = 1024  # streams stepped in one tensor op
+    warmup: bool = True  # run each engine at a few batch sizes at load time (no slow first ticks)
     tick_interval_s: float = 0.004  # least time between ticks: complete bins wait at most this long to batch
 
     @field_validator("api_keys")
