@@ -34,6 +34,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         else:
             log.warning("service not ready: %s", reason)
         app.state.scheduler = Scheduler(metrics, settings.max_batch, tick_interval_s=settings.tick_interval_s)
+        if settings.warmup:
+            for entry in app.state.registry.models.values():
+                await run_in_threadpool(app.state.scheduler.warmup, entry)
         app.state.scheduler.start()
         try:
             yield
