@@ -299,6 +299,7 @@ def evaluate_now(nat: torch.nn.Module, ds: Any, judge: Any, limit: int, batch_si
 
     res = evaluate_model(nat, ds, judge, limit or None, batch_size, seed, device)
     res.pop("judge_accuracy_per_class", None)
+    res["eval_seconds"] = res.pop("seconds")  # "seconds" in metrics.jsonl is training time
     return res
 
 
@@ -424,18 +425,21 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
         log.write({"kind": "eval", "step": step, "examples": step * B, "seconds": round(elapsed(), 2),
                    "final": True, **res})
         log.close()
-        from model import save_checkpoint
-
         from .judge import hardware_string
 
         save_dir = Path(r["save"]) if r["save"] else run_dir / "final"
-        save_checkpoint(save_dir, nat, training_config=cfg, metrics={**res, **{k: v for k, v in summary.items()
-                                                                               if k != "final_eval"}},
-                        provenance={"run_dir": str(run_dir), "hardware": hardware_string(),
-                                    "data": ds.info, "command": cfg["run"].get("command", ""), **init_info})
-        from .modelcard import write_model_card
-
-        write_model_card(save_dir, cfg["run"].get("title") or None)
+        prov = {"run_dir": str(run_dir), "hardware": hardware_string(), "data": ds.info,
+                "command": cfg["run"].get("command", ""), **init_info}
+        metrics = {**res, **{k: v for k, v in summary.items() if k != "final_eval"}}
+        if r.get("save_dtype", "float32") != "float32":
+            # evaluate what is shipped: the weights as stored (e.g. float16 halves the size)
+            nat = cast_weights(nat, r["save_dtype"])
+            res = evaluate_now(nat, ds.test, judge, cfg["eval"]["final_limit"], cfg["eval"]["batch_size"], seed,
+                               device)
+            summary["final_eval"] = metrics["stored_weights_eval"] = res
+            metrics.update(res)
+        export_checkpoint(save_dir, nat, cfg, metrics, prov, r.get("save_dtype", "float32"))
+        summary["checkpoint"] = str(save_dir)
         plot_run(run_dir)
         summary["checkpoint"] = str(save_dir)
     dist.barrier()
@@ -444,6 +448,38 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
 
         tdist.destroy_process_group()
     return summary
+
+
+def cast_weights(nat: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    """A copy of ``nat`` whose float parameters are rounded to ``dtype`` and back to float32."""
+    import copy
+
+    dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    out = copy.deepcopy(nat)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.copy_(p.to(dt).to(p.dtype))
+    return out
+
+
+def export_checkpoint(save_dir: Path, nat: torch.nn.Module, cfg: dict, metrics: dict, provenance: dict,
+                      dtype: str = "float32") -> Path:
+    """``model.save_checkpoint`` with the weights stored as ``dtype`` (loading casts them back), plus
+    the model card; files are world-readable."""
+    import copy
+
+    from model import save_checkpoint
+
+    from .modelcard import write_model_card
+
+    dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    stored = copy.deepcopy(nat).to("cpu").to(dt) if dt != torch.float32 else nat
+    save_checkpoint(save_dir, stored, training_config=cfg, metrics=metrics,
+                    provenance={**provenance, "weights_dtype": dtype})
+    write_model_card(save_dir, cfg["run"].get("title") or None, cfg["run"].get("notes", ""))
+    for f in Path(save_dir).iterdir():
+        os.chmod(f, 0o644)
+    return Path(save_dir)
 
 
 def params_vector(nat: torch.nn.Module) -> torch.Tensor:
