@@ -164,8 +164,8 @@ class ModelRegistry:
 
 
 def _is_naturalizer(path: Path) -> bool:
-    """False for checkpoints that declare another ``kind`` (the judge); unreadable ones count as
-    naturalizers so that their load error is reported."""
+    """False for checkpoints of another kind (the LeNet judge has no ``kind: vdib-naturalizer``);
+    unreadable ones count as naturalizers so that their load error is reported."""
     import json
 
     from model.checkpoint import KIND
@@ -174,7 +174,7 @@ def _is_naturalizer(path: Path) -> bool:
         meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return True
-    return not isinstance(meta, dict) or meta.get("kind", KIND) == KIND
+    return not isinstance(meta, dict) or meta.get("kind") == KIND
 
 
 def load_entry(path: Path, settings: Settings) -> ModelEntry:

@@ -120,3 +120,16 @@ def test_other_checkpoint_kinds_are_skipped(tmp_path: Path, checkpoints_dir: Pat
         body = c.get("/readyz").json()
         assert body["ready"] and body["default_model"] == "mnist-dvs"  # preferred default name
         assert body["models"] == ["mnist-dvs"] and body["errors"] == {}
+
+
+def test_shipped_checkpoints_load():
+    """The repository's checkpoints/: the default model loads, the judge is skipped (skips until
+    the default checkpoint exists)."""
+    root = Path(__file__).resolve().parents[2] / "checkpoints"
+    if not (root / "mnist-dvs" / "config.json").is_file():
+        pytest.skip("no shipped default checkpoint")
+    with make_client(Settings(_env_file=None)) as c:
+        body = c.get("/readyz").json()
+        assert body["ready"] and body["default_model"] == "mnist-dvs" and body["errors"] == {}
+        m = c.get("/v1/models").json()["models"][0]
+        assert m["input_shape"] == [2, 26, 26] and m["image_shape"] == [28, 28]
