@@ -16,6 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
     p.add_argument("--model", default=None, help="default model name")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="torch intra-op threads per process (default 1: per-step GEMMs are small; 0 = torch's default)")
     p.add_argument("--workers", type=int, default=1,
                    help="server processes (each batches its own streams; uses more cores past the GIL)")
     p.set_defaults(func=_serve)
@@ -50,7 +52,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .settings import Settings
 
-    overrides: dict[str, object] = {}
+    overrides: dict[str, object] = {"torch_threads": args.torch_threads}
     if args.checkpoints:
         overrides["checkpoints_dir"] = args.checkpoints
     if args.engine:
