@@ -279,17 +279,14 @@ class FrameSet:
         """``(x [T, B, C*H*W] float, target [B, 784] float in [0, 1], labels [B])``.
 
         With ``crop_T`` each recording contributes a window of ``crop_T`` bins whose start is
-        drawn uniformly from ``generator`` (CPU draw, one ``torch.randint`` per batch).
+        drawn uniformly from ``generator`` (one ``torch.randint`` per batch, on its device).
         """
         idx = np.asarray(idx.cpu() if isinstance(idx, torch.Tensor) else idx)
         sel = self.packed[idx]
         if self.crop_T and self.crop_T < self.T:
-            g = generator if (generator is not None and generator.device.type == "cpu") else None
-            if g is None and generator is not None:
-                start = torch.randint(0, self.T - self.crop_T + 1, (len(idx),), generator=generator,
-                                      device=generator.device).cpu().numpy()
-            else:
-                start = torch.randint(0, self.T - self.crop_T + 1, (len(idx),), generator=g).numpy()
+            dev = generator.device if generator is not None else torch.device("cpu")
+            start = torch.randint(0, self.T - self.crop_T + 1, (len(idx),), generator=generator,
+                                  device=dev).cpu().numpy()
             win = start[:, None] + np.arange(self.crop_T)[None, :]
             sel = np.take_along_axis(sel, win[:, :, None], axis=1)
         flat = np.unpackbits(sel, axis=-1, count=self.n_inputs)  # [B, T, N]

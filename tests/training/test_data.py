@@ -109,3 +109,16 @@ def test_scan_mnist_dvs_layout(tmp_path):
     recs = data.scan_mnist_dvs(tmp_path, scale=4)
     assert [(r[1], r[2]) for r in recs] == [(0, 1), (0, 950), (3, 2)]
     assert [data.mnist_dvs_split_of(r[2]) for r in recs] == ["train", "test", "train"]
+
+
+def test_frameset_crop_windows_are_contiguous():
+    rng = np.random.default_rng(1)
+    frames = (rng.random((3, 20, 2, 4, 4)) < 0.3).astype(np.uint8)
+    fs = data.FrameSet(data.pack_frames(frames), (2, 4, 4), np.zeros((3, 28, 28), np.uint8), np.arange(3), {},
+                       crop_T=5)
+    x, _, _ = fs.batch(np.arange(3), torch.Generator().manual_seed(0))
+    assert x.shape == (5, 3, 32)
+    for b in range(3):
+        seq = x[:, b].numpy().reshape(5, 2, 4, 4)
+        starts = [s for s in range(16) if (frames[b, s:s + 5] == seq).all()]
+        assert starts  # the window is some contiguous run of the recording
