@@ -122,3 +122,35 @@ def test_frameset_crop_windows_are_contiguous():
         seq = x[:, b].numpy().reshape(5, 2, 4, 4)
         starts = [s for s in range(16) if (frames[b, s:s + 5] == seq).all()]
         assert starts  # the window is some contiguous run of the recording
+
+
+def _fake_sim(img, seed=0, duration_s=2.0):
+    """A cheap stand-in for events.simulate_mnist_dvs: events at the digit's bright pixels."""
+    import events
+
+    rng = np.random.default_rng(seed)
+    ys, xs = np.nonzero(np.asarray(img) > 128)
+    n = len(xs) * 3
+    ev = np.zeros(n, dtype=events.EVENT_DTYPE)
+    ev["t"] = np.sort(rng.integers(0, int(duration_s * 1e6), n))
+    ev["x"] = np.tile(xs, 3) + 48
+    ev["y"] = np.tile(ys, 3) + 54
+    ev["p"] = rng.integers(0, 2, n)
+    return ev
+
+
+def test_simulated_set_targets_cache_and_workers(tmp_path, shared_mnist):
+    imgs, labs = data.load_mnist_split(shared_mnist, "train", limit=20)
+    kw = dict(dt_us=50_000, cache_dir=tmp_path, progress=False, simulate=_fake_sim)
+    src = data.simulate_mnist_dvs_set(imgs, labs, "source", **kw)
+    assert len(src) == 20 and src.T == 40 and src.frame_shape == (2, 26, 26)
+    np.testing.assert_array_equal(src.targets, imgs)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    again = data.simulate_mnist_dvs_set(imgs, labs, "source", workers=2, **{**kw, "cache_dir": tmp_path / "w"})
+    np.testing.assert_array_equal(again.packed, src.packed)  # independent of the number of workers
+    proto = data.simulate_mnist_dvs_set(imgs, labs, "prototype", **kw)  # served from the cache
+    np.testing.assert_array_equal(proto.packed, src.packed)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    for c in np.unique(labs):
+        members = proto.targets[labs == c]
+        assert (members == members[0]).all()  # one image per class
