@@ -187,9 +187,10 @@ class Scheduler:
             u = np.concatenate([s.draw_uniforms() for s, _ in steps])
             state = engine.stack([s.state for s, _ in steps])
             y, state = engine.step(x, state, u)
-            for (s, it), st, yi in zip(steps, engine.unstack(state, len(steps)), y, strict=True):
+            counts = y.sum(axis=1, dtype=np.int64).tolist()  # one reduction for the batch
+            for (s, it), st, yi, c in zip(steps, engine.unstack(state, len(steps)), y, counts, strict=True):
                 s.state = st
-                if s.record_step(yi, it.frame, it.bin_end_us):  # type: ignore[arg-type]
+                if s.record_step(yi, it.frame, it.bin_end_us, c):  # type: ignore[arg-type]
                     emit.append((s, it.t_ready))
             self.steps += len(steps)
             self.metrics.steps.inc(len(steps))

@@ -21,12 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from .pipeline import uniforms_for
 from .protocol import AEDAT4_MAGIC, CLOSE_INVALID, ProtocolError
 from .registry import ModelEntry
 
 _ids = itertools.count(1)
 
 BIN, EMIT_NOW, END = 0, 1, 2
+
+#: Steps of uniforms a session draws at once (see :meth:`Session.draw_uniforms`).
+UNIFORM_BLOCK = 32
 
 
 @dataclass(slots=True)
@@ -117,6 +121,9 @@ class Session:
         self.out_limit = out_queue_frames
         self.out_event = asyncio.Event()
         self.counters = Counters()
+        self.unreported_events = 0  # events not yet added to the Prometheus counter
+        self._uniforms: np.ndarray | None = None  # a block of this stream's future draws
+        self._u_next = 0
         self.closed = False
         self.ending = False
         self.created = time.time()
@@ -126,6 +133,13 @@ class Session:
         """Bin a chunk of events; queue the completed bins. Returns the bins queued."""
         self.counters.events += len(events)
         return self._queue(self.binner.push(events))
+
+    def report_events(self, metrics: Any) -> None:
+        """Add the events received since the last call to ``metrics.stream_events`` (once per
+        stats interval instead of once per packet)."""
+        if self.unreported_events:
+            metrics.stream_events.inc(self.unreported_events)
+            self.unreported_events = 0
 
     def flush(self, end: bool = False) -> None:
         """Complete the open bin, then force a frame for the last bin (and end the stream)."""
@@ -146,22 +160,32 @@ class Session:
 
     # ------------------------------------------------------------------ model side (worker)
     def draw_uniforms(self) -> np.ndarray:
-        """This stream's draw for one step: ``torch.rand((1, n_readout), generator)``."""
-        return torch.rand((1, self.engine.n_readout), generator=self.generator).numpy()
+        """This stream's draw for one step, ``[1, n_readout]``: the next ``torch.rand((1, n_readout),
+        generator)``. Drawn ahead in blocks (one ``torch.rand((k, 1, n))`` gives the same numbers
+        as ``k`` single draws, see :func:`service.pipeline.uniforms_for`): one torch call per
+        ``UNIFORM_BLOCK`` steps instead of one per step."""
+        u = self._uniforms
+        i = self._u_next
+        if u is None or i >= len(u):
+            u = self._uniforms = uniforms_for(self.generator, UNIFORM_BLOCK, self.engine.n_readout)
+            i = 0
+        self._u_next = i + 1
+        return u[i : i + 1]
 
     def reset_model_state(self) -> None:
         self.state = self.engine.init_state()
         self.ring[:] = 0
         self.head = 0
 
-    def record_step(self, y: np.ndarray, frame: np.ndarray, bin_end_us: int) -> bool:
-        """Store one step's spikes; True when this step is due to emit a frame."""
+    def record_step(self, y: np.ndarray, frame: np.ndarray, bin_end_us: int, n_spikes: int | None = None) -> bool:
+        """Store one step's spikes (``n_spikes``: their count when the caller has it, e.g. from
+        one sum over the whole batch); True when this step is due to emit a frame."""
         self.last_bin_end = bin_end_us
         self.ring[self.head] = y
         self.head = (self.head + 1) % len(self.ring)
         self.steps += 1
         self.counters.bins += 1
-        self.counters.spikes += int(y.sum())
+        self.counters.spikes += int(y.sum()) if n_spikes is None else n_spikes
         if self.want_spikes:
             self.since_emit.append(y.copy())
         if self.want_inputs:

@@ -183,51 +183,100 @@ async def _ingest(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metr
 
 async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metrics: Any,
                        sender: asyncio.Task[None], me: asyncio.Task[Any] | None, stop_receiving: Any) -> None:
-    while True:
-        try:
-            msg = await _receive(ws, settings.idle_timeout_s)
-        except asyncio.CancelledError:
-            if not sender.done() or me is None:
-                raise
-            me.uncancel()
+    # The idle timeout is one watchdog timer per timeout period, not an ``asyncio.timeout``
+    # around every receive: a stream gets ~100 packets per second, and a timer armed and
+    # cancelled per packet costs more than binning the packet.
+    loop = asyncio.get_running_loop()
+    timeout = settings.idle_timeout_s
+    watch = _Watchdog(loop, timeout, me)
+    receive, notify = ws.receive, scheduler.notify
+    max_bytes, max_pending = settings.max_message_bytes, settings.max_pending_bins
+    try:
+        while True:
+            try:
+                msg = await receive()
+            except asyncio.CancelledError:
+                if watch.fired and me is not None:
+                    me.uncancel()
+                    raise ProtocolError(CLOSE_GOING_AWAY, f"idle for {timeout:g} s: stream timed out") from None
+                if not sender.done() or me is None:
+                    raise
+                me.uncancel()
+                return
+            watch.last = loop.time()
+            if msg["type"] == "websocket.disconnect":
+                raise _Closed()
+            data = msg.get("bytes")
+            if data is not None:
+                if len(data) > max_bytes:
+                    raise ProtocolError(CLOSE_TOO_BIG, f"message of {len(data)} bytes exceeds {max_bytes}")
+                events = _decode(s, data, settings)
+                n = len(events)
+                if n:
+                    binner = s.binner
+                    late = binner.late_events
+                    s.push_events(events)
+                    s.unreported_events += n
+                    if binner.late_events > late:
+                        metrics.late_events.inc(binner.late_events - late)
+                    if len(s.pending) > max_pending:
+                        raise ProtocolError(
+                            CLOSE_POLICY, f"{len(s.pending)} bins waiting (limit {max_pending}): "
+                            "the stream runs ahead of the service; slow down or raise dt_us",
+                        )
+                    notify()
+                continue
+            n = _size(msg)
+            if n > max_bytes:
+                raise ProtocolError(CLOSE_TOO_BIG, f"message of {n} bytes exceeds {max_bytes}")
+            obj = _parse_json(msg.get("text") or "")
+            kind = obj["type"]
+            if kind == "flush":
+                s.flush()
+                notify()
+            elif kind == "end":
+                watch.cancel()  # the remaining frames may take longer than the idle timeout
+                s.flush(end=True)
+                notify()
+                sender.remove_done_callback(stop_receiving)
+                with contextlib.suppress(Exception):
+                    await sender  # sends the remaining frames, the final stats, then closes with 1000
+                return
+            elif kind == "ping":
+                s.deliver(Outgoing(json.dumps({"type": "pong", "t": time.time()}), False))
+            elif kind == "start":
+                raise ProtocolError(CLOSE_UNSUPPORTED, "the stream has already started")
+            else:
+                raise ProtocolError(CLOSE_UNSUPPORTED, f"unknown message type {kind!r} (expected flush, end or ping)")
+    finally:
+        watch.cancel()
+        s.report_events(metrics)
+
+
+class _Watchdog:
+    """Cancels ``task`` once nothing was received for ``timeout`` seconds (``last`` is the time
+    of the latest message, updated by the receiver; the timer re-arms itself from it)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, task: asyncio.Task[Any] | None) -> None:
+        self.loop, self.timeout, self.task = loop, timeout, task
+        self.last = loop.time()
+        self.fired = False
+        self.handle: asyncio.TimerHandle | None = loop.call_at(self.last + timeout, self._check)
+
+    def _check(self) -> None:
+        due = self.last + self.timeout
+        if self.loop.time() < due:
+            self.handle = self.loop.call_at(due, self._check)
             return
-        n = _size(msg)
-        if n > settings.max_message_bytes:
-            raise ProtocolError(CLOSE_TOO_BIG, f"message of {n} bytes exceeds {settings.max_message_bytes}")
-        data = msg.get("bytes")
-        if data is not None:
-            events = _decode(s, data, settings)
-            if len(events):
-                late = s.binner.late_events
-                s.push_events(events)
-                metrics.stream_events.inc(len(events))
-                if s.binner.late_events > late:
-                    metrics.late_events.inc(s.binner.late_events - late)
-                if len(s.pending) > settings.max_pending_bins:
-                    raise ProtocolError(
-                        CLOSE_POLICY, f"{len(s.pending)} bins waiting (limit {settings.max_pending_bins}): "
-                        "the stream runs ahead of the service; slow down or raise dt_us",
-                    )
-                scheduler.notify()
-            continue
-        obj = _parse_json(msg.get("text") or "")
-        kind = obj["type"]
-        if kind == "flush":
-            s.flush()
-            scheduler.notify()
-        elif kind == "end":
-            s.flush(end=True)
-            scheduler.notify()
-            sender.remove_done_callback(stop_receiving)
-            with contextlib.suppress(Exception):
-                await sender  # sends the remaining frames, the final stats, then closes with 1000
-            return
-        elif kind == "ping":
-            s.deliver(Outgoing(json.dumps({"type": "pong", "t": time.time()}), False))
-        elif kind == "start":
-            raise ProtocolError(CLOSE_UNSUPPORTED, "the stream has already started")
-        else:
-            raise ProtocolError(CLOSE_UNSUPPORTED, f"unknown message type {kind!r} (expected flush, end or ping)")
+        self.handle = None
+        if self.task is not None and not self.task.done():
+            self.fired = True
+            self.task.cancel()
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
 
 
 def _decode(s: Session, data: bytes, settings: Any) -> Any:
@@ -246,37 +295,54 @@ def _decode(s: Session, data: bytes, settings: Any) -> Any:
 
 
 async def _sender(ws: WebSocket, s: Session, metrics: Any, interval: float) -> None:
-    """Send queued messages, and stats every ``interval`` seconds, until a closing message."""
-    next_stats = time.monotonic() + interval
-    while True:
-        timeout = max(0.0, next_stats - time.monotonic())
-        if not s.out:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(s.out_event.wait(), timeout)
-        s.out_event.clear()
-        while s.out:
-            m = s.out.popleft()
-            if m.is_frame:
-                s.out_frames -= 1
-            data = m.data() if callable(m.data) else m.data
-            if isinstance(data, bytes):
-                await ws.send_bytes(data)
-            else:
-                await ws.send_text(data)
-            if m.is_frame:
-                lat = time.perf_counter() - m.t_ready
-                s.counters.frames_sent += 1
-                s.counters.add_latency(lat * 1e3)
-                metrics.frames_sent.inc()
-                metrics.frame_latency.observe(lat)
-            if m.close_code is not None:
-                if ws.application_state == WebSocketState.CONNECTED:
-                    await ws.close(code=m.close_code)
-                if m.close_code != 1000:
-                    metrics.streams_rejected.labels(str(m.close_code)).inc()
-                return
-            if time.monotonic() >= next_stats:  # also while a slow client keeps the queue full
-                break
-        if time.monotonic() >= next_stats:
-            await ws.send_text(json.dumps(s.stats()))
-            next_stats = time.monotonic() + interval
+    """Send queued messages, and stats every ``interval`` seconds, until a closing message.
+
+    The stats are due by a timer that sets the session's wake-up event (no ``wait_for`` per
+    frame: it would arm and cancel a timer, and on Python 3.11 create a task, per frame)."""
+    loop = asyncio.get_running_loop()
+    event, out = s.out_event, s.out
+    send = ws.send
+    counters = s.counters
+    next_stats = loop.time() + interval
+    timer = loop.call_at(next_stats, event.set)
+    try:
+        while True:
+            if not out and loop.time() < next_stats:
+                await event.wait()
+            event.clear()
+            sent = 0  # frames for the Prometheus counter, added once per burst
+            try:
+                while out:
+                    m = out.popleft()
+                    if m.is_frame:
+                        s.out_frames -= 1
+                    data = m.data() if callable(m.data) else m.data
+                    if isinstance(data, bytes):
+                        await send({"type": "websocket.send", "bytes": data})
+                    else:
+                        await send({"type": "websocket.send", "text": data})
+                    if m.is_frame:
+                        lat = time.perf_counter() - m.t_ready
+                        sent += 1
+                        counters.frames_sent += 1
+                        counters.add_latency(lat * 1e3)
+                        metrics.frame_latency.observe(lat)
+                    if m.close_code is not None:
+                        if ws.application_state == WebSocketState.CONNECTED:
+                            await ws.close(code=m.close_code)
+                        if m.close_code != 1000:
+                            metrics.streams_rejected.labels(str(m.close_code)).inc()
+                        return
+                    if loop.time() >= next_stats:  # also while a slow client keeps the queue full
+                        break
+            finally:
+                if sent:
+                    metrics.frames_sent.inc(sent)
+            if loop.time() >= next_stats:
+                s.report_events(metrics)
+                await send({"type": "websocket.send", "text": json.dumps(s.stats())})
+                next_stats = loop.time() + interval
+                timer.cancel()
+                timer = loop.call_at(next_stats, event.set)
+    finally:
+        timer.cancel()
