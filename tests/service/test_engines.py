@@ -157,3 +157,27 @@ def test_torch_stack_gathers_rows_in_any_composition(nat):
         a, b = eng.stack([rows[i]]), eng.stack([lone[i]])
         for ta, tb in zip(a.readout, b.readout):
             assert torch.allclose(ta, tb, atol=1e-6)
+
+
+@pytest.mark.parametrize("decoder", ["linear", "mlp"])
+def test_sparse_decoder_equals_dense_and_ignores_batch(decoder):
+    from model.testing import tiny_naturalizer
+
+    nat = tiny_naturalizer(seed=1, n_readout=32, tau_d=12, decoder=decoder)
+    eng = TorchEngine(nat, "cpu")
+    assert eng._sparse is not None
+    rng = np.random.default_rng(0)
+    win = (rng.random((9, eng.tau_d, eng.n_readout)) < 0.07).astype(np.float32)
+    win[3] = 0.0  # an empty window: only the bias
+    sparse = eng.decode(win)
+    with torch.inference_mode():
+        dense = nat.decoder(torch.from_numpy(win)).clamp(0, 1).reshape(sparse.shape).numpy()
+    np.testing.assert_allclose(sparse, dense, atol=1e-6)
+    # a window's image does not depend on the windows batched with it (beyond float rounding)
+    alone = np.stack([eng.decode(win[i : i + 1])[0] for i in range(len(win))])
+    np.testing.assert_allclose(alone, sparse, atol=1e-6)
+    # non-binary entries are weighted, dense windows take the dense path
+    scaled = win * 0.5
+    np.testing.assert_allclose(eng.decode(scaled), nat.decoder(torch.from_numpy(scaled)).detach().reshape(sparse.shape).numpy(), atol=1e-6)
+    full = np.ones((2, eng.tau_d, eng.n_readout), np.float32)
+    np.testing.assert_allclose(eng.decode(full), nat.decoder(torch.from_numpy(full)).detach().reshape(2, *eng.image_shape).numpy(), atol=1e-5)
