@@ -204,6 +204,12 @@ class TorchEngine(Engine):
 
         self._stack, self._map = stack_states, map_state
         self._sparse = _SparseDecoder.build(self._decoder, self.device)
+        if self.device == "cpu" and hasattr(self.encoder, "event_driven"):
+            # The model multiplies only the active input columns up to batch 8 and runs the full
+            # GEMM above; with inputs ~3 % and hidden spikes ~8 % active, the gather stays
+            # cheaper at every batch size a CPU server reaches (2.3 instead of 2.6 ms per step
+            # at batch 100, 0.27 instead of 0.41 at batch 10). Equal up to float rounding.
+            self.encoder.event_driven = "always"
         with torch.inference_mode():
             self._fresh = self.encoder.init_state(1, device=self.device)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
@@ -19,16 +20,23 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
 
+@functools.lru_cache(maxsize=64)
+def _png_head(w: int, h: int, color: int) -> bytes:
+    """Signature and IHDR chunk of a ``w x h`` 8-bit PNG (the same for every frame of a stream)."""
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0))
+
+
+_IEND = _chunk(b"IEND", b"")
+
+
 def png_encode(pixels: np.ndarray) -> bytes:
     """A minimal PNG (IHDR, one IDAT, IEND; filter 0, zlib level 1) of uint8 ``[H, W]`` (gray) or
     ``[H, W, 3]`` (RGB). ~10x cheaper than PIL's encoder for the small frames streamed here."""
     h, w = pixels.shape[:2]
     color = 0 if pixels.ndim == 2 else 2
-    rows = np.empty((h, 1 + w * (1 if color == 0 else 3)), dtype=np.uint8)
-    rows[:, 0] = 0  # filter type None
+    rows = np.zeros((h, 1 + w * (1 if color == 0 else 3)), dtype=np.uint8)  # column 0: filter None
     rows[:, 1:] = pixels.reshape(h, -1)
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, color, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + _chunk(b"IEND", b"")
+    return _png_head(w, h, color) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + _IEND
 
 
 def png_gray(image: np.ndarray) -> bytes:

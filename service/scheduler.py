@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .protocol import encode_frame
-from .render import event_rgb, pack_spikes, png_gray, png_rgb
+from .render import event_rgb, pack_spikes, png_encode, png_rgb, to_uint8
 from .session import BIN, EMIT_NOW, END, Outgoing, Pending, Session
 
 log = logging.getLogger("vdib.service")
@@ -201,7 +201,7 @@ class Scheduler:
         out: list[tuple[Session, Outgoing]] = []
         if emit:
             windows = np.stack([s.window() for s, _ in emit])
-            images = engine.decode(windows)
+            images = to_uint8(engine.decode(windows))  # one conversion for the whole tick
             for (s, t_ready), img in zip(emit, images, strict=True):
                 out.append((s, self._frame_message(s, img, t_ready)))
         for s, it in items:
@@ -210,10 +210,12 @@ class Scheduler:
         return out
 
     def _frame_message(self, s: Session, img: np.ndarray, t_ready: float) -> Outgoing:
+        """The frame message of ``img`` (uint8 ``[H, W]``, :func:`render.to_uint8` of the decoder
+        output) for the session's latest step."""
         bin_index = s.steps - 1
         bin_end = s.last_bin_end
         s.last_emit_step = s.steps
-        png = png_gray(img)
+        png = png_encode(img)
         inp = png_rgb(event_rgb(s.input_acc)) if s.want_inputs and s.input_acc is not None else None
         spikes = np.stack(s.since_emit) if s.want_spikes and s.since_emit else None
         s.since_emit = []
