@@ -255,3 +255,45 @@ def ablation(root: Path, out: Path, examples: int, encoding: str = "ttfs", decod
                f"{r['train_seconds']:.0f} |" for r in rows]
         (out / "ablation.md").write_text("\n".join(md) + "\n")
     return rows
+
+
+def time_vs_rate(cells_jsonl: Path, out: Path) -> list[dict]:
+    """Matched time/rate decoding pairs at every budget in ``cells_jsonl`` (one line per finished cell,
+    as ``vdib table1`` prints them); writes ``out/time_vs_rate.{md,png}``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(ln) for ln in cells_jsonl.read_text().splitlines() if ln.strip()]
+    by: dict[tuple[str, str, int], dict[str, float]] = {}
+    for r in recs:
+        enc, dec, rest = r["cell"].split("-", 2)
+        rule = rest.rsplit("-s", 1)[0]
+        by.setdefault((enc, rule, int(r["examples"])), {})[dec] = 100 * r["judge_accuracy"]
+    rows = [{"encoding": e, "rule": ru, "examples": n, "time": v.get("time"), "rate": v.get("rate"),
+             "time_minus_rate": (v["time"] - v["rate"]) if "time" in v and "rate" in v else None}
+            for (e, ru, n), v in sorted(by.items())]
+    md = ["| input | rule | examples | time decoding | rate decoding | time − rate |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        t = f"{r['time']:.2f} %" if r["time"] is not None else "-"
+        ra = f"{r['rate']:.2f} %" if r["rate"] is not None else "-"
+        d = f"{r['time_minus_rate']:+.2f}" if r["time_minus_rate"] is not None else "-"
+        md.append(f"| {r['encoding']} | `{r['rule']}` | {r['examples']} | {t} | {ra} | {d} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "time_vs_rate.md").write_text("\n".join(md) + "\n")
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for i, (enc, rule) in enumerate(sorted({(r["encoding"], r["rule"]) for r in rows})):
+        sel = [r for r in rows if r["encoding"] == enc and r["rule"] == rule]
+        for dec, style in (("time", "-o"), ("rate", "--s")):
+            pts = [(r["examples"], r[dec]) for r in sel if r[dec] is not None]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, color=f"C{i}", label=f"{enc} / {rule} / {dec} decoding")
+    ax.set_xlabel("training examples")
+    ax.set_ylabel("judge accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "time_vs_rate.png", dpi=110)
+    plt.close(fig)
+    return rows
