@@ -222,37 +222,6 @@ def build_rule(cfg: dict, naturalizer: torch.nn.Module, dist: Dist) -> Any:
     return rule
 
 
-class _FedUniforms:
-    """Serve pre-drawn uniforms to the rule's single ``torch.rand`` call of a step.
-
-    The rules draw ``torch.rand((T, rows, N_Y), generator=g)`` themselves. To make a W-rank run
-    equal to one process bit for bit, the trainer draws the uniforms of the whole global batch
-    from the shared generator and each rank takes its rows; this context manager hands those
-    rows to the rule's draw (calls of any other shape go to the real ``torch.rand``). When a
-    rule accepts ``uniforms=`` directly, the trainer passes them instead.
-    """
-
-    def __init__(self, uniforms: torch.Tensor) -> None:
-        self.u = uniforms
-        self.used = False
-
-    def __enter__(self) -> _FedUniforms:
-        self._orig = torch.rand
-
-        def rand(*size: Any, **kw: Any) -> torch.Tensor:
-            shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], tuple | list | torch.Size) else size
-            if not self.used and tuple(shape) == tuple(self.u.shape):
-                self.used = True
-                return self.u.to(device=kw.get("device") or self.u.device, dtype=kw.get("dtype") or self.u.dtype)
-            return self._orig(*size, **kw)
-
-        torch.rand = rand  # type: ignore[assignment]
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        torch.rand = self._orig  # type: ignore[assignment]
-
-
 # --------------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------------
@@ -282,15 +251,8 @@ def _slice(dist: Dist, b: int) -> slice:
 
 
 def _rule_step(rule: Any, x: torch.Tensor, target: torch.Tensor, uniforms: torch.Tensor) -> dict[str, float]:
-    import inspect
-
-    if "uniforms" in inspect.signature(rule.train_step).parameters:
-        return rule.train_step(x, target, uniforms=uniforms)
-    with _FedUniforms(uniforms) as fed:
-        stats = rule.train_step(x, target, None)
-    if not fed.used:
-        raise RuntimeError("the rule did not draw the readout uniforms the trainer prepared")
-    return stats
+    """One update with the readout uniforms the trainer drew for this rank's rows (DDP-exact)."""
+    return rule.train_step(x, target, uniforms=uniforms)
 
 
 def evaluate_now(nat: torch.nn.Module, ds: Any, judge: Any, limit: int, batch_size: int, seed: int,
