@@ -226,6 +226,16 @@ def per_row_gradients(
 
 
 # ----------------------------------------------------------------------------- rules
+
+def _hidden_stats(roll: HiddenRollout) -> dict[str, float]:
+    """Per hidden layer: mean spike rate and the fraction of neurons that fired at all in a sequence."""
+    stats = {}
+    for i, s in enumerate(roll.s):
+        s = s.detach()
+        stats[f"hidden_rate_{i}"] = float(s.mean())
+        stats[f"hidden_active_{i}"] = float(s.amax(0).mean())
+    return stats
+
 class Rule:
     """Common API: ``train_step``, ``evaluate``, ``state_dict``/``load_state_dict``, ``all_reduce``."""
 
@@ -426,9 +436,7 @@ class VDIBRule(Rule):
             "signal_std": float(ls.std()) if ls.numel() > 1 else 0.0,
             "seconds": time.perf_counter() - t0,
         }
-        for i, s in enumerate(roll.s):
-            stats[f"hidden_rate_{i}"] = float(s.mean())
-            stats[f"hidden_active_{i}"] = float(s.amax(0).mean())
+        stats.update(_hidden_stats(roll))
         return stats
 
     @torch.no_grad()
@@ -629,9 +637,7 @@ class BPTTRule(Rule):
             "readout_rate": float(y.detach().mean()),
             "seconds": time.perf_counter() - t0,
         }
-        for i, s in enumerate(roll.s):
-            stats[f"hidden_rate_{i}"] = float(s.detach().mean())
-            stats[f"hidden_active_{i}"] = float(s.detach().amax(0).mean())
+        stats.update(_hidden_stats(roll))
         return stats
 
     @torch.no_grad()
