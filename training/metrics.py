@@ -64,6 +64,18 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
 
 
+def _finish(fig: Any, ax: Any, path: Path) -> Path:
+    """Legend, grid, tight layout, save as PNG and close: the tail of every run plot."""
+    import matplotlib.pyplot as plt
+
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_run(run_dir: Path) -> list[Path]:
     """``loss.png``, ``spike_rate.png`` (and ``eval.png`` when evaluations exist) from metrics.jsonl."""
     import matplotlib
@@ -85,24 +97,14 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.set_xlabel("training examples")
         ax.set_ylabel("loss (nats per example)")
         ax.set_yscale("log")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(run_dir / "loss.png", dpi=110)
-        plt.close(fig)
-        out.append(run_dir / "loss.png")
+        out.append(_finish(fig, ax, run_dir / "loss.png"))
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(x, [r.get("readout_rate", math.nan) for r in train], lw=1, label="readout")
         if any("hidden_rate_0" in r for r in train):
             ax.plot(x, [r.get("hidden_rate_0", math.nan) for r in train], lw=1, label="hidden")
         ax.set_xlabel("training examples")
         ax.set_ylabel("spike rate (per neuron per step)")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(run_dir / "spike_rate.png", dpi=110)
-        plt.close(fig)
-        out.append(run_dir / "spike_rate.png")
+        out.append(_finish(fig, ax, run_dir / "spike_rate.png"))
     if evals:
         keys = [k for k in ("judge_accuracy", "ssim", "accuracy") if k in evals[-1]]
         if keys:
@@ -110,12 +112,7 @@ def plot_run(run_dir: Path) -> list[Path]:
             for k in keys:
                 ax.plot([r["examples"] for r in evals], [r.get(k, math.nan) for r in evals], marker="o", label=k)
             ax.set_xlabel("training examples")
-            ax.legend()
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(run_dir / "eval.png", dpi=110)
-            plt.close(fig)
-            out.append(run_dir / "eval.png")
+            out.append(_finish(fig, ax, run_dir / "eval.png"))
     return out
 
 
