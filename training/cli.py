@@ -1,4 +1,4 @@
-"""``vdib train``, ``vdib train-judge`` and ``vdib evaluate``: the training package's commands.
+"""``vdib train``, ``vdib train-judge``, ``vdib evaluate`` and the experiment grids: the training package's commands.
 
 Heavy imports (torch, the trainer) stay inside the command functions so ``vdib --help`` is fast.
 """
@@ -44,6 +44,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--collect-only", action="store_true")
     t.add_argument("--progress", action="store_true")
     t.set_defaults(func=_cmd_table1)
+
+    dv = subparsers.add_parser("dvs-dt", help="MNIST-DVS at several bin widths dt: train the default config per dt, "
+                               "write docs/results/dvs-dt.*")
+    dv.add_argument("--dts", type=float, nargs="+", default=[10, 25, 50], help="bin widths in ms")
+    dv.add_argument("--train-digits", type=int, default=5000, help="simulated training digits")
+    dv.add_argument("--test-digits", type=int, default=1000, help="simulated test digits")
+    dv.add_argument("--examples", type=int, default=150_000, help="training examples per dt")
+    dv.add_argument("--window-ms", type=float, default=600.0, help="training window (data.crop_T = window / dt)")
+    dv.add_argument("--root", type=Path, default=None, help="run directories (default runs/dvs-dt)")
+    dv.add_argument("--out", type=Path, default=None, help="tables and plot (default docs/results)")
+    dv.add_argument("--workers", type=int, default=None, help="processes simulating the digits (default: all cores)")
+    dv.add_argument("--jobs", type=int, default=1, help="dt cells trained in parallel processes")
+    dv.add_argument("--real", type=Path, default=None,
+                    help="real MNIST-DVS recordings for the sanity check (default ../shared/data/events/aedat2)")
+    dv.add_argument("--set", dest="extra", action="append", default=[], help="extra config override (every dt)")
+    dv.add_argument("--no-progress", action="store_true")
+    dv.set_defaults(func=_cmd_dvs_dt)
 
     b = subparsers.add_parser("predictive", help="predictive-coding study (paper Figure 2): lag and β sweeps")
     b.add_argument("--lags", type=int, nargs="+", default=list(range(-4, 5)))
@@ -152,6 +169,25 @@ def _cmd_table1(args: argparse.Namespace) -> int:
             collect(root, out)
     collect(root, out)
     print(f"wrote {out / 'table1.md'}")
+    return 0
+
+
+def _cmd_dvs_dt(args: argparse.Namespace) -> int:
+    import os
+    import shlex
+
+    from .experiments import REAL_MNIST_DVS, REPO, dvs_dt_study
+
+    if args.jobs < 1 or (args.workers is not None and args.workers < 1):
+        raise SystemExit("vdib dvs-dt: --jobs and --workers must be >= 1")
+    if min(args.train_digits, args.test_digits, args.examples) < 1:
+        raise SystemExit("vdib dvs-dt: --train-digits, --test-digits and --examples must be >= 1")
+    res = dvs_dt_study(args.dts, args.root or REPO / "runs" / "dvs-dt", args.out or REPO / "docs" / "results",
+                       args.train_digits, args.test_digits, args.examples, args.window_ms, args.extra,
+                       args.workers or os.cpu_count() or 1, args.jobs, args.real or REAL_MNIST_DVS,
+                       progress=not args.no_progress, command="vdib " + shlex.join(sys.argv[1:]),
+                       log=lambda m: print(m, flush=True))
+    print(json.dumps([{k: r.get(k) for k in ("dt_ms", "judge_accuracy", "ssim", "mse")} for r in res["rows"]]))
     return 0
 
 

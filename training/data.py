@@ -459,49 +459,84 @@ def simulate_mnist_dvs_set(
     ``target="source"``: the exact digit that produced the events (true naturalization);
     ``target="prototype"``: one image per class (the paper's setting). Digit ``i`` is simulated
     with seed ``seed + i`` so the data does not depend on the order of generation (nor on
-    ``workers``, the number of processes that simulate). Cached as npz.
+    ``workers``, the number of processes that simulate). Cached as npz (one file per ``dt_us``;
+    :func:`simulate_mnist_dvs_sets` fills the caches of several bin widths from one simulation).
+    """
+    return simulate_mnist_dvs_sets(images, labels, [dt_us], target, duration_us, seed, cache_dir, progress,
+                                   simulate_kwargs, tag, simulate, workers)[int(dt_us)]
+
+
+def simulate_mnist_dvs_sets(
+    images: np.ndarray, labels: np.ndarray, dts_us: Sequence[int], target: str = "source",
+    duration_us: int = 2_000_000, seed: int = 0, cache_dir: str | Path | None = None,
+    progress: bool = True, simulate_kwargs: dict | None = None, tag: str = "",
+    simulate: Callable | None = None, workers: int = 1,
+) -> dict[int, FrameSet]:
+    """:func:`simulate_mnist_dvs_set` for several bin widths ``dts_us`` at once: ``{dt_us: FrameSet}``.
+
+    The events of each digit do not depend on the bin width, so the digits are simulated once
+    and each recording is binned at every ``dt_us`` whose cache file is missing; each cache file
+    is the one :func:`simulate_mnist_dvs_set` with that ``dt_us`` reads (same key).
     """
     import events
 
     if target not in ("source", "prototype"):
         raise DatasetError(f"unknown target {target!r} (source or prototype)")
+    dts = list(dict.fromkeys(int(d) for d in dts_us))
+    if not dts or any(d <= 0 for d in dts):
+        raise DatasetError(f"bin widths must be positive, got {list(dts_us)}")
     sim = simulate or events.simulate_mnist_dvs
-    spec = mnist_dvs_spec(dt_us)
     kw = dict(simulate_kwargs or {})
     digest = hashlib.sha256(np.ascontiguousarray(images).tobytes()).hexdigest()[:12]
-    meta = {
-        "kind": "simulated-mnist-dvs", "images_sha": digest, "n": int(len(images)), "seed": int(seed),
-        "dt_us": int(dt_us), "duration_us": int(duration_us), "roi": list(spec.roi),
-        "polarity": spec.polarity, "mode": spec.mode, "simulate_kwargs": kw, "tag": tag,
-        "simulator": _simulator_fingerprint(sim),
-    }
-    cache = Path(cache_dir or default_cache_dir()) / f"sim-mnist-dvs-{cache_key(meta)}.npz"
-    if cache.is_file():
-        fs = FrameSet.load(cache)
-    else:
-        n_bins = int(duration_us // dt_us)
-        job = _SimJob(sim, spec, duration_us, seed, kw)
-        packed = np.zeros((len(images), n_bins, (spec.shape[0] * spec.shape[1] * spec.shape[2] + 7) // 8),
-                          dtype=np.uint8)
+    specs, metas, caches = {}, {}, {}
+    out: dict[int, FrameSet] = {}
+    for dt in dts:
+        spec = specs[dt] = mnist_dvs_spec(dt)
+        metas[dt] = {
+            "kind": "simulated-mnist-dvs", "images_sha": digest, "n": int(len(images)), "seed": int(seed),
+            "dt_us": int(dt), "duration_us": int(duration_us), "roi": list(spec.roi),
+            "polarity": spec.polarity, "mode": spec.mode, "simulate_kwargs": kw, "tag": tag,
+            "simulator": _simulator_fingerprint(sim),
+        }
+        caches[dt] = Path(cache_dir or default_cache_dir()) / f"sim-mnist-dvs-{cache_key(metas[dt])}.npz"
+        if caches[dt].is_file():
+            out[dt] = FrameSet.load(caches[dt])
+    missing = [dt for dt in dts if dt not in out]
+    if missing:
+        job = _SimJob(sim, [specs[dt] for dt in missing], duration_us, seed, kw)
+        packed = [np.zeros((len(images), int(duration_us // dt), _packed_width(specs[dt])), dtype=np.uint8)
+                  for dt in missing]
+        desc = f"simulating MNIST-DVS {tag or ''} (dt " + ", ".join(f"{d / 1000:g}" for d in missing) + " ms)"
         if workers > 1:
             import multiprocessing as mp
 
             with mp.get_context("fork").Pool(workers) as pool:
                 it = pool.imap(job, ((i, images[i]) for i in range(len(images))), chunksize=16)
-                for i, row in enumerate(_progress(it, len(images), "simulating MNIST-DVS", progress)):
-                    packed[i] = row
+                for i, rows in enumerate(_progress(it, len(images), desc, progress)):
+                    for k, row in enumerate(rows):
+                        packed[k][i] = row
         else:
-            for i in _progress(range(len(images)), len(images), "simulating MNIST-DVS", progress):
-                packed[i] = job((i, images[i]))
-        fs = FrameSet(packed, tuple(spec.shape), np.ascontiguousarray(images), labels.astype(np.int64), meta)
-        fs.save(cache)
-    if target == "prototype":
-        protos = prototype_images(images, labels)
-        fs = FrameSet(fs.packed, fs.frame_shape, protos[fs.labels], fs.labels, {**fs.meta, "target": target},
-                      fs.crop_T)
-    else:
-        fs.meta = {**fs.meta, "target": target}
-    return fs
+            for i in _progress(range(len(images)), len(images), desc, progress):
+                for k, row in enumerate(job((i, images[i]))):
+                    packed[k][i] = row
+        for k, dt in enumerate(missing):
+            fs = FrameSet(packed[k], tuple(specs[dt].shape), np.ascontiguousarray(images), labels.astype(np.int64),
+                          metas[dt])
+            fs.save(caches[dt])
+            out[dt] = fs
+    for dt, fs in out.items():
+        if target == "prototype":
+            protos = prototype_images(images, labels)
+            out[dt] = FrameSet(fs.packed, fs.frame_shape, protos[fs.labels], fs.labels,
+                               {**fs.meta, "target": target}, fs.crop_T)
+        else:
+            fs.meta = {**fs.meta, "target": target}
+    return out
+
+
+def _packed_width(spec: object) -> int:
+    c, h, w = spec.shape
+    return (c * h * w + 7) // 8
 
 
 def _simulator_fingerprint(sim: Callable) -> str:
@@ -515,16 +550,16 @@ def _simulator_fingerprint(sim: Callable) -> str:
 
 
 class _SimJob:
-    """Simulate and bin digit ``i`` (a picklable callable for multiprocessing)."""
+    """Simulate digit ``i`` once and bin it with each of ``specs`` (a picklable callable for multiprocessing)."""
 
-    def __init__(self, sim: Callable, spec: object, duration_us: int, seed: int, kw: dict) -> None:
-        self.sim, self.spec, self.duration_us, self.seed, self.kw = sim, spec, duration_us, seed, kw
+    def __init__(self, sim: Callable, specs: list, duration_us: int, seed: int, kw: dict) -> None:
+        self.sim, self.specs, self.duration_us, self.seed, self.kw = sim, specs, duration_us, seed, kw
 
-    def __call__(self, item: tuple[int, np.ndarray]) -> np.ndarray:
+    def __call__(self, item: tuple[int, np.ndarray]) -> list[np.ndarray]:
         i, img = item
         ev = self.sim(img, seed=self.seed + i, **{"duration_s": self.duration_us / 1e6, **self.kw})
         ev_arr = ev.events if hasattr(ev, "events") else ev
-        return pack_frames(bin_recording(ev_arr, self.spec, self.duration_us, t0=0))
+        return [pack_frames(bin_recording(ev_arr, spec, self.duration_us, t0=0)) for spec in self.specs]
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> Iterator[torch.Tensor]:

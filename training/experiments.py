@@ -297,3 +297,312 @@ def time_vs_rate(cells_jsonl: Path, out: Path) -> list[dict]:
     fig.savefig(out / "time_vs_rate.png", dpi=110)
     plt.close(fig)
     return rows
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST-DVS: the bin width dt (issue #4, section 4)
+# --------------------------------------------------------------------------------------------
+
+DVS_DEFAULT = REPO / "configs" / "mnist-dvs-default.toml"
+REAL_MNIST_DVS = (REPO / ".." / "shared" / "data" / "events" / "aedat2").resolve()
+
+
+def dvs_dt_overrides(dt_ms: float, window_ms: float = 600.0, base: dict | None = None) -> list[str]:
+    """Config overrides that rebin the default MNIST-DVS config at ``dt_ms`` with its time spans kept.
+
+    The training window stays ``window_ms`` long (``data.crop_T = window_ms / dt``) and the
+    decoder keeps seeing the same span as the default's ``tau_d`` frames at its dt
+    (30 x 10 ms = 300 ms: 30, 12 and 6 frames at 10, 25 and 50 ms).
+    """
+    from .config import load_config
+
+    base = base or load_config(DVS_DEFAULT)
+    dt_us = round(dt_ms * 1000)
+    if dt_us <= 0:
+        raise ValueError(f"dt must be positive, got {dt_ms} ms")
+    base_dt = int(base["data"]["dt_us"])
+    span_us = int(base["model"]["tau_d"]) * base_dt
+    crop = round(window_ms * 1000 / dt_us)
+    tau_d = max(1, round(span_us / dt_us))
+    if crop < tau_d:
+        raise ValueError(f"window {window_ms} ms is shorter than the decoder span {span_us / 1000:g} ms")
+    if crop * dt_us > int(base["data"]["duration_us"]):
+        raise ValueError(f"window {window_ms} ms is longer than the recordings ({base['data']['duration_us'] / 1000:g} ms)")
+    return [f"data.dt_us={dt_us}", f"data.crop_T={crop}", f"model.tau_d={tau_d}"]
+
+
+def dvs_dt_cell_name(dt_ms: float) -> str:
+    return f"dt{dt_ms:g}ms"
+
+
+def dvs_dt_config(root: Path, dt_ms: float, train_digits: int, test_digits: int, examples: int, window_ms: float,
+                  extra: list[str], workers: int) -> dict:
+    """The resolved config of one dt cell (the default MNIST-DVS config, rebinned, saved in its run dir)."""
+    from .config import load_config
+
+    run_dir = root / dvs_dt_cell_name(dt_ms)
+    over = [f'run.dir="{run_dir}"', 'run.save=""', 'run.save_dtype="float32"',
+            f'run.title="mnist-dvs at dt = {dt_ms:g} ms"', f"train.examples={examples}",
+            f"data.train_limit={train_digits}", f"data.test_limit={test_digits}", f"eval.limit={test_digits}",
+            f"eval.final_limit={test_digits}", f"data.workers={workers}",
+            f"train.eval_every={max(examples // 5, 1)}", f"train.checkpoint_every={max(examples // 10, 1)}",
+            *dvs_dt_overrides(dt_ms, window_ms), *extra]
+    cfg = load_config(DVS_DEFAULT, over)
+    cfg["run"]["command"] = f"vdib dvs-dt (cell {dvs_dt_cell_name(dt_ms)})"
+    return cfg
+
+
+def presimulate(cfgs: list[dict], progress: bool = True) -> dict:
+    """Simulate the training and test digits of ``cfgs`` once and bin them at every dt (fills the caches
+    the trainer reads); returns the simulation's wall time."""
+    import time
+
+    from . import data as D
+
+    d0 = cfgs[0]["data"]
+    dts = [int(c["data"]["dt_us"]) for c in cfgs]
+    for c in cfgs:
+        d = c["data"]
+        for k in ("train_limit", "test_limit", "duration_us", "simulate", "cache_dir", "mnist_dir", "dir"):
+            if d[k] != d0[k]:
+                raise ValueError(f"dt cells differ in data.{k}: cannot share one simulation")
+    mdir = d0["mnist_dir"] or d0["dir"] or None
+    kw = dict(duration_us=d0["duration_us"], cache_dir=d0["cache_dir"] or None, progress=progress,
+              simulate_kwargs=d0["simulate"], workers=int(d0["workers"]))
+    times = {}
+    for split, seed, lim in (("train", 0, d0["train_limit"]), ("test", 10_000_000, d0["test_limit"])):
+        t0 = time.perf_counter()
+        imgs, labs = D.load_mnist_split(mdir, split, lim or None)
+        D.simulate_mnist_dvs_sets(imgs, labs, dts, seed=seed, tag=split, **kw)
+        times[split] = {"digits": int(len(imgs)), "seconds": round(time.perf_counter() - t0, 1)}
+    return times
+
+
+def train_dvs_dt_cell(cfg: dict, progress: bool = False) -> dict:
+    """Train one dt cell: reuse its finished model when it was trained for the same number of examples,
+    else resume from its last checkpoint (or start). Runs in a worker process under ``--jobs``."""
+    import os
+
+    from .state import latest_checkpoint
+    from .trainer import train
+
+    run_dir = Path(cfg["run"]["dir"])
+    final = run_dir / "final" / "config.json"
+    if final.is_file():
+        meta = json.loads(final.read_text())
+        if meta.get("training", {}).get("train", {}).get("examples") == cfg["train"]["examples"]:
+            return {"cell": run_dir.name, "reused": True, "pid": os.getpid()}
+    s = train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress)
+    return {"cell": run_dir.name, "reused": False, "examples": s["examples"], "train_seconds": s["train_seconds"],
+            "stopped_early": s["stopped_early"], "device": s["device"], "pid": os.getpid()}
+
+
+def _last_train_record(run_dir: Path) -> dict | None:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    last = None
+    for ln in path.read_text().splitlines():
+        if '"kind": "train"' in ln or '"kind":"train"' in ln:
+            last = ln
+    try:
+        return json.loads(last) if last else None
+    except json.JSONDecodeError:
+        return None
+
+
+def run_dvs_dt_cells(cfgs: list[dict], jobs: int = 1, poll_s: float = 30.0, progress: bool = False,
+                     log=print) -> list[dict]:
+    """Train the dt cells, ``jobs`` at a time in separate (spawned) processes, printing a status line per
+    running cell every ``poll_s`` seconds."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import time
+
+    results = []
+    if jobs <= 1:
+        for cfg in cfgs:
+            log(f"[dvs-dt] training {Path(cfg['run']['dir']).name} ({cfg['train']['examples']} examples)")
+            r = train_dvs_dt_cell(cfg, progress)
+            log(f"[dvs-dt] done {json.dumps(r)}")
+            results.append(r)
+        return results
+    t0 = time.perf_counter()
+    with cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futs = {pool.submit(train_dvs_dt_cell, cfg, False): cfg for cfg in cfgs}
+        log(f"[dvs-dt] training {len(cfgs)} cells, {jobs} at a time")
+        pending = set(futs)
+        while pending:
+            done, pending = cf.wait(pending, timeout=poll_s, return_when=cf.FIRST_COMPLETED)
+            for f in done:
+                r = f.result()  # a failed cell raises here
+                log(f"[dvs-dt] done {json.dumps(r)}")
+                results.append(r)
+            for f in pending:
+                rec = _last_train_record(Path(futs[f]["run"]["dir"]))
+                if rec:
+                    log(f"[dvs-dt] {time.perf_counter() - t0:6.0f} s  {Path(futs[f]['run']['dir']).name}: "
+                        f"{rec['examples']}/{futs[f]['train']['examples']} examples, {rec['seconds']:.0f} s, "
+                        f"decoder loss {rec.get('decoder_loss', float('nan')):.1f}")
+    order = {Path(c["run"]["dir"]).name: i for i, c in enumerate(cfgs)}
+    return sorted(results, key=lambda r: order[r["cell"]])
+
+
+def evaluate_dvs_dt_cell(cfg: dict, real_dir: Path | None, judge, keep: int = 8, device: str = "cpu") -> dict:
+    """Judge accuracy, SSIM and MSE against the exact source digit on the simulated test digits, and the
+    judge's class of each real recording in ``real_dir`` decoded as the service would."""
+    import torch
+
+    from model import load_checkpoint
+
+    from . import data as D
+    from .evaluate import decode_recording, evaluate_model, judge_label
+
+    run_dir = Path(cfg["run"]["dir"])
+    nat, meta = load_checkpoint(run_dir / "final", device=device)
+    d = cfg["data"]
+    imgs, labs = D.load_mnist_split(d["mnist_dir"] or d["dir"] or None, "test", d["test_limit"] or None)
+    test = D.simulate_mnist_dvs_set(imgs, labs, "source", int(d["dt_us"]), int(d["duration_us"]), seed=10_000_000,
+                                    cache_dir=d["cache_dir"] or None, progress=False, simulate_kwargs=d["simulate"],
+                                    tag="test")
+    res = evaluate_model(nat, test, judge, None, int(cfg["eval"]["batch_size"]), int(cfg["run"]["seed"]), device,
+                         keep=keep)
+    samples = res.pop("samples")
+    m = meta.get("metrics", {})
+    row = {"dt_ms": int(d["dt_us"]) / 1000, "dt_us": int(d["dt_us"]), "crop_T": int(d["crop_T"]),
+           "tau_d": int(cfg["model"]["tau_d"]), "T": int(d["duration_us"]) // int(d["dt_us"]),
+           "examples": m.get("examples"), "train_seconds": m.get("train_seconds"),
+           "stopped_early": m.get("stopped_early"), "device": m.get("device"),
+           "train_digits": meta.get("provenance", {}).get("data", {}).get("train_items"),
+           **{k: res[k] for k in ("n", "judge_accuracy", "ssim", "mse", "spike_rate", "judge_accuracy_per_class")
+              if k in res}}
+    real = []
+    if real_dir is not None and real_dir.is_dir():
+        nat_cpu = nat.to("cpu")
+        for path, digit, _ in D.scan_mnist_dvs(real_dir):
+            final, snaps = decode_recording(nat_cpu, path, seed=0, every=max(1, round(200_000 / int(d["dt_us"]))))
+            entry = {"file": path.name, "digit": digit}
+            if judge is not None:
+                entry["decoded_class"] = judge_label(final[None], judge)[0]
+                lab = judge_label(snaps, judge) if len(snaps) else []
+                entry["snapshots_correct"] = f"{sum(v == digit for v in lab)}/{len(lab)}"
+            real.append(entry)
+            samples.setdefault("real", []).append(final)
+    row["real"] = real
+    return {"row": row, "samples": {k: (torch.stack(v) if isinstance(v, list) else v) for k, v in samples.items()}}
+
+
+def write_dvs_dt(rows: list[dict], samples: list[dict], out: Path, info: dict) -> None:
+    """``out/dvs-dt.{json,md,png}``: the table, and a plot of judge accuracy / SSIM versus dt with a row
+    of sample reconstructions per dt (targets on top; the real recordings' decodings at the right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dvs-dt.json").write_text(json.dumps({**info, "rows": rows}, indent=2) + "\n")
+    md = ["MNIST-DVS at bin widths dt: the default MNIST-DVS configuration (`configs/mnist-dvs-default.toml`, "
+          "exact-source targets, `vdib-bptt`) trained on simulated MNIST-DVS, scored against the exact source digit "
+          "of the simulated test digits; real recordings decoded as the service would (judge's class).", "",
+          f"Training window {info['window_ms']:g} ms; decoder span {info['decoder_span_ms']:g} ms; "
+          f"{info['train_digits']} training / {info['test_digits']} test digits; command: `{info['command']}`.", "",
+          "| dt (ms) | bins (2 s) | crop_T | tau_d | judge accuracy | SSIM | MSE | readout rate | examples | "
+          "train s | real recordings: decoded class |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        acc = f"{100 * r['judge_accuracy']:.2f} %" if r.get("judge_accuracy") is not None else "- (no judge)"
+        real = ", ".join(f"{e['file']} ({e['digit']}) -> {e.get('decoded_class', '?')} "
+                         f"[{e.get('snapshots_correct', '?')} snapshots]" for e in r["real"]) or "-"
+        md.append(f"| {r['dt_ms']:g} | {r['T']} | {r['crop_T']} | {r['tau_d']} | {acc} | {r['ssim']:.3f} | "
+                  f"{r['mse']:.4f} | {r['spike_rate']:.3f} | {r['examples']} | {r['train_seconds']:.0f} | {real} |")
+    md += ["", "![judge accuracy and SSIM versus dt; sample reconstructions per dt](dvs-dt.png)"]
+    if info.get("real_note"):
+        md += ["", info["real_note"]]
+    (out / "dvs-dt.md").write_text("\n".join(md) + "\n")
+
+    k = max((len(s["recon"]) + len(s.get("real", [])) for s in samples), default=0)
+    fig = plt.figure(figsize=(max(8.0, 1.0 * k + 1), 3.2 + 1.1 * (len(rows) + 1)))
+    gs = fig.add_gridspec(len(rows) + 2, max(k, 2), height_ratios=[3.2] + [1.0] * (len(rows) + 1))
+    ax = fig.add_subplot(gs[0, :])
+    xs = [r["dt_ms"] for r in rows]
+    if all(r.get("judge_accuracy") is not None for r in rows):
+        ax.plot(xs, [100 * r["judge_accuracy"] for r in rows], "o-", label="judge accuracy (%)")
+    ax.set_xlabel("bin width dt (ms)")
+    ax.set_ylabel("judge accuracy (%)")
+    ax.set_xticks(xs)
+    ax.grid(alpha=0.3)
+    ax2 = ax.twinx()
+    ax2.plot(xs, [r["ssim"] for r in rows], "s--", color="C1", label="SSIM")
+    ax2.set_ylabel("SSIM vs source digit")
+    ax.set_title("simulated MNIST-DVS test digits, exact source targets", fontsize=9)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="lower left")
+    show = [("target", samples[0]["target"] if samples else None, "source")] + [
+        (f"{r['dt_ms']:g} ms", s, None) for r, s in zip(rows, samples, strict=True)]
+    for i, (label, item, _) in enumerate(show):
+        if item is None:
+            continue
+        imgs = list(item) if i == 0 else list(item["recon"]) + list(item.get("real", []))
+        for j, im in enumerate(imgs[:k]):
+            a = fig.add_subplot(gs[i + 1, j])
+            a.imshow(im.detach().cpu().numpy().reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+            a.set_xticks([])
+            a.set_yticks([])
+            if j == 0:
+                a.set_ylabel(label, fontsize=8)
+            if i > 0 and j >= len(item["recon"]):
+                a.set_title("real", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "dvs-dt.png", dpi=100)
+    plt.close(fig)
+
+
+def dvs_dt_study(dts_ms: list[float], root: Path, out: Path, train_digits: int = 5000, test_digits: int = 1000,
+                 examples: int = 150_000, window_ms: float = 600.0, extra: list[str] | None = None,
+                 workers: int = 1, jobs: int = 1, real_dir: Path | None = REAL_MNIST_DVS, progress: bool = True,
+                 command: str = "vdib dvs-dt", log=print) -> dict:
+    """``vdib dvs-dt``: simulate once, train one default MNIST-DVS model per dt, evaluate, write results."""
+    import time
+
+    import torch
+
+    from . import data as D
+    from .judge import default_judge_dir, load_judge
+
+    cfgs = [dvs_dt_config(root, dt, train_digits, test_digits, examples, window_ms, list(extra or []), workers)
+            for dt in dts_ms]
+    t0 = time.perf_counter()
+    log(f"[dvs-dt] simulating {train_digits} training + {test_digits} test digits once, binned at "
+        + ", ".join(f"{dt:g}" for dt in dts_ms) + f" ms, {workers} worker process(es)")
+    sim_times = presimulate(cfgs, progress)
+    log(f"[dvs-dt] simulation done: {json.dumps(sim_times)}")
+    train_results = run_dvs_dt_cells(cfgs, jobs, progress=progress, log=log)
+    jdir = default_judge_dir()
+    judge = load_judge(jdir) if (jdir / "config.json").is_file() else None
+    if judge is None:
+        log(f"[dvs-dt] no judge at {jdir}: judge accuracy left out (vdib train-judge)")
+    real_note = ""
+    if real_dir is None or not real_dir.is_dir() or not D.scan_mnist_dvs(real_dir):
+        real_note = f"No real MNIST-DVS recordings at {real_dir}: the real-data sanity check was skipped."
+        log(f"[dvs-dt] {real_note}")
+        real_dir = None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows, samples = [], []
+    for cfg in cfgs:
+        ev = evaluate_dvs_dt_cell(cfg, real_dir, judge, device=device)
+        rows.append(ev["row"])
+        samples.append(ev["samples"])
+        r = ev["row"]
+        log(f"[dvs-dt] {dvs_dt_cell_name(r['dt_ms'])}: " + json.dumps(
+            {k: r[k] for k in ("judge_accuracy", "ssim", "mse", "spike_rate", "examples", "train_seconds") if k in r}
+            | {"real": [(e["file"], e.get("decoded_class")) for e in r["real"]]}))
+    base_span = int(cfgs[0]["model"]["tau_d"]) * int(cfgs[0]["data"]["dt_us"]) / 1000
+    info = {"command": command, "window_ms": window_ms, "decoder_span_ms": base_span, "train_digits": train_digits,
+            "test_digits": test_digits, "examples": examples, "simulation": sim_times, "training": train_results,
+            "total_seconds": round(time.perf_counter() - t0, 1), "real_dir": str(real_dir) if real_dir else None,
+            "real_note": real_note}
+    write_dvs_dt(rows, samples, out, info)
+    log(f"[dvs-dt] wrote {out / 'dvs-dt.md'}, {out / 'dvs-dt.json'}, {out / 'dvs-dt.png'}")
+    return {**info, "rows": rows}
