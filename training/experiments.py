@@ -379,8 +379,9 @@ def presimulate(cfgs: list[dict], progress: bool = True) -> dict:
 
 
 def train_dvs_dt_cell(cfg: dict, progress: bool = False) -> dict:
-    """Train one dt cell: reuse its finished model when it was trained for the same number of examples,
-    else resume from its last checkpoint (or start). Runs in a worker process under ``--jobs``."""
+    """Train one dt cell: reuse its finished model when it was trained with this very config, else resume
+    from its last checkpoint (or start): raising ``--examples`` or ``train.max_seconds`` continues a
+    finished cell. Runs in a worker process under ``--jobs``."""
     import os
 
     from .state import latest_checkpoint
@@ -390,11 +391,23 @@ def train_dvs_dt_cell(cfg: dict, progress: bool = False) -> dict:
     final = run_dir / "final" / "config.json"
     if final.is_file():
         meta = json.loads(final.read_text())
-        if meta.get("training", {}).get("train", {}).get("examples") == cfg["train"]["examples"]:
+        if _same_training(meta.get("training", {}), cfg):
             return {"cell": run_dir.name, "reused": True, "pid": os.getpid()}
     s = train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress)
     return {"cell": run_dir.name, "reused": False, "examples": s["examples"], "train_seconds": s["train_seconds"],
             "stopped_early": s["stopped_early"], "device": s["device"], "pid": os.getpid()}
+
+
+def _same_training(saved: dict, cfg: dict) -> bool:
+    """Whether a saved training config equals ``cfg`` up to settings that do not change the model
+    (simulation worker processes, torch threads)."""
+    def norm(c: dict) -> dict:
+        c = json.loads(json.dumps(c))
+        for sec, key in (("data", "workers"), ("run", "threads"), ("run", "command")):
+            c.get(sec, {}).pop(key, None)
+        return c
+
+    return norm(saved) == norm(cfg)
 
 
 def _last_train_record(run_dir: Path) -> dict | None:
