@@ -10,8 +10,16 @@
       "code_version": "git describe or package version",
       "created_utc": "...",
       "tensors": {"name": {"shape": [...], "dtype": "float32"}, ...},
-      "weights_sha256": "hex digest of weights.safetensors"
+      "weights_sha256": "hex digest of weights.safetensors",
+      "quantization": {"name": {"scheme": "int4", "group": 64} | {"scheme": "int8"}, ...}  # optional
     }
+
+Optional weight-only quantization (``save_checkpoint(..., quantize="int4")``) keeps large
+checkpoints small: a tensor listed under ``quantization`` is stored as integer codes plus float16
+scales and dequantized to its manifest dtype at load time (``int4``: two 4-bit codes per byte,
+``w = (code - 8) * scale``, one scale per group of ``group`` consecutive values of a row;
+``int8``: ``w = code * scale``, one scale per slice along the first dimension). The manifest keeps
+the logical name, shape and dtype, so everything downstream sees an ordinary float model.
 
 :func:`load_checkpoint` rebuilds the model from ``model``, then checks the weight file's digest,
 the tensor names, shapes and dtypes against both the JSON manifest and the freshly built model.
@@ -34,7 +42,8 @@ import torch
 from .decoders import DECODERS
 from .naturalizer import Naturalizer, NaturalizerConfig
 
-__all__ = ["CheckpointError", "FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "code_version"]
+__all__ = ["CheckpointError", "FORMAT_VERSION", "QUANTIZE_SCHEMES", "save_checkpoint", "load_checkpoint", "code_version",
+           "quantize_int4", "dequantize_int4", "quantize_int8", "dequantize_int8"]
 
 FORMAT_VERSION = 1
 KIND = "vdib-naturalizer"
@@ -42,6 +51,10 @@ WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 _MAX_CONFIG_BYTES = 16 << 20
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+QUANTIZE_SCHEMES = ("int4", "int8")
+_INT4_GROUP = 64
+_INT4_MIN_NUMEL = 1_000_000  # "int4": 2-D weights at least this large (the decoders' big layers) ...
+_INT8_MIN_NUMEL = 65_536  # ... and every other float tensor of >= 2 dims this large goes to int8
 
 
 class CheckpointError(ValueError):
@@ -91,25 +104,91 @@ def _jsonable(obj: Any, what: str) -> Any:
         raise CheckpointError(f"{what} is not JSON-serialisable: {exc}") from exc
 
 
+def quantize_int4(w: torch.Tensor, group: int = _INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 4-bit codes of a 2-D tensor, one float16 scale per ``group`` values of a row.
+
+    Returns ``(packed uint8 [rows, cols // 2], scales float16 [rows, cols // group])``; codes are
+    ``round(w / scale) + 8`` in 1..15 with ``scale = max|w| / 7`` over the group (even columns in
+    the low nibble). Re-quantizing :func:`dequantize_int4`'s output gives the same codes and scales.
+    """
+    if w.ndim != 2 or w.shape[1] % group or group % 2:
+        raise ValueError(f"int4 needs a 2-D tensor whose row length is a multiple of an even group, got {tuple(w.shape)}")
+    g = w.detach().float().reshape(w.shape[0], -1, group)
+    scale = (g.abs().amax(-1, keepdim=True) / 7).half().float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (torch.round(g / safe).clamp(-7, 7) + 8).to(torch.uint8).reshape(w.shape[0], -1)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous(), scale.squeeze(-1).half().contiguous()
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_int4` (float32)."""
+    rows, half = packed.shape
+    q = torch.empty((rows, 2 * half), dtype=torch.float32)
+    q[:, 0::2] = (packed & 0x0F).float()
+    q[:, 1::2] = (packed >> 4).float()
+    group = 2 * half // scale.shape[1]
+    return ((q - 8).reshape(rows, -1, group) * scale.float().unsqueeze(-1)).reshape(rows, 2 * half)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit codes (int8, same shape), one float16 scale per slice along dim 0."""
+    flat = w.detach().float().reshape(w.shape[0], -1)
+    scale = (flat.abs().amax(-1) / 127).half().float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(flat / safe[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(w.shape).contiguous(), scale.half().contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`quantize_int8` (float32)."""
+    return (q.float().reshape(q.shape[0], -1) * scale.float()[:, None]).reshape(q.shape)
+
+
+def _quantization_plan(tensors: dict[str, torch.Tensor], scheme: str) -> dict[str, dict[str, Any]]:
+    plan: dict[str, dict[str, Any]] = {}
+    for name, t in tensors.items():
+        if not t.is_floating_point() or t.ndim < 2:
+            continue
+        if (scheme == "int4" and t.ndim == 2 and t.numel() >= _INT4_MIN_NUMEL
+                and t.shape[1] % _INT4_GROUP == 0):
+            plan[name] = {"scheme": "int4", "group": _INT4_GROUP}
+        elif t.numel() >= _INT8_MIN_NUMEL:
+            plan[name] = {"scheme": "int8"}
+    return plan
+
+
 def save_checkpoint(
     directory: str | os.PathLike[str],
     naturalizer: Naturalizer,
     training_config: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    quantize: str | None = None,
 ) -> Path:
     """Write ``directory/weights.safetensors`` and ``directory/config.json`` (atomically each).
 
     Returns the directory path. The extra dicts must be JSON-serialisable (non-JSON leaves are
-    stored as strings).
+    stored as strings). ``quantize="int4"`` stores 2-D weights of >= 1M values with 4-bit codes
+    (groups of 64) and other weights of >= 64k values with 8-bit codes; ``"int8"`` stores every
+    weight of >= 64k values with 8-bit codes. Metrics measured before quantizing must be
+    re-measured on the saved model.
     """
     from safetensors.torch import save_file
 
+    if quantize is not None and quantize not in QUANTIZE_SCHEMES:
+        raise ValueError(f"quantize must be None or one of {QUANTIZE_SCHEMES}, got {quantize!r}")
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in naturalizer.state_dict().items()}
+    plan = _quantization_plan(tensors, quantize) if quantize else {}
+    stored = {k: v for k, v in tensors.items() if k not in plan}
+    for name, how in plan.items():
+        if how["scheme"] == "int4":
+            stored[name + ".q4"], stored[name + ".q4scale"] = quantize_int4(tensors[name], how["group"])
+        else:
+            stored[name + ".q8"], stored[name + ".q8scale"] = quantize_int8(tensors[name])
     tmp_w = out / (WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp_w), metadata={"format_version": str(FORMAT_VERSION), "kind": KIND})
+    save_file(stored, str(tmp_w), metadata={"format_version": str(FORMAT_VERSION), "kind": KIND})
     os.replace(tmp_w, out / WEIGHTS)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -123,6 +202,8 @@ def save_checkpoint(
         "tensors": {k: {"shape": list(v.shape), "dtype": _dtype_name(v.dtype)} for k, v in tensors.items()},
         "weights_sha256": _sha256(out / WEIGHTS),
     }
+    if plan:
+        meta["quantization"] = plan
     tmp_c = out / (CONFIG + ".tmp")
     tmp_c.write_text(json.dumps(meta, indent=2, sort_keys=False) + "\n")
     os.replace(tmp_c, out / CONFIG)
@@ -154,6 +235,48 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
         if not isinstance(meta.get(key), dict):
             raise CheckpointError(f"{cfg_path}: missing or invalid {key!r} object")
     return meta
+
+
+def _dequantize_all(tensors: dict[str, torch.Tensor], meta: dict[str, Any], manifest: dict[str, Any],
+                    w_path: Path) -> dict[str, torch.Tensor]:
+    """Replace the stored codes + scales of every tensor under ``meta["quantization"]`` by floats."""
+    plan = meta.get("quantization", {})
+    if not isinstance(plan, dict):
+        raise CheckpointError(f"{w_path.parent / CONFIG}: 'quantization' must be an object")
+    out = dict(tensors)
+    for name, how in plan.items():
+        spec = manifest.get(name)
+        if not isinstance(spec, dict) or not isinstance(how, dict):
+            raise CheckpointError(f"{w_path.parent / CONFIG}: quantized tensor {name!r} not in the manifest")
+        shape = [int(v) for v in spec.get("shape", [])] if isinstance(spec.get("shape"), list) else []
+        dtype = _DTYPES.get(str(spec.get("dtype")))
+        if dtype is None or not shape:
+            raise CheckpointError(f"{w_path.parent / CONFIG}: quantized tensor {name!r} needs a float dtype and a shape")
+        scheme = how.get("scheme")
+        if scheme == "int4":
+            group = how.get("group")
+            codes, scale = out.pop(name + ".q4", None), out.pop(name + ".q4scale", None)
+            if codes is None or scale is None:
+                raise CheckpointError(f"{w_path}: int4 tensor {name!r}: codes or scales missing")
+            ok = (isinstance(group, int) and group > 0 and group % 2 == 0 and len(shape) == 2
+                  and shape[1] % group == 0 and codes.dtype == torch.uint8 and scale.dtype == torch.float16
+                  and tuple(codes.shape) == (shape[0], shape[1] // 2)
+                  and tuple(scale.shape) == (shape[0], shape[1] // group))
+            if not ok:
+                raise CheckpointError(f"{w_path}: int4 tensor {name!r} is inconsistent with its shape {shape}")
+            value = dequantize_int4(codes, scale)
+        elif scheme == "int8":
+            codes, scale = out.pop(name + ".q8", None), out.pop(name + ".q8scale", None)
+            if codes is None or scale is None:
+                raise CheckpointError(f"{w_path}: int8 tensor {name!r}: codes or scales missing")
+            if not (codes.dtype == torch.int8 and scale.dtype == torch.float16 and list(codes.shape) == shape
+                    and tuple(scale.shape) == (shape[0],)):
+                raise CheckpointError(f"{w_path}: int8 tensor {name!r} is inconsistent with its shape {shape}")
+            value = dequantize_int8(codes, scale)
+        else:
+            raise CheckpointError(f"{w_path.parent / CONFIG}: tensor {name!r}: unknown quantization scheme {scheme!r}")
+        out[name] = value.to(dtype)
+    return out
 
 
 def load_checkpoint(
@@ -197,6 +320,7 @@ def load_checkpoint(
         tensors = load_file(str(w_path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{w_path}: not a readable safetensors file: {exc}") from exc
+    tensors = _dequantize_all(tensors, meta, manifest, w_path)
 
     # shapes first on the meta device: a hostile config must not make us allocate its model
     try:

@@ -164,3 +164,114 @@ def test_huge_model_config_is_refused_without_allocating(ckpt):
     _edit_json(d, lambda m: m["model"]["encoder"].update(hidden=[50_000_000]))
     with pytest.raises(CheckpointError, match="shape"):
         load_checkpoint(d)  # built on the meta device first: no 3.6 G-value allocation
+
+
+# --- weight-only quantization -------------------------------------------------------------
+
+
+def test_int4_codes_bound_error_and_requantize_identically():
+    from model.checkpoint import dequantize_int4, quantize_int4
+
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.01, 3, 256)
+    w[3, :64] = 0.0  # an all-zero group keeps scale 0 and decodes to zeros
+    codes, scale = quantize_int4(w, 64)
+    assert codes.dtype == torch.uint8 and codes.shape == (48, 128)
+    assert scale.dtype == torch.float16 and scale.shape == (48, 4)
+    back = dequantize_int4(codes, scale)
+    err = (back - w).abs().reshape(48, 4, 64).amax(-1)
+    # half a step, plus the float16 rounding of the scale (relative 2^-11 of max|w| = 7 * scale)
+    assert torch.all(err <= scale.float() * (0.5 + 7 * 2.0**-10) + 1e-7)
+    assert torch.equal(back[3, :64], torch.zeros(64))
+    codes2, scale2 = quantize_int4(back, 64)
+    assert torch.equal(codes, codes2) and torch.equal(scale, scale2)
+    with pytest.raises(ValueError, match="multiple"):
+        quantize_int4(torch.zeros(4, 100), 64)
+
+
+def test_int8_roundtrip_error():
+    from model.checkpoint import dequantize_int8, quantize_int8
+
+    w = torch.randn(16, 30, 8, generator=torch.Generator().manual_seed(1))
+    codes, scale = quantize_int8(w)
+    assert codes.dtype == torch.int8 and codes.shape == w.shape and scale.shape == (16,)
+    back = dequantize_int8(codes, scale)
+    assert torch.all((back - w).abs().reshape(16, -1).amax(-1) <= scale.float() * 0.51 + 1e-7)
+
+
+@pytest.fixture()
+def qckpt(tmp_path):
+    # mlp decoder over 16 frames x 64 readouts: fc1 is [2048, 1024] (>= 1M values: int4),
+    # the readout weights [64, 160, 8] and fc2 [36, 2048] (>= 64k values) to int8, the rest stays float
+    nat = tiny_naturalizer(input_shape=(1, 6, 6), hidden=(160,), n_readout=64, tau_d=16, decoder="mlp")
+    d = save_checkpoint(tmp_path / "q", nat, quantize="int4")
+    return nat, d
+
+
+def test_quantized_checkpoint_is_small_and_loads_close(qckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    from model.checkpoint import dequantize_int4, quantize_int4
+
+    nat, d = qckpt
+    meta = read_meta(d)
+    plan = meta["quantization"]
+    assert plan["decoder.fc1.weight"] == {"scheme": "int4", "group": 64}
+    assert plan["encoder.readout_ff_weight"] == {"scheme": "int8"}
+    assert meta["tensors"]["decoder.fc1.weight"] == {"shape": [2048, 1024], "dtype": "float32"}
+    full = save_checkpoint(tmp_path / "full", nat)
+    assert (d / "weights.safetensors").stat().st_size < 0.2 * (full / "weights.safetensors").stat().st_size
+    stored = load_file(str(d / "weights.safetensors"))
+    assert "decoder.fc1.weight" not in stored and "decoder.fc1.weight.q4" in stored
+    loaded, _ = load_checkpoint(d)
+    ref = dequantize_int4(*quantize_int4(nat.state_dict()["decoder.fc1.weight"]))
+    assert torch.equal(loaded.state_dict()["decoder.fc1.weight"], ref)
+    for k, v in nat.state_dict().items():
+        if k not in plan:
+            assert torch.equal(loaded.state_dict()[k], v)
+    frames = random_spike_frames(20, (1, 6, 6), seed=5)
+    o1 = OnlineNaturalizer(nat, torch.Generator().manual_seed(2))
+    o2 = OnlineNaturalizer(loaded, torch.Generator().manual_seed(2))
+    for f in frames:
+        o1.push(f), o2.push(f)
+    assert (o1.decode() - o2.decode()).abs().max() < 0.1
+    # saving the loaded (dequantized) model again reproduces the same file contents
+    again = save_checkpoint(tmp_path / "again", loaded, quantize="int4")
+    s2 = load_file(str(again / "weights.safetensors"))
+    assert set(s2) == set(stored) and all(torch.equal(s2[k], stored[k]) for k in stored)
+
+
+def _rewrite_weights(d, fn):
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(d / "weights.safetensors"))
+    fn(t)
+    save_file(t, str(d / "weights.safetensors"))
+    _edit_json(d, lambda m: m.pop("weights_sha256"))
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda d: _rewrite_weights(d, lambda t: t.pop("decoder.fc1.weight.q4scale")), "missing"),
+        (lambda d: _rewrite_weights(d, lambda t: t.update({"decoder.fc1.weight.q4": t["decoder.fc1.weight.q4"].to(torch.int16)})), "inconsistent"),
+        (lambda d: _rewrite_weights(d, lambda t: t.update({"decoder.fc1.weight.q4scale": t["decoder.fc1.weight.q4scale"][:, :3].contiguous()})), "inconsistent"),
+        (lambda d: _rewrite_weights(d, lambda t: t.update({"encoder.readout_ff_weight.q8": t["encoder.readout_ff_weight.q8"][:10].contiguous()})), "inconsistent"),
+        (lambda d: _rewrite_weights(d, lambda t: t.update({"decoder.fc1.weight.q4scale": torch.full_like(t["decoder.fc1.weight.q4scale"], float("inf"))})), "NaN or infinite"),
+        (lambda d: _edit_json(d, lambda m: m["quantization"]["decoder.fc1.weight"].update(scheme="int3")), "unknown quantization"),
+        (lambda d: _edit_json(d, lambda m: m["quantization"]["decoder.fc1.weight"].update(group=7)), "inconsistent"),
+        (lambda d: _edit_json(d, lambda m: m["quantization"].update({"nope": {"scheme": "int8"}})), "not in the manifest"),
+        (lambda d: _edit_json(d, lambda m: m.update(quantization=[1])), "must be an object"),
+        (lambda d: _edit_json(d, lambda m: m["quantization"].pop("decoder.fc1.weight")), "tensor names differ"),
+    ],
+)
+def test_corrupt_quantized_checkpoint_raises(qckpt, corrupt, message):
+    _, d = qckpt
+    corrupt(d)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(d)
+
+
+def test_unknown_quantize_scheme_refused(tmp_path):
+    nat = tiny_naturalizer(input_shape=(1, 4, 4), hidden=(8,), n_readout=4, tau_d=2)
+    with pytest.raises(ValueError, match="quantize"):
+        save_checkpoint(tmp_path / "x", nat, quantize="fp8")
