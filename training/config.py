@@ -22,7 +22,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "threads": 0,  # torch intra-op threads (0 = leave torch's default)
         "keep_checkpoints": 2,
         "save": "",  # export the final model to this checkpoint directory ("" = run_dir/final)
-        "save_dtype": "float32",  # float16 halves the shipped checkpoint (metrics are re-measured)
+        "save_dtype": "float32",  # float16 / bfloat16 / int8 / int4 shrink the shipped checkpoint (metrics re-measured)
         "title": "",  # model card title
         "notes": "",  # model card introduction
         "command": "",  # how to reproduce (written into the model card)

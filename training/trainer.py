@@ -413,9 +413,20 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
 
 
 def cast_weights(nat: torch.nn.Module, dtype: str) -> torch.nn.Module:
-    """A copy of ``nat`` whose float parameters are rounded to ``dtype`` and back to float32."""
+    """A copy of ``nat`` whose float parameters are rounded to ``dtype`` and back to float32
+    (``int4`` / ``int8``: quantized as ``model.save_checkpoint(quantize=...)`` stores them)."""
     import copy
 
+    if dtype in ("int4", "int8"):
+        import tempfile
+
+        from model import load_checkpoint, save_checkpoint
+
+        device = next(nat.parameters()).device
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, copy.deepcopy(nat).to("cpu"), quantize=dtype)
+            loaded, _ = load_checkpoint(tmp, device=device)
+        return loaded
     dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     out = copy.deepcopy(nat)
     with torch.no_grad():
@@ -434,10 +445,14 @@ def export_checkpoint(save_dir: Path, nat: torch.nn.Module, cfg: dict, metrics: 
 
     from .modelcard import write_model_card
 
-    dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    stored = copy.deepcopy(nat).to("cpu").to(dt) if dt != torch.float32 else nat
-    save_checkpoint(save_dir, stored, training_config=cfg, metrics=metrics,
-                    provenance={**provenance, "weights_dtype": dtype})
+    if dtype in ("int4", "int8"):
+        save_checkpoint(save_dir, copy.deepcopy(nat).to("cpu"), training_config=cfg, metrics=metrics,
+                        provenance={**provenance, "weights_dtype": dtype}, quantize=dtype)
+    else:
+        dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+        stored = copy.deepcopy(nat).to("cpu").to(dt) if dt != torch.float32 else nat
+        save_checkpoint(save_dir, stored, training_config=cfg, metrics=metrics,
+                        provenance={**provenance, "weights_dtype": dtype})
     write_model_card(save_dir, cfg["run"].get("title") or None, cfg["run"].get("notes", ""))
     for f in Path(save_dir).iterdir():
         os.chmod(f, 0o644)
