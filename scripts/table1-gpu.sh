@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Table 1 on one GPU machine: every cell of the grid in its own process, all at once.
+#
+#   scripts/table1-gpu.sh throughput      # each cell type alone for 6,400 examples: GPU steps/s
+#   scripts/table1-gpu.sh launch          # start the grid in the background (setsid) and return
+#   scripts/table1-gpu.sh watch SECONDS   # print progress until every cell ends or SECONDS pass
+#   scripts/table1-gpu.sh collect DIR     # tables, plots and a tarball of the runs without weights
+#
+# Environment: ROOT (runs/table1-gpu), EXAMPLES (200000), SEEDS ("0 1 2"), PYTHON (python3),
+# VDIB_MNIST_DIR (the MNIST idx folder). The `vdib` rule with a 10x lower encoder learning rate
+# (`rule.lr=1e-4`, `rule.options.decoder_lr=1e-3`) runs beside the grid under ROOT-lr, seed 0.
+# Cells are resumable: running `launch` again continues unfinished cells from their checkpoints.
+set -u
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+ROOT=${ROOT:-runs/table1-gpu}
+EXAMPLES=${EXAMPLES:-200000}
+SEEDS=${SEEDS:-"0 1 2"}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+
+cell() {  # root seed rule enc dec [extra --set ...]
+  local root=$1 seed=$2 rule=$3 enc=$4 dec=$5; shift 5
+  local name="$enc-$dec-$rule-s$seed"
+  mkdir -p "$root/logs" "$root/out"
+  setsid nohup "$PY" -m vdib_cli table1 --examples "$EXAMPLES" --seeds "$seed" --rules "$rule" \
+    --encodings "$enc" --decodings "$dec" --root "$root" --out "$root/out/$name" \
+    --set train.checkpoint_every=50000 "$@" \
+    >"$root/logs/$name.log" 2>&1 </dev/null &
+}
+
+case "${1:-}" in
+throughput)
+  mkdir -p "$ROOT-throughput"
+  for rule in vdib vdib-bptt; do for dec in time rate; do
+    t0=$(date +%s%N)
+    "$PY" -m vdib_cli table1 --examples 6400 --seeds 0 --rules "$rule" --encodings rate --decodings "$dec" \
+      --root "$ROOT-throughput" --out "$ROOT-throughput/out" --set eval.final_limit=1000 --set train.eval_every=1000000 --set train.checkpoint_every=1000000 \
+      2>&1 | grep '^{' || true
+    echo "wall $(( ($(date +%s%N) - t0) / 1000000 )) ms for $rule/$dec (200 steps of 32 + a 1,000-digit eval)"
+  done; done ;;
+launch)
+  for seed in $SEEDS; do for rule in vdib vdib-bptt; do for enc in rate ttfs; do for dec in time rate; do
+    cell "$ROOT" "$seed" "$rule" "$enc" "$dec"
+  done; done; done; done
+  for enc in rate ttfs; do for dec in time rate; do
+    cell "$ROOT-lr" 0 vdib "$enc" "$dec" --set rule.lr=1e-4 --set rule.options.decoder_lr=1e-3
+  done; done
+  sleep 2; echo "launched $(pgrep -fc 'vdib_cli table1') cells" ;;
+watch)
+  end=$(( $(date +%s) + ${2:-540} ))
+  while :; do
+    n=$(pgrep -fc 'vdib_cli table1' || true)
+    line=""
+    for m in "$ROOT"/*/metrics.jsonl "$ROOT"-lr/*/metrics.jsonl; do
+      [ -f "$m" ] || continue
+      ex=$(tail -1 "$m" | sed -n 's/.*"examples": \([0-9]*\).*/\1/p')
+      line="$line $(basename "$(dirname "$m")")=$((${ex:-0} / 1000))k"
+    done
+    echo "$(date +%T) running=$n$line"
+    [ "$n" -eq 0 ] && break
+    [ "$(date +%s)" -ge "$end" ] && break
+    sleep 30
+  done
+  nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null || true ;;
+collect)
+  out=${2:?collect DIR}
+  mkdir -p "$out"
+  "$PY" -m vdib_cli table1 --collect-only --root "$ROOT" --out "$out" | tail -1
+  "$PY" -m vdib_cli table1 --collect-only --root "$ROOT-lr" --out "$out/lr" | tail -1
+  tar czf "$out/runs.tgz" --exclude='*.safetensors' --exclude='checkpoints' "$ROOT" "$ROOT-lr" \
+    "$ROOT-throughput" 2>/dev/null
+  grep -h '^{"cell"' "$ROOT"/logs/*.log "$ROOT"-lr/logs/*.log 2>/dev/null || true
+  grep -l -i 'error\|traceback' "$ROOT"/logs/*.log "$ROOT"-lr/logs/*.log 2>/dev/null || true ;;
+*)
+  sed -n '2,13p' "$0"; exit 2 ;;
+esac
