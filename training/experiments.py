@@ -528,7 +528,12 @@ def write_dvs_dt(rows: list[dict], samples: list[dict], out: Path, info: dict) -
         real = ", ".join(f"{e['file']} ({e['digit']}) -> {e.get('decoded_class', '?')} "
                          f"[{e.get('snapshots_correct', '?')} snapshots]" for e in r["real"]) or "-"
         md.append(f"| {r['dt_ms']:g} | {r['T']} | {r['crop_T']} | {r['tau_d']} | {acc} | {r['ssim']:.3f} | "
-                  f"{r['mse']:.4f} | {r['spike_rate']:.3f} | {r['examples']} | {r['train_seconds']:.0f} | {real} |")
+                  f"{r['mse']:.4f} | {r['spike_rate']:.3f} | {r['examples']}{' (time budget)' if r.get('stopped_early') else ''} | "
+                  f"{r['train_seconds']:.0f} | {real} |")
+    if any(r.get("stopped_early") for r in rows):
+        md += ["", "Cells marked by the time budget (`train.max_seconds`) stopped early, so the dts saw different "
+               "numbers of examples (a coarser dt has fewer bins per window and steps faster): compare the "
+               "examples column before reading the dt trend."]
     md += ["", "![judge accuracy and SSIM versus dt; sample reconstructions per dt](dvs-dt.png)"]
     if info.get("real_note"):
         md += ["", info["real_note"]]
@@ -566,7 +571,8 @@ def write_dvs_dt(rows: list[dict], samples: list[dict], out: Path, info: dict) -
             if j == 0:
                 a.set_ylabel(label, fontsize=8)
             if i > 0 and j >= len(item["recon"]):
-                a.set_title("real", fontsize=7)
+                e = rows[i - 1]["real"][j - len(item["recon"])]
+                a.set_title(f"real {e['digit']} -> {e.get('decoded_class', '?')}", fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "dvs-dt.png", dpi=100)
     plt.close(fig)
