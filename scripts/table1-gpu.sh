@@ -5,6 +5,9 @@
 #   scripts/table1-gpu.sh launch          # start the grid in the background (setsid) and return
 #   scripts/table1-gpu.sh watch SECONDS   # print progress until every cell ends or SECONDS pass
 #   scripts/table1-gpu.sh collect DIR     # tables, plots and a tarball of the runs without weights
+#   scripts/table1-gpu.sh sweep           # time vs rate decoding: tau_d 5/10/30 and a parameter-matched
+#                                         # time decoder, vdib-bptt, both encodings, seed 0 (ROOT=runs/tvr)
+#   scripts/table1-gpu.sh sweep-collect DIR
 #
 # Environment: ROOT (runs/table1-gpu), EXAMPLES (200000), SEEDS ("0 1 2"), PYTHON (python3),
 # VDIB_MNIST_DIR (the MNIST idx folder). The `vdib` rule with a 10x lower encoder learning rate
@@ -46,15 +49,34 @@ launch)
     cell "$ROOT-lr" 0 vdib "$enc" "$dec" --set rule.lr=1e-4 --set rule.options.decoder_lr=1e-3
   done; done
   sleep 2; echo "launched $(pgrep -fc 'vdib_cli table1') cells" ;;
+sweep)
+  for tau in 5 10 30; do for enc in rate ttfs; do for dec in time rate; do
+    cell "$ROOT/tau$tau" 0 vdib-bptt "$enc" "$dec" --set model.tau_d=$tau
+  done; done; done
+  # the time decoder narrowed to the rate decoder's parameter count at tau_d = 30:
+  # rate-mlp 256*3840 + 3840*784 = 4.0 M weights; mlp 7680*h + h*784 = 4.0 M for h = 473
+  for enc in rate ttfs; do
+    cell "$ROOT/tau30-matched" 0 vdib-bptt "$enc" time --set model.decoder_options.hidden=473
+  done
+  sleep 2; echo "launched $(pgrep -fc 'vdib_cli table1') cells" ;;
+sweep-collect)
+  out=${2:?sweep-collect DIR}
+  mkdir -p "$out"
+  for sub in "$ROOT"/*/; do
+    "$PY" -m vdib_cli table1 --collect-only --root "$sub" --out "$out/$(basename "$sub")" | tail -1
+  done
+  for sub in "$ROOT"/*/; do grep -H '^{"cell"' "$sub"logs/*.log; done > "$out/cells.txt" 2>/dev/null || true
+  tar czf "$out/runs.tgz" --exclude='*.safetensors' --exclude='checkpoints' "$ROOT" 2>/dev/null
+  grep -l -i 'error\|traceback' "$ROOT"/*/logs/*.log 2>/dev/null || true ;;
 watch)
   end=$(( $(date +%s) + ${2:-540} ))
   while :; do
     n=$(pgrep -fc 'vdib_cli table1' || true)
     line=""
-    for m in "$ROOT"/*/metrics.jsonl "$ROOT"-lr/*/metrics.jsonl; do
+    for m in $(find "$ROOT" "$ROOT-lr" -name metrics.jsonl 2>/dev/null | sort); do
       [ -f "$m" ] || continue
       ex=$(tail -1 "$m" | sed -n 's/.*"examples": \([0-9]*\).*/\1/p')
-      line="$line $(basename "$(dirname "$m")")=$((${ex:-0} / 1000))k"
+      line="$line ${m#"$ROOT"/}"; line="${line%/metrics.jsonl}=$((${ex:-0} / 1000))k"
     done
     echo "$(date +%T) running=$n$line"
     [ "$n" -eq 0 ] && break
