@@ -149,18 +149,19 @@ class _SparseDecoder:
             b1 = first.bias.detach().clone() if first.bias is not None else torch.zeros(w1_t.shape[1])
         return cls(w1_t, b1, second, decoder.output == "image")
 
-    def decode(self, flat: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    def decode(self, flat: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """Images ``[B, out]`` of the windows ``flat [B, tau_d * n_readout]`` whose non-zero
-        entries are at ``(rows, cols)`` (``np.nonzero(flat)``, rows ascending)."""
+        entries are at the flat positions ``idx`` (``np.flatnonzero(flat)``, ascending)."""
         import torch
         import torch.nn.functional as F
 
-        b = flat.shape[0]
-        vals = flat[rows, cols]
+        b, n = flat.shape
+        vals = flat.reshape(-1)[idx]
         weights = None if np.all(vals == 1) else torch.from_numpy(vals.astype(np.float32))
-        offsets = torch.from_numpy(np.searchsorted(rows, np.arange(b)))
+        offsets = torch.from_numpy(np.searchsorted(idx, np.arange(b, dtype=np.int64) * n))
+        cols = torch.from_numpy(idx % n)
         with torch.inference_mode():
-            h = F.embedding_bag(torch.from_numpy(cols), self.w1_t, offsets, mode="sum", per_sample_weights=weights)
+            h = F.embedding_bag(cols, self.w1_t, offsets, mode="sum", per_sample_weights=weights)
             h += self.b1
             if self.fc2 is not None:
                 h = self.fc2(h.relu_())
@@ -270,9 +271,10 @@ class TorchEngine(Engine):
         torch = self._torch
         if self._sparse is not None:
             flat = windows.reshape(windows.shape[0], -1)
-            rows, cols = np.nonzero(flat)
-            if len(cols) <= SPARSE_DECODE_DENSITY * flat.size:
-                return self._sparse.decode(flat, rows, cols).reshape(windows.shape[0], *self.image_shape)
+            # a bool view of 0/1 bytes: np.flatnonzero is ~3x faster than nonzero on uint8 2-D
+            idx = np.flatnonzero(flat.view(bool) if flat.dtype == np.uint8 else flat)
+            if len(idx) <= SPARSE_DECODE_DENSITY * flat.size:
+                return self._sparse.decode(flat, idx).reshape(windows.shape[0], *self.image_shape)
         with torch.inference_mode():
             wt = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device, self.decoder_dtype)
             img = self._decoder(wt).float().clamp_(0.0, 1.0)

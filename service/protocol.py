@@ -132,8 +132,9 @@ def encode_events(events: np.ndarray) -> bytes:
     return EVENT_HEADER.pack(EVENT_MAGIC, PROTOCOL_VERSION, 0, len(rec)) + rec.tobytes()
 
 
-def decode_events(data: bytes | bytearray | memoryview, max_events: int | None = None) -> np.ndarray:
-    """Parse an event packet; raises :class:`ProtocolError` (1007/1003) when malformed."""
+def packet_count(data: bytes | bytearray | memoryview, max_events: int | None = None) -> int:
+    """Check an event packet's header and length; its number of events. Raises
+    :class:`ProtocolError` (1007/1003/1009) when malformed (polarities are not checked)."""
     if len(data) < EVENT_HEADER.size:
         raise ProtocolError(CLOSE_INVALID, f"event packet of {len(data)} bytes is shorter than its 12-byte header")
     magic, version, flags, count = EVENT_HEADER.unpack_from(data)
@@ -148,6 +149,12 @@ def decode_events(data: bytes | bytearray | memoryview, max_events: int | None =
         )
     if max_events is not None and count > max_events:
         raise ProtocolError(CLOSE_TOO_BIG, f"event packet of {count} events exceeds the limit of {max_events}")
+    return int(count)
+
+
+def decode_events(data: bytes | bytearray | memoryview, max_events: int | None = None) -> np.ndarray:
+    """Parse an event packet; raises :class:`ProtocolError` (1007/1003) when malformed."""
+    count = packet_count(data, max_events)
     rec = np.frombuffer(data, dtype=RECORD_DTYPE, count=count, offset=EVENT_HEADER.size)
     if count and int(rec["p"].max()) > 1:
         raise ProtocolError(CLOSE_INVALID, "event polarity must be 0 or 1")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .pipeline import uniforms_for
-from .protocol import AEDAT4_MAGIC, CLOSE_INVALID, ProtocolError
+from .protocol import AEDAT4_MAGIC, CLOSE_INVALID, EVENT_HEADER, ProtocolError, decode_events, packet_count
 from .registry import ModelEntry
 
 _ids = itertools.count(1)
@@ -93,14 +93,17 @@ class Session:
         max_gap_us: int,
         out_queue_frames: int,
     ) -> None:
-        from events import Binner, BinSpec
+        from events import BinSpec
+
+        from .ingest import StreamBinner, make_binner
 
         self.id = f"s{next(_ids)}"
         self.entry = entry
         self.engine = entry.engine
         self.spec = BinSpec(roi, dt_us, entry.polarity, entry.mode, pool)
         self.roi, self.pool, self.dt_us = roi, pool, dt_us
-        self.binner = Binner(self.spec, t0=t0_us, max_gap_us=max(max_gap_us, dt_us))
+        self.binner = make_binner(self.spec, t0_us, max(max_gap_us, dt_us))
+        self.fast_ingest = isinstance(self.binner, StreamBinner)
         self.emit = emit
         self.seed = seed
         self.want_spikes, self.want_inputs, self.format = spikes, inputs, fmt
@@ -134,6 +137,26 @@ class Session:
         self.counters.events += len(events)
         return self._queue(self.binner.push(events))
 
+    def push_packet(self, data: bytes) -> int:
+        """Bin one protocol event packet (``VDEV``), checked like :func:`protocol.decode_events`
+        (ProtocolError when malformed); returns its number of events. With a
+        :class:`~service.ingest.StreamBinner` the records go from the message bytes straight into
+        the compiled binning loop (no structured array, no per-field copies)."""
+        if self.fast_ingest:
+            n = packet_count(data)
+            if n:
+                try:
+                    parts = self.binner.push_packed(np.frombuffer(data, np.uint8), EVENT_HEADER.size, n)
+                except ValueError as exc:
+                    raise ProtocolError(CLOSE_INVALID, str(exc)) from None
+                self.counters.events += n
+                self._queue(parts)
+            return n
+        events = decode_events(data)
+        if len(events):
+            self.push_events(events)
+        return len(events)
+
     def report_events(self, metrics: Any) -> None:
         """Add the events received since the last call to ``metrics.stream_events`` (once per
         stats interval instead of once per packet)."""
@@ -149,13 +172,15 @@ class Session:
             self.ending = True
             self.pending.append(Pending(END, t_ready=time.perf_counter()))
 
-    def _queue(self, segments: list[Any]) -> int:
+    def _queue(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> int:
+        """Queue completed bins, ``(frames, bin_end_us, reset)`` parts from the binner."""
         now = time.perf_counter()
         n = 0
-        for seg in segments:
-            for j in range(len(seg.frames)):
-                self.pending.append(Pending(BIN, seg.frames[j], int(seg.bin_end_us[j]), bool(seg.reset and j == 0), now))
-            n += len(seg.frames)
+        append = self.pending.append
+        for frames, ends, resets in parts:
+            for f, e, r in zip(frames, ends.tolist(), resets.tolist(), strict=True):
+                append(Pending(BIN, f, e, r, now))
+            n += len(frames)
         return n
 
     # ------------------------------------------------------------------ model side (worker)

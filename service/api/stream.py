@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
@@ -28,7 +29,6 @@ from ..protocol import (
     SUBPROTOCOL,
     ProtocolError,
     StartMessage,
-    decode_events,
     default_emit,
 )
 from ..registry import RoiError
@@ -61,7 +61,7 @@ async def _receive(ws: WebSocket, timeout: float) -> Any:
     return msg
 
 
-def _size(msg: dict[str, Any]) -> int:
+def _size(msg: Mapping[str, Any]) -> int:
     b, t = msg.get("bytes"), msg.get("text")
     return len(b) if b is not None else len(t.encode()) if t is not None else 0
 
@@ -210,12 +210,10 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
             if data is not None:
                 if len(data) > max_bytes:
                     raise ProtocolError(CLOSE_TOO_BIG, f"message of {len(data)} bytes exceeds {max_bytes}")
-                events = _decode(s, data, settings)
-                n = len(events)
+                binner = s.binner
+                late = binner.late_events
+                n = _push(s, data, settings)
                 if n:
-                    binner = s.binner
-                    late = binner.late_events
-                    s.push_events(events)
                     s.unreported_events += n
                     if binner.late_events > late:
                         metrics.late_events.inc(binner.late_events - late)
@@ -279,7 +277,8 @@ class _Watchdog:
             self.handle = None
 
 
-def _decode(s: Session, data: bytes, settings: Any) -> Any:
+def _push(s: Session, data: bytes, settings: Any) -> int:
+    """Bin one binary message (an event packet or AEDAT 4 bytes); its number of events."""
     if s.encoding == "auto":
         if data[:4] == EVENT_MAGIC:
             s.encoding = "packed"
@@ -290,8 +289,11 @@ def _decode(s: Session, data: bytes, settings: Any) -> Any:
     if s.encoding == "aedat4":
         if s.aedat4 is None:
             s.aedat4 = Aedat4Stream(max_buffer=settings.max_message_bytes * 4, max_events=settings.max_events)
-        return s.aedat4.feed(data)
-    return decode_events(data)
+        events = s.aedat4.feed(data)
+        if len(events):
+            s.push_events(events)
+        return len(events)
+    return s.push_packet(data)
 
 
 async def _sender(ws: WebSocket, s: Session, metrics: Any, interval: float) -> None:
