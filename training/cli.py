@@ -91,6 +91,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ts.add_argument("--out", type=Path, default=Path("docs/results/tsne.png"))
     ts.set_defaults(func=_cmd_tsne)
 
+    tv = subparsers.add_parser("time-vs-rate", help="time minus rate decoding versus budget and tau_d (tables + plot)")
+    tv.add_argument("--cells", type=Path, nargs="+", default=None,
+                    help="Table 1 cell lines (default docs/results/table1-cells.jsonl + table1-vdib-lr-cells.jsonl)")
+    tv.add_argument("--tau-cells", type=Path, default=None,
+                    help="tau_d sweep cells (default docs/results/time_vs_rate-tau-cells.jsonl)")
+    tv.add_argument("--out", type=Path, default=None, help="default docs/results")
+    tv.set_defaults(func=_cmd_time_vs_rate)
+
     e = subparsers.add_parser("evaluate", help="evaluate a naturalizer checkpoint (judge accuracy, MSE, SSIM)")
     e.add_argument("checkpoint", type=Path, help="naturalizer checkpoint directory")
     e.add_argument("--data", type=Path, default=None,
@@ -188,6 +196,19 @@ def _cmd_dvs_dt(args: argparse.Namespace) -> int:
                        progress=not args.no_progress, command="vdib " + shlex.join(sys.argv[1:]),
                        log=lambda m: print(m, flush=True))
     print(json.dumps([{k: r.get(k) for k in ("dt_ms", "judge_accuracy", "ssim", "mse")} for r in res["rows"]]))
+    return 0
+
+
+def _cmd_time_vs_rate(args: argparse.Namespace) -> int:
+    from .experiments import REPO, time_vs_rate
+
+    res_dir = REPO / "docs" / "results"
+    cells = args.cells or [p for p in (res_dir / "table1-cells.jsonl", res_dir / "table1-vdib-lr-cells.jsonl") if p.is_file()]
+    tau = args.tau_cells or (res_dir / "time_vs_rate-tau-cells.jsonl")
+    out = args.out or res_dir
+    res = time_vs_rate(cells[0], out, tau if tau.is_file() else None, cells[1:])
+    print(json.dumps({k: [(r["encoding"], r["rule"], r["key"], r["time_minus_rate"]) for r in v] for k, v in res.items()}))
+    print(f"wrote {out / 'time_vs_rate.md'}")
     return 0
 
 

@@ -257,46 +257,115 @@ def ablation(root: Path, out: Path, examples: int, encoding: str = "ttfs", decod
     return rows
 
 
-def time_vs_rate(cells_jsonl: Path, out: Path) -> list[dict]:
-    """Matched time/rate decoding pairs at every budget in ``cells_jsonl`` (one line per finished cell,
-    as ``vdib table1`` prints them); writes ``out/time_vs_rate.{md,png}``."""
+def _pairs(recs: list[dict], key) -> list[dict]:
+    """Group cells by ``key(record, rule)`` + decoding; mean and std over seeds of each side."""
+    import numpy as np
+
+    by: dict[tuple, dict[str, list[float]]] = {}
+    for r in recs:
+        enc, dec, rest = r["cell"].split("-", 2)
+        rule = rest.rsplit("-s", 1)[0]
+        by.setdefault((enc, rule, *key(r)), {}).setdefault(dec, []).append(100 * r["judge_accuracy"])
+    rows = []
+    for k, v in sorted(by.items()):
+        row = {"encoding": k[0], "rule": k[1], "key": list(k[2:]), "seeds": min(len(x) for x in v.values())}
+        for dec in ("time", "rate"):
+            row[dec] = float(np.mean(v[dec])) if dec in v else None
+            row[dec + "_std"] = float(np.std(v[dec])) if dec in v and len(v[dec]) > 1 else None
+        row["time_minus_rate"] = row["time"] - row["rate"] if row["time"] is not None and row["rate"] is not None else None
+        rows.append(row)
+    return rows
+
+
+def time_vs_rate(cells_jsonl: Path, out: Path, tau_jsonl: Path | None = None,
+                 extra_jsonl: list[Path] | None = None) -> dict[str, list[dict]]:
+    """Matched time/rate decoding pairs; writes ``out/time_vs_rate.{md,json,png}``.
+
+    ``cells_jsonl`` (+ ``extra_jsonl``): one line per finished Table 1 cell as ``vdib table1``
+    prints them (several seeds of a cell are averaged) -> the gap versus the training budget.
+    ``tau_jsonl``: the same cells with ``tau_d`` (and ``parameter_matched``) fields, from
+    ``scripts/table1-gpu.sh sweep`` -> the gap versus the decoder window.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    recs = [json.loads(ln) for ln in cells_jsonl.read_text().splitlines() if ln.strip()]
-    by: dict[tuple[str, str, int], dict[str, float]] = {}
-    for r in recs:
-        enc, dec, rest = r["cell"].split("-", 2)
-        rule = rest.rsplit("-s", 1)[0]
-        by.setdefault((enc, rule, int(r["examples"])), {})[dec] = 100 * r["judge_accuracy"]
-    rows = [{"encoding": e, "rule": ru, "examples": n, "time": v.get("time"), "rate": v.get("rate"),
-             "time_minus_rate": (v["time"] - v["rate"]) if "time" in v and "rate" in v else None}
-            for (e, ru, n), v in sorted(by.items())]
-    md = ["| input | rule | examples | time decoding | rate decoding | time − rate |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        t = f"{r['time']:.2f} %" if r["time"] is not None else "-"
-        ra = f"{r['rate']:.2f} %" if r["rate"] is not None else "-"
+    def read(p: Path) -> list[dict]:
+        return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+
+    recs = read(cells_jsonl) + [r for p in (extra_jsonl or []) for r in read(p)]
+    budget = _pairs(recs, lambda r: (int(r["examples"]),))
+    taus = _pairs(read(tau_jsonl), lambda r: (int(r["tau_d"]), bool(r.get("parameter_matched")), int(r["examples"]))) \
+        if tau_jsonl else []
+
+    def pct(v: float | None, sd: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}" + (f" ± {sd:.2f}" if sd is not None else "") + " %"
+
+    md = ["Time minus rate decoding (judge accuracy on the 10,000 reconstructed test digits; same encoder, "
+          "rule, seeds, data order and budget; decoder hidden width 128·τ_d on both sides unless marked). "
+          "`vdib-lr`: the `vdib` rule with the encoder's learning rate 10x below the decoder's.", "",
+          "**Versus the training budget** (τ_d = T = 30)", "",
+          "| input | rule | examples | seeds | time decoding | rate decoding | time − rate |", "|---|---|---|---|---|---|---|"]
+    for r in budget:
         d = f"{r['time_minus_rate']:+.2f}" if r["time_minus_rate"] is not None else "-"
-        md.append(f"| {r['encoding']} | `{r['rule']}` | {r['examples']} | {t} | {ra} | {d} |")
+        md.append(f"| {r['encoding']} | `{r['rule']}` | {r['key'][0]} | {r['seeds']} | {pct(r['time'], r['time_std'])} | "
+                  f"{pct(r['rate'], r['rate_std'])} | {d} |")
+    if taus:
+        md += ["", "**Versus the decoder window τ_d** (T = 30; `parameter-matched`: the time decoder's hidden layer "
+               "narrowed to 473 units so that it has the rate decoder's 4.0 M weights)", "",
+               "| input | rule | τ_d | decoder | examples | time decoding | rate decoding | time − rate |",
+               "|---|---|---|---|---|---|---|---|"]
+        rate_of = {(r["encoding"], r["rule"], r["key"][0], r["key"][2]): r["rate"] for r in taus if r["rate"] is not None}
+        for r in taus:
+            tau, matched, n = r["key"]
+            rate = r["rate"] if r["rate"] is not None else rate_of.get((r["encoding"], r["rule"], tau, n))
+            gap = r["time"] - rate if r["time"] is not None and rate is not None else None
+            r["rate"], r["time_minus_rate"] = rate, gap
+            md.append(f"| {r['encoding']} | `{r['rule']}` | {tau} | {'parameter-matched' if matched else 'width-matched'} "
+                      f"| {n} | {pct(r['time'], None)} | {pct(rate, None)} | "
+                      f"{'-' if gap is None else f'{gap:+.2f}'} |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "time_vs_rate.md").write_text("\n".join(md) + "\n")
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    for i, (enc, rule) in enumerate(sorted({(r["encoding"], r["rule"]) for r in rows})):
-        sel = [r for r in rows if r["encoding"] == enc and r["rule"] == rule]
-        for dec, style in (("time", "-o"), ("rate", "--s")):
-            pts = [(r["examples"], r[dec]) for r in sel if r[dec] is not None]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, color=f"C{i}", label=f"{enc} / {rule} / {dec} decoding")
-    ax.set_xlabel("training examples")
-    ax.set_ylabel("judge accuracy (%)")
+    (out / "time_vs_rate.json").write_text(json.dumps({"budget": budget, "tau_d": taus}, indent=2) + "\n")
+
+    fig, axes = plt.subplots(1, 2 if taus else 1, figsize=(11 if taus else 6.5, 4.0), squeeze=False)
+    ax = axes[0][0]
+    for i, (enc, rule) in enumerate(sorted({(r["encoding"], r["rule"]) for r in budget})):
+        sel = [r for r in budget if r["encoding"] == enc and r["rule"] == rule and r["time_minus_rate"] is not None]
+        if sel:
+            xs = [r["key"][0] for r in sel]
+            ys = [r["time_minus_rate"] for r in sel]
+            err = [((r["time_std"] or 0) ** 2 + (r["rate_std"] or 0) ** 2) ** 0.5 for r in sel]
+            ax.errorbar(xs, ys, yerr=err, fmt="-o" if rule == "vdib-bptt" else "--s", color=f"C{i}", capsize=3,
+                        label=f"{enc} input, {rule}")
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training examples (log)")
+    ax.set_ylabel("time − rate decoding (judge accuracy, points)")
+    ax.set_title("gap versus training budget (τ_d = 30)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    if taus:
+        ax = axes[0][1]
+        for i, enc in enumerate(sorted({r["encoding"] for r in taus})):
+            sel = sorted((r for r in taus if r["encoding"] == enc and not r["key"][1] and r["time_minus_rate"] is not None),
+                         key=lambda r: r["key"][0])
+            ax.plot([r["key"][0] for r in sel], [r["time_minus_rate"] for r in sel], "-o", color=f"C{i}",
+                    label=f"{enc} input (width-matched)")
+            pm = [r for r in taus if r["encoding"] == enc and r["key"][1] and r["time_minus_rate"] is not None]
+            if pm:
+                ax.plot([r["key"][0] for r in pm], [r["time_minus_rate"] for r in pm], "*", ms=12, color=f"C{i}",
+                        label=f"{enc} input (parameter-matched)")
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel("decoder window τ_d (steps, T = 30)")
+        ax.set_title(f"gap versus τ_d ({taus[0]['rule']}, {taus[0]['key'][2]} examples, 1 seed)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "time_vs_rate.png", dpi=110)
     plt.close(fig)
-    return rows
+    return {"budget": budget, "tau_d": taus}
 
 
 # --------------------------------------------------------------------------------------------
