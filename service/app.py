@@ -34,7 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("models: %s (default %s)", ", ".join(app.state.registry.models), app.state.registry.default)
         else:
             log.warning("service not ready: %s", reason)
-        app.state.scheduler = Scheduler(metrics, settings.max_batch, tick_interval_s=settings.tick_interval_s)
+        app.state.scheduler = Scheduler(metrics, settings.max_batch, tick_interval_s=settings.tick_interval_s,
+                                        png_level=settings.stream_png_level)
         if settings.warmup:
             for entry in app.state.registry.models.values():
                 await run_in_threadpool(app.state.scheduler.warmup, entry)

@@ -317,17 +317,37 @@ class OnnxEngine(Engine):
         self._fresh = self.runner.init_state(1)
 
     def init_state(self) -> State:
-        return self._fresh  # never written in place: step returns new arrays
+        return _Row(self._fresh, 0)  # never written in place: step returns new arrays
+
+    def order_key(self, state: State) -> Any:
+        return (id(state.batch), state.i)
 
     def stack(self, states: list[State]) -> State:
-        if len(states) == 1:
-            return states[0]
-        return [np.concatenate(parts, axis=0) for parts in zip(*states, strict=True)]
+        """Like :meth:`TorchEngine.stack`: the previous tick's batch as it is when its rows come
+        back in order (a busy server's steady state), a slice for a run of consecutive rows,
+        else a gather; ``np.concatenate`` only across source batches."""
+        groups: list[tuple[Any, list[int]]] = []
+        for st in states:
+            if groups and groups[-1][0] is st.batch:
+                groups[-1][1].append(st.i)
+            else:
+                groups.append((st.batch, [st.i]))
+        parts = []
+        for batch, rows in groups:
+            n = batch[0].shape[0]
+            if len(rows) == n and rows == list(range(n)):
+                parts.append(batch)
+            elif rows == list(range(rows[0], rows[0] + len(rows))):
+                parts.append([a[rows[0] : rows[0] + len(rows)] for a in batch])
+            else:
+                idx = np.asarray(rows)
+                parts.append([a[idx] for a in batch])
+        if len(parts) == 1:
+            return parts[0]
+        return [np.concatenate(arrays, axis=0) for arrays in zip(*parts, strict=True)]
 
     def unstack(self, state: State, n: int) -> list[State]:
-        if n == 1:
-            return [state]
-        return [[a[i : i + 1] for a in state] for i in range(n)]
+        return [_Row(state, i) for i in range(n)]
 
     def step(self, x: np.ndarray, state: State, uniforms: np.ndarray) -> tuple[np.ndarray, State]:
         y, _, _, state = self.runner.step(x, state, uniforms)

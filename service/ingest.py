@@ -29,11 +29,10 @@ import numpy as np
 
 # st slots (int64). State: t0, t0 known, open bin index, open bin has events, latest kept t,
 # reset pending, late events, gaps. Constants: dt, max gap (-1: none), count mode, stride, x/y
-# map lengths, offsets of ymap and cbase in the tables. Call arguments: first event, events,
-# byte offset of the records, whether to reject polarities other than 0/1.
+# map lengths, offsets of ymap and cbase in the tables.
 (_T0, _HAVE_T0, _K, _OPEN, _TMAX, _RESET, _LATE, _GAPS, _DT, _MAXGAP, _COUNT, _STRIDE, _NX, _NY, _YOFF,
- _COFF, _START, _N, _OFFSET, _CHECK) = range(20)
-_SLOTS = 20
+ _COFF) = range(16)
+_SLOTS = 16
 #: frames emitted per kernel call before control returns to Python (a long silence without a
 #: gap emits many empty bins; the loop resumes where it stopped)
 _CAP = 16
@@ -41,16 +40,17 @@ _CAP = 16
 _RECORD = 13
 
 
-def _ingest(buf: Any, st: Any, acc: Any, tab: Any, out: Any, outk: Any) -> int:
-    """Bin packed event records ``buf[offset + 13*i ...]`` for ``i = start .. n-1`` into the open
+def _ingest(buf: Any, st: Any, acc: Any, tab: Any, out: Any, outk: Any, base: int, n: int, start: int,
+            check: bool) -> tuple[int, int]:
+    """Bin packed event records ``buf[base + 13*i ...]`` for ``i = start .. n-1`` into the open
     frame ``acc`` (``stride`` cells + a trash cell), emitting complete bins into ``out`` (frames)
     and ``outk`` (row 0: bin index, row 1: reset), at most ``outk.shape[1]`` per call.
 
-    Returns the number of frames emitted and leaves the index of the first event not handled
-    in ``st[_START]`` (a call resumes where the previous one stopped; the state is consistent at
-    every return). With ``st[_CHECK]`` set, returns -1 (nothing done) when some event has a
-    polarity other than 0 or 1; else such events only open their bin, like ``events.Binner``.
-    Few, contiguous arguments: numba's dispatch costs ~0.5 us per argument."""
+    Returns the number of frames emitted and the index of the first event not handled (a call
+    resumes where the previous one stopped; the state is consistent at every return). With
+    ``check``, returns ``(-1, 0)`` (nothing done) when some event has a polarity other than 0
+    or 1; else such events only open their bin, like ``events.Binner``. Arrays are contiguous
+    and few: numba's dispatch costs ~0.1 us per contiguous array, far more for strided ones."""
     stride = st[11]
     dt = st[8]
     max_gap = st[9]
@@ -59,14 +59,12 @@ def _ingest(buf: Any, st: Any, acc: Any, tab: Any, out: Any, outk: Any) -> int:
     ny = st[13]
     yoff = st[14]
     coff = st[15]
-    n = st[17]
-    base = st[18]
-    i = st[16]
+    i = start
     cap = outk.shape[1]
-    if i == 0 and st[19] != 0:
+    if i == 0 and check:
         for j in range(n):
             if buf[base + 13 * j + 12] > 1:
-                return -1
+                return -1, 0
     n_out = 0
     while i < n:
         o = base + 13 * i
@@ -85,8 +83,7 @@ def _ingest(buf: Any, st: Any, acc: Any, tab: Any, out: Any, outk: Any) -> int:
         if max_gap >= 0 and ti - st[4] > max_gap:
             if st[3] == 1:
                 if n_out >= cap:
-                    st[16] = i
-                    return n_out
+                    return n_out, i
                 for c in range(stride):
                     out[n_out, c] = acc[c]
                     acc[c] = 0
@@ -100,8 +97,7 @@ def _ingest(buf: Any, st: Any, acc: Any, tab: Any, out: Any, outk: Any) -> int:
             st[5] = 1
         while k > st[2]:
             if n_out >= cap:
-                st[16] = i
-                return n_out
+                return n_out, i
             if st[3] == 1:
                 for c in range(stride):
                     out[n_out, c] = acc[c]
@@ -133,8 +129,7 @@ def _ingest(buf: Any, st: Any, acc: Any, tab: Any, out: Any, outk: Any) -> int:
         if ti > st[4]:
             st[4] = ti
         i += 1
-    st[16] = i
-    return n_out
+    return n_out, i
 
 
 _KERNEL: Any = None
@@ -192,6 +187,7 @@ class StreamBinner:
         self._out = np.zeros((_CAP, self.stride), dtype=np.uint8)
         self._outk = np.zeros((2, _CAP), dtype=np.int64)
         self._k = _kernel()
+        self._shape_m = {m: (m, *self.shape) for m in range(1, _CAP + 1)}
 
     @property
     def late_events(self) -> int:
@@ -205,25 +201,26 @@ class StreamBinner:
     def t0(self) -> int | None:
         return int(self.st[_T0]) if self.st[_HAVE_T0] else None
 
-    def push_packed(self, buf: np.ndarray, offset: int, n: int, check: bool = True) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def push_packed(self, buf: np.ndarray, offset: int, n: int, check: bool = True) -> list[tuple[np.ndarray, list[int], list[bool]]]:
         """Bin ``n`` packed records (``protocol.RECORD_DTYPE``, 13 bytes each) starting at byte
-        ``offset`` of the uint8 array ``buf``. ``check``: raise ValueError (and bin nothing)
-        when a polarity is not 0 or 1."""
-        out: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        st = self.st
-        st[_START], st[_N], st[_OFFSET], st[_CHECK] = 0, n, offset, check
+        ``offset`` of the uint8 array ``buf``; the completed bins as ``(frames [m, C, H, W],
+        bin_end_us, reset)`` parts (usually none or one bin). ``check``: raise ValueError (and
+        bin nothing) when a polarity is not 0 or 1."""
+        out: list[tuple[np.ndarray, list[int], list[bool]]] = []
+        i = 0
         while True:
-            m = self._k(buf, st, self.acc, self.tab, self._out, self._outk)
-            if m < 0:
-                raise ValueError("event polarity must be 0 or 1")
+            m, i = self._k(buf, self.st, self.acc, self.tab, self._out, self._outk, offset, n, i, check)
             if m:
-                frames = self._out[:m].reshape(m, *self.shape).copy()
-                ends = st[_T0] + (self._outk[0, :m] + 1) * self.dt
-                out.append((frames, ends, self._outk[1, :m] != 0))
-            if st[_START] >= n:
+                if m < 0:
+                    raise ValueError("event polarity must be 0 or 1")
+                ks, resets = self._outk[:, :m].tolist()
+                t0, dt = int(self.st[_T0]), self.dt
+                out.append((self._out[:m].reshape(self._shape_m[m]).copy(), [t0 + (k + 1) * dt for k in ks],
+                            [r != 0 for r in resets]))
+            if i >= n:
                 return out
 
-    def push(self, events: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def push(self, events: np.ndarray) -> list[tuple[np.ndarray, list[int], list[bool]]]:
         """Bin a chunk of events (a structured array with ``t``, ``x``, ``y``, ``p``); like
         ``events.Binner``, polarities other than 0 and 1 only open their bin."""
         from .protocol import RECORD_DTYPE
@@ -242,14 +239,14 @@ class StreamBinner:
             rec["p"] = np.where((p == 0) | (p == 1), p, 2)
         return self.push_packed(rec.view(np.uint8), 0, n, check=False)
 
-    def flush(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def flush(self) -> list[tuple[np.ndarray, list[int], list[bool]]]:
         """Emit the open bin (if it has seen an event)."""
         st = self.st
         if not st[_OPEN]:
             return []
         frames = self.acc[: self.stride].reshape(1, *self.shape).copy()
-        ends = np.array([st[_T0] + (st[_K] + 1) * self.dt], dtype=np.int64)
-        reset = np.array([st[_RESET] != 0])
+        ends = [int(st[_T0] + (st[_K] + 1) * self.dt)]
+        reset = [bool(st[_RESET] != 0)]
         self.acc[:] = 0
         st[_OPEN] = 0
         st[_RESET] = 0
@@ -283,17 +280,12 @@ class _BinnerAdapter:
         return int(self.binner.gaps)
 
     @staticmethod
-    def _convert(segments: list[Any]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        out = []
-        for seg in segments:
-            reset = np.zeros(len(seg.frames), dtype=bool)
-            if len(reset):
-                reset[0] = seg.reset
-            out.append((seg.frames, np.asarray(seg.bin_end_us, dtype=np.int64), reset))
-        return out
+    def _convert(segments: list[Any]) -> list[tuple[np.ndarray, list[int], list[bool]]]:
+        return [(seg.frames, [int(e) for e in seg.bin_end_us], [bool(seg.reset and j == 0) for j in range(len(seg.frames))])
+                for seg in segments]
 
-    def push(self, events: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def push(self, events: np.ndarray) -> list[tuple[np.ndarray, list[int], list[bool]]]:
         return self._convert(self.binner.push(events))
 
-    def flush(self) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def flush(self) -> list[tuple[np.ndarray, list[int], list[bool]]]:
         return self._convert(self.binner.flush())

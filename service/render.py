@@ -29,14 +29,16 @@ def _png_head(w: int, h: int, color: int) -> bytes:
 _IEND = _chunk(b"IEND", b"")
 
 
-def png_encode(pixels: np.ndarray) -> bytes:
-    """A minimal PNG (IHDR, one IDAT, IEND; filter 0, zlib level 1) of uint8 ``[H, W]`` (gray) or
-    ``[H, W, 3]`` (RGB). ~10x cheaper than PIL's encoder for the small frames streamed here."""
+def png_encode(pixels: np.ndarray, level: int = 1) -> bytes:
+    """A minimal PNG (IHDR, one IDAT, IEND; filter 0, zlib ``level``) of uint8 ``[H, W]`` (gray)
+    or ``[H, W, 3]`` (RGB). ~10x cheaper than PIL's encoder for the small frames streamed here;
+    ``level=0`` stores the rows uncompressed (~1.5 instead of ~14 us for a 28x28 frame, 0.8
+    instead of 0.6 KB)."""
     h, w = pixels.shape[:2]
     color = 0 if pixels.ndim == 2 else 2
     rows = np.zeros((h, 1 + w * (1 if color == 0 else 3)), dtype=np.uint8)  # column 0: filter None
     rows[:, 1:] = pixels.reshape(h, -1)
-    return _png_head(w, h, color) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), 1)) + _IEND
+    return _png_head(w, h, color) + _chunk(b"IDAT", zlib.compress(rows.tobytes(), level)) + _IEND
 
 
 def png_gray(image: np.ndarray) -> bytes:

@@ -42,8 +42,10 @@ def _end_message(s: Session) -> Callable[[], str]:
 class Scheduler:
     """Owns the set of live sessions and the tick loop (start with :meth:`start`)."""
 
-    def __init__(self, metrics: Any, max_batch: int = 1024, inline: bool = True, tick_interval_s: float = 0.0) -> None:
+    def __init__(self, metrics: Any, max_batch: int = 1024, inline: bool = True, tick_interval_s: float = 0.0,
+                 png_level: int = 0) -> None:
         self.metrics = metrics
+        self.png_level = png_level
         self.inline = inline
         self.tick_interval_s = tick_interval_s
         self.max_batch = max_batch
@@ -215,7 +217,7 @@ class Scheduler:
         bin_index = s.steps - 1
         bin_end = s.last_bin_end
         s.last_emit_step = s.steps
-        png = png_encode(img)
+        png = png_encode(img, self.png_level)
         inp = png_rgb(event_rgb(s.input_acc)) if s.want_inputs and s.input_acc is not None else None
         spikes = np.stack(s.since_emit) if s.want_spikes and s.since_emit else None
         s.since_emit = []

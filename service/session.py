@@ -125,6 +125,7 @@ class Session:
         self.out_event = asyncio.Event()
         self.counters = Counters()
         self.unreported_events = 0  # events not yet added to the Prometheus counter
+        self.reported_late = 0  # late events already added to it
         self._uniforms: np.ndarray | None = None  # a block of this stream's future draws
         self._u_next = 0
         self.closed = False
@@ -158,11 +159,15 @@ class Session:
         return len(events)
 
     def report_events(self, metrics: Any) -> None:
-        """Add the events received since the last call to ``metrics.stream_events`` (once per
-        stats interval instead of once per packet)."""
+        """Add the events (``metrics.stream_events``) and late events (``metrics.late_events``)
+        received since the last call (once per stats interval instead of once per packet)."""
         if self.unreported_events:
             metrics.stream_events.inc(self.unreported_events)
             self.unreported_events = 0
+        late = self.binner.late_events
+        if late > self.reported_late:
+            metrics.late_events.inc(late - self.reported_late)
+            self.reported_late = late
 
     def flush(self, end: bool = False) -> None:
         """Complete the open bin, then force a frame for the last bin (and end the stream)."""
@@ -172,13 +177,15 @@ class Session:
             self.ending = True
             self.pending.append(Pending(END, t_ready=time.perf_counter()))
 
-    def _queue(self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> int:
+    def _queue(self, parts: list[tuple[np.ndarray, list[int], list[bool]]]) -> int:
         """Queue completed bins, ``(frames, bin_end_us, reset)`` parts from the binner."""
+        if not parts:
+            return 0
         now = time.perf_counter()
         n = 0
         append = self.pending.append
         for frames, ends, resets in parts:
-            for f, e, r in zip(frames, ends.tolist(), resets.tolist(), strict=True):
+            for f, e, r in zip(frames, ends, resets, strict=True):
                 append(Pending(BIN, f, e, r, now))
             n += len(frames)
         return n

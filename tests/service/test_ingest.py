@@ -118,4 +118,4 @@ def test_packed_polarity_check_and_fallback():
     signed = make_binner(BinSpec((0, 0, 4, 4), 1_000, "signed", "presence", 1), None, 10_000)
     assert not isinstance(signed, StreamBinner)
     (frames, ends, reset), = signed.push(ev[:1]) + signed.flush()
-    assert frames.dtype == np.int8 and ends.tolist() == [1_000] and reset.tolist() == [False]
+    assert frames.dtype == np.int8 and ends == [1_000] and reset == [False]
