@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -19,6 +20,18 @@ from .scheduler import Scheduler
 from .settings import Settings
 
 log = logging.getLogger("vdib.service")
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.run``/``uvicorn.Config`` that this service needs: the
+    websocket size limit 1 MiB above ``max_message_bytes`` (so the service answers 1009
+    itself) and, with ``ws_fast_path``, the websocket protocol of :mod:`service.wsfast`."""
+    opts: dict[str, Any] = {"ws_max_size": settings.max_message_bytes + 1024 * 1024}
+    if settings.ws_fast_path:
+        from .wsfast import FastWebSocketProtocol
+
+        opts["ws"] = FastWebSocketProtocol
+    return opts
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

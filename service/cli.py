@@ -65,8 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"vdib service: viewer at http://{host}:{args.port}/  (API docs at /docs, "
           f"checkpoints {settings.checkpoints_dir}, engine {settings.engine}, workers {args.workers})", flush=True)
-    common = dict(host=args.host, port=args.port, log_level=args.log_level,
-                  ws_max_size=settings.max_message_bytes + 1024 * 1024)
+    from .app import uvicorn_options
+
+    common = dict(host=args.host, port=args.port, log_level=args.log_level, **uvicorn_options(settings))
     if args.workers > 1:
         # worker processes build their app from the environment: pass the CLI choices through it
         for key, value in overrides.items():

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     out_queue_frames: int = 32  # per-stream outgoing queue; beyond it frames are dropped
     max_pending_bins: int = 20_000  # complete bins waiting for the scheduler, per stream
     stats_interval_s: float = 1.0
+    ws_fast_path: bool = Field(
+        True, description="parse the streams' binary websocket frames in service.wsfast instead of the websockets "
+        "library's generator parser (vdib serve and the live tests; other frames still go to the library)",
+    )
     stream_png_level: int = Field(
         0, ge=0, le=9, description="zlib level of streamed frame PNGs: 0 stores them (~0.8 KB for 28x28, "
         "~14 us less CPU per frame than level 1 at ~0.6 KB); uploads always use 1",

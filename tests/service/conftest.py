@@ -125,7 +125,7 @@ class LiveServer:
 
         import uvicorn
 
-        from service.app import create_app
+        from service.app import create_app, uvicorn_options
 
         self.sock = socket.socket()
         if sndbuf is not None:  # accepted sockets inherit it (Linux): a small one makes backpressure visible
@@ -133,7 +133,7 @@ class LiveServer:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.app = create_app(settings)
-        cfg = uvicorn.Config(self.app, log_level="warning", ws_max_size=settings.max_message_bytes + (1 << 20))
+        cfg = uvicorn.Config(self.app, log_level="warning", **uvicorn_options(settings))
         self.server = uvicorn.Server(cfg)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
