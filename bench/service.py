@@ -1,6 +1,6 @@
 """Service benchmark: concurrent real-time websocket streams and upload throughput, per engine.
 
-    python -m bench.service [--engines torch,onnx] [--streams 25,50,100,150,200] [--window 8]
+    python -m bench.service [--engines torch,onnx] [--streams 25,50,100,150,200] [--window 8] [--phase spread|sync]
 
 For each engine a ``vdib serve`` subprocess is started on 127.0.0.1 with the default checkpoint
 (``checkpoints/mnist-dvs`` when present, else a random model of the same architecture from
@@ -10,7 +10,10 @@ tau_d = 30 bins, which costs the same). Then:
 * streams: N websocket clients (one asyncio process) each replay the real MNIST-DVS recording
   (``../shared/data/events/aedat2/mnist_0_scale04_0001.aedat``, looped with increasing
   timestamps) in real time, one 10 ms packet every 10 ms, starts staggered over one packet
-  period; 10 ms bins, a frame every 3 bins (33 frames/s). After a warm-up, over ``--window``
+  period; 10 ms bins, a frame every 3 bins (33 frames/s). ``--phase spread`` (default): stream
+  ``i`` starts ``i/N`` of the way through the recording, so streams see different events at a
+  time like independent cameras; ``sync``: all replay it from its start together (cheaper for
+  the encoder, whose event-driven input currents then gather one stream's active columns). After a warm-up, over ``--window``
   seconds: p99 of the server's frame latency (bin complete -> frame sent, from the
   ``vdib_frame_latency_seconds`` histogram, interpolated in its bucket), the client-side
   end-to-end latency (bin end in event time -> frame received, which includes the up-to-10 ms
@@ -47,6 +50,8 @@ RESULTS = REPO / "bench" / "results"
 RECORDING = REPO / ".." / "shared" / "data" / "events" / "aedat2" / "mnist_0_scale04_0001.aedat"
 LATENCY_TARGET_MS = 20.0
 TARGET_STREAMS = 100
+#: Length of the recording (its events span ~2.2 s) as looped by make_packets, in seconds; a lower bound.
+PERIOD_S = 2.0
 
 
 # ---------------------------------------------------------------------------- model / server
@@ -212,8 +217,19 @@ def make_packets(loops: int) -> tuple[list[tuple[float, bytes]], int]:
     return packets, len(allev)
 
 
+def phase_starts(packets: list[tuple[float, bytes]], n: int, phase: str) -> list[int]:
+    """Index of each stream's first packet: ``sync`` = all at the recording's start (every stream
+    sees the same events at the same time, which flatters the encoder's event-driven input
+    currents: the batch's active input columns are one stream's); ``spread`` = stream ``i``
+    starts ``i / n`` of the way through one recording period, like independent cameras."""
+    if phase == "sync":
+        return [0] * n
+    period = next((j for j, (d, _) in enumerate(packets) if d >= PERIOD_S), len(packets))
+    return [(i * period) // n for i in range(n)]
+
+
 async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], duration: float,
-                      shared: dict[str, Any] | None = None) -> dict[str, Any]:
+                      shared: dict[str, Any] | None = None, phase: str = "spread") -> dict[str, Any]:
     from websockets.asyncio.client import connect
 
     from service.protocol import FRAME_HEADER
@@ -235,11 +251,15 @@ async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], dur
     frames = [0] * n
     last_stats: list[dict[str, Any]] = [{} for _ in range(n)]
     timeline: list[list[tuple[float, dict[str, Any]]]] = [[] for _ in range(n)]
-    n_packets = sum(1 for d, _ in packets if d <= duration)
+    starts = phase_starts(packets, n, phase)
+    # stream i sends packets[k_i:] on the clock of its first packet: shift[i] seconds of event time
+    shift = [packets[k][0] - packets[0][0] for k in starts]
 
     async def sender(i: int, ws: Any) -> None:
-        base = t_start + i * 0.01 / n
-        for due, pk in packets[:n_packets]:
+        base = t_start + i * 0.01 / n - shift[i]
+        for due, pk in packets[starts[i] :]:
+            if due - shift[i] > duration:
+                break
             delay = base + due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -247,7 +267,7 @@ async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], dur
         await ws.send(json.dumps({"type": "end"}))
 
     async def receiver(i: int, ws: Any) -> None:
-        base = t_start + i * 0.01 / n
+        base = t_start + i * 0.01 / n - shift[i]
         try:
             async for msg in ws:
                 if isinstance(msg, bytes):
@@ -268,14 +288,14 @@ async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], dur
     return {"lat_e2e": lat_e2e, "frames": frames, "stats": last_stats, "t_start": t_start, "timeline": timeline}
 
 
-def bench_streams(server: Server, n: int, warmup: float, window: float) -> dict[str, Any]:
+def bench_streams(server: Server, n: int, warmup: float, window: float, phase: str = "spread") -> dict[str, Any]:
     duration = warmup + window + 1.5
-    packets, _ = make_packets(loops=int(duration / 2.2) + 2)
+    packets, _ = make_packets(loops=int(duration / PERIOD_S) + 3)
     result: dict[str, Any] = {}
 
     async def main() -> dict[str, Any]:
         shared: dict[str, Any] = {}
-        task = asyncio.create_task(run_streams(server.port, n, packets, duration, shared))
+        task = asyncio.create_task(run_streams(server.port, n, packets, duration, shared, phase))
         while "t_start" not in shared:  # connecting
             await asyncio.sleep(0.05)
         await asyncio.sleep(max(0.0, shared["t_start"] + warmup - time.perf_counter()))
@@ -411,7 +431,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         f"Machine: {res['machine']}; model: {res['model']}.",
         f"Command: `{res['command']}`",
         "",
-        "Streams: each replays the real MNIST-DVS recording in real time (10 ms packets), 10 ms bins, a frame "
+        f"Streams: each replays the real MNIST-DVS recording in real time (10 ms packets; phase `{res.get('phase', 'sync')}`: "
+        "`spread` = stream i starts i/N of the way through the recording, `sync` = all from its start together), 10 ms bins, a frame "
         "every 3 bins (33 frames/s). `p99 server` = bin complete -> frame sent over all frames of all streams "
         f"(the criterion, target < {LATENCY_TARGET_MS:.0f} ms; from the streams' final latency histograms); "
         "`p99 e2e` = bin end (event clock) -> frame received by the client, which includes waiting for the next "
@@ -460,6 +481,10 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=6.0)
     ap.add_argument("--upload-events", type=int, default=10_000_000)
     ap.add_argument("--no-upload", action="store_true")
+    ap.add_argument("--phase", choices=("spread", "sync"), default="spread",
+                    help="spread: stream i starts i/N of the way through the recording (independent cameras); "
+                    "sync: every stream replays it from the start at the same time (the batch's active inputs "
+                    "are one stream's, which flatters the encoder)")
     ap.add_argument("--keep-going", action="store_true",
                     help="measure every N of --streams (CPU per stream-second), not only up to the first failure")
     args = ap.parse_args()
@@ -469,6 +494,7 @@ def main() -> int:
     res: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
         "command": "python -m bench.service " + " ".join(sys.argv[1:]),
+        "phase": args.phase,
         "engines": {},
     }
     with tempfile.TemporaryDirectory(prefix="vdib-bench-") as td:
@@ -487,7 +513,7 @@ def main() -> int:
             failed: int | None = None  # the first N that failed: larger N do not count as passing
             try:
                 for n in (int(v) for v in args.streams.split(",")):
-                    r = bench_streams(server, n, args.warmup, args.window)
+                    r = bench_streams(server, n, args.warmup, args.window, args.phase)
                     r["loadavg_1min"] = os.getloadavg()[0]
                     r["pass"] = (r["p99_frame_latency_ms"] is not None and r["p99_frame_latency_ms"] < LATENCY_TARGET_MS
                                  and r["dropped_frames"] == 0)
