@@ -12,6 +12,10 @@ frames) is handed to the ``websockets`` parser unchanged and whole, so the libra
 valid frame sequence and keeps handling the protocol (control frames, close handshake, size
 limits, errors). After a fragment, a close frame, a negotiated extension or any byte the
 library saw before the fast path started, the connection stays on the library path.
+
+Sending: the app's binary and text messages go out as one unfragmented frame each, written
+straight to the transport (server frames are not masked), under the same conditions (open
+connection, no extension, nothing sent after a close); everything else goes through uvicorn.
 """
 
 from __future__ import annotations
@@ -87,6 +91,33 @@ class FastWebSocketProtocol(WebSocketsSansIOProtocol):
                     return
             i = end
         self._buf = buf[i:] if i < n else b""
+
+    async def send(self, message: Any) -> None:
+        if (message["type"] == "websocket.send" and self.handshake_complete and not self.close_sent
+                and not self.disconnected and self.initial_response is None and self.conn.state is State.OPEN
+                and not self.conn.extensions):
+            data = message.get("bytes")
+            opcode = 0x82
+            if data is None:
+                text = message.get("text")
+                if text is None:
+                    await super().send(message)
+                    return
+                data, opcode = text.encode(), 0x81
+            await self.writable.wait()
+            if self.disconnected or self.close_sent:
+                await super().send(message)  # raises or ignores like uvicorn does
+                return
+            n = len(data)
+            if n < 126:
+                head = bytes((opcode, n))
+            elif n < 1 << 16:
+                head = bytes((opcode, 126)) + n.to_bytes(2, "big")
+            else:
+                head = bytes((opcode, 127)) + n.to_bytes(8, "big")
+            self.transport.write(head + data)
+            return
+        await super().send(message)
 
     def _handover(self, rest: bytes) -> None:
         self._fast = False
