@@ -167,6 +167,12 @@ def evaluate_checkpoint(
     samples = res.pop("samples", None)
     summary = {"checkpoint": str(checkpoint), "data": what, **res}
     out = Path(out_dir) if out_dir else Path("results") / "evaluate" / Path(checkpoint).resolve().name
+    if what.startswith("MNIST-DVS real") and data is not None:
+        recs = sorted(Path(data).rglob("mnist_*_scale04_*.aedat"))
+        if recs:  # the first recording decoded along its length, as the service would
+            out.mkdir(parents=True, exist_ok=True)
+            summary["decoded_over_time"] = {"recording": recs[0].name, "judge_classes": plot_decoded_over_time(
+                nat.to("cpu"), recs[0], judge, out / "decoded_over_time.png", seed=seed)}
     write_results(out, summary, samples, f"Evaluation of {Path(checkpoint).name}")
     summary["results_dir"] = str(out)
     return summary
@@ -207,3 +213,45 @@ def decode_recording(naturalizer: torch.nn.Module, source: str | Path, seed: int
             snaps.append(online.decode().reshape(28, 28))
     final = online.decode().reshape(28, 28)
     return final, (torch.stack(snaps) if snaps else torch.zeros(0, 28, 28))
+
+
+def plot_decoded_over_time(naturalizer: torch.nn.Module, source: str | Path, judge: torch.nn.Module,
+                           out_png: str | Path, every_ms: float = 200.0, seed: int = 0) -> list[int]:
+    """Decode ``source`` online (:func:`decode_recording`) and save the summed input frame, a
+    snapshot every ``every_ms`` and the final image, each titled with the judge's class.
+
+    Returns the judge's classes of the snapshots followed by the final one."""
+    import matplotlib
+
+    import events
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = naturalizer.config
+    every = max(1, round(every_ms * 1000 / int(cfg.dt_us)))
+    final, snaps = decode_recording(naturalizer, source, seed=seed, every=every)
+    images = [*snaps, final]
+    labels = judge_label(torch.stack(images), judge)
+    pre = cfg.preprocessing
+    rec = events.read(source)
+    roi = events.ROI(*pre.get("roi", list(events.MNIST_DVS.roi)))
+    summed = events.bin_events(rec.events, roi, int(cfg.dt_us), None, None, polarity=cfg.polarity, mode=cfg.mode,
+                               pool=int(pre.get("pool", 1))).sum(axis=(0, 1))
+    n = len(images) + 1
+    cols = min(n, 7)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows), squeeze=False)
+    panels = [(summed, "input (sum)")] + [
+        (img.numpy(), f"{(i + 1) * every * int(cfg.dt_us) / 1000:.0f} ms: {lab}") for i, (img, lab) in
+        enumerate(zip(snaps, labels[:-1], strict=True))] + [(final.numpy(), f"final: {labels[-1]}")]
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, (img, title) in zip(axes.ravel(), panels, strict=False):
+        ax.imshow(img, cmap="gray")
+        ax.set_title(title, fontsize=7)
+    fig.suptitle(f"{Path(source).name} decoded online (judge's class per snapshot)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return labels

@@ -44,3 +44,16 @@ def test_real_mnist_dvs_zero_decodes_to_zero(shared_events):
     labels = judge_label(snaps, judge)
     assert labels.count(0) > len(labels) / 2
     assert json.loads((DEFAULT / "config.json").read_text())["model"]["dt_us"] == 10_000
+
+
+def test_evaluate_on_real_recordings_plots_the_decoding_over_time(shared_events, tmp_path):
+    from training.evaluate import evaluate_checkpoint
+
+    _load()
+    res = evaluate_checkpoint(DEFAULT, data=shared_events / "aedat2", out_dir=tmp_path, progress=False, device="cpu")
+    assert res["n"] >= 1 and res["judge_accuracy"] == 1.0  # the recordings at hand are 0s
+    dot = json.loads((tmp_path / "summary.json").read_text())["decoded_over_time"]
+    assert dot["recording"] == "mnist_0_scale04_0001.aedat"
+    classes = dot["judge_classes"]  # a snapshot every 200 ms of the 2.2 s recording, then the final image
+    assert len(classes) == 12 and classes[-1] == 0 and classes.count(0) > len(classes) / 2
+    assert (tmp_path / "decoded_over_time.png").stat().st_size > 10_000
