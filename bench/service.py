@@ -434,6 +434,7 @@ def bench_streams(server: Server, n: int, warmup: float, window: float, phase: s
 
 # ---------------------------------------------------------------------------- CPU cost model
 def bench_tick_cpu(checkpoints: Path, engine: str, decoder_dtype: str, sizes: tuple[int, ...] = (1, 10, 50, 100, 200),
+                   phase: str = "spread",
                    steps: int = 60) -> list[dict[str, Any]]:
     """CPU time of the scheduler's work per stream-second, in process (no sockets): ticks of B
     streams stepping real MNIST-DVS bins, a frame every 3 bins, plus binning one 10 ms packet.
@@ -441,7 +442,9 @@ def bench_tick_cpu(checkpoints: Path, engine: str, decoder_dtype: str, sizes: tu
     import torch
 
     import events
+    from service.ingest import _BinnerAdapter
     from service.metrics import Metrics
+    from service.protocol import decode_events
     from service.registry import ModelRegistry
     from service.scheduler import Scheduler
     from service.session import BIN, Pending, Session
@@ -459,22 +462,37 @@ def bench_tick_cpu(checkpoints: Path, engine: str, decoder_dtype: str, sizes: tu
         sess = [Session(entry, roi, pool, 10_000, 3, i, spikes=False, inputs=False, fmt="binary", encoding="packed",
                         t0_us=None, max_gap_us=1_000_000, out_queue_frames=32) for i in range(b)]
         frames = events.bin_events(ev, roi, 10_000, None, None, pool=pool)
+        # spread: stream i is i/b of the way through the recording (its own events), and a third of
+        # the streams emit a frame in each tick; sync: every stream steps the same frame
+        off = [(i * len(frames)) // b if phase == "spread" else 0 for i in range(b)]
+        for i, s in enumerate(sess):
+            s.steps = i % 3 if phase == "spread" else 0
         for t in range(3):  # warm-up
-            sched._tick([(s, Pending(BIN, frames[t], (t + 1) * 10_000, False, 0.0)) for s in sess])
+            sched._tick([(s, Pending(BIN, frames[(t + o) % len(frames)], (t + 1) * 10_000, False, 0.0))
+                         for s, o in zip(sess, off, strict=True)])
         c0 = time.process_time()
         for t in range(steps):
-            sched._tick([(s, Pending(BIN, frames[t % len(frames)], (t + 1) * 10_000, False, 0.0)) for s in sess])
+            sched._tick([(s, Pending(BIN, frames[(t + o) % len(frames)], (t + 1) * 10_000, False, 0.0))
+                         for s, o in zip(sess, off, strict=True)])
         cpu = (time.process_time() - c0) / steps
         rows.append({"batch": b, "tick_cpu_ms": 1e3 * cpu, "cpu_ms_per_stream_s": 1e3 * cpu * 100 / b})
-    binner = events.Binner(sess[0].spec)
+    from service.protocol import encode_events
+
     t0 = int(ev["t"][0])
-    packets = [ev[(ev["t"] >= t0 + k * 10_000) & (ev["t"] < t0 + (k + 1) * 10_000)] for k in range(200)]
-    events.Binner(sess[0].spec).push(packets[0])  # first use: lazy imports and tables
-    c0 = time.process_time()
-    for p in packets:
-        binner.push(p)
-    push_ms = 1e3 * (time.process_time() - c0) / len(packets)
-    return [*rows, {"binner_push_ms_per_packet": push_ms}]
+    packets = [encode_events(ev[(ev["t"] >= t0 + k * 10_000) & (ev["t"] < t0 + (k + 1) * 10_000)]) for k in range(200)]
+    times = {}
+    for name, push in (("binner", lambda s, p: s.push_events(decode_events(p))), ("ingest", lambda s, p: s.push_packet(p))):
+        s = Session(entry, roi, pool, 10_000, 3, 0, spikes=False, inputs=False, fmt="binary", encoding="packed",
+                    t0_us=None, max_gap_us=1_000_000, out_queue_frames=32)
+        if name == "binner":  # events.Binner, as before service.ingest
+            s.binner, s.fast_ingest = _BinnerAdapter(events.Binner(s.spec, max_gap_us=1_000_000)), False
+        push(s, packets[0])  # first use: lazy imports, tables, cached kernels
+        c0 = time.process_time()
+        for p in packets[1:]:
+            push(s, p)
+            s.pending.clear()
+        times[name] = 1e3 * (time.process_time() - c0) / (len(packets) - 1)
+    return [*rows, {"binner_push_ms_per_packet": times["binner"], "ingest_ms_per_packet": times["ingest"]}]
 
 
 # ---------------------------------------------------------------------------- upload
@@ -561,7 +579,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
             lines += ["", "Scheduler CPU cost (in process, no sockets; CPU time): "
                       + ", ".join(f"batch {x['batch']}: {x['tick_cpu_ms']:.2f} ms per tick = {x['cpu_ms_per_stream_s']:.1f} ms "
                                   "per stream-second" for x in tc if "batch" in x)
-                      + f"; binning one 10 ms packet: {tc[-1]['binner_push_ms_per_packet']:.3f} ms."]
+                      + f"; one 10 ms packet into the session (check, bin, queue): {tc[-1].get('ingest_ms_per_packet', float('nan')):.3f} ms "
+                      f"(with events.Binner: {tc[-1]['binner_push_ms_per_packet']:.3f} ms)."]
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
@@ -579,6 +598,8 @@ def main() -> int:
                     help="spread: stream i starts i/N of the way through the recording (independent cameras); "
                     "sync: every stream replays it from the start at the same time (the batch's active inputs "
                     "are one stream's, which flatters the encoder)")
+    ap.add_argument("--out", default=str(RESULTS / "service"),
+                    help="results path without suffix (writes .json and .md; default bench/results/service)")
     ap.add_argument("--keep-going", action="store_true",
                     help="measure every N of --streams (CPU per stream-second), not only up to the first failure")
     args = ap.parse_args()
@@ -623,17 +644,19 @@ def main() -> int:
                             break
                 entry: dict[str, Any] = {"max_streams": best, "streams": rows}
                 if workers == 1:
-                    entry["tick_cpu"] = bench_tick_cpu(ckpt, parts[0], "bfloat16" if "bf16" in parts else "float32")
+                    entry["tick_cpu"] = bench_tick_cpu(ckpt, parts[0], "bfloat16" if "bf16" in parts else "float32",
+                                                       phase=args.phase)
                 if upload_file is not None:
                     entry["upload"] = bench_upload(server, upload_file, n_up)
                     print(f"[{eng}] upload: {entry['upload']['events_per_s'] / 1e6:.2f} Mev/s", flush=True)
                 res["engines"][eng] = entry
             finally:
                 server.stop()
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "service.json").write_text(json.dumps(res, indent=2) + "\n")
-    write_md(res, RESULTS / "service.md")
-    print((RESULTS / "service.md").read_text())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    write_md(res, out.with_suffix(".md"))
+    print(out.with_suffix(".md").read_text())
     return 0
 
 

@@ -54,7 +54,6 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdib-tick")
         self._cursor = 0  # round-robin start when more than max_batch sessions are due
-        self._behind = False  # the last tick left work behind (some stream had several bins due)
         self.ticks = 0
         self.steps = 0
         self._rate_t = time.perf_counter()
@@ -127,10 +126,8 @@ class Scheduler:
                 # Like Triton's max queue delay: let bins of other streams arrive so that one tick
                 # steps many streams (per-tick costs, above all the decoder's weight reads, are
                 # nearly independent of the batch size).
-                # A stream with more bins waiting (a burst of packets, a slow tick) needs one tick
-                # per bin: then tick again at once instead of idling out the interval.
                 wait = last_tick + self.tick_interval_s - time.perf_counter()
-                if wait > 0 and not self._behind:
+                if wait > 0:
                     await asyncio.sleep(wait)
                 last_tick = time.perf_counter()
                 work = self._collect()
@@ -160,9 +157,7 @@ class Scheduler:
             start = self._cursor % len(due)
             due = (due[start:] + due[:start])[: self.max_batch]
             self._cursor += self.max_batch
-        work = [(s, s.pending.popleft()) for s in due]
-        self._behind = any(s.pending for s in due)
-        return work
+        return [(s, s.pending.popleft()) for s in due]
 
     def _update_rate(self) -> None:
         now = time.perf_counter()
