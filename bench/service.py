@@ -652,11 +652,11 @@ def main() -> int:
                 res["engines"][eng] = entry
             finally:
                 server.stop()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    write_md(res, out.with_suffix(".md"))
-    print(out.with_suffix(".md").read_text())
+    out_json, out_md = Path(args.out + ".json"), Path(args.out + ".md")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(res, indent=2) + "\n")
+    write_md(res, out_md)
+    print(out_md.read_text())
     return 0
 
 
