@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -350,6 +351,9 @@ async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], dur
         if msg["type"] != "ready":
             raise RuntimeError(msg)
         conns.append(proto)
+    # The load generator must not pause: no garbage collection while it runs (it lasts seconds).
+    gc.collect()
+    gc.disable()
     t_start = perf() + 0.2
     if shared is not None:
         shared["t_start"] = t_start
@@ -378,7 +382,10 @@ async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], dur
             heapq.heappush(heap, (base[i] + packets[j + 1][0], i, j + 1))
         else:
             tr.write(end_frame)
-    await asyncio.wait_for(asyncio.gather(*(c.closed for c in conns)), timeout=60)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(c.closed for c in conns)), timeout=60)
+    finally:
+        gc.enable()
     return {"lat_e2e": lat_e2e, "frames": frames, "stats": last_stats, "t_start": t_start, "timeline": timeline}
 
 
