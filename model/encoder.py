@@ -118,7 +118,9 @@ class Encoder(nn.Module):
         self.register_buffer("ff_kernel", ff, persistent=False)
         self.register_buffer("fb_kernel", fb.contiguous(), persistent=False)
         # "auto": sparse inputs at small batch take the event-driven gather (no autograd);
-        # "never": always dense GEMMs (ONNX/TorchScript export); "always": always gather
+        # "never": always dense GEMMs (ONNX/TorchScript export); "always": always gather the
+        # batch's active input columns; "rows": per-row sums of each row's own active inputs
+        # (F.input_current; batches of independent streams, e.g. a server's scheduler)
         self.event_driven = "auto"
         self.event_max_batch = 8
         self.event_max_density = 0.1
@@ -177,11 +179,13 @@ class Encoder(nn.Module):
         w = self.layers[i].weight
         return self._derived(f"h{i}", w, lambda: w.t())
 
-    def _use_events(self, x: Tensor) -> bool:
+    def _use_events(self, x: Tensor) -> bool | str:
         if self.event_driven == "never" or (torch.is_grad_enabled() and (self.readout_ff_weight.requires_grad or x.requires_grad)):
             return False
         if self.event_driven == "always":
             return True
+        if self.event_driven == "rows":
+            return "rows"
         if x.device.type != "cpu" or x.shape[0] > self.event_max_batch:  # GPUs: the GEMM, no sync
             return False
         return int(x.count_nonzero()) <= self.event_max_density * x.numel()

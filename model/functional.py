@@ -135,15 +135,26 @@ def lif_traces(x: Tensor, q: Tensor, p: Tensor, params: LIFParameters) -> tuple[
     return q, p
 
 
-def input_current(x: Tensor, weight_t: Tensor, *, event_driven: bool = False) -> Tensor:
+def input_current(x: Tensor, weight_t: Tensor, *, event_driven: bool | str = False) -> Tensor:
     """:math:`x W^T` for ``x [B, n_in]`` and ``weight_t = W^T [n_in, n_out]``.
 
     ``event_driven=True`` multiplies only the input columns that are non-zero in some row
     (``x[:, active] @ weight_t[active]``): far cheaper than the full GEMM when few inputs are
     active, equal up to float rounding, and correct for any input values.
+    ``event_driven="rows"`` sums, for each row separately, the weight rows of its own non-zero
+    inputs (one ``embedding_bag``): cheaper again when the rows are sparse but active in
+    different columns (independent streams batched together, whose union of active columns is
+    most of them), and a row's result does not depend on the other rows of the batch.
     """
     if not event_driven:
         return x @ weight_t
+    if event_driven == "rows":
+        nz = x.nonzero()
+        rows, cols = nz[:, 0], nz[:, 1]
+        vals = x[rows, cols]
+        offsets = torch.searchsorted(rows, torch.arange(x.shape[0], device=x.device))
+        weights = None if bool((vals == 1).all()) else vals.to(weight_t.dtype)
+        return torch.nn.functional.embedding_bag(cols, weight_t, offsets, mode="sum", per_sample_weights=weights)
     active = x.any(0).nonzero().squeeze(1)
     return x.index_select(1, active) @ weight_t.index_select(0, active)
 
@@ -156,7 +167,7 @@ def lif_step(
     params: LIFParameters = LIFParameters(),
     *,
     weight_t: Tensor | None = None,
-    event_driven: bool = False,
+    event_driven: bool | str = False,
 ) -> tuple[Tensor, LIFState, Tensor]:
     """One step of a hidden LIF layer.
 
@@ -247,7 +258,7 @@ def srm_readout_step(
     fb_kernel: Tensor,
     uniforms: Tensor,
     *,
-    event_driven: bool = False,
+    event_driven: bool | str = False,
 ) -> tuple[Tensor, SRMState, Tensor]:
     """One step of the stochastic-threshold SRM readout (eq. 15, 17).
 

@@ -170,72 +170,6 @@ class _SparseDecoder:
             return h.numpy()
 
 
-class _RowSparseStep:
-    """The encoder step with row-sparse input currents: for each stream (row) the sum of the
-    weight rows of its non-zero inputs, in one ``embedding_bag`` call per layer,
-
-    .. math:: I_b = \\sum_{i : x_{b,i} \\neq 0} x_{b,i} \\, W^T[i, :]
-
-    instead of the model's event-driven GEMM over the batch's *union* of active columns
-    (``model.functional.input_current``). Streams see different events (~3 % of the 1352 inputs
-    and ~10 % of the hidden spikes active per stream, but the union over 100 streams is most
-    columns), so the union GEMM costs nearly a dense one; the row-sparse sum reads only each
-    stream's own rows, and a stream's result does not depend on the other rows of its batch.
-    Everything else is the model's own step (``model.functional``: LIF traces and spikes, the
-    SRM readout's pending lags, feedback and stochastic threshold); equal to ``Encoder.step`` up
-    to float rounding of the sums (tests/service/test_engines.py).
-    """
-
-    def __init__(self, encoder: Any) -> None:
-        self.enc = encoder
-
-    @classmethod
-    def build(cls, encoder: Any, device: str) -> _RowSparseStep | None:
-        from model.encoder import Encoder
-
-        if device != "cpu" or type(encoder) is not Encoder:
-            return None
-        return cls(encoder)
-
-    @staticmethod
-    def current(x: Any, weight_t: Any) -> Any:
-        import torch
-        import torch.nn.functional as tf
-
-        nz = x.nonzero()
-        rows, cols = nz[:, 0], nz[:, 1]
-        vals = x[rows, cols]
-        offsets = torch.searchsorted(rows, torch.arange(x.shape[0], device=x.device))
-        weights = None if bool((vals == 1).all()) else vals
-        return tf.embedding_bag(cols, weight_t, offsets, mode="sum", per_sample_weights=weights)
-
-    def step(self, x: Any, state: Any, uniforms: Any) -> tuple[Any, Any]:
-        import torch
-
-        from model import functional as F
-        from model.encoder import EncoderState
-
-        enc = self.enc
-        lif = enc.config.lif
-        z = x
-        hidden = []
-        for i, (layer, st) in enumerate(zip(enc.layers, state.hidden, strict=True)):
-            q, p = F.lif_traces(self.current(z, enc.hidden_weight_t(i)), st.q, st.p, lif)
-            r = lif.alpha_rp * st.r - st.s
-            s = F.heaviside_surrogate(p + r + layer.bias, lif.surrogate_scale)
-            hidden.append(F.LIFState(q, p, r, s))
-            z = s
-        ro = state.readout
-        b, tau, n_out = ro.pending.shape
-        g = self.current(z, enc.lag_weight_t()).view(b, tau, n_out)
-        pending = torch.nn.functional.pad(ro.pending[:, 1:], (0, 0, 0, 1)) + g
-        fb = torch.matmul(enc.fb_kernel, ro.fb_hist)
-        u = pending[:, 0] + enc.readout_fb_weight * fb + enc.readout_bias
-        y = (uniforms < torch.sigmoid(u)).to(z.dtype)
-        fb_hist = torch.cat((ro.fb_hist[:, 1:], y.unsqueeze(1)), dim=1)
-        return y, EncoderState(tuple(hidden), F.SRMState(pending, fb_hist))
-
-
 class TorchEngine(Engine):
     """PyTorch eager engine over a :class:`model.Naturalizer`."""
 
@@ -272,13 +206,14 @@ class TorchEngine(Engine):
         self._stack, self._map = stack_states, map_state
         self._sparse = _SparseDecoder.build(self._decoder, self.device)
         if self.device == "cpu" and hasattr(self.encoder, "event_driven"):
-            # The model multiplies only the active input columns up to batch 8 and runs the full
-            # GEMM above; with inputs ~3 % and hidden spikes ~8 % active, the gather stays
-            # cheaper at every batch size a CPU server reaches (2.3 instead of 2.6 ms per step
-            # at batch 100, 0.27 instead of 0.41 at batch 10). Equal up to float rounding.
-            self.encoder.event_driven = "always"
-        self._rowsparse = _RowSparseStep.build(self.encoder, self.device)
-        self._step = self._rowsparse.step if self._rowsparse is not None else self._model_step
+            # Input currents as per-stream sums of each stream's own active weight rows
+            # (model.functional.input_current, event_driven="rows"): streams see different
+            # events (~3 % of the 1352 inputs and ~10 % of the hidden spikes active per stream,
+            # but the union over 100 streams is most columns), so the model's union gather costs
+            # nearly a dense GEMM while the row sums read only each stream's rows (1.5 instead of
+            # 2.7 ms per step at batch 100), and a stream's result does not depend on the other
+            # streams of its batch. Equal to the dense step up to float rounding.
+            self.encoder.event_driven = "rows"
         with torch.inference_mode():
             self._fresh = self.encoder.init_state(1, device=self.device)
 
@@ -320,7 +255,7 @@ class TorchEngine(Engine):
         with torch.inference_mode():
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
             ut = torch.from_numpy(np.ascontiguousarray(uniforms, dtype=np.float32)).to(self.device)
-            y, state = self._step(xt, state, ut)
+            y, state = self._model_step(xt, state, ut)
             return y.to("cpu", torch.uint8).numpy(), state
 
     def run_chunk(self, x: np.ndarray, uniforms: np.ndarray, state: State) -> tuple[np.ndarray, State]:
@@ -330,7 +265,7 @@ class TorchEngine(Engine):
             ut = torch.from_numpy(np.ascontiguousarray(uniforms, dtype=np.float32)).to(self.device)
             ys = []
             for x_t, u_t in zip(xt.split(1), ut.split(1), strict=True):
-                y, state = self._step(x_t, state, u_t)
+                y, state = self._model_step(x_t, state, u_t)
                 ys.append(y)
             out = torch.cat(ys) if ys else torch.zeros((0, self.n_readout), device=self.device)
             return out.to("cpu", torch.uint8).numpy(), state

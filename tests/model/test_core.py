@@ -293,6 +293,23 @@ def test_drifting_blobs_statistics():
     assert math.isfinite(float(x.mean()))
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_input_current_modes_agree_and_rows_ignore_the_batch(weighted):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(6, 40, generator=g) < 0.1).float()
+    x[2] = 0.0  # a silent row
+    if weighted:
+        x = x * torch.randint(1, 4, x.shape, generator=g)  # count-mode inputs
+    wt = torch.randn(40, 7, generator=g)
+    dense = F.input_current(x, wt)
+    for mode in (True, "rows"):
+        torch.testing.assert_close(F.input_current(x, wt, event_driven=mode), dense, atol=1e-5, rtol=1e-5)
+    rows = F.input_current(x, wt, event_driven="rows")
+    assert torch.equal(rows[2], torch.zeros(7))
+    for i in range(6):  # bit for bit the same row whatever else is in the batch
+        assert torch.equal(F.input_current(x[i : i + 1], wt, event_driven="rows")[0], rows[i])
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_event_driven_step_equals_dense_step(batch):
     nat = tiny_naturalizer(input_shape=(2, 6, 6), hidden=(20,), n_readout=9)
@@ -300,7 +317,7 @@ def test_event_driven_step_equals_dense_step(batch):
     x = random_spike_frames(15, (batch, 72), rate=0.05, seed=3).float()
     uni = torch.rand(15, batch, 9, generator=torch.Generator().manual_seed(0))
     out = {}
-    for mode in ("always", "never"):
+    for mode in ("always", "rows", "never"):
         enc.event_driven = mode
         st = enc.init_state(batch)
         us = []
@@ -311,6 +328,7 @@ def test_event_driven_step_equals_dense_step(batch):
         out[mode] = torch.stack(us)
     enc.event_driven = "auto"
     torch.testing.assert_close(out["always"], out["never"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["rows"], out["never"], atol=1e-5, rtol=1e-5)
     sparse = torch.zeros(batch, 72)
     sparse[:, 3] = 1
     with torch.no_grad():

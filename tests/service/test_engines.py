@@ -208,10 +208,15 @@ def test_sparse_decoder_equals_dense_and_ignores_batch(decoder):
 
 
 def test_row_sparse_encoder_step_equals_model_and_ignores_batch(nat):
-    """The torch engine's row-sparse input currents: the model's step up to float rounding, and
-    a stream's state does not depend on the other streams of its batch (bit for bit)."""
+    """The torch engine's row-sparse input currents (the model's ``event_driven="rows"``): the
+    dense step up to float rounding, and a stream's state does not depend on the other streams
+    of its batch (bit for bit)."""
     eng = TorchEngine(nat, "cpu")
-    assert eng._rowsparse is not None
+    assert eng.encoder.event_driven == "rows"
+    import copy
+
+    dense = copy.deepcopy(eng.encoder)
+    dense.event_driven = "never"
     rng = np.random.default_rng(0)
     b, steps = 5, 25
     x = (rng.random((steps, b, eng.n_inputs)) < 0.06).astype(np.float32)
@@ -219,15 +224,15 @@ def test_row_sparse_encoder_step_equals_model_and_ignores_batch(nat):
     x[:, 2] = 0.0  # a silent stream
     u = rng.random((steps, b, eng.n_readout)).astype(np.float32)
     with torch.inference_mode():
-        s_model = s_row = nat.encoder.init_state(b)
-        alone = [nat.encoder.init_state(1) for _ in range(b)]
+        s_model = s_row = dense.init_state(b)
+        alone = [dense.init_state(1) for _ in range(b)]
         for t in range(steps):
             xt, ut = torch.from_numpy(x[t]), torch.from_numpy(u[t])
-            y_m, s_model = nat.encoder.step(xt, s_model, uniforms=ut)
-            y_r, s_row = eng._rowsparse.step(xt, s_row, ut)
+            y_m, s_model = dense.step(xt, s_model, uniforms=ut)
+            y_r, s_row = eng.encoder.step(xt, s_row, uniforms=ut)
             assert torch.equal(y_m, y_r)
             for i in range(b):
-                y_i, alone[i] = eng._rowsparse.step(xt[i : i + 1], alone[i], ut[i : i + 1])
+                y_i, alone[i] = eng.encoder.step(xt[i : i + 1], alone[i], uniforms=ut[i : i + 1])
                 assert torch.equal(y_i[0], y_r[i])
         for a, m in zip(s_row.readout, s_model.readout):
             torch.testing.assert_close(a, m, atol=1e-5, rtol=1e-5)
