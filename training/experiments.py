@@ -90,19 +90,25 @@ def collect(root: Path, out: Path) -> dict:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 3.6))
-        labels, ours, papers = [], [], []
+        fig, ax = plt.subplots(figsize=(8, 4.0))
+        labels, ours, ours_sd, papers, papers_sd = [], [], [], [], []
         for r in rows:
             labels.append(f"{r['encoding']}\n{r['decoding']}\n{r['rule']}")
             ours.append(r["judge_accuracy_mean"])
+            ours_sd.append(r["judge_accuracy_std"] or 0.0)
             papers.append(r["paper"][0] if r["paper"] else math.nan)
+            papers_sd.append(r["paper"][1] if r["paper"] else 0.0)
         xs = np.arange(len(rows))
-        ax.bar(xs - 0.2, ours, 0.4, label="ours")
-        ax.bar(xs + 0.2, papers, 0.4, label="paper (VDIB rule, 200k examples)")
+        seeds = max(len(r["seeds"]) for r in rows)
+        b1 = ax.bar(xs - 0.2, ours, 0.4, yerr=ours_sd, capsize=3, label=f"ours ({seeds} seed{'s' if seeds > 1 else ''})")
+        b2 = ax.bar(xs + 0.2, papers, 0.4, yerr=papers_sd, capsize=3, label="paper (VDIB rule, 200k examples, 3 seeds)")
+        ax.bar_label(b1, fmt="%.1f", fontsize=6, padding=2)
+        ax.bar_label(b2, fmt="%.1f", fontsize=6, padding=2)
         ax.set_xticks(xs, labels, fontsize=7)
         ax.set_ylabel("judge accuracy on reconstructions (%)")
-        ax.set_ylim(0, 100)
-        ax.legend(fontsize=8)
+        ax.set_ylim(0, 112)
+        ax.set_yticks(range(0, 101, 20))
+        ax.legend(fontsize=8, loc="upper center", ncol=2, frameon=False)
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / "table1.png", dpi=110)
