@@ -99,6 +99,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tv.add_argument("--out", type=Path, default=None, help="default docs/results")
     tv.set_defaults(func=_cmd_time_vs_rate)
 
+    x = subparsers.add_parser("export", help="re-store a checkpoint as float16/bfloat16/int8/int4 and re-measure it")
+    x.add_argument("src", type=Path, help="checkpoint directory")
+    x.add_argument("dst", type=Path, help="new checkpoint directory")
+    x.add_argument("--weights", choices=["float32", "float16", "bfloat16", "int8", "int4"], default="int4")
+    x.add_argument("--title", default=None, help="model card title")
+    x.add_argument("--notes", default="", help="model card paragraph")
+    x.add_argument("--limit", type=int, default=None, help="evaluate on the first N test items only")
+    x.add_argument("--data", type=Path, default=None)
+    x.set_defaults(func=_cmd_export)
+
     e = subparsers.add_parser("evaluate", help="evaluate a naturalizer checkpoint (judge accuracy, MSE, SSIM)")
     e.add_argument("checkpoint", type=Path, help="naturalizer checkpoint directory")
     e.add_argument("--data", type=Path, default=None,
@@ -210,6 +220,16 @@ def _cmd_time_vs_rate(args: argparse.Namespace) -> int:
     print(json.dumps({k: [(r["encoding"], r["rule"], r["key"], r["time_minus_rate"]) for r in v] for k, v in res.items()}))
     print(f"wrote {out / 'time_vs_rate.md'}")
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import main
+
+    argv = [str(args.src), str(args.dst), "--weights", args.weights, "--notes", args.notes]
+    argv += ["--title", args.title] if args.title else []
+    argv += ["--limit", str(args.limit)] if args.limit is not None else []
+    argv += ["--data", str(args.data)] if args.data is not None else []
+    return main(argv)
 
 
 def _cmd_predictive(args: argparse.Namespace) -> int:

@@ -40,3 +40,23 @@ def test_table1_checkpoint_reconstructions_are_readable(cell, shared_mnist, tmp_
     res = evaluate_checkpoint(d, data=shared_mnist, limit=300, out_dir=tmp_path, progress=False, device="cpu")
     assert res["n"] == 300
     assert res["judge_accuracy"] >= 0.93 and res["ssim"] > 0.8
+
+
+def test_vdib_export_restores_with_other_weights_and_remeasures(shared_mnist, tmp_path):
+    import json as _json
+
+    import vdib_cli
+
+    src = REPO / "checkpoints" / "table1" / "rate-rate-vdib-bptt"
+    if not (src / "config.json").is_file():
+        pytest.skip(f"{src} not shipped")
+    dst = tmp_path / "int8"
+    assert vdib_cli.main(["export", str(src), str(dst), "--weights", "int8", "--limit", "100",
+                          "--data", str(shared_mnist), "--title", "re-stored"]) == 0
+    meta = _json.loads((dst / "config.json").read_text())
+    assert meta["metrics"]["stored_weights"] == "int8" and meta["metrics"]["n"] == 100
+    assert meta["metrics"]["source_eval"]["n"] == 10_000  # the source's numbers are kept beside
+    assert meta["metrics"]["judge_accuracy"] > 0.9
+    assert set(s["scheme"] for s in meta["quantization"].values()) == {"int8"}
+    assert (dst / "README.md").read_text().startswith("# re-stored")
+    assert vdib_cli.main(["export", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
