@@ -170,6 +170,17 @@ class _SparseDecoder:
             return h.numpy()
 
 
+def _group_rows(states: list[Any]) -> list[tuple[Any, list[int]]]:
+    """Runs of consecutive states from the same source batch: ``[(batch, [row, ...]), ...]``."""
+    groups: list[tuple[Any, list[int]]] = []
+    for st in states:
+        if groups and groups[-1][0] is st.batch:
+            groups[-1][1].append(st.i)
+        else:
+            groups.append((st.batch, [st.i]))
+    return groups
+
+
 class TorchEngine(Engine):
     """PyTorch eager engine over a :class:`model.Naturalizer`."""
 
@@ -231,12 +242,7 @@ class TorchEngine(Engine):
         """Gather rows: one ``index_select`` per state tensor and source batch, none at all when
         the rows are exactly the previous tick's batch (the steady state of a busy server)."""
         torch = self._torch
-        groups: list[tuple[Any, list[int]]] = []
-        for st in states:
-            if groups and groups[-1][0] is st.batch:
-                groups[-1][1].append(st.i)
-            else:
-                groups.append((st.batch, [st.i]))
+        groups = _group_rows(states)
         parts = []
         for batch, rows in groups:
             n = batch.readout.fb_hist.shape[0]
@@ -332,12 +338,7 @@ class OnnxEngine(Engine):
         """Like :meth:`TorchEngine.stack`: the previous tick's batch as it is when its rows come
         back in order (a busy server's steady state), a slice for a run of consecutive rows,
         else a gather; ``np.concatenate`` only across source batches."""
-        groups: list[tuple[Any, list[int]]] = []
-        for st in states:
-            if groups and groups[-1][0] is st.batch:
-                groups[-1][1].append(st.i)
-            else:
-                groups.append((st.batch, [st.i]))
+        groups = _group_rows(states)
         parts = []
         for batch, rows in groups:
             n = batch[0].shape[0]
