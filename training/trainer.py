@@ -403,7 +403,6 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
         export_checkpoint(save_dir, nat, cfg, metrics, prov, r.get("save_dtype", "float32"))
         summary["checkpoint"] = str(save_dir)
         plot_run(run_dir)
-        summary["checkpoint"] = str(save_dir)
     dist.barrier()
     if dist.initialised_here:
         import torch.distributed as tdist

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -113,6 +114,12 @@ def _ddp_worker(rank: int, world: int, port: int, cfg: dict) -> None:
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     train(cfg, progress=False)
+    # train() has finished, written its checkpoint and destroyed the process group; about 1 in 25
+    # runs a rank then aborts in torch's gloo teardown at interpreter exit ("terminate called
+    # without an active exception", SIGABRT/SIGSEGV), after both ranks returned. Skip that teardown.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @pytest.mark.parametrize("rule", ["vdib", "vdib-bptt"])
