@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a VDIB naturalizer from a TOML config")
     p.add_argument("config", type=Path, help="TOML config (see configs/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, dotted keys (e.g. --set train.steps=100); repeatable")
+                   help="override a config value, dotted keys (e.g. --set train.examples=2000); repeatable")
     p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoint")
     p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: from the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
