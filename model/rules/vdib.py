@@ -1,4 +1,4 @@
-"""Learning rules: ``vdib`` (the paper's rule) and ``vdib-bptt`` (surrogate-gradient BPTT).
+"""The ``vdib`` rule (the paper's): score-function readout gradients and e-prop with DFA for the hidden layers.
 
 Usage (training/)::
 
@@ -30,8 +30,7 @@ loss variance that comes from the input itself, VDIB-REFERENCE.md pitfall 2).
 The decoder is trained by backprop on :math:`\\ell_d` with Adam; the encoder with Adam
 (default) or plain SGD (the authors').
 
-``vdib-bptt``: the same objective, surrogate-gradient BPTT through the hidden layers,
-straight-through estimator for the Bernoulli readout and the analytic KL; one Adam.
+``vdib-bptt`` (:mod:`model.rules.bptt`) trains the same objective by backprop through time.
 """
 
 from __future__ import annotations
@@ -39,97 +38,32 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from .encoder import Encoder
-from .loss import analytic_kl, decoder_loss, sampled_kl
-from .naturalizer import Naturalizer, sliding_windows
-from .rollout import HiddenRollout, basis_by_lag, hidden_rollout, mm, readout_ff, readout_sample
+from ..encoder import Encoder
+from ..loss import sampled_kl
+from ..naturalizer import Naturalizer
+from ..rollout import HiddenRollout, basis_by_lag, hidden_rollout, mm, readout_ff, readout_sample
+from .base import (
+    MATMUL_DTYPES,
+    HiddenInit,
+    KLReduction,
+    MatmulDtype,
+    Rule,
+    TargetSteps,
+    flatten_input,
+    hidden_stats,
+    init_hidden,
+)
 
-__all__ = [
-    "RULES",
-    "BPTTOptions",
-    "BPTTRule",
-    "Rule",
-    "VDIBOptions",
-    "VDIBRule",
-    "build_rule",
-    "calibrate_hidden_init",
-    "encoder_gradients",
-    "hidden_activity",
-]
+__all__ = ["BASELINES", "Baseline", "VDIBOptions", "VDIBRule", "encoder_gradients", "per_row_gradients"]
 
-BASELINES = ("none", "moving-average", "per-parameter", "loo")
-_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
-
-
-# ----------------------------------------------------------------------------- helpers
-def hidden_activity(encoder: Encoder, x: Tensor, measure: str = "rate") -> list[float]:
-    """Hidden activity on ``x [T, B, n_inputs]`` per layer.
-
-    ``measure="rate"``: mean spike probability per neuron and step (the fraction of neurons
-    active at a step); ``"any"``: fraction of neurons that spike at least once per sequence
-    (with the authors' bias init U(-1e-3, 1e-3) about half the neurons fire periodically even
-    without input, so this is >= ~0.5 for sequences longer than ~16 steps).
-    """
-    with torch.no_grad():
-        roll = hidden_rollout(encoder, x)
-    if measure == "rate":
-        return [float(s.mean()) for s in roll.s]
-    if measure == "any":
-        return [float(s.amax(0).mean()) for s in roll.s]
-    raise ValueError(f"measure must be 'rate' or 'any', got {measure!r}")
-
-
-def calibrate_hidden_init(
-    encoder: Encoder,
-    x: Tensor,
-    target_active: float = 0.15,
-    *,
-    measure: str = "rate",
-    iters: int = 18,
-    seed: int = 0,
-) -> float:
-    """Random-initialise the hidden layers so that their activity on ``x`` is ~``target_active``.
-
-    Bisects the init scale (log space) of W ~ N(0, scale^2 / (0.05 n_in)) layer by layer
-    (VDIB-REFERENCE.md pitfall 3: ~15 % active was the largest single gain); returns the scale
-    of the last layer. Biases and the readout are left as they were. ``x``: a representative
-    batch ``[T, B, n_inputs]``; ``measure`` as in :func:`hidden_activity`.
-    """
-    g = torch.Generator().manual_seed(seed)
-    scale = 1.0
-    with torch.no_grad():
-        for li, layer in enumerate(encoder.layers):
-            noise = torch.randn(layer.weight.shape, generator=g) / math.sqrt(layer.in_features * 0.05)
-            noise = noise.to(layer.weight.dtype)
-            lo, hi = -8.0, 8.0
-            for _ in range(iters):
-                mid = 0.5 * (lo + hi)
-                layer.weight.copy_(noise * math.exp(mid))
-                act = hidden_activity(encoder, x, measure)[li]
-                if act < target_active:
-                    lo = mid
-                else:
-                    hi = mid
-            scale = math.exp(0.5 * (lo + hi))
-            layer.weight.copy_(noise * scale)
-    return scale
-
-
-def _flatten_x(nat: Naturalizer, x: Tensor) -> Tensor:
-    if x.dim() == 5 or (x.dim() == 3 and x.shape[-1] == nat.config.encoder.n_inputs):
-        return nat.flatten_input(x)
-    raise ValueError(f"x must be [T, B, C, H, W] or [T, B, n_inputs], got {tuple(x.shape)}")
-
-
-def _encoder_param_names(encoder: Encoder) -> list[str]:
-    return [n for n, _ in encoder.named_parameters()]
+Baseline = Literal["none", "moving-average", "per-parameter", "loo"]
+BASELINES: tuple[Baseline, ...] = ("none", "moving-average", "per-parameter", "loo")
 
 
 def _shift_errors(err: Tensor, tau: int) -> Tensor:
@@ -225,107 +159,6 @@ def per_row_gradients(
     return out
 
 
-# ----------------------------------------------------------------------------- rules
-
-def _hidden_stats(roll: HiddenRollout) -> dict[str, float]:
-    """Per hidden layer: mean spike rate and the fraction of neurons that fired at all in a sequence."""
-    stats = {}
-    for i, s in enumerate(roll.s):
-        s = s.detach()
-        stats[f"hidden_rate_{i}"] = float(s.mean())
-        stats[f"hidden_active_{i}"] = float(s.amax(0).mean())
-    return stats
-
-class Rule:
-    """Common API: ``train_step``, ``evaluate``, ``state_dict``/``load_state_dict``, ``all_reduce``."""
-
-    name = ""
-
-    def __init__(self, naturalizer: Naturalizer):
-        self.naturalizer = naturalizer
-        self.steps = 0
-        # DDP hook: sums a tensor over ranks and returns it (None: single process)
-        self.all_reduce: Callable[[Tensor], Tensor] | None = None
-        self._world: float | None = None
-
-    # -- DDP
-    def _world_size(self) -> float:
-        if self.all_reduce is None:
-            return 1.0
-        if self._world is None:
-            self._world = float(self.all_reduce(torch.ones(1)).item())
-        return self._world
-
-    def _reduce_mean(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Average tensors over ranks with one all-reduce call (identity without a hook)."""
-        if self.all_reduce is None or not tensors:
-            return tensors
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        flat = self.all_reduce(flat) / self._world_size()
-        out, i = [], 0
-        for t in tensors:
-            out.append(flat[i : i + t.numel()].view_as(t))
-            i += t.numel()
-        return out
-
-    def _reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
-        ps = [p for p in params if p.grad is not None]
-        for p, g in zip(ps, self._reduce_mean([p.grad for p in ps]), strict=True):  # type: ignore[misc]
-            p.grad = g
-
-    # -- targets / windows
-    def _loss_kind(self) -> str:
-        return "bce" if self.naturalizer.config.output == "image" else "nll"
-
-    def _decode_logits(self, y: Tensor, target_steps: str) -> Tensor:
-        """Decoder logits: ``[R, F]`` for the last window, or ``[T, R, F]`` for every step."""
-        tau_d = self.naturalizer.config.tau_d
-        dec = self.naturalizer.decoder
-        if target_steps == "last":
-            return dec.logits(sliding_windows(y[-tau_d:], tau_d)[-1])
-        w = sliding_windows(y, tau_d)  # [T, R, tau_d, N]
-        T, R = w.shape[:2]
-        return dec.logits(w.reshape(T * R, tau_d, -1)).view(T, R, -1)
-
-    def _decoder_loss(self, logits: Tensor, target: Tensor, target_steps: str, n_samples: int) -> Tensor:
-        """Per-row ℓ_d ``[R]``; ``target`` ``[B, ...]`` (last) or ``[T, B, ...]``/``[B, ...]`` (all)."""
-        kind = self._loss_kind()
-        if target_steps == "last":
-            tgt = target.repeat_interleave(n_samples, 0) if n_samples > 1 else target
-            return decoder_loss(logits, tgt, kind)
-        T, R = logits.shape[:2]
-        B = R // n_samples
-        if tuple(target.shape[:2]) != (T, B):  # one target for every step
-            target = target.unsqueeze(0).expand(T, *target.shape)
-        tgt = target.repeat_interleave(n_samples, 1) if n_samples > 1 else target
-        flat = decoder_loss(logits.reshape(T * R, -1), tgt.reshape(T * R, *tgt.shape[2:]), kind)
-        return flat.view(T, R).sum(0)
-
-    def train_step(
-        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
-    ) -> dict[str, float]:
-        raise NotImplementedError
-
-    def evaluate(
-        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
-    ) -> dict[str, float]:
-        raise NotImplementedError
-
-    @staticmethod
-    def _uniforms(shape: torch.Size, like: Tensor, generator: torch.Generator | None, given: Tensor | None) -> Tensor:
-        """The readout noise ``[T, R, N_Y]``: ``given`` (checked) or one ``torch.rand`` draw."""
-        if given is None:
-            return torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
-        if tuple(given.shape) != tuple(shape):
-            raise ValueError(f"uniforms must have shape {tuple(shape)} (T, B * n_samples, N_Y), got {tuple(given.shape)}")
-        return given.to(device=like.device, dtype=like.dtype)
-
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
-
 
 @dataclass
 class VDIBOptions:
@@ -336,16 +169,16 @@ class VDIBOptions:
     lr: float = 1e-3
     decoder_lr: float | None = None  # default: lr
     beta: float = 1e-3
-    baseline: str = "loo"
+    baseline: Baseline = "loo"
     n_samples: int = 2
     baseline_decay: float = 0.99  # EMA decay of the moving-average and per-parameter baselines
-    encoder_optimizer: str = "adam"  # "adam" | "sgd" (authors)
-    kl_reduction: str = "mean"  # ℓ_e / (T * N_Y) as the authors; "sum" = eq. 10
-    target_steps: str = "last"  # decode the last window only, or "all" windows
-    matmul_dtype: str = "float32"  # "bfloat16" casts the big GEMM operands (spikes are exact)
+    encoder_optimizer: Literal["adam", "sgd"] = "adam"  # "adam" | "sgd" (authors)
+    kl_reduction: KLReduction = "mean"  # ℓ_e / (T * N_Y) as the authors; "sum" = eq. 10
+    target_steps: TargetSteps = "last"  # decode the last window only, or "all" windows
+    matmul_dtype: MatmulDtype = "float32"  # "bfloat16" casts the big GEMM operands (spikes are exact)
     dfa_scale: float = 1.0  # B_dfa ~ N(0, dfa_scale^2 / N_Y)
     dfa_seed: int = 1234
-    hidden_init: str | None = None  # None: keep the model's weights; "zero" | "random" re-initialise
+    hidden_init: HiddenInit | None = None  # None: keep the model's weights; "zero" | "random" re-initialise
     hidden_init_scale: float = 1.0
     grad_clip: float | None = None  # clip the encoder update's norm (None: off)
     per_parameter_chunk: int = 8  # rows per chunk when forming per-sample eligibilities
@@ -359,20 +192,10 @@ class VDIBOptions:
             raise ValueError(f"encoder_optimizer must be 'adam' or 'sgd', got {self.encoder_optimizer!r}")
         if self.target_steps not in ("last", "all"):
             raise ValueError(f"target_steps must be 'last' or 'all', got {self.target_steps!r}")
-        if self.matmul_dtype not in _DTYPES:
-            raise ValueError(f"matmul_dtype must be one of {sorted(_DTYPES)}, got {self.matmul_dtype!r}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ValueError(f"matmul_dtype must be one of {sorted(MATMUL_DTYPES)}, got {self.matmul_dtype!r}")
         if self.hidden_init not in (None, "zero", "random"):
             raise ValueError(f"hidden_init must be None, 'zero' or 'random', got {self.hidden_init!r}")
-
-
-def _init_hidden(encoder: Encoder, kind: str, scale: float) -> None:
-    with torch.no_grad():
-        for layer in encoder.layers:
-            if kind == "zero":
-                layer.weight.zero_()
-            else:
-                torch.nn.init.normal_(layer.weight, 0.0, scale / math.sqrt(layer.in_features * 0.05))
-            torch.nn.init.uniform_(layer.bias, -1e-3, 1e-3)
 
 
 class VDIBRule(Rule):
@@ -386,7 +209,7 @@ class VDIBRule(Rule):
         o = self.opts
         enc = naturalizer.encoder
         if o.hidden_init is not None:
-            _init_hidden(enc, o.hidden_init, o.hidden_init_scale)
+            init_hidden(enc, o.hidden_init, o.hidden_init_scale)
         g = torch.Generator().manual_seed(o.dfa_seed)
         ny = naturalizer.config.encoder.n_readout
         dev = enc.readout_bias.device
@@ -404,15 +227,15 @@ class VDIBRule(Rule):
         self.baseline_ma: Tensor | None = None
         self.pp_g2: dict[str, Tensor] = {}
         self.pp_g2l: dict[str, Tensor] = {}
-        self._mm = _DTYPES[o.matmul_dtype]
+        self._mm = MATMUL_DTYPES[o.matmul_dtype]
 
     # -- the rollout shared by train_step and evaluate
     def _rollout(
         self, x: Tensor, target: Tensor, generator: torch.Generator | None, n_samples: int, given: Tensor | None = None
-    ):
+    ) -> tuple[HiddenRollout, Tensor, Tensor, Tensor, Tensor, Tensor, int]:
         nat = self.naturalizer
         enc = nat.encoder
-        xf = _flatten_x(nat, x)
+        xf = flatten_input(nat, x)
         T, B = xf.shape[:2]
         with torch.no_grad():
             roll = hidden_rollout(enc, xf, matmul_dtype=self._mm)
@@ -436,7 +259,7 @@ class VDIBRule(Rule):
             "signal_std": float(ls.std()) if ls.numel() > 1 else 0.0,
             "seconds": time.perf_counter() - t0,
         }
-        stats.update(_hidden_stats(roll))
+        stats.update(hidden_stats(roll))
         return stats
 
     @torch.no_grad()
@@ -566,133 +389,3 @@ class VDIBRule(Rule):
         self.pp_g2 = dict(state["pp_g2"])
         self.pp_g2l = dict(state["pp_g2l"])
         self.steps = int(state["steps"])
-
-
-@dataclass
-class BPTTOptions:
-    """Options of ``vdib-bptt``: same objective, surrogate-gradient BPTT + straight-through readout."""
-
-    lr: float = 1e-3
-    beta: float = 1e-3
-    kl_reduction: str = "mean"
-    target_steps: str = "last"
-    matmul_dtype: str = "float32"
-    hidden_init: str | None = None
-    hidden_init_scale: float = 1.0
-    grad_clip: float | None = None
-    n_samples: int = 1
-
-    def __post_init__(self) -> None:
-        if self.target_steps not in ("last", "all"):
-            raise ValueError(f"target_steps must be 'last' or 'all', got {self.target_steps!r}")
-        if self.matmul_dtype not in _DTYPES:
-            raise ValueError(f"matmul_dtype must be one of {sorted(_DTYPES)}, got {self.matmul_dtype!r}")
-        if self.hidden_init not in (None, "zero", "random"):
-            raise ValueError(f"hidden_init must be None, 'zero' or 'random', got {self.hidden_init!r}")
-
-
-class BPTTRule(Rule):
-    """``vdib-bptt``: minimise ``mean_b[ℓ_d + β KL(Bern(σ(u)) || Bern(r))]`` by backprop through time."""
-
-    name = "vdib-bptt"
-
-    def __init__(self, naturalizer: Naturalizer, **options: Any):
-        super().__init__(naturalizer)
-        self.opts = BPTTOptions(**options)
-        if self.opts.hidden_init is not None:
-            _init_hidden(naturalizer.encoder, self.opts.hidden_init, self.opts.hidden_init_scale)
-        self.opt = torch.optim.Adam(naturalizer.parameters(), lr=self.opts.lr)
-        self._mm = _DTYPES[self.opts.matmul_dtype]
-
-    def _forward(
-        self,
-        x: Tensor,
-        target: Tensor,
-        generator: torch.Generator | None,
-        differentiable: bool,
-        given: Tensor | None = None,
-    ):
-        nat = self.naturalizer
-        enc = nat.encoder
-        o = self.opts
-        xf = _flatten_x(nat, x)
-        roll = hidden_rollout(enc, xf, matmul_dtype=self._mm, differentiable=differentiable)
-        u_ff = readout_ff(enc, roll.z, matmul_dtype=self._mm)
-        if o.n_samples > 1:
-            u_ff = u_ff.repeat_interleave(o.n_samples, dim=1)
-        uniforms = self._uniforms(u_ff.shape, u_ff.detach(), generator, given)
-        y, u, _ = readout_sample(enc, u_ff, uniforms, straight_through=differentiable)
-        logits = self._decode_logits(y, o.target_steps)
-        ld = self._decoder_loss(logits, target, o.target_steps, o.n_samples)
-        kl = analytic_kl(u, nat.config.encoder.prior_rate, o.kl_reduction)
-        return roll, y, u, ld, kl
-
-    def _stats(self, roll: HiddenRollout, y: Tensor, u: Tensor, ld: Tensor, kl: Tensor, t0: float) -> dict[str, float]:
-        le = sampled_kl(y.detach(), u.detach(), self.naturalizer.config.encoder.prior_rate, self.opts.kl_reduction)
-        stats = {
-            "loss": float((ld + self.opts.beta * kl).mean()),
-            "decoder_loss": float(ld.mean()),
-            "encoder_loss": float(le.mean()),
-            "kl": float(kl.mean()),
-            "readout_rate": float(y.detach().mean()),
-            "seconds": time.perf_counter() - t0,
-        }
-        stats.update(_hidden_stats(roll))
-        return stats
-
-    @torch.no_grad()
-    def evaluate(
-        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
-    ) -> dict[str, float]:
-        t0 = time.perf_counter()
-        roll, y, u, ld, kl = self._forward(x, target, generator, False, uniforms)
-        return self._stats(roll, y, u, ld, kl, t0)
-
-    def train_step(
-        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
-    ) -> dict[str, float]:
-        t0 = time.perf_counter()
-        roll, y, u, ld, kl = self._forward(x, target, generator, True, uniforms)
-        loss = (ld + self.opts.beta * kl).mean()
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        params = list(self.naturalizer.parameters())
-        self._reduce_grads(params)
-        if self.opts.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, self.opts.grad_clip)
-        self.opt.step()
-        self.steps += 1
-        return self._stats(roll, y, u, ld.detach(), kl.detach(), t0)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "rule": self.name,
-            "options": asdict(self.opts),
-            "steps": self.steps,
-            "model": {k: v.detach().clone() for k, v in self.naturalizer.state_dict().items()},
-            "opt": copy.deepcopy(self.opt.state_dict()),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("rule") != self.name:
-            raise ValueError(f"state is for rule {state.get('rule')!r}, not {self.name!r}")
-        self.naturalizer.load_state_dict(state["model"])
-        self.opt.load_state_dict(copy.deepcopy(state["opt"]))
-        self.steps = int(state["steps"])
-
-
-RULES: dict[str, type[Rule]] = {"vdib": VDIBRule, "vdib-bptt": BPTTRule}
-_OPTIONS = {"vdib": VDIBOptions, "vdib-bptt": BPTTOptions}
-
-
-def rule_options(name: str) -> list[str]:
-    """Option names a rule accepts (for CLIs)."""
-    return [f.name for f in fields(_OPTIONS[name])]
-
-
-def build_rule(name: str, naturalizer: Naturalizer, **options: Any) -> Rule:
-    """Build a learning rule by name (``vdib``, ``vdib-bptt``) for ``naturalizer`` (trained in place)."""
-    cls = RULES.get(name)
-    if cls is None:
-        raise KeyError(f"unknown rule {name!r}; known: {sorted(RULES)}")
-    return cls(naturalizer, **options)  # type: ignore[call-arg]
