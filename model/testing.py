@@ -3,7 +3,7 @@
 ``tiny_naturalizer`` builds a random-weight :class:`~model.naturalizer.Naturalizer` whose
 hidden layer actually spikes (random init), so stream tests see non-trivial output before any
 trained checkpoint exists. ``drifting_blobs`` is the paper's predictive-coding input
-(VDIB-REFERENCE.md "Drifting blobs").
+(VDIB-REFERENCE.md "Drifting blobs") as uint8 frames, drawn by :mod:`model.blobs`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .blobs import blob_frames, blob_positions
 from .encoder import EncoderConfig
 from .naturalizer import Naturalizer, NaturalizerConfig
 
@@ -81,29 +82,7 @@ def drifting_blobs(
     seed: int = 0,
     width: float = 0.45,
 ) -> np.ndarray:
-    """Drifting-blob spike trains ``uint8 [T, batch, n_positions]`` (paper's predictive coding).
-
-    Per blob: :math:`\\theta_t = \\theta_{t-1} + v_{t-1}`, :math:`v_t = 0.9 v_{t-1} - 0.14\\eta_t`,
-    :math:`A_t = 0.99 A_{t-1} + 0.01 \\eta_t` (same :math:`\\eta_t \\sim N(0,1)`), ``A_0 = 0.5``,
-    ``v_0 = 1``; a spike at the position :math:`\\sim N(\\theta_t, 0.45)` wrapped to
-    :math:`[-\\pi, \\pi)` and binned into ``n_positions`` bins, present with probability
-    :math:`\\mathrm{clip}(A_t, 0, 1)`; the blobs are OR-ed.
-    """
-    rng = np.random.default_rng(seed)
-    out = np.zeros((n_steps, batch, n_positions), dtype=np.uint8)
-    theta = rng.uniform(-np.pi, np.pi, size=(n_blobs, batch))
-    v = np.ones((n_blobs, batch))
-    amp = np.full((n_blobs, batch), 0.5)
-    rows = np.arange(batch)
-    for t in range(n_steps):
-        eta = rng.standard_normal((n_blobs, batch))
-        theta = theta + v
-        v = 0.9 * v - 0.14 * eta
-        amp = 0.99 * amp + 0.01 * eta
-        pos = rng.normal(theta, width)
-        pos = (pos + np.pi) % (2 * np.pi) - np.pi
-        idx = np.clip(((pos + np.pi) / (2 * np.pi) * n_positions).astype(int), 0, n_positions - 1)
-        present = rng.uniform(size=(n_blobs, batch)) < np.clip(amp, 0.0, 1.0)
-        for k in range(n_blobs):
-            out[t, rows[present[k]], idx[k, present[k]]] = 1
-    return out
+    """Drifting-blob spike frames ``uint8 [T, batch, n_positions]`` of :func:`model.blobs.blob_positions`
+    (the paper's predictive-coding input, blobs OR-ed), seeded."""
+    pos = blob_positions(n_steps, batch, n_positions, np.random.default_rng(seed), n_blobs, width)
+    return blob_frames(pos, n_positions).astype(np.uint8)

@@ -1,4 +1,4 @@
-"""Datasets: MNIST (rate / time-to-first-spike), drifting Gaussian blobs, MNIST-DVS (real and simulated).
+"""Datasets: MNIST (rate / time-to-first-spike), MNIST-DVS (real and simulated); drifting blobs: model.blobs.
 
 Every dataset hands the trainer time-major spike tensors ``x [T, B, N]`` (float 0/1) and a target:
 an image ``[B, 784]`` in [0, 1] for naturalization, or class indices ``[T, B]`` for predictive coding.
@@ -161,76 +161,6 @@ class MnistSpikes:
         gen = generator if (generator is None or generator.device == img.device) else None
         x = encode_images(img, self.encoding, self.T, gen)
         return x, img, self.images.labels[idx].to(device)
-
-
-# --------------------------------------------------------------------------------------------
-# Drifting Gaussian blobs (predictive coding)
-# --------------------------------------------------------------------------------------------
-
-
-def blob_positions(T: int, batch: int, n_inputs: int = 20, rng: np.random.Generator | None = None,
-                   n_blobs: int = 2) -> np.ndarray:
-    r"""Bin indices [T, B, n_blobs] of independent drifting Gaussian blobs (Chalk et al. 2017).
-
-    Per blob, with one :math:`\eta_t \sim \mathcal N(0, 1)` shared by v and A:
-    :math:`\theta_t = \theta_{t-1} + v_{t-1}`, :math:`v_t = 0.9 v_{t-1} - 0.14 \eta_t`,
-    :math:`A_t = 0.99 A_{t-1} + 0.01 \eta_t`, position :math:`A_t \cdot \mathcal N(\theta_t, 0.45)`
-    wrapped to [-π, π] and assigned to the nearest of ``n_inputs`` bin starts
-    ``-π + 2πk/n_inputs`` (the authors' convention); A_0 = 0.5, v_0 = 1, θ_0 ~ U(-π, π).
-    """
-    rng = rng if rng is not None else np.random.default_rng()
-    shape = (batch, n_blobs)
-    bins = -np.pi + 2 * np.pi * np.arange(n_inputs) / n_inputs
-    theta = rng.uniform(-np.pi, np.pi, shape)
-    v = np.ones(shape)
-    a = np.full(shape, 0.5)
-    out = np.empty((T, batch, n_blobs), dtype=np.int64)
-    for t in range(T):
-        if t > 0:
-            eta = rng.standard_normal(shape)
-            theta = theta + v
-            v = 0.9 * v - 0.14 * eta
-            a = 0.99 * a + 0.01 * eta
-        pos = a * rng.normal(theta, 0.45)
-        pos = np.arctan2(np.sin(pos), np.cos(pos))
-        out[t] = np.abs(bins[None, None, :] - pos[..., None]).argmin(-1)
-    return out
-
-
-def blob_class_table(n_inputs: int = 20) -> np.ndarray:
-    """[n, n] int table: the class of the pattern with blobs at (i, j), i <= j first.
-
-    Classes enumerate all 1-hot (i == j) and 2-hot patterns: n(n+1)/2 = 210 for n = 20.
-    """
-    table = np.full((n_inputs, n_inputs), -1, dtype=np.int64)
-    k = 0
-    for i in range(n_inputs):
-        for j in range(i, n_inputs):
-            table[i, j] = table[j, i] = k
-            k += 1
-    return table
-
-
-def drifting_blobs(
-    T: int, batch: int, lag: int = 0, n_inputs: int = 20, rng: np.random.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predictive-coding batch: inputs [T, B, n_inputs] and target classes [T, B].
-
-    The target at step t is the class of the input pattern at step ``t + lag`` (lag < 0: the
-    past, lag > 0: the future). The sequence is generated ``|lag|`` steps longer so every
-    target exists.
-    """
-    pos = blob_positions(T + abs(lag), batch, n_inputs, rng)
-    x = np.zeros((T + abs(lag), batch, n_inputs), dtype=np.float32)
-    tt, bb = np.meshgrid(np.arange(T + abs(lag)), np.arange(batch), indexing="ij")
-    for k in range(pos.shape[2]):
-        x[tt, bb, pos[..., k]] = 1.0
-    cls = blob_class_table(n_inputs)[pos[..., 0], pos[..., 1]]
-    if lag >= 0:
-        xs, ys = x[:T], cls[lag:lag + T]
-    else:
-        xs, ys = x[-lag:], cls[:T]
-    return torch.from_numpy(np.ascontiguousarray(xs)), torch.from_numpy(np.ascontiguousarray(ys))
 
 
 # --------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .data import blob_class_table, drifting_blobs
+from model.blobs import class_patterns, drifting_blobs
 
 
 @dataclass
@@ -38,17 +38,6 @@ class BlobConfig:
     seed: int = 0
     rule: str = "vdib"
     rule_options: dict | None = None
-
-
-def class_patterns(n_inputs: int = 20) -> torch.Tensor:
-    """[n_classes, n_inputs] binary pattern of each class of :func:`blob_class_table`."""
-    table = blob_class_table(n_inputs)
-    pats = torch.zeros(int(table.max()) + 1, n_inputs)
-    for i in range(n_inputs):
-        for j in range(i, n_inputs):
-            pats[table[i, j], i] = 1
-            pats[table[i, j], j] = 1
-    return pats
 
 
 def build_blob_model(cfg: BlobConfig) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""Datasets: MNIST loading and spike encodings, drifting blobs, bit-packed frame sets."""
+"""Datasets: MNIST loading and spike encodings, bit-packed frame sets (drifting blobs: tests/model/test_blobs.py)."""
 
 from __future__ import annotations
 
@@ -29,36 +29,6 @@ def test_rate_encoding_mean_and_seed():
     s = data.rate_encode(x.expand(2000, 4), 10, g1)
     np.testing.assert_allclose(s.mean((0, 1)).numpy(), [0.0, 0.25, 0.75, 1.0], atol=0.01)
     assert torch.equal(s, data.rate_encode(x.expand(2000, 4), 10, g2))
-
-
-def test_blob_classes_enumerate_210_patterns():
-    table = data.blob_class_table(20)
-    assert table.max() == 209 and (table == table.T).all()
-    assert len(np.unique(table)) == 210
-
-
-@pytest.mark.parametrize("lag", [-3, 0, 2])
-def test_drifting_blobs_lag_alignment(lag):
-    rng = np.random.default_rng(0)
-    x, y = data.drifting_blobs(50, 4, lag=lag, rng=rng)
-    assert x.shape == (50, 4, 20) and y.shape == (50, 4)
-    assert ((x.sum(-1) >= 1) & (x.sum(-1) <= 2)).all()  # two blobs OR-ed
-    # the class of the input pattern at time s
-    table = data.blob_class_table(20)
-
-    def cls(frame):
-        on = np.flatnonzero(frame)
-        return table[on[0], on[-1]]
-
-    for t in range(5, 40):
-        assert y[t, 1] == cls(x[t + lag, 1].numpy())
-
-
-def test_blob_dynamics_drift():
-    pos = data.blob_positions(400, 8, rng=np.random.default_rng(1))
-    assert pos.min() >= 0 and pos.max() <= 19
-    # the blob moves: consecutive positions differ most of the time, but not uniformly at random
-    assert (np.diff(pos, axis=0) != 0).mean() > 0.3
 
 
 def test_frameset_roundtrip(tmp_path):

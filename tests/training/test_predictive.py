@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from training.data import blob_class_table
-from training.predictive import BlobConfig, class_patterns, evaluate_blobs, train_blobs
+from model.blobs import blob_class_table, class_patterns
+from training.predictive import BlobConfig, evaluate_blobs, train_blobs
 
 
 def test_class_patterns_match_table():
