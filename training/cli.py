@@ -122,6 +122,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_cmd_evaluate)
 
+    from .scene_cli import register as register_scenes  # vdib scenes evaluate / train
+
+    register_scenes(subparsers)
+
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from .trainer import load_config, train
