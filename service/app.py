@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,6 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.staticfiles import StaticFiles
 
 from .api import health, models, naturalize, stream, viewer
+from .guard import install_log_redaction
 from .metrics import Metrics
 from .registry import ModelRegistry
 from .scheduler import Scheduler
@@ -25,8 +28,19 @@ log = logging.getLogger("vdib.service")
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.run``/``uvicorn.Config`` that this service needs: the
     websocket size limit 1 MiB above ``max_message_bytes`` (so the service answers 1009
-    itself) and, with ``ws_fast_path``, the websocket protocol of :mod:`service.wsfast`."""
-    opts: dict[str, Any] = {"ws_max_size": settings.max_message_bytes + 1024 * 1024}
+    itself), the h11 protocol of :mod:`service.guard` (header and body timeouts, connections per
+    client), ``limit_concurrency`` (``settings.connection_limit``: 503 beyond) and the websocket
+    protocol of :mod:`service.wsfast` (``ws_fast_path``) or :class:`service.guard.GuardedWebSocketProtocol`."""
+    from .guard import GuardedH11Protocol, GuardedWebSocketProtocol
+
+    limits = {"max_connections_per_client": settings.max_connections_per_client,
+              "header_timeout_s": settings.header_timeout_s, "body_timeout_s": settings.body_timeout_s}
+    opts: dict[str, Any] = {
+        "ws_max_size": settings.max_message_bytes + 1024 * 1024,
+        "http": functools.partial(GuardedH11Protocol, limits=limits),
+        "ws": GuardedWebSocketProtocol,
+        "limit_concurrency": settings.connection_limit,
+    }
     if settings.ws_fast_path:
         from .wsfast import FastWebSocketProtocol
 
@@ -50,9 +64,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.scheduler = Scheduler(metrics, settings.max_batch, tick_interval_s=settings.tick_interval_s,
                                         png_level=settings.stream_png_level)
         if settings.warmup:
-            for entry in app.state.registry.models.values():
-                await run_in_threadpool(app.state.scheduler.warmup, entry)
+            for name, entry in list(app.state.registry.models.items()):
+                try:
+                    await run_in_threadpool(app.state.scheduler.warmup, entry)
+                except Exception as exc:  # noqa: BLE001 - a broken checkpoint must not stop the others
+                    app.state.registry.fail(name, exc)
         app.state.scheduler.start()
+        app.state.ingest_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vdib-ingest")
         # Everything loaded so far lives as long as the app: move it out of the collector's
         # generations so full collections (pauses of tens of ms with torch loaded) stay short.
         gc.collect()
@@ -61,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await app.state.scheduler.stop()
+            app.state.ingest_pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(
         title="vdib",
@@ -71,6 +90,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.stream_slots = 0
+    app.state.uploads_running = 0  # uploads being read or run (at most settings.max_concurrent_uploads)
+    install_log_redaction()
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

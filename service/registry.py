@@ -8,6 +8,7 @@ with their error so ``/readyz`` and ``/v1/models`` can say why.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,10 @@ from .engines import Engine, build_engine
 from .settings import Settings
 
 log = logging.getLogger("vdib.service")
+
+
+#: Event coordinates are uint16: an ROI ends at or before this column/row.
+MAX_COORD = 1 << 16
 
 
 class RoiError(ValueError):
@@ -70,8 +75,8 @@ class ModelEntry:
         from events import ROI
 
         c, h, w = self.input_shape
-        if sensor_w <= 0 or sensor_h <= 0:
-            raise RoiError(f"sensor size must be positive, got {sensor_w}x{sensor_h}")
+        if not (0 < sensor_w <= MAX_COORD and 0 < sensor_h <= MAX_COORD):
+            raise RoiError(f"sensor size must be 1 .. {MAX_COORD} per side, got {sensor_w}x{sensor_h}")
         if roi is None or roi == "default":
             pre_roi = self.preprocessing.get("roi")
             pre_sensor = self.preprocessing.get("sensor")
@@ -97,6 +102,8 @@ class ModelEntry:
         c, h, w = self.input_shape
         if roi.x < 0 or roi.y < 0 or roi.width <= 0 or roi.height <= 0:
             raise RoiError(f"roi {tuple(roi)} must have x, y >= 0 and a positive size")
+        if roi.x + roi.width > MAX_COORD or roi.y + roi.height > MAX_COORD:
+            raise RoiError(f"roi {tuple(roi)} reaches past the largest event coordinate {MAX_COORD - 1}")
         if roi.x >= sensor_w or roi.y >= sensor_h:
             raise RoiError(f"roi {tuple(roi)} starts outside the {sensor_w}x{sensor_h} sensor")
         if roi.width % w or roi.height % h or roi.width // w != roi.height // h:
@@ -122,19 +129,24 @@ class ModelRegistry:
         root = Path(settings.checkpoints_dir)
         reg.checkpoints_dir = root
         if not root.is_dir():
-            reg.errors["*"] = f"checkpoints directory {root} does not exist"
+            reg.errors["*"] = "the checkpoints directory does not exist"
+            log.warning("checkpoints directory %s does not exist", root)
             return reg
-        for sub in sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file()):
+        try:
+            subs = sorted(p for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
+        except OSError as exc:
+            reg.errors["*"] = f"checkpoints directory cannot be listed: {type(exc).__name__}"
+            return reg
+        for sub in subs:
             if not _is_naturalizer(sub):
                 reg.skipped.append(sub.name)
                 continue
             try:
                 reg.models[sub.name] = load_entry(sub, settings)
-            except Exception as exc:  # noqa: BLE001 - a broken checkpoint must not stop the others
-                log.warning("model %s failed to load: %s", sub.name, exc)
-                reg.errors[sub.name] = f"{type(exc).__name__}: {exc}"
+            except (Exception, RecursionError) as exc:  # noqa: BLE001 - a broken checkpoint must not stop the others
+                reg.fail(sub.name, exc)
         if not reg.models and not reg.errors:
-            reg.errors["*"] = f"no checkpoint (a sub-directory with config.json) in {root}"
+            reg.errors["*"] = "no checkpoint (a sub-directory with config.json) in the checkpoints directory"
         if settings.default_model is not None:
             if settings.default_model in reg.models:
                 reg.default = settings.default_model
@@ -145,6 +157,33 @@ class ModelRegistry:
         elif reg.models:
             reg.default = sorted(reg.models)[0]
         return reg
+
+    def fail(self, name: str, exc: BaseException) -> None:
+        """Record that model ``name`` failed to load (or to warm up) and drop it: the error goes
+        to the log in full and to ``errors`` without file-system paths."""
+        log.warning("model %s failed to load: %s: %s", name, type(exc).__name__, exc)
+        self.models.pop(name, None)
+        msg = f"{type(exc).__name__}: {exc}"
+        if self.checkpoints_dir is not None:
+            for prefix in (str(self.checkpoints_dir.resolve()), str(self.checkpoints_dir)):
+                msg = msg.replace(prefix + "/", "").replace(prefix, "<checkpoints>")
+        self.errors[name] = re.sub(r"(?<![\w.])/[^\s'\":]+", "<path>", msg)[:500]
+        if self.default == name:
+            self.default = None
+            self.errors["default"] = f"default model {name!r} failed"
+
+    @property
+    def public_reason(self) -> str:
+        """:attr:`ready`'s reason for unauthenticated callers: service-level errors, and only
+        the names of the models that failed (their errors are at ``/v1/models``)."""
+        ok, reason = self.ready
+        if ok:
+            return reason
+        parts = [f"{k}: {v}" for k, v in self.errors.items() if k in ("*", "default")]
+        failed = sorted(k for k in self.errors if k not in ("*", "default"))
+        if failed:
+            parts.append(f"checkpoints that failed to load: {', '.join(failed)} (details at /v1/models)")
+        return "; ".join(parts) or "no model loaded"
 
     @property
     def ready(self) -> tuple[bool, str]:
@@ -172,7 +211,7 @@ def _is_naturalizer(path: Path) -> bool:
 
     try:
         meta = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):  # unreadable, not UTF-8, not JSON, nested too deep
         return True
     return not isinstance(meta, dict) or meta.get("kind") == KIND
 
@@ -187,6 +226,11 @@ def load_entry(path: Path, settings: Settings) -> ModelEntry:
         torch.set_num_threads(settings.torch_threads)
     naturalizer, meta = load_checkpoint(path)
     cfg = naturalizer.config
+    shape = tuple(int(v) for v in cfg.input_shape)
+    if len(shape) != 3 or min(shape) <= 0 or max(shape) > MAX_COORD:
+        raise ValueError(f"input_shape {list(cfg.input_shape)} must be three positive sizes (C, H, W)")
+    if not 0 < int(cfg.dt_us) <= 10_000_000:
+        raise ValueError(f"dt_us {cfg.dt_us} must be in 1 .. 10000000")
     engine = build_engine(settings.engine, naturalizer, settings.device, settings.decoder_dtype)
     if settings.warmup:
         engine.warmup()

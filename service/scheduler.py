@@ -220,7 +220,7 @@ class Scheduler:
         png = png_encode(img, self.png_level)
         inp = png_rgb(event_rgb(s.input_acc)) if s.want_inputs and s.input_acc is not None else None
         spikes = np.stack(s.since_emit) if s.want_spikes and s.since_emit else None
-        s.since_emit = []
+        s.since_emit.clear()
         s.input_acc = None
         n = s.engine.n_readout
         if s.format == "json":

@@ -22,7 +22,15 @@ import numpy as np
 import torch
 
 from .pipeline import uniforms_for
-from .protocol import AEDAT4_MAGIC, CLOSE_INVALID, EVENT_HEADER, ProtocolError, decode_events, packet_count
+from .protocol import (
+    AEDAT4_MAGIC,
+    CLOSE_INVALID,
+    CLOSE_TOO_BIG,
+    EVENT_HEADER,
+    ProtocolError,
+    decode_events,
+    packet_count,
+)
 from .registry import ModelEntry
 
 _ids = itertools.count(1)
@@ -31,6 +39,8 @@ BIN, EMIT_NOW, END = 0, 1, 2
 
 #: Steps of uniforms a session draws at once (see :meth:`Session.draw_uniforms`).
 UNIFORM_BLOCK = 32
+#: Spike rows one frame carries at most (uint16 in the frame header): the latest ones.
+MAX_SPIKE_ROWS = 0xFFFF
 
 
 @dataclass(slots=True)
@@ -116,7 +126,9 @@ class Session:
         self.steps = 0
         self.last_emit_step = 0
         self.last_bin_end = 0
-        self.since_emit: list[np.ndarray] = []  # spikes of the bins since the last frame
+        # spikes of the bins since the last frame: at most the 65535 latest (the frame header's
+        # 16-bit row count; emit="last" would otherwise grow it without bound)
+        self.since_emit: deque[np.ndarray] = deque(maxlen=MAX_SPIKE_ROWS)
         self.input_acc: np.ndarray | None = None
         self.pending: deque[Pending] = deque()
         self.out: deque[Outgoing] = deque()
@@ -157,6 +169,15 @@ class Session:
         if len(events):
             self.push_events(events)
         return len(events)
+
+    def release(self) -> None:
+        """Drop the queued work and buffers of a closed stream (they are garbage at once, even
+        while something still holds the session)."""
+        self.closed = True
+        self.pending.clear()
+        self.out.clear()
+        self.since_emit.clear()
+        self.aedat4 = None
 
     def report_events(self, metrics: Any) -> None:
         """Add the events (``metrics.stream_events``) and late events (``metrics.late_events``)
@@ -284,6 +305,7 @@ class Aedat4Stream:
         self.header: bytes | None = None
         self.max_buffer = max_buffer
         self.max_events = max_events
+        self.max_decompressed: int | None = None  # bytes the packets of one feed may decompress to
         self.offset = 0  # absolute stream offset of buf[0]
         self.table_at = -1  # absolute offset of the data table (-1: none)
 
@@ -344,7 +366,8 @@ class Aedat4Stream:
         del self.buf[:o]
         self.offset += o
         try:
-            rec = read(chunk, format="aedat4", max_events=self.max_events)
+            rec = read(chunk, format="aedat4", max_events=self.max_events, max_decompressed=self.max_decompressed)
         except EventFormatError as exc:
-            raise ProtocolError(CLOSE_INVALID, f"AEDAT 4: {exc}") from exc
+            over = "max_events" in str(exc) or "max_decompressed" in str(exc)  # a budget, not corrupt data
+            raise ProtocolError(CLOSE_TOO_BIG if over else CLOSE_INVALID, f"AEDAT 4: {exc}") from None
         return rec.events

@@ -34,17 +34,49 @@ class Settings(BaseSettings):
     # --- security ------------------------------------------------------------------------
     api_keys: str = Field("", description="comma-separated API keys; empty = no authentication")
 
-    # --- upload limits ---------------------------------------------------------------------
+    # --- upload limits (each checked before the work it bounds; over a limit: 413) -----------
     max_upload_bytes: int = 256 * 1024 * 1024
-    max_events: int = 50_000_000
+    max_events: int = 20_000_000
+    max_decompressed_bytes: int = Field(
+        512 * 1024 * 1024, description="bytes one upload may decompress to (AEDAT 4 LZ4/ZSTD packets)")
     max_duration_s: float = 3600.0
     max_frames: int = 5000  # frames returned by one upload in json/gif (npz is not limited)
+    max_upload_bins: int = Field(
+        1_000_000, description="bins one upload may step, counted from the event times before any binning "
+        "(silences longer than max_gap_us are not stepped and not counted)")
+    max_upload_cpu_s: float = Field(120.0, description="CPU seconds one upload may use to decode, bin and run")
+    max_concurrent_uploads: int = Field(
+        2, ge=1, description="uploads read and run at the same time; more are answered 503 with Retry-After")
+    body_timeout_s: float = Field(60.0, description="time to receive a whole request body (408 after it)")
+    header_timeout_s: float = Field(
+        10.0, description="time for a request's headers (websocket handshakes too) to arrive; the connection "
+        "is closed after it (slowloris)")
+    max_connections: int = Field(
+        0, ge=0, description="open connections of the process (uvicorn's limit_concurrency: 503 beyond); "
+        "0: max_sessions + 512")
+    max_connections_per_client: int = Field(
+        256, ge=1, description="open connections from one client address; more are closed at once")
 
     # --- stream limits ---------------------------------------------------------------------
     max_sessions: int = 512
     max_message_bytes: int = 4 * 1024 * 1024
     max_gap_us: int = 1_000_000  # a longer silence resets the stream state
+    min_dt_us: int = Field(1000, ge=1, description="smallest dt_us a stream or upload may ask for")
     idle_timeout_s: float = 60.0
+    start_timeout_s: float = Field(10.0, description="time from the websocket accept to the start message")
+    max_message_events: int = Field(
+        1_000_000, description="events one websocket message may decode to (AEDAT 4 packets: 1009 beyond)")
+    max_message_decoded_bytes: int = Field(
+        64 * 1024 * 1024, description="bytes the AEDAT 4 packets of one websocket message may decompress to")
+    control_rate_per_s: float = Field(
+        20.0, description="text messages (ping, flush) per second a stream may send on average (1008 beyond)")
+    control_burst: int = Field(200, description="text messages a stream may send at once above that rate")
+    message_rate_per_s: float = Field(
+        2000.0, description="messages of any kind per second a stream may send on average (1008 beyond)")
+    message_burst: int = Field(4000, description="messages a stream may send at once above that rate")
+    offload_bytes: int = Field(
+        64 * 1024, description="binary messages at least this large (and every AEDAT 4 message) are decoded "
+        "and binned in a worker thread instead of on the event loop")
     out_queue_frames: int = 32  # per-stream outgoing queue; beyond it frames are dropped
     max_pending_bins: int = 20_000  # complete bins waiting for the scheduler, per stream
     stats_interval_s: float = 1.0
@@ -66,6 +98,23 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, v: str) -> str:
         return v.strip()
+
+    @property
+    def connection_limit(self) -> int:
+        """uvicorn's ``limit_concurrency``: ``max_connections``, or ``max_sessions + 512`` when 0."""
+        return self.max_connections or self.max_sessions + 512
+
+    def public_limits(self) -> dict[str, int | float]:
+        """The per-stream limits a client can plan with (the ``limits`` of the ``ready`` message)."""
+        return {
+            "max_message_bytes": self.max_message_bytes, "idle_timeout_s": self.idle_timeout_s,
+            "max_gap_us": self.max_gap_us, "out_queue_frames": self.out_queue_frames,
+            "max_pending_bins": self.max_pending_bins, "min_dt_us": self.min_dt_us,
+            "max_message_events": self.max_message_events,
+            "max_message_decoded_bytes": self.max_message_decoded_bytes,
+            "control_rate_per_s": self.control_rate_per_s, "control_burst": self.control_burst,
+            "message_rate_per_s": self.message_rate_per_s, "message_burst": self.message_burst,
+        }
 
     @property
     def api_key_set(self) -> frozenset[str]:

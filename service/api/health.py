@@ -19,14 +19,17 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(registry: RegistryDep, scheduler: SchedulerDep) -> JSONResponse:
-    """Readiness: a default model is loaded (503 with the reason otherwise)."""
-    ok, reason = registry.ready
+    """Readiness: a default model is loaded (503 with the reason otherwise).
+
+    Open to probes, so it says nothing internal: the names of the checkpoints that failed to
+    load, not their errors (those are at ``/v1/models``, behind the API key) nor any path."""
+    ok = registry.ready[0]
     body = {
         "ready": ok,
-        "reason": reason,
+        "reason": registry.public_reason,
         "default_model": registry.default,
         "models": sorted(registry.models),
-        "errors": registry.errors,
+        "failed": sorted(k for k in registry.errors if k not in ("*", "default")),
         "streams": len(scheduler.sessions),
     }
     return JSONResponse(body, status_code=200 if ok else 503)

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..deps import bearer, key_ok
+from ..guard import TokenBucket
 from ..protocol import (
     AEDAT4_MAGIC,
     CLOSE_GOING_AWAY,
@@ -36,6 +37,9 @@ from ..session import Aedat4Stream, Outgoing, Session
 
 log = logging.getLogger("vdib.service")
 router = APIRouter(tags=["stream"])
+
+#: Largest |t0_us| a start message may give (bin end times stay far inside int64).
+MAX_T_US = 1 << 62
 
 
 class _Closed(Exception):
@@ -70,7 +74,9 @@ def _parse_json(text: str) -> dict[str, Any]:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ProtocolError(CLOSE_INVALID, f"text message is not JSON: {exc}") from exc
+        raise ProtocolError(CLOSE_INVALID, f"text message is not JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(CLOSE_INVALID, "text message is JSON nested too deeply") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
         raise ProtocolError(CLOSE_INVALID, "a text message must be a JSON object with a string 'type'")
     return obj
@@ -90,17 +96,16 @@ async def stream(ws: WebSocket) -> None:
             key = proto[len("bearer.") :]
     await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
 
-    if app.state.stream_slots >= settings.max_sessions:
-        await _send_error(ws, metrics, CLOSE_TRY_AGAIN, f"session limit of {settings.max_sessions} streams reached; try again later")
-        return
-    app.state.stream_slots += 1
+    slot = False
     session: Session | None = None
     sender: asyncio.Task[None] | None = None
     try:
-        ok, reason = registry.ready
-        if not ok:
-            raise ProtocolError(CLOSE_TRY_AGAIN, f"service not ready: {reason}")
-        msg = await _receive(ws, settings.idle_timeout_s)
+        # Authentication first: no slot, buffer or session for a client without a valid key.
+        if key is not None and not key_ok(settings, key):
+            raise ProtocolError(CLOSE_POLICY, "missing or invalid API key")
+        if not registry.ready[0]:
+            raise ProtocolError(CLOSE_TRY_AGAIN, f"service not ready: {registry.public_reason}")
+        msg = await _receive(ws, settings.start_timeout_s)
         if _size(msg) > settings.max_message_bytes:
             raise ProtocolError(CLOSE_TOO_BIG, f"message of {_size(msg)} bytes exceeds {settings.max_message_bytes}")
         if msg.get("text") is None:
@@ -110,6 +115,10 @@ async def stream(ws: WebSocket) -> None:
             raise ProtocolError(CLOSE_UNSUPPORTED, f"expected a 'start' message, got {obj.get('type')!r}")
         if not key_ok(settings, key or obj.get("api_key")):
             raise ProtocolError(CLOSE_POLICY, "missing or invalid API key")
+        if app.state.stream_slots >= settings.max_sessions:
+            raise ProtocolError(CLOSE_TRY_AGAIN, f"session limit of {settings.max_sessions} streams reached; try again later")
+        app.state.stream_slots += 1
+        slot = True
         if obj.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
             raise ProtocolError(CLOSE_UNSUPPORTED, f"protocol version {obj.get('protocol')!r} is not supported (server speaks {PROTOCOL_VERSION})")
         try:
@@ -126,6 +135,10 @@ async def stream(ws: WebSocket) -> None:
         except RoiError as exc:
             raise ProtocolError(CLOSE_UNSUPPORTED, str(exc)) from exc
         dt = start.dt_us or entry.dt_us
+        if dt < settings.min_dt_us:
+            raise ProtocolError(CLOSE_POLICY, f"dt_us {dt} is below the service's min_dt_us of {settings.min_dt_us}")
+        if start.t0_us is not None and abs(start.t0_us) > MAX_T_US:
+            raise ProtocolError(CLOSE_INVALID, f"t0_us must be within +-{MAX_T_US}")
         emit = None if start.emit == "last" else int(start.emit or default_emit(dt))
         session = Session(
             entry, roi, pool, dt, emit, start.seed, spikes=start.spikes, inputs=start.inputs, fmt=start.format,
@@ -141,14 +154,17 @@ async def stream(ws: WebSocket) -> None:
             "input_shape": list(entry.input_shape), "image_shape": list(entry.engine.image_shape),
             "n_readout": entry.engine.n_readout, "tau_d": entry.engine.tau_d, "format": start.format,
             "spikes": start.spikes, "inputs": start.inputs, "seed": start.seed,
-            "limits": {"max_message_bytes": settings.max_message_bytes, "idle_timeout_s": settings.idle_timeout_s,
-                       "max_gap_us": settings.max_gap_us, "out_queue_frames": settings.out_queue_frames},
+            "limits": settings.public_limits(),
         }))
         sender = asyncio.create_task(_sender(ws, session, metrics, settings.stats_interval_s))
         # The receive loop runs in a task of its own: a task resumes through its own coroutine
         # frames only, while this handler sits ~20 ASGI middleware frames deep (uvicorn,
         # Starlette, FastAPI), each of which would be resumed for every message received.
-        await asyncio.create_task(_ingest(ws, session, settings, scheduler, metrics, sender))
+        # The task returns its error instead of raising it: a task that ends with an exception
+        # keeps it, its traceback and the frames' locals (the session) in a reference cycle.
+        error = await asyncio.create_task(_ingest(ws, session, settings, scheduler, metrics, sender))
+        if error is not None:
+            await _send_error(ws, metrics, *error)
     except ProtocolError as exc:
         await _send_error(ws, metrics, exc.code, exc.message)
     except (_Closed, WebSocketDisconnect):
@@ -157,19 +173,23 @@ async def stream(ws: WebSocket) -> None:
         log.exception("stream failed")
         await _send_error(ws, metrics, CLOSE_INTERNAL, f"internal error: {type(exc).__name__}")
     finally:
-        app.state.stream_slots -= 1
+        if slot:
+            app.state.stream_slots -= 1
         if session is not None:
             scheduler.remove(session)
             metrics.active_streams.dec()
+            session.release()
         if sender is not None and not sender.done():
             sender.cancel()
             with contextlib.suppress(BaseException):
                 await sender
+        session = sender = None
 
 
 async def _ingest(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metrics: Any,
-                  sender: asyncio.Task[None]) -> None:
-    """Read client messages until ``end`` or a disconnect; raises ProtocolError on bad input."""
+                  sender: asyncio.Task[None]) -> tuple[int, str] | None:
+    """Read client messages until ``end`` or a disconnect; bad input gives its close code and
+    message (returned, not raised: see the caller)."""
     me = asyncio.current_task()
     # The sender ending (it closed the socket after an internal error, or the client vanished)
     # ends this loop too; a callback instead of a task per message keeps receiving cheap.
@@ -180,8 +200,17 @@ async def _ingest(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metr
     sender.add_done_callback(stop_receiving)
     try:
         await _ingest_loop(ws, s, settings, scheduler, metrics, sender, me, stop_receiving)
+    except ProtocolError as exc:
+        return exc.code, exc.message
+    except (_Closed, WebSocketDisconnect):
+        return None
+    except Exception as exc:  # noqa: BLE001 - report, close this stream only
+        log.error("stream %s failed: %s: %s", s.id, type(exc).__name__, exc)
+        return CLOSE_INTERNAL, f"internal error: {type(exc).__name__}"
     finally:
         sender.remove_done_callback(stop_receiving)
+        me = None
+    return None
 
 
 async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metrics: Any,
@@ -194,6 +223,11 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
     watch = _Watchdog(loop, timeout, me)
     receive, notify = ws.receive, scheduler.notify
     max_bytes, max_pending = settings.max_message_bytes, settings.max_pending_bins
+    offload = settings.offload_bytes
+    now = loop.time()
+    messages = TokenBucket(settings.message_rate_per_s, settings.message_burst, now)
+    control = TokenBucket(settings.control_rate_per_s, settings.control_burst, now)
+    pool = ws.app.state.ingest_pool
     try:
         while True:
             try:
@@ -206,14 +240,21 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
                     raise
                 me.uncancel()
                 return
-            watch.last = loop.time()
+            now = watch.last = loop.time()
             if msg["type"] == "websocket.disconnect":
                 raise _Closed()
+            if not messages.take(now):
+                raise ProtocolError(CLOSE_POLICY, f"more than {settings.message_rate_per_s:g} messages per second "
+                                    f"(burst {settings.message_burst})")
             data = msg.get("bytes")
             if data is not None:
                 if len(data) > max_bytes:
                     raise ProtocolError(CLOSE_TOO_BIG, f"message of {len(data)} bytes exceeds {max_bytes}")
-                n = _push(s, data, settings)
+                if len(data) >= offload or s.encoding != "packed" and _is_aedat4(s, data):
+                    # decoding and binning that cost real CPU run off the event loop (bounded pool)
+                    n = await loop.run_in_executor(pool, _push, s, data, settings)
+                else:
+                    n = _push(s, data, settings)
                 if n:
                     s.unreported_events += n
                     if len(s.pending) > max_pending:
@@ -226,10 +267,15 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
             n = _size(msg)
             if n > max_bytes:
                 raise ProtocolError(CLOSE_TOO_BIG, f"message of {n} bytes exceeds {max_bytes}")
+            if not control.take(now):
+                raise ProtocolError(CLOSE_POLICY, f"more than {settings.control_rate_per_s:g} text messages per "
+                                    f"second (burst {settings.control_burst})")
             obj = _parse_json(msg.get("text") or "")
             kind = obj["type"]
             if kind == "flush":
                 s.flush()
+                if len(s.pending) > max_pending:
+                    raise ProtocolError(CLOSE_POLICY, f"{len(s.pending)} bins and flushes waiting (limit {max_pending})")
                 notify()
             elif kind == "end":
                 watch.cancel()  # the remaining frames may take longer than the idle timeout
@@ -240,7 +286,8 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
                     await sender  # sends the remaining frames, the final stats, then closes with 1000
                 return
             elif kind == "ping":
-                s.deliver(Outgoing(json.dumps({"type": "pong", "t": time.time()}), False))
+                if len(s.out) <= 2 * s.out_limit:  # a client that reads nothing gets no more pongs
+                    s.deliver(Outgoing(json.dumps({"type": "pong", "t": time.time()}), False))
             elif kind == "start":
                 raise ProtocolError(CLOSE_UNSUPPORTED, "the stream has already started")
             else:
@@ -276,18 +323,26 @@ class _Watchdog:
             self.handle = None
 
 
+def _is_aedat4(s: Session, data: bytes) -> bool:
+    """Whether ``data`` goes to the stream's AEDAT 4 decoder (``auto``: it starts like one)."""
+    return s.encoding == "aedat4" or s.encoding == "auto" and data[:1] == AEDAT4_MAGIC[:1]
+
+
 def _push(s: Session, data: bytes, settings: Any) -> int:
     """Bin one binary message (an event packet or AEDAT 4 bytes); its number of events."""
     if s.encoding == "auto":
+        if not data:
+            return 0
         if data[:4] == EVENT_MAGIC:
             s.encoding = "packed"
-        elif data[: len(AEDAT4_MAGIC)] == AEDAT4_MAGIC:
-            s.encoding = "aedat4"
+        elif data[: len(AEDAT4_MAGIC)] == AEDAT4_MAGIC or AEDAT4_MAGIC.startswith(bytes(data)):
+            s.encoding = "aedat4"  # a stream cut anywhere, even inside its magic
         else:
             raise ProtocolError(CLOSE_UNSUPPORTED, "binary data is neither a 'VDEV' event packet nor an AEDAT 4 stream")
     if s.encoding == "aedat4":
         if s.aedat4 is None:
-            s.aedat4 = Aedat4Stream(max_buffer=settings.max_message_bytes * 4, max_events=settings.max_events)
+            s.aedat4 = Aedat4Stream(max_buffer=settings.max_message_bytes * 4, max_events=settings.max_message_events)
+            s.aedat4.max_decompressed = settings.max_message_decoded_bytes
         events = s.aedat4.feed(data)
         if len(events):
             s.push_events(events)

@@ -45,7 +45,9 @@ def test_broken_checkpoint_is_reported_others_load(tmp_path: Path, checkpoints_d
     with make_client(Settings(checkpoints_dir=tmp_path, _env_file=None)) as c:
         body = c.get("/readyz").json()
         assert body["ready"] is True and body["models"] == ["good"]
-        assert "bad" in body["errors"] and "JSON" in body["errors"]["bad"]
+        assert body["failed"] == ["bad"] and "errors" not in body  # unauthenticated: names only
+        errors = c.get("/v1/models").json()["errors"]
+        assert "JSON" in errors["bad"] and str(tmp_path) not in errors["bad"]  # no file-system paths
 
 
 def test_unknown_default_model_not_ready(checkpoints_dir: Path):
@@ -119,7 +121,7 @@ def test_other_checkpoint_kinds_are_skipped(tmp_path: Path, checkpoints_dir: Pat
     with make_client(Settings(checkpoints_dir=tmp_path, _env_file=None)) as c:
         body = c.get("/readyz").json()
         assert body["ready"] and body["default_model"] == "mnist-dvs"  # preferred default name
-        assert body["models"] == ["mnist-dvs"] and body["errors"] == {}
+        assert body["models"] == ["mnist-dvs"] and body["failed"] == []
 
 
 def test_shipped_checkpoints_load():
@@ -130,6 +132,6 @@ def test_shipped_checkpoints_load():
         pytest.skip("no shipped default checkpoint")
     with make_client(Settings(_env_file=None)) as c:
         body = c.get("/readyz").json()
-        assert body["ready"] and body["default_model"] == "mnist-dvs" and body["errors"] == {}
+        assert body["ready"] and body["default_model"] == "mnist-dvs" and body["failed"] == []
         m = c.get("/v1/models").json()["models"][0]
         assert m["input_shape"] == [2, 26, 26] and m["image_shape"] == [28, 28]

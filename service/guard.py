@@ -1,0 +1,283 @@
+"""Protection against hostile clients (issue 10): connection-level limits and timeouts, message
+rate limits, work budgets and log redaction.
+
+* :class:`GuardedH11Protocol`: uvicorn's h11 HTTP protocol with a header timeout (a request's
+  headers, websocket handshakes included, must arrive within ``header_timeout_s`` of the
+  connection or of the previous response: slowloris), a body timeout (a started body must be
+  complete within ``body_timeout_s`` + 5 s, else the connection is closed; the upload routes
+  answer 408 at ``body_timeout_s`` themselves) and a limit of open connections per client
+  address (``max_connections_per_client``: more are closed at once, before any byte is read).
+* :class:`GuardedWebSocketProtocol`: uvicorn's ``websockets-sansio`` protocol keeping the
+  per-client count of an upgraded connection (:mod:`service.wsfast` subclasses it).
+* :class:`TokenBucket`: the per-stream message rate limits.
+* :class:`Budget`: an upload's CPU-seconds budget and its cancellation when the client leaves.
+* :func:`estimate_bins`: the bins a recording would step, from its event times, before binning.
+* :func:`install_log_redaction`: API keys and tokens in query strings never reach the logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+log = logging.getLogger("vdib.service")
+
+
+# ---------------------------------------------------------------------------- connections
+class _Guard:
+    """Per-server state: open connections per client address, and the limits (keyword
+    ``limits`` of the protocol classes, bound by :func:`service.app.uvicorn_options`)."""
+
+    def __init__(self, limits: dict[str, float]) -> None:
+        self.per_client: dict[str, int] = {}
+        self.max_per_client = int(limits.get("max_connections_per_client", 0) or 0)
+        self.header_timeout = float(limits.get("header_timeout_s", 0.0) or 0.0)
+        self.body_timeout = float(limits.get("body_timeout_s", 0.0) or 0.0)
+        self.refused = 0
+        self.timed_out = 0
+
+    def enter(self, host: str) -> bool:
+        n = self.per_client.get(host, 0) + 1
+        if self.max_per_client and n > self.max_per_client:
+            self.refused += 1
+            return False
+        self.per_client[host] = n
+        return True
+
+    def leave(self, host: str) -> None:
+        n = self.per_client.get(host, 0) - 1
+        if n > 0:
+            self.per_client[host] = n
+        else:
+            self.per_client.pop(host, None)
+
+
+def guard_of(server_state: Any, limits: dict[str, float] | None = None) -> _Guard:
+    """The :class:`_Guard` of a uvicorn server (created by its first connection)."""
+    g = getattr(server_state, "vdib_guard", None)
+    if g is None:
+        g = _Guard(limits or {})
+        server_state.vdib_guard = g
+    return g
+
+
+class GuardedH11Protocol(H11Protocol):
+    """See the module docstring. Use with ``uvicorn.Config(http=functools.partial(GuardedH11Protocol,
+    limits={...}))`` (:func:`service.app.uvicorn_options`)."""
+
+    def __init__(self, *args: Any, limits: dict[str, float] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._guard = guard_of(self.server_state, limits)
+        self._peer: str | None = None  # counted against the per-client limit while set
+        self._timer: asyncio.TimerHandle | None = None
+        self._phase = ""  # "head": waiting for request headers, "body": for the rest of a body
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        host = self.client[0] if self.client else ""
+        if not self._guard.enter(host):
+            transport.abort()  # before reading a byte: no buffer, no task
+            return
+        self._peer = host
+        self._arm("head")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        if self._peer is not None:
+            self._guard.leave(self._peer)
+            self._peer = None
+        super().connection_lost(exc)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        self._follow_state()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._follow_state()
+
+    def handle_websocket_upgrade(self, event: Any) -> None:
+        self._disarm()
+        peer, self._peer = self._peer, None
+        super().handle_websocket_upgrade(event)
+        proto = self.transport.get_protocol()
+        if isinstance(proto, GuardedWebSocketProtocol):
+            proto.adopt(peer)
+        elif peer is not None:
+            self._guard.leave(peer)
+
+    # ------------------------------------------------------------------ timers
+    def _follow_state(self) -> None:
+        import h11
+
+        if self.transport is None or self.transport.is_closing() or self.transport.get_protocol() is not self:
+            self._disarm()
+            return
+        theirs = self.conn.their_state
+        if theirs is h11.IDLE:
+            if self._phase != "head":
+                self._arm("head")
+        elif theirs is h11.SEND_BODY:
+            if self._phase != "body":
+                self._arm("body")
+        else:
+            self._disarm()
+
+    def _arm(self, phase: str) -> None:
+        self._disarm()
+        t = self._guard.header_timeout if phase == "head" else self._guard.body_timeout + 5.0
+        if t > 0:
+            self._phase = phase
+            self._timer = self.loop.call_later(t, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._phase = ""
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self.transport is None or self.transport.is_closing() or self.transport.get_protocol() is not self:
+            return
+        self._guard.timed_out += 1
+        log.info("closing a connection from %s: request %s not received in time",
+                 self._peer, "headers" if self._phase == "head" else "body")
+        self._phase = ""
+        self.transport.close()
+
+
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O websocket protocol that releases the per-client connection count of
+    the HTTP connection it was upgraded from when it closes."""
+
+    _vdib_peer: str | None = None
+
+    def adopt(self, peer: str | None) -> None:
+        self._vdib_peer = peer
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        peer, self._vdib_peer = self._vdib_peer, None
+        if peer is not None:
+            guard_of(self.server_state).leave(peer)
+        super().connection_lost(exc)
+
+
+# ---------------------------------------------------------------------------- rates
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved; :meth:`take` is False when empty."""
+
+    __slots__ = ("rate", "burst", "tokens", "t")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = float(rate), float(burst)
+        self.tokens = float(burst)
+        self.t = now
+
+    def take(self, now: float) -> bool:
+        tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
+
+
+# ---------------------------------------------------------------------------- uploads
+class BudgetExceeded(Exception):
+    """An upload passed its CPU budget (HTTP 413)."""
+
+
+class Cancelled(Exception):
+    """The client left; the work was stopped."""
+
+
+class Budget:
+    """CPU seconds of one upload's worker thread, and a cancel flag set when the client leaves.
+
+    :meth:`check` is called by the work between chunks (``RunOptions.check``); it raises
+    :class:`Cancelled` or :class:`BudgetExceeded`. CPU time is the calling thread's
+    (``time.thread_time``), counted from the first check in that thread."""
+
+    def __init__(self, cpu_s: float) -> None:
+        self.cpu_s = float(cpu_s)
+        self.cancelled = threading.Event()
+        self._start: dict[int, float] = {}
+        self.used = 0.0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise Cancelled("the client disconnected")
+        now = time.thread_time()
+        start = self._start.setdefault(threading.get_ident(), now)
+        used = self.used + (now - start)
+        if used > self.cpu_s:
+            raise BudgetExceeded(f"the request used more than its CPU budget of {self.cpu_s:g} s")
+
+    def finish_thread(self) -> None:
+        """Add this thread's CPU time to ``used`` (call at the end of a piece of work)."""
+        start = self._start.pop(threading.get_ident(), None)
+        if start is not None:
+            self.used += time.thread_time() - start
+
+
+def estimate_bins(t: np.ndarray, dt_us: int, max_gap_us: int | None) -> int:
+    """The bins the streaming binner would step for events at times ``t`` (sorted), without
+    binning: each run of events with no silence longer than ``max_gap_us`` steps every bin
+    from its first to its last event; silences longer than that are not stepped. An upper
+    bound within one bin per run (late events only lower the count)."""
+    n = len(t)
+    if n == 0:
+        return 0
+    t = np.asarray(t, dtype=np.int64)
+    t0 = int(t[0])
+    k = (t - t0) // int(dt_us)
+    if max_gap_us is None:
+        return int(k.max()) + 1
+    starts = np.flatnonzero(np.diff(t) > int(max_gap_us)) + 1
+    first = np.concatenate(([0], starts))
+    run_max = np.maximum.reduceat(k, first)  # the events come sorted; the max also covers unsorted runs
+    return int(np.sum(run_max - k[first] + 1))
+
+
+# ---------------------------------------------------------------------------- logs
+_SECRET_QUERY = re.compile(r"([?&;](?:api[_-]?key|apikey|key|token|access_token|auth|authorization|password|"
+                           r"secret|bearer)=)[^&;\s\"]*", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with the values of secret-looking query parameters replaced by ``***``."""
+    return _SECRET_QUERY.sub(r"\1***", text)
+
+
+class RedactQuery(logging.Filter):
+    """Rewrites log record arguments (uvicorn's access and websocket lines hold the path with its
+    query string) so that API keys and tokens in a query string are not logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(isinstance(a, str) and "=" in a for a in args):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in args)
+        elif isinstance(record.msg, str) and "=" in record.msg and not args:
+            record.msg = redact(record.msg)
+        return True
+
+
+def install_log_redaction() -> None:
+    """Add :class:`RedactQuery` to uvicorn's loggers once (idempotent)."""
+    for name in ("uvicorn.access", "uvicorn.error", "uvicorn"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, RedactQuery) for f in lg.filters):
+            lg.addFilter(RedactQuery())
