@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ._types import EVENT_DTYPE, EventFormatError, Recording, empty_events
+from ._types import EVENT_DTYPE, EventFormatError, EventLimitError, Recording, empty_events
 
 _LAZY = {
     # readers / writers
@@ -22,6 +22,7 @@ _LAZY = {
     "BinSpec": "events.binning",
     "BinSegment": "events.binning",
     "Binner": "events.binning",
+    "expand_segments": "events.binning",
     "bin_events": "events.binning",
     "MNIST_DVS": "events.binning",
     # simulation
@@ -29,7 +30,7 @@ _LAZY = {
     "simulate_mnist_dvs": "events.simulate",
 }
 
-__all__ = ["EVENT_DTYPE", "EventFormatError", "Recording", "empty_events", *_LAZY]
+__all__ = ["EVENT_DTYPE", "EventFormatError", "EventLimitError", "Recording", "empty_events", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

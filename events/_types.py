@@ -1,4 +1,4 @@
-"""The one event dtype, the recording container and the one error type of ``events``."""
+"""The one event dtype, the recording container and the error types of ``events``."""
 
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ class EventFormatError(ValueError):
         super().__init__(f"{message} (at {', '.join(where)})" if where else message)
         self.offset = offset
         self.packet = packet
+
+
+class EventLimitError(EventFormatError):
+    """Bad event data that passes a configured limit (bytes, events, decompressed bytes, bins):
+    refused before the work or the memory it asks for (the service answers 413 / close 1008)."""
 
 
 @dataclass

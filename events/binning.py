@@ -27,12 +27,16 @@ would be ~22 Mev/s.
 
 from __future__ import annotations
 
-import functools
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from ._types import EVENT_DTYPE, EventFormatError, EventLimitError
+from .formats import _jit
 from .formats._jit import kernel, register
 
 Polarity = Literal["split", "merge", "signed"]
@@ -45,8 +49,11 @@ _CHUNK = 65536
 # Above this many output cells, counts are accumulated per chunk instead of one global bincount
 # (whose int64 result would be 8x the output size).
 _BINCOUNT_CELLS = 1 << 24
-# Table entry for "outside the ROI": beyond any frame offset, clamped onto the trash cell.
-_OUTSIDE = 1 << 62
+#: Bytes of ROI look-up tables kept between calls (least recently used ROIs are dropped first).
+TABLE_CACHE_BYTES = 16 << 20
+#: Largest frame (cells ``C * H * W`` after pooling) a spec may ask for: 64 M cells (a 2-channel
+#: 5792 x 5792 frame); larger ROIs are refused before anything is allocated (pool them).
+MAX_FRAME_CELLS = 1 << 26
 
 
 class ROI(NamedTuple):
@@ -86,6 +93,11 @@ def _check(roi: ROI, dt_us: int, polarity: str, mode: str, pool: int) -> None:
         raise ValueError(f"bad ROI {tuple(roi)}")
     if w // pool == 0 or h // pool == 0:
         raise ValueError(f"pool {pool} leaves nothing of a {w}x{h} ROI")
+    if 2 * (w // pool) * (h // pool) > MAX_FRAME_CELLS:
+        raise ValueError(
+            f"a {w}x{h} ROI at pool {pool} makes frames of {2 * (w // pool) * (h // pool)} cells, "
+            f"over the limit of {MAX_FRAME_CELLS}: pool it"
+        )
 
 
 @dataclass(frozen=True)
@@ -132,42 +144,55 @@ class BinSpec:
 MNIST_DVS = BinSpec(ROI(48, 54, 26, 26), 10_000, "split", "presence", 1)
 
 
-@functools.lru_cache(maxsize=32)
-def _lut(roi: ROI, polarity: str, pool: int) -> tuple[np.ndarray, int, int, int]:
-    """Table ``(p, y, x) -> cell`` for one frame, plus the frame size and its (y, x) extents.
+class _TableCache:
+    """ROI tables by key, least recently used first out, at most ``max_bytes`` in all (a table
+    larger than that is built for the call and not kept). Thread-safe (uploads bin in threads)."""
 
-    The table covers ``x < roi.x + roi.width + 1`` and ``y < roi.y + roi.height + 1``; larger
-    coordinates are clipped onto the last (outside) column/row. Cells are numbered
-    ``c*H*W + (y' * W + x')``; outside the ROI the table holds ``_OUTSIDE``, which stays past
-    every frame after the bin offset is added and is then clamped onto the trash cell.
-    """
-    c_n = 1 if polarity == "merge" else 2
-    h, w = roi.height // pool, roi.width // pool
-    hl, wl = roi.y + roi.height + 1, roi.x + roi.width + 1
-    frame = c_n * h * w
-    lut3 = np.full((2, hl, wl), _OUTSIDE, dtype=np.intp)
-    yy = np.arange(h * pool) // pool
-    xx = np.arange(w * pool) // pool
-    cell = yy[:, None] * w + xx[None, :]
-    for p in (0, 1):
-        c = 0 if polarity == "merge" else p
-        lut3[p, roi.y : roi.y + h * pool, roi.x : roi.x + w * pool] = c * h * w + cell
-    lut = lut3.reshape(-1)
-    lut.flags.writeable = False  # cached and shared
-    return lut, frame, hl, wl
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, build: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit[0]  # type: ignore[no-any-return]
+        value = build()
+        size = sum(a.nbytes for a in value)
+        with self._lock:
+            if size <= self.max_bytes and key not in self._items:
+                self._items[key] = (value, size)
+                self._bytes += size
+                while self._bytes > self.max_bytes:
+                    _, (_, old) = self._items.popitem(last=False)
+                    self._bytes -= old
+        return value
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
 
 
-# Table entry for "outside the ROI" in the compiled loop: three of them plus a frame offset stay
-# below 2**63, and any sum holding one is past the trash cell (clamped onto it).
+#: The per-axis tables of recent ROIs (a few kB each; bounded in bytes, see _TableCache).
+_TABLES = _TableCache(TABLE_CACHE_BYTES)
+
+# Table entry for "outside the ROI": three of them plus a frame offset stay below 2**63, and any
+# sum holding one is past the trash cell (clamped onto it).
 _FAR = 1 << 60
 
 
-@functools.lru_cache(maxsize=32)
-def _maps(roi: ROI, polarity: str, pool: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-axis tables for the compiled loop: ``xmap[x]`` = output column, ``ymap[y]`` = output
-    row times W, ``cbase[p]`` = channel offset, each ending with one ``_FAR`` entry that every
-    coordinate outside the ROI is sent to; the cell of an event is ``cbase[p] + ymap[y] +
-    xmap[x]`` (tiny tables, always in L1)."""
+def _maps(roi: ROI, polarity: str, pool: int) -> tuple[np.ndarray, ...]:
+    """Per-axis tables: ``xmap[x]`` = output column, ``ymap[y]`` = output row times W,
+    ``cbase[p]`` = channel offset, each ending with one ``_FAR`` entry that every coordinate
+    outside the ROI is sent to; the cell of an event is ``cbase[p] + ymap[y] + xmap[x]``. Their
+    size follows the ROI's sides (never its area); cached in bytes (:data:`TABLE_CACHE_BYTES`)."""
+    return _TABLES.get((roi, polarity, pool), lambda: _build_maps(roi, polarity, pool))
+
+
+def _build_maps(roi: ROI, polarity: str, pool: int) -> tuple[np.ndarray, ...]:
     h, w = roi.height // pool, roi.width // pool
     xmap = np.full(roi.x + w * pool + 1, _FAR, dtype=np.int64)
     xmap[roi.x : -1] = np.arange(w * pool) // pool
@@ -236,36 +261,32 @@ def signed_frames(split: np.ndarray, out: np.ndarray) -> None:
 
 
 def _fill_index(
-    events: np.ndarray, lut: np.ndarray, hl: int, wl: int, stride: int, dt_us: int, t0: int,
-    n_bins: int, out: np.ndarray, tmp: np.ndarray, flags: np.ndarray,
+    events: np.ndarray, maps: tuple[np.ndarray, ...], stride: int, dt_us: int, t0: int, n_bins: int,
+    out: np.ndarray, tmp: np.ndarray, tmp2: np.ndarray, flags: np.ndarray,
 ) -> int:
     """Write the flat cell index of every event into ``out`` (``intp``, same length).
 
     Frames are ``stride = C*H*W`` cells apart; events outside the ROI or outside
     ``[t0, t0 + n_bins*dt)`` get the trash cell ``n_bins * stride`` (one past the frames).
-    ``events`` is at most one chunk long; ``tmp`` (int64) and ``flags`` (bool) are scratch
-    buffers at least as long. Returns ``max(t) - t0`` over the chunk.
+    ``events`` is at most one chunk long; ``tmp``, ``tmp2`` (int64) and ``flags`` (bool) are
+    scratch buffers at least as long. Returns ``max(t) - t0`` over the chunk.
     """
+    xmap, ymap, cbase = maps
     n = len(events)
-    a, tmp, flags = out[:n], tmp[:n], flags[: max(n - 1, 0)]
-    # Cell within the frame: lut[(p * hl + min(y, hl-1)) * wl + min(x, wl-1)]. Copying each
-    # strided field into a contiguous buffer first is faster than mixed-type ufuncs on it; a
-    # p > 1 lands past the table and take(mode="clip") gives the last entry, _OUTSIDE.
-    # Minimums on the uint64 view also send negative coordinates (signed input dtypes) out.
+    a, tmp, tmp2, flags = out[:n], tmp[:n], tmp2[:n], flags[: max(n - 1, 0)]
+    # Cell within the frame: cbase[min(p, 2)] + ymap[min(y, ny)] + xmap[min(x, nx)], the last
+    # entry of each table being _FAR (outside). Copying each strided field into a contiguous
+    # buffer first is faster than mixed-type ufuncs on it; minimums on the uint64 view also
+    # send negative values (signed input dtypes) to the last entry.
     tu = tmp.view(np.uint64)
-    np.copyto(a, events["p"], casting="unsafe")
-    if events.dtype["p"].kind == "i":
-        au = a.view(np.uint64)
-        np.minimum(au, 2, out=au)
-    a *= hl
-    np.copyto(tmp, events["y"], casting="unsafe")
-    np.minimum(tu, hl - 1, out=tu)
-    a += tmp
-    a *= wl
-    np.copyto(tmp, events["x"], casting="unsafe")
-    np.minimum(tu, wl - 1, out=tu)
-    a += tmp
-    lut.take(a, out=a, mode="clip")
+    for field, table in (("p", cbase), ("y", ymap), ("x", xmap)):
+        np.copyto(tmp, events[field], casting="unsafe")
+        np.minimum(tu, len(table) - 1, out=tu)
+        if field == "p":
+            table.take(tmp, out=a)
+        else:
+            table.take(tmp, out=tmp2)
+            a += tmp2
     # Bin k = (t - t0) // dt, offset k * stride; k outside [0, n_bins) -> offset n_bins * stride.
     np.copyto(tmp, events["t"], casting="unsafe")
     tmp -= t0
@@ -364,30 +385,30 @@ def _signed(split: np.ndarray) -> np.ndarray:
 
 
 def _accumulate(
-    flat: np.ndarray, events: np.ndarray, lut: np.ndarray, hl: int, wl: int, stride: int,
-    dt_us: int, t0: int, n_bins: int, mode: str, fresh: bool = False,
-    maps: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, size: int | None = None,
+    flat: np.ndarray, events: np.ndarray, maps: tuple[np.ndarray, ...], stride: int, dt_us: int, t0: int,
+    n_bins: int, mode: str, fresh: bool = False, size: int | None = None,
 ) -> int:
     """Add ``events`` into ``flat`` (``n_bins * stride + 1`` uint8 cells, the last one trash):
-    presence ORs, counts add with saturation at 255. ``fresh``: ``flat`` is all zeros.
+    presence ORs, counts add with saturation at 255. ``fresh``: ``flat`` is all zeros. ``size``:
+    the compiled loop is used from this many events (None: always, when numba is usable).
     Returns ``max(t) - t0`` (-1 without events)."""
     n = len(events)
     t_max = -1
     if n == 0:
         return t_max
-    k = kernel(accumulate_events, size) if maps is not None else None
+    k = kernel(accumulate_events, size)
     if k is not None and all(events.dtype[f].kind in "iub" for f in ("t", "x", "y", "p")):
-        xmap, ymap, cbase = maps  # type: ignore[misc]
+        xmap, ymap, cbase = maps
         return int(k(flat, events["t"], events["x"], events["y"], events["p"], xmap, ymap, cbase, t0, dt_us, n_bins,
                      stride, mode == "count"))
     m = min(n, _CHUNK)
-    tmp, flags = np.empty(m, dtype=np.int64), np.empty(m, dtype=bool)
+    tmp, tmp2, flags = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64), np.empty(m, dtype=bool)
     if mode == "presence":
         idx = np.empty(m, dtype=np.intp)
         # Fused per chunk: indices are assigned while they are still in cache.
         for s in range(0, n, _CHUNK):
             chunk = events[s : s + _CHUNK]
-            t_max = max(t_max, _fill_index(chunk, lut, hl, wl, stride, dt_us, t0, n_bins, idx, tmp, flags))
+            t_max = max(t_max, _fill_index(chunk, maps, stride, dt_us, t0, n_bins, idx, tmp, tmp2, flags))
             flat[idx[: len(chunk)]] = 1
         return t_max
     cells = len(flat)
@@ -396,7 +417,7 @@ def _accumulate(
         idx = np.empty(n, dtype=np.intp)
         for s in range(0, n, _CHUNK):
             t_max = max(
-                t_max, _fill_index(events[s : s + _CHUNK], lut, hl, wl, stride, dt_us, t0, n_bins, idx[s:], tmp, flags)
+                t_max, _fill_index(events[s : s + _CHUNK], maps, stride, dt_us, t0, n_bins, idx[s:], tmp, tmp2, flags)
             )
         counts = np.bincount(idx, minlength=cells)
         np.minimum(counts, 255, out=counts)
@@ -408,7 +429,7 @@ def _accumulate(
     for s in range(0, n, _CHUNK):
         chunk = events[s : s + _CHUNK]
         a = idx[: len(chunk)]
-        t_max = max(t_max, _fill_index(chunk, lut, hl, wl, stride, dt_us, t0, n_bins, a, tmp, flags))
+        t_max = max(t_max, _fill_index(chunk, maps, stride, dt_us, t0, n_bins, a, tmp, tmp2, flags))
         a = a[a < cells - 1]  # the trash cell would stretch the range to the end
         if len(a) == 0:
             continue
@@ -434,25 +455,174 @@ def _bin_split_or_merge(
 ) -> np.ndarray:
     """``n_bins=None``: enough bins for the latest event. It is guessed from the last event (the
     latest for sorted events, which saves a pass over ``t``) and redone if an event was later."""
-    lut, stride, hl, wl = _lut(roi, "merge" if polarity == "merge" else "split", pool)
+    maps = _maps(roi, "merge" if polarity == "merge" else "split", pool)
+    stride = shape[0] * shape[1] * shape[2]
     guess = n_bins is None
     if n_bins is None:
         n_bins = max((int(events["t"][-1]) - t0) // dt_us + 1, 1)
     flat = np.zeros(n_bins * stride + 1, dtype=np.uint8)  # + the trash cell
-    maps = _maps(roi, "merge" if polarity == "merge" else "split", pool)
-    t_max = _accumulate(flat, events, lut, hl, wl, stride, dt_us, t0, n_bins, mode, fresh=True, maps=maps,
-                        size=len(events))
+    t_max = _accumulate(flat, events, maps, stride, dt_us, t0, n_bins, mode, fresh=True, size=len(events))
     if guess and t_max // dt_us + 1 != n_bins:
         return _bin_split_or_merge(events, roi, dt_us, t0, max(t_max // dt_us + 1, 0), polarity, mode, pool, shape)
     return flat[:-1].reshape(n_bins, *shape)  # drop the trash cell (a view, no copy)
 
 
-class BinSegment(NamedTuple):
-    """Consecutive completed bins. ``reset`` = a gap longer than ``max_gap_us`` came before."""
+# ---------------------------------------------------------------------------- streaming
+# Binner state slots (int64): t0, t0 known, open bin index, open bin has events, latest kept t,
+# reset pending, late events, gaps; constants: dt, max gap (-1: none), count mode, stride, x/y
+# table lengths - 1, offsets of ymap and cbase in the concatenated tables.
+(_T0, _HAVE_T0, _K, _OPEN, _TMAX, _RESET, _LATE, _GAPS, _DT, _MAXGAP, _COUNT, _STRIDE, _NX, _NY, _YOFF,
+ _COFF) = range(16)
+#: bytes of one packed event record (EVENT_DTYPE: t int64, x uint16, y uint16, p uint8)
+RECORD_BYTES = EVENT_DTYPE.itemsize
+#: bytes of completed frames one compiled call may write before Python takes them
+_OUT_BYTES = 1 << 20
+_NO_LIMIT = 1 << 62
 
-    frames: np.ndarray  # [k, C, H, W]
-    bin_end_us: np.ndarray  # int64 [k], exclusive end time of each bin
+
+@register
+def stream_bins(
+    buf: np.ndarray, st: np.ndarray, acc: np.ndarray, tab: np.ndarray, out: np.ndarray, outk: np.ndarray,
+    base: int, n: int, start: int, check: bool, budget: int,
+) -> Any:
+    """The streaming binner's loop (compiled by numba): packed records ``buf[base + 13*i ...]``
+    (``EVENT_DTYPE`` bytes) for ``i = start .. n-1``, in arrival order, into the open frame
+    ``acc`` (``stride`` cells + a trash cell), with the whole binner state in ``st``.
+
+    Completed bins go to ``outk`` (row 0: first bin index, row 1: reset, row 2: 0 for a frame,
+    which is copied into ``out[j]``, else the length of a run of bins without events, which is
+    never materialized), at most ``outk.shape[1]`` entries per call. Returns ``(entries, next
+    event, status)``: status 0, -1 (``check`` and a polarity other than 0/1: nothing done) or
+    -2 (completing the next bins would pass ``budget`` bins in this call; stopped before).
+    The state is consistent at every return, so a call resumes where the previous one stopped."""
+    stride = st[11]
+    dt = st[8]
+    max_gap = st[9]
+    count = st[10] != 0
+    nx = st[12]
+    ny = st[13]
+    yoff = st[14]
+    coff = st[15]
+    i = start
+    cap = outk.shape[1]
+    if i == 0 and check:
+        for j in range(n):
+            if buf[base + 13 * j + 12] > 1:
+                return 0, 0, -1
+    n_out = 0
+    used = np.int64(0)
+    while i < n:
+        o = base + 13 * i
+        ti = np.int64(0)
+        for b in range(8):
+            ti |= np.int64(buf[o + b]) << np.int64(8 * b)
+        if st[1] == 0:
+            st[0] = ti
+            st[1] = 1
+            st[4] = ti
+        k = (ti - st[0]) // dt
+        if k < st[2]:
+            st[6] += 1  # late: its bin was emitted
+            i += 1
+            continue
+        if max_gap >= 0 and ti - st[4] > max_gap:
+            # a gap: emit the open bin, skip the empty ones, reset before the next bin
+            if st[3] == 1:
+                if n_out >= cap:
+                    return n_out, i, 0
+                if used + 1 > budget:
+                    return n_out, i, -2
+                for c in range(stride):
+                    out[n_out, c] = acc[c]
+                    acc[c] = 0
+                acc[stride] = 0
+                outk[0, n_out] = st[2]
+                outk[1, n_out] = st[5]
+                outk[2, n_out] = 0
+                n_out += 1
+                used += 1
+                st[3] = 0
+            st[7] += 1
+            st[2] = k
+            st[5] = 1
+        elif k > st[2]:
+            if st[3] == 1:  # the open bin is complete
+                if n_out >= cap:
+                    return n_out, i, 0
+                if used + 1 > budget:
+                    return n_out, i, -2
+                for c in range(stride):
+                    out[n_out, c] = acc[c]
+                    acc[c] = 0
+                acc[stride] = 0
+                outk[0, n_out] = st[2]
+                outk[1, n_out] = st[5]
+                outk[2, n_out] = 0
+                n_out += 1
+                used += 1
+                st[3] = 0
+                st[5] = 0
+                st[2] += 1
+            if k > st[2]:  # bins without events up to this one: one run
+                if n_out >= cap:
+                    return n_out, i, 0
+                if used + (k - st[2]) > budget:
+                    return n_out, i, -2
+                outk[0, n_out] = st[2]
+                outk[1, n_out] = st[5]
+                outk[2, n_out] = k - st[2]
+                n_out += 1
+                used += k - st[2]
+                st[5] = 0
+                st[2] = k
+        xi = np.int64(buf[o + 8]) | (np.int64(buf[o + 9]) << np.int64(8))
+        yi = np.int64(buf[o + 10]) | (np.int64(buf[o + 11]) << np.int64(8))
+        pi: Any = np.int64(buf[o + 12])
+        pi = pi if pi <= 1 else 2
+        xi = xi if xi < nx else nx
+        yi = yi if yi < ny else ny
+        cell = min(tab[coff + pi] + tab[yoff + yi] + tab[xi], stride)
+        if count:
+            v = acc[cell]
+            if v < 255:
+                acc[cell] = v + 1
+        else:
+            acc[cell] = 1
+        st[3] = 1
+        if ti > st[4]:
+            st[4] = ti
+        i += 1
+    return n_out, i, 0
+
+
+class BinSegment(NamedTuple):
+    """Consecutive completed bins: ``frames [k, C, H, W]`` ending at ``bin_end_us [k]`` (int64,
+    exclusive ends), or, when ``empty > 0``, a run of ``empty`` bins without events (never
+    materialized: ``frames`` has no rows and ``bin_end_us`` holds the end of the run's first bin;
+    bin ``j`` of the run ends at ``bin_end_us[0] + j * dt``). ``reset``: a gap longer than
+    ``max_gap_us`` came before the segment's first bin (the consumer resets its state)."""
+
+    frames: np.ndarray
+    bin_end_us: np.ndarray
     reset: bool
+    empty: int = 0
+
+    @property
+    def n_bins(self) -> int:
+        return self.empty or len(self.frames)
+
+
+def expand_segments(segments: list[BinSegment], dt_us: int) -> list[BinSegment]:
+    """The same bins with every run of empty bins materialized as zero frames (for consumers
+    that want every frame, e.g. tests; a stream must not: a run can be millions of bins)."""
+    out = []
+    for seg in segments:
+        if seg.empty:
+            shape = (seg.empty, *seg.frames.shape[1:])
+            ends = int(seg.bin_end_us[0]) + np.arange(seg.empty, dtype=np.int64) * dt_us
+            seg = BinSegment(np.zeros(shape, dtype=seg.frames.dtype), ends, seg.reset)
+        out.append(seg)
+    return out
 
 
 class Binner:
@@ -460,8 +630,8 @@ class Binner:
 
     The stream clock is event time (DESIGN.md "Time"). Bin ``k`` is complete when an event at
     or after its end arrives, or on :meth:`flush`. Bins without events between two events are
-    emitted (time passes for the neurons). Rules, each independent of how the stream is
-    chunked:
+    emitted as runs (:class:`BinSegment` with ``empty > 0``: time passes for the neurons, but
+    no frame is allocated for them). Rules, each independent of how the stream is chunked:
 
     * ``t0=None`` aligns bin 0 to the ``t`` of the first event pushed (no rounding to a
       multiple of ``dt``), the same as ``bin_events(..., t0=None)`` on the whole recording.
@@ -471,9 +641,16 @@ class Binner:
       emitted, the empty bins in between are *not*, ``gaps`` is incremented, and the next
       segment (starting at the bin of the post-gap event, on the same ``t0 + k*dt`` grid) has
       ``reset=True``. ``max_gap_us=None`` disables this (every empty bin is stepped).
+    * ``push(..., max_bins=N)`` raises :class:`~events.EventLimitError` before completing more
+      than ``N`` bins (runs of empty bins count with their length); the binner is then spent.
 
-    Without gaps and late events, the concatenated frames of ``push`` * n + ``flush`` equal
-    ``bin_events(all_events, roi, dt, t0, None, ...)``.
+    Without gaps and late events, the concatenated frames of ``push`` * n + ``flush``
+    (:func:`expand_segments`) equal ``bin_events(all_events, roi, dt, t0, None, ...)``.
+
+    With numba (``VDIB_NUMBA`` not ``0``) every push is one compiled loop over the events'
+    bytes (:func:`stream_bins`, ~3 us for a 10 ms packet of a live stream); without it a numpy
+    path gives the same segments. :meth:`push_packed` bins packed ``EVENT_DTYPE`` records
+    straight from a message's bytes.
     """
 
     def __init__(self, spec: BinSpec, t0: int | None = None, max_gap_us: int | None = 1_000_000):
@@ -481,104 +658,170 @@ class Binner:
             raise ValueError(f"max_gap_us ({max_gap_us}) must be at least dt_us ({spec.dt_us})")
         self.spec = spec
         self.max_gap_us = None if max_gap_us is None else int(max_gap_us)
-        self.t0: int | None = None if t0 is None else int(t0)
         self._pol = "split" if spec.polarity == "signed" else spec.polarity
         self._inner_shape = (1 if self._pol == "merge" else 2, *spec.shape[1:])
-        self._table, self._stride, self._hl, self._wl = _lut(spec.roi, self._pol, spec.pool)
+        self._stride = int(np.prod(self._inner_shape))
+        self._dt = int(spec.dt_us)
         self._maps = _maps(spec.roi, self._pol, spec.pool)
-        # All bins < _k_next have been emitted. _acc is the partial frame of bin _k_next when
-        # that bin is open (has seen an event), else None.
-        self._k_next = 0
-        self._acc: np.ndarray | None = None
-        self._t_max: int | None = self.t0
-        self._reset_pending = False
-        self.late_events = 0
-        self.gaps = 0
+        xmap, ymap, cbase = self._maps
+        self._tab = np.concatenate([xmap, ymap, cbase])
+        st = self._st = np.zeros(16, dtype=np.int64)
+        st[_DT] = self._dt
+        st[_MAXGAP] = -1 if max_gap_us is None else int(max_gap_us)
+        st[_COUNT] = spec.mode == "count"
+        st[_STRIDE] = self._stride
+        st[_NX], st[_NY] = len(xmap) - 1, len(ymap) - 1
+        st[_YOFF], st[_COFF] = len(xmap), len(xmap) + len(ymap)
+        if t0 is not None:
+            st[_T0] = st[_TMAX] = int(t0)
+            st[_HAVE_T0] = 1
+        self._acc = np.zeros(self._stride + 1, dtype=np.uint8)  # the open bin + a trash cell
+        self._kernel = kernel(stream_bins) if _jit.enabled() else None
+        cap = max(1, min(64, _OUT_BYTES // self._stride))
+        self._out = np.zeros((cap, self._stride), dtype=np.uint8)
+        self._outk = np.zeros((3, cap), dtype=np.int64)
+        self._no_frames = np.zeros((0, *spec.shape), dtype=spec.dtype)
         self.bins_emitted = 0
         self.events_in = 0
 
-    # -- helpers -----------------------------------------------------------------------------
-    def _new(self, n: int) -> np.ndarray:
-        return np.zeros(n * self._stride + 1, dtype=np.uint8)
+    # -- counters and state ------------------------------------------------------------------
+    @property
+    def t0(self) -> int | None:
+        return int(self._st[_T0]) if self._st[_HAVE_T0] else None
 
-    def _bin_into(self, flat: np.ndarray, ev: np.ndarray, k_first: int, n: int) -> None:
-        t0 = self.t0 if self.t0 is not None else 0  # set by the first push
-        _accumulate(
-            flat, ev, self._table, self._hl, self._wl, self._stride, self.spec.dt_us,
-            t0 + k_first * self.spec.dt_us, n, self.spec.mode, maps=self._maps,
-        )
+    @property
+    def late_events(self) -> int:
+        return int(self._st[_LATE])
 
-    def _emit(self, out: list[BinSegment], flat: np.ndarray, n: int, k_first: int) -> None:
-        """Emit the first ``n`` frames of ``flat`` as bins ``k_first ...``."""
-        if n == 0:
-            return
-        s = self.spec
-        frames = flat[: n * self._stride].reshape(n, *self._inner_shape)
-        t0 = self.t0 if self.t0 is not None else 0
-        ends = t0 + (np.arange(k_first, k_first + n, dtype=np.int64) + 1) * s.dt_us
-        if s.polarity == "signed":
+    @property
+    def gaps(self) -> int:
+        return int(self._st[_GAPS])
+
+    # -- emitting ----------------------------------------------------------------------------
+    def _frames(self, out: list[BinSegment], flat: np.ndarray, k_first: int, n: int, reset: bool) -> None:
+        """Emit ``n`` frames (the first ``n * stride`` cells of ``flat``, copied) as bins ``k_first...``."""
+        frames = flat[: n * self._stride].reshape(n, *self._inner_shape).copy()
+        if self.spec.polarity == "signed":
             frames = _signed(frames)
-        if out and not self._reset_pending:
-            prev = out[-1]
-            out[-1] = BinSegment(
-                np.concatenate([prev.frames, frames]), np.concatenate([prev.bin_end_us, ends]),
-                prev.reset,
-            )
-        else:
-            out.append(BinSegment(frames, ends, self._reset_pending))
-        self._reset_pending = False
+        t0 = int(self._st[_T0])
+        ends = t0 + (np.arange(k_first, k_first + n, dtype=np.int64) + 1) * self._dt
+        out.append(BinSegment(frames, ends, reset))
         self.bins_emitted += n
 
-    def _advance(self, out: list[BinSegment], ev: np.ndarray, k_last: int) -> None:
-        """Bin ``ev`` (all in bins ``_k_next..k_last``), emit bins before ``k_last``."""
-        n = k_last - self._k_next + 1
-        if n == 1:
-            # The common case for small chunks: everything lands in the open bin.
-            if self._acc is None:
-                self._acc = self._new(1)
-            self._bin_into(self._acc, ev, self._k_next, 1)
-            return
-        flat = self._new(n)
-        if self._acc is not None:
-            flat[: self._stride] = self._acc[: self._stride]
-        self._bin_into(flat, ev, self._k_next, n)
-        self._emit(out, flat, n - 1, self._k_next)
-        self._acc = self._new(1)
-        self._acc[: self._stride] = flat[(n - 1) * self._stride : n * self._stride]
-        self._k_next = k_last
+    def _run(self, out: list[BinSegment], k_first: int, n: int, reset: bool) -> None:
+        end = int(self._st[_T0]) + (k_first + 1) * self._dt
+        out.append(BinSegment(self._no_frames, np.array([end], dtype=np.int64), reset, n))
+        self.bins_emitted += n
 
-    def _close_open(self, out: list[BinSegment]) -> None:
-        if self._acc is not None:
-            self._emit(out, self._acc, 1, self._k_next)
-            self._k_next += 1
-            self._acc = None
+    def _take(self, out: list[BinSegment], m: int) -> int:
+        """Turn the compiled loop's ``m`` entries into segments; the number of bins."""
+        ks, resets, runs = self._outk[:, :m].tolist()
+        bins = 0
+        j = 0
+        while j < m:
+            if runs[j]:
+                self._run(out, ks[j], runs[j], resets[j] != 0)
+                bins += runs[j]
+                j += 1
+                continue
+            j2 = j + 1
+            while j2 < m and not runs[j2] and not resets[j2]:
+                j2 += 1
+            self._frames(out, self._out[j:j2].reshape(-1), ks[j], j2 - j, resets[j] != 0)
+            bins += j2 - j
+            j = j2
+        return bins
 
     # -- public ------------------------------------------------------------------------------
-    def push(self, events: np.ndarray) -> list[BinSegment]:
-        """Add a chunk of events (any length, ideally sorted); return the bins it completed."""
-        out: list[BinSegment] = []
+    def push(self, events: np.ndarray, *, max_bins: int | None = None) -> list[BinSegment]:
+        """Add a chunk of events (any length, ideally sorted); return the bins it completed.
+        ``max_bins``: raise :class:`~events.EventLimitError` instead of completing more bins."""
         n = len(events)
         if n == 0:
-            return out
+            return []
+        if self._kernel is None:
+            return self._push_numpy(events, max_bins)
+        if events.dtype == EVENT_DTYPE and events.flags.c_contiguous:
+            rec = events
+        else:
+            rec = np.empty(n, dtype=EVENT_DTYPE)
+            rec["t"] = events["t"]
+            for f in ("x", "y"):  # negative or huge coordinates: outside every ROI
+                v = np.asarray(events[f])
+                rec[f] = np.where((v < 0) | (v > 65535), 65535, v)
+            p = np.asarray(events["p"])
+            rec["p"] = np.where((p == 0) | (p == 1), p, 2)
+        return self.push_packed(rec.view(np.uint8), 0, n, check=False, max_bins=max_bins)
+
+    def push_packed(self, buf: np.ndarray, offset: int, n: int, *, check: bool = True,
+                    max_bins: int | None = None) -> list[BinSegment]:
+        """Bin ``n`` packed ``EVENT_DTYPE`` records (13 bytes each) starting at byte ``offset`` of
+        the uint8 array ``buf`` (e.g. a websocket message) without copying them. ``check``: raise
+        :class:`~events.EventFormatError` (and bin nothing) when a polarity is not 0 or 1.
+        ``max_bins`` as in :meth:`push`."""
+        if n <= 0:
+            return []
+        if offset < 0 or offset + n * RECORD_BYTES > len(buf):
+            raise EventFormatError(f"{n} records of {RECORD_BYTES} bytes do not fit after byte {offset}")
+        if self._kernel is None:
+            ev = np.frombuffer(buf, dtype=EVENT_DTYPE, count=n, offset=offset)
+            if check and n and int(ev["p"].max()) > 1:
+                raise EventFormatError("event polarity must be 0 or 1")
+            return self._push_numpy(ev, max_bins)
+        out: list[BinSegment] = []
+        budget = _NO_LIMIT if max_bins is None else int(max_bins)
+        used = 0
+        i = 0
         self.events_in += n
-        dt = self.spec.dt_us
+        while i < n:
+            m, i, status = self._kernel(buf, self._st, self._acc, self._tab, self._out, self._outk, offset, n, i,
+                                        check, budget - used)
+            if status == -1:
+                self.events_in -= n
+                raise EventFormatError("event polarity must be 0 or 1")
+            if m:
+                used += self._take(out, m)
+            if status == -2:
+                raise EventLimitError(f"the events complete more than max_bins={max_bins} bins")
+        return out
+
+    def flush(self) -> list[BinSegment]:
+        """Emit the open bin as complete (a later event in it will be late)."""
+        out: list[BinSegment] = []
+        st = self._st
+        if st[_OPEN]:
+            self._frames(out, self._acc, int(st[_K]), 1, bool(st[_RESET]))
+            self._acc[:] = 0
+            st[_OPEN] = 0
+            st[_RESET] = 0
+            st[_K] += 1
+        return out
+
+    # -- numpy path (no numba): the same rules, vectorised per push -------------------------
+    def _push_numpy(self, events: np.ndarray, max_bins: int | None) -> list[BinSegment]:
+        out: list[BinSegment] = []
+        st = self._st
+        n = len(events)
+        self.events_in += n
+        dt = self._dt
         t = np.asarray(events["t"], dtype=np.int64)
-        if self.t0 is None:
-            self.t0 = int(t[0])
-            self._t_max = self.t0
-        k = t - self.t0
+        if not st[_HAVE_T0]:
+            st[_T0] = st[_TMAX] = int(t[0])
+            st[_HAVE_T0] = 1
+        k = t - int(st[_T0])
         k //= dt
         # An event is late if its bin is before the open bin: the open bin is the bin of the
-        # latest event so far, and never before _k_next (bins already emitted).
+        # latest event so far, and never before st[_K] (bins already emitted). Kept events
+        # therefore come in non-decreasing bin order.
         before = np.empty(n, dtype=np.int64)
-        before[0] = self._k_next
+        before[0] = st[_K]
         if n > 1:
             np.maximum.accumulate(k[:-1], out=before[1:])
-            np.maximum(before[1:], self._k_next, out=before[1:])
+            np.maximum(before[1:], st[_K], out=before[1:])
         keep = k >= before
         n_late = n - int(np.count_nonzero(keep))
         if n_late:
-            self.late_events += n_late
+            st[_LATE] += n_late
             events, t, k = events[keep], t[keep], k[keep]
             if len(events) == 0:
                 return out
@@ -587,12 +830,13 @@ class Binner:
         cuts: list[int] = []
         if self.max_gap_us is not None:
             prev = np.empty(len(t), dtype=np.int64)
-            prev[0] = self._t_max if self._t_max is not None else t[0]
+            prev[0] = st[_TMAX]
             if len(t) > 1:
                 np.maximum.accumulate(t[:-1], out=prev[1:])
                 np.maximum(prev[1:], prev[0], out=prev[1:])
             cuts = np.flatnonzero(t - prev > self.max_gap_us).tolist()
-        self._t_max = max(int(t.max()), self._t_max if self._t_max is not None else int(t[0]))
+        st[_TMAX] = max(int(t.max()), int(st[_TMAX]))
+        budget = _NO_LIMIT if max_bins is None else int(max_bins)
         bounds = [0, *cuts, len(events)]
         for i in range(len(bounds) - 1):
             a, b = bounds[i], bounds[i + 1]
@@ -600,15 +844,60 @@ class Binner:
                 continue
             if i > 0:
                 # A gap precedes events[a]: close the open bin, skip the empty ones.
-                self.gaps += 1
-                self._close_open(out)
-                self._k_next = int(k[a])
-                self._reset_pending = True
-            self._advance(out, events[a:b], int(k[b - 1]))
+                st[_GAPS] += 1
+                if st[_OPEN]:
+                    budget -= 1
+                    if budget < 0:
+                        raise EventLimitError(f"the events complete more than max_bins={max_bins} bins")
+                    out += self.flush()
+                st[_K] = int(k[a])
+                st[_RESET] = 1
+            budget = self._advance_numpy(out, events[a:b], k[a:b], budget, max_bins)
         return out
 
-    def flush(self) -> list[BinSegment]:
-        """Emit the open bin as complete (a later event in it will be late)."""
-        out: list[BinSegment] = []
-        self._close_open(out)
-        return out
+    def _advance_numpy(self, out: list[BinSegment], ev: np.ndarray, k: np.ndarray, budget: int,
+                       max_bins: int | None) -> int:
+        """Bin ``ev`` (bins ``k``, non-decreasing, none before the open bin); emit the bins before
+        the last one; frames only for bins with events (distinct bins are binned compactly)."""
+        st = self._st
+        k_open, stride = int(st[_K]), self._stride
+        change = np.flatnonzero(k[1:] != k[:-1]) + 1
+        uk = k[np.concatenate(([0], change))].tolist()  # distinct bins, ascending
+        completed = uk[-1] - k_open
+        if completed > budget:
+            raise EventLimitError(f"the events complete more than max_bins={max_bins} bins")
+        compact = np.zeros(len(k), dtype=np.int64)  # index of each event's bin among uk
+        compact[change] = 1
+        np.cumsum(compact, out=compact)
+        ev2 = np.empty(len(ev), dtype=[("t", "<i8"), ("x", ev.dtype["x"]), ("y", ev.dtype["y"]), ("p", ev.dtype["p"])])
+        ev2["t"] = compact * self._dt
+        for f in ("x", "y", "p"):
+            ev2[f] = ev[f]
+        flat = np.zeros(len(uk) * stride + 1, dtype=np.uint8)
+        was_open = bool(st[_OPEN])
+        if was_open and uk[0] == k_open:
+            flat[:stride] = self._acc[:stride]  # the open bin's partial frame
+        _accumulate(flat, ev2, self._maps, stride, self._dt, 0, len(uk), self.spec.mode, size=len(ev2))
+        if was_open and uk[0] != k_open:
+            out += self.flush()  # the open bin is complete
+        k_next = int(st[_K])
+        j = 0
+        while j < len(uk) - 1:  # every distinct bin but the last is complete
+            if uk[j] > k_next:
+                self._run(out, k_next, uk[j] - k_next, bool(st[_RESET]))
+                st[_RESET] = 0
+            j2 = j + 1
+            while j2 < len(uk) - 1 and uk[j2] == uk[j2 - 1] + 1:
+                j2 += 1
+            self._frames(out, flat[j * stride :], uk[j], j2 - j, bool(st[_RESET]))
+            st[_RESET] = 0
+            k_next = uk[j2 - 1] + 1
+            j = j2
+        if uk[-1] > k_next:
+            self._run(out, k_next, uk[-1] - k_next, bool(st[_RESET]))
+            st[_RESET] = 0
+        self._acc[:stride] = flat[(len(uk) - 1) * stride : len(uk) * stride]
+        self._acc[stride] = 0
+        st[_OPEN] = 1
+        st[_K] = uk[-1]
+        return budget - completed

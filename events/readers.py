@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from ._types import EventFormatError, Recording
+from ._types import EventFormatError, EventLimitError, Recording
 from .formats._common import Limits
 
 Source = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
@@ -167,7 +167,7 @@ def _load(source: Source, limits: Limits) -> tuple[Any, str | None, str]:
             with open(path, "rb") as f:
                 size = os.fstat(f.fileno()).st_size
                 if size > limits.max_bytes:
-                    raise EventFormatError(f"{path}: {size} bytes exceeds max_bytes={limits.max_bytes}")
+                    raise EventLimitError(f"{path}: {size} bytes exceeds max_bytes={limits.max_bytes}")
                 if size == 0:
                     return b"", path, path
                 try:
@@ -177,11 +177,11 @@ def _load(source: Source, limits: Limits) -> tuple[Any, str | None, str]:
         except OSError as exc:
             raise EventFormatError(f"cannot read {path}: {exc}") from exc
         if len(data) > limits.max_bytes:
-            raise EventFormatError(f"{path}: more than max_bytes={limits.max_bytes} bytes")
+            raise EventLimitError(f"{path}: more than max_bytes={limits.max_bytes} bytes")
         return data, path, path
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) > limits.max_bytes:
-            raise EventFormatError(f"{len(source)} bytes exceeds max_bytes={limits.max_bytes}")
+            raise EventLimitError(f"{len(source)} bytes exceeds max_bytes={limits.max_bytes}")
         # bytes() copies bytearray/memoryview so the parsers can never touch the caller's buffer
         return (source if isinstance(source, bytes) else bytes(source)), None, ""
     read = getattr(source, "read", None)
@@ -195,7 +195,7 @@ def _load(source: Source, limits: Limits) -> tuple[Any, str | None, str]:
         raise TypeError("read() needs a binary file object (opened with 'rb')")
     data = bytes(data)
     if len(data) > limits.max_bytes:
-        raise EventFormatError(f"input exceeds max_bytes={limits.max_bytes}")
+        raise EventLimitError(f"input exceeds max_bytes={limits.max_bytes}")
     name = getattr(source, "name", "")
     return data, None, name if isinstance(name, str) else ""
 

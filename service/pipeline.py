@@ -114,26 +114,28 @@ def naturalize(entry: ModelEntry, events: np.ndarray, opts: RunOptions) -> RunRe
     def consume(segments: list[Any]) -> None:
         nonlocal n_steps, seg_start, state, t_enc
         for seg in segments:
-            k = len(seg.frames)
+            k = seg.n_bins
             if k == 0:
                 continue
             if seg.reset:
                 state = engine.stack([engine.init_state()])
                 seg_start = n_steps
             t = time.perf_counter()
-            x = seg.frames.reshape(k, -1)
             y_parts = []
             for a in range(0, k, STEP_CHUNK):  # bounded float copies of the frames
-                u = uniforms_for(gen, min(STEP_CHUNK, k - a), engine.n_readout)
-                y_a, state = engine.run_chunk(x[a : a + STEP_CHUNK], u, state)
+                m = min(STEP_CHUNK, k - a)
+                x = np.zeros((m, engine.n_inputs), np.float32) if seg.empty else seg.frames[a : a + m].reshape(m, -1)
+                u = uniforms_for(gen, m, engine.n_readout)
+                y_a, state = engine.run_chunk(x, u, state)
                 y_parts.append(y_a)
             y = np.concatenate(y_parts)
             t_enc += time.perf_counter() - t
             spikes_parts.append(y)
-            ends_parts.append(np.asarray(seg.bin_end_us, dtype=np.int64))
+            ends = seg.bin_end_us[0] + np.arange(k, dtype=np.int64) * opts.dt_us if seg.empty else seg.bin_end_us
+            ends_parts.append(np.asarray(ends, dtype=np.int64))
             seg_parts.append(np.full(k, seg_start, dtype=np.int64))
             if opts.inputs:
-                frames_keep.append(seg.frames)
+                frames_keep.append(np.zeros((k, *spec.shape), spec.dtype) if seg.empty else seg.frames)
             n_steps += k
 
     for a in range(0, n_ev, CHUNK_EVENTS):

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from .._types import EVENT_DTYPE, EventFormatError, Recording
+from .._types import EVENT_DTYPE, EventFormatError, EventLimitError, Recording
 from ._jit import kernel, register
 
 #: A timestamp may step back by at most this much (after wrap-around handling) before the
@@ -43,7 +43,7 @@ class Limits:
 
 def check_count(n: int, limits: Limits, *, offset: int | None = None, packet: int | None = None) -> None:
     if n > limits.max_events:
-        raise EventFormatError(
+        raise EventLimitError(
             f"recording holds more than max_events={limits.max_events} events ({n})",
             offset=offset,
             packet=packet,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .._types import EVENT_DTYPE, EventFormatError, Recording
+from .._types import EVENT_DTYPE, EventFormatError, EventLimitError, Recording
 from ._common import Limits, check_count, check_sensor, finish, scan_packed
 from ._jit import kernel
 
@@ -64,7 +64,7 @@ def parse_ioheader(buf: bytes, base: int) -> dict[str, Any]:
             return 0
         return struct.unpack_from("<H", buf, vt + at)[0]
 
-    out: dict[str, Any] = {"compression": 0, "data_table_position": -1, "description": ""}
+    out: dict[str, Any] = {"compression": 0, "data_table_position": -1, "data_table_field": None, "description": ""}
     off = field(0)
     if off:
         if root + off + 4 > n:
@@ -75,6 +75,7 @@ def parse_ioheader(buf: bytes, base: int) -> dict[str, Any]:
         if root + off + 8 > n:
             raise EventFormatError("AEDAT4 IOHeader data position out of range", offset=base + root)
         out["data_table_position"] = struct.unpack_from("<q", buf, root + off)[0]
+        out["data_table_field"] = root + off  # where the int64 lies in ``buf``
     off = field(2)
     if off:
         spos = root + off + _u32(buf, root + off, "description offset")
@@ -257,7 +258,7 @@ def prescan(data: Any, limits: Limits, fd: int | None = None) -> dict[str, Any]:
             )
         total += inflated if exact else 0
         if total > limits.max_decompressed:
-            raise EventFormatError(
+            raise EventLimitError(
                 f"AEDAT4 packets inflate to more than max_decompressed={limits.max_decompressed} bytes",
                 offset=pos,
                 packet=n_packets,
@@ -397,7 +398,7 @@ def _decode(
             # the common packet is {stream_id, events}: its size without a call
             decoded += ev.nbytes if len(packet) == 2 and ev is not None else _nbytes(packet)
             if decoded > limits.max_decompressed:
-                raise EventFormatError(
+                raise EventLimitError(
                     f"AEDAT4 packets inflate to more than max_decompressed={limits.max_decompressed} bytes",
                     packet=index,
                 )
@@ -517,3 +518,75 @@ def _nbytes(packet: dict[str, Any]) -> int:
         elif isinstance(value, dict):
             total += sum(v.nbytes for v in value.values() if isinstance(v, np.ndarray))
     return total
+
+
+class Aedat4StreamDecoder:
+    """Incremental AEDAT 4 decoding of a byte stream (a live DV stream cut anywhere).
+
+    Whole packets are cut from the bytes as they arrive. The file header (version line, uint32
+    size, IOHeader flatbuffer) is kept, with its data-table position set to -1 (the packets of a
+    live stream end nowhere in particular), and put before each batch of complete packets, which
+    :func:`events.read` then checks and decodes like a file. Bytes at or after the original
+    data-table position (the file's index, not packets) are ignored. Raises
+    :class:`~events.EventFormatError` for bad bytes, a header or packet over ``max_buffer``
+    bytes, or more than ``max_events`` events in one batch (:class:`~events.EventLimitError`).
+    """
+
+    def __init__(self, max_buffer: int, max_events: int) -> None:
+        self.buf = bytearray()
+        self.header: bytes | None = None
+        self.max_buffer = max_buffer
+        self.max_events = max_events
+        self.offset = 0  # absolute stream offset of buf[0]
+        self.table_at = -1  # absolute offset of the data table (-1: none)
+
+    def _take_header(self, end: int) -> None:
+        base = len(MAGIC) + 4
+        head = bytearray(self.buf[:end])
+        info = parse_ioheader(bytes(head[base:]), base)
+        self.table_at = int(info["data_table_position"])
+        if info["data_table_field"] is not None:
+            struct.pack_into("<q", head, base + info["data_table_field"], -1)
+        self.header = bytes(head)
+        del self.buf[:end]
+        self.offset = end
+
+    def feed(self, data: bytes | bytearray | memoryview) -> np.ndarray:
+        """The events of the packets that ``data`` completes (``EVENT_DTYPE``, maybe none)."""
+        from ..readers import read
+
+        none = np.zeros(0, EVENT_DTYPE)
+        if self.table_at >= 0 and self.offset >= self.table_at:
+            return none
+        self.buf += data
+        if len(self.buf) > self.max_buffer:
+            raise EventLimitError(f"AEDAT 4 packet larger than {self.max_buffer} bytes", offset=self.offset)
+        if self.header is None:
+            if len(self.buf) < len(MAGIC) + 4:
+                if not MAGIC.startswith(bytes(self.buf[: len(MAGIC)])):
+                    raise EventFormatError("AEDAT 4 stream does not start with '#!AER-DAT4.0'", offset=0)
+                return none
+            if bytes(self.buf[: len(MAGIC)]) != MAGIC:
+                raise EventFormatError("AEDAT 4 stream does not start with '#!AER-DAT4.0'", offset=0)
+            (hsize,) = struct.unpack_from("<i", self.buf, len(MAGIC))
+            if hsize < 0 or hsize > self.max_buffer:
+                raise EventFormatError(f"AEDAT 4 header size {hsize} is invalid", offset=len(MAGIC))
+            end = len(MAGIC) + 4 + hsize
+            if len(self.buf) < end:
+                return none
+            self._take_header(end)
+        limit = len(self.buf) if self.table_at < 0 else min(len(self.buf), self.table_at - self.offset)
+        o = 0
+        while limit - o >= 8:
+            _, size = struct.unpack_from("<ii", self.buf, o)
+            if size < 0 or size > self.max_buffer:
+                raise EventFormatError(f"AEDAT 4 packet size {size} is invalid", offset=self.offset + o)
+            if limit - o - 8 < size:
+                break
+            o += 8 + size
+        if o == 0:
+            return none
+        chunk = self.header + bytes(self.buf[:o])  # type: ignore[operator]
+        del self.buf[:o]
+        self.offset += o
+        return read(chunk, format="aedat4", max_events=self.max_events).events

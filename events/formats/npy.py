@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .._types import EVENT_DTYPE, EventFormatError, Recording
+from .._types import EVENT_DTYPE, EventFormatError, EventLimitError, Recording
 from ._common import Limits, build_events, check_count, check_sensor, finish, size_from_events
 
 
@@ -125,7 +125,7 @@ def parse(data: Any, *, limits: Limits, kind: str = "npy", name: str = "") -> Re
             raise EventFormatError(f"npz: not a valid zip archive: {exc}", offset=0) from exc
         total = sum(i.file_size for i in infos.values())
         if total > limits.max_decompressed or total > 64 * max(len(data), 1 << 20):
-            raise EventFormatError(f"npz: members inflate to {total} bytes (decompression bomb?)", offset=0)
+            raise EventLimitError(f"npz: members inflate to {total} bytes (decompression bomb?)", offset=0)
         if "events.npy" not in infos:
             raise EventFormatError(f"npz: no 'events' array (members: {sorted(infos)[:10]})", offset=0)
         arr = _member_array(z, infos["events.npy"], data, limits, "npz events")

@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import events
-from events import EVENT_DTYPE
-from events.binning import MNIST_DVS, ROI, Binner, BinSpec, bin_events
+from events import EVENT_DTYPE, EventFormatError, EventLimitError
+from events.binning import MNIST_DVS, ROI, Binner, BinSpec, bin_events, expand_segments
 
 
 def reference(ev, roi, dt, t0, n_bins, polarity="split", mode="presence", pool=1):
@@ -127,11 +127,12 @@ def test_binspec_and_roi_validation():
 
 
 def stream(binner, ev, cuts):
+    """Every segment of pushing ``ev`` cut at ``cuts`` and a flush, runs of empty bins expanded."""
     segs = []
     for a, b in zip([0, *cuts], [*cuts, len(ev)], strict=True):
         segs += binner.push(ev[a:b])
     segs += binner.flush()
-    return segs
+    return expand_segments(segs, binner.spec.dt_us)
 
 
 def concat(segs, shape, dtype=np.uint8):
@@ -208,7 +209,7 @@ def test_binner_real_recording_one_event_at_a_time(mnist_dvs_events):
     segs = []
     for i in range(2000):
         segs += b.push(ev[i : i + 1])
-    segs += b.flush()
+    segs = expand_segments(segs + b.flush(), MNIST_DVS.dt_us)
     np.testing.assert_array_equal(concat(segs, MNIST_DVS.shape), MNIST_DVS.bin(ev[:2000]))
 
 
@@ -260,7 +261,7 @@ def test_binner_late_events_dropped_and_counted():
     segs = b.push(ev[:3]) + b.push(ev[3:])
     assert b.late_events == 2
     segs += b.flush()
-    frames = concat(segs, spec.shape)
+    frames = concat(expand_segments(segs, spec.dt_us), spec.shape)
     kept = ev[[0, 1, 2, 4]]
     np.testing.assert_array_equal(frames, bin_events(kept, spec.roi, 1_000, 0, 3))
     # after a flush the flushed bin is closed: an event in it is late, a later one opens bin 3+.
@@ -268,7 +269,7 @@ def test_binner_late_events_dropped_and_counted():
     assert b.flush() == []
 
 
-def test_binner_steps_empty_bins_and_reports_gaps():
+def test_binner_steps_empty_bins_as_runs_and_reports_gaps():
     spec = BinSpec(ROI(0, 0, 4, 4), 1_000)
     ev = np.zeros(5, EVENT_DTYPE)
     ev["t"] = [100, 4_200, 4_300, 59_200, 60_050]  # 3 empty bins, then a 54.9 ms gap
@@ -276,14 +277,17 @@ def test_binner_steps_empty_bins_and_reports_gaps():
     b = Binner(spec, max_gap_us=20_000)
     segs = b.push(ev[:4]) + b.push(ev[4:]) + b.flush()
     assert b.gaps == 1
-    assert [s.reset for s in segs] == [False, True]
-    first, second = segs
-    # t0 = 100: bins 0..4 before the gap (bins 1-3 empty but stepped), then bin 59 alone.
-    assert len(first.frames) == 5 and first.frames[1:4].sum() == 0
-    np.testing.assert_array_equal(first.frames, bin_events(ev[:3], spec.roi, 1_000, 100, 5))
-    assert first.bin_end_us.tolist() == [1_100, 2_100, 3_100, 4_100, 5_100]
-    assert second.bin_end_us.tolist() == [60_100]
-    np.testing.assert_array_equal(second.frames, bin_events(ev[3:], spec.roi, 1_000, 59_100, 1))
+    # t0 = 100: bin 0, bins 1-3 empty (one run, stepped but never materialized), bin 4, the gap,
+    # then bin 59 alone
+    assert [(s.reset, s.empty, len(s.frames)) for s in segs] == [(False, 0, 1), (False, 3, 0), (False, 0, 1),
+                                                                   (True, 0, 1)]
+    assert [s.n_bins for s in segs] == [1, 3, 1, 1] and segs[1].bin_end_us.tolist() == [2_100]
+    first = expand_segments(segs[:3], spec.dt_us)
+    np.testing.assert_array_equal(np.concatenate([s.frames for s in first]),
+                                  bin_events(ev[:3], spec.roi, 1_000, 100, 5))
+    assert np.concatenate([s.bin_end_us for s in first]).tolist() == [1_100, 2_100, 3_100, 4_100, 5_100]
+    assert segs[3].bin_end_us.tolist() == [60_100]
+    np.testing.assert_array_equal(segs[3].frames, bin_events(ev[3:], spec.roi, 1_000, 59_100, 1))
     assert b.bins_emitted == 6
 
 
@@ -330,3 +334,131 @@ def test_other_field_dtypes_negative_coordinates_are_outside():
     sp["p"] = [1, 0, 1, 1, -1]  # a negative polarity is not a polarity: ignored
     want[0, 0, 1, 2] = 0
     np.testing.assert_array_equal(bin_events(sp, ROI(0, 0, 4, 2), 100, 0, 1), want)
+
+
+# ---------------------------------------------------------------- the compiled streaming loop
+def _live_stream(seed: int, n: int = 3000, sensor: int = 40) -> np.ndarray:
+    """Mostly sorted events with jitter (late events), a few long silences (gaps), coordinates
+    partly outside the ROI and rare polarities other than 0/1."""
+    rng = np.random.default_rng(seed)
+    steps = rng.exponential(400.0, n).astype(np.int64)
+    gaps = rng.random(n) < 0.003
+    steps[gaps] += rng.integers(50_000, 2_500_000, gaps.sum())
+    t = 1_000_000 + np.cumsum(steps)
+    t += rng.integers(-15_000, 3_000, n) * (rng.random(n) < 0.05)  # some events arrive late
+    ev = np.zeros(n, EVENT_DTYPE)
+    ev["t"] = t
+    ev["x"] = rng.integers(0, sensor, n)
+    ev["y"] = rng.integers(0, sensor, n)
+    ev["p"] = rng.integers(0, 2, n)
+    ev["p"][rng.random(n) < 0.01] = 3
+    return ev
+
+
+def _bins(b: Binner, pushes: list[np.ndarray | None], packed: bool) -> tuple[list, np.ndarray]:
+    """Per bin (end, reset) and the expanded frames of pushing each chunk (None: a flush)."""
+    segs = []
+    for chunk in pushes:
+        if chunk is None:
+            segs += b.flush()
+        elif packed:
+            segs += b.push_packed(np.frombuffer(b"head" + chunk.tobytes(), np.uint8), 4, len(chunk), check=False)
+        else:
+            segs += b.push(chunk)
+    return flatten(expand_segments(segs, b.spec.dt_us))
+
+
+@pytest.mark.parametrize(
+    ("seed", "polarity", "mode", "pool", "t0", "packed"),
+    [
+        (0, "split", "presence", 1, None, True),
+        (1, "split", "count", 1, None, False),
+        (2, "merge", "presence", 2, 900_000, True),
+        (3, "merge", "count", 3, None, True),
+        (4, "split", "presence", 2, 1_005_000, False),
+        (5, "signed", "count", 1, None, True),
+    ],
+)
+def test_compiled_and_numpy_binner_agree_on_live_streams(seed, polarity, mode, pool, t0, packed, monkeypatch):
+    """The compiled loop (what a stream's packets take) and the numpy path give the same bins,
+    resets, late events and gaps for any chunking, flushes in between included."""
+    ev = _live_stream(seed)
+    spec = BinSpec((5, 7, 24, 18), 10_000, polarity, mode, pool)
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, len(ev)), size=60, replace=False)).tolist()
+    pushes: list[np.ndarray | None] = []
+    for a, b in zip([0, *cuts], [*cuts, len(ev)], strict=True):
+        pushes.append(ev[a:b])
+        if rng.random() < 0.1:
+            pushes.append(None)  # a flush in the middle of the stream
+    pushes.append(None)
+    monkeypatch.setenv("VDIB_NUMBA", "0")
+    ref = Binner(spec, t0=t0, max_gap_us=200_000)
+    ref_marks, ref_frames = _bins(ref, pushes, False)
+    monkeypatch.setenv("VDIB_NUMBA", "1")
+    fast = Binner(spec, t0=t0, max_gap_us=200_000)
+    marks, frames = _bins(fast, pushes, packed)
+    assert ref.late_events > 0 and ref.gaps > 0 and sum(r for _, r in ref_marks) == ref.gaps  # exercised
+    assert marks == ref_marks and np.array_equal(frames, ref_frames)
+    assert (fast.late_events, fast.gaps, fast.bins_emitted) == (ref.late_events, ref.gaps, ref.bins_emitted)
+
+
+@pytest.mark.parametrize("numba", ["0", "1"])
+def test_long_silences_are_runs_and_max_bins_is_checked_before_binning(numba, monkeypatch):
+    monkeypatch.setenv("VDIB_NUMBA", numba)
+    spec = BinSpec((0, 0, 4, 4), 1_000, "split", "presence", 1)
+    ev = np.zeros(3, EVENT_DTYPE)
+    ev["t"] = [0, 500, 999_999_000]  # ~1M empty bins in between, without a gap
+    ev["x"] = [1, 2, 3]
+    segs = Binner(spec, max_gap_us=None).push(ev)
+    assert [(s.empty, len(s.frames)) for s in segs] == [(0, 1), (999_998, 0)]  # nothing materialized
+    assert segs[1].bin_end_us.tolist() == [2_000]
+    # the same silence against a budget: refused before binning it
+    b = Binner(spec, max_gap_us=None)
+    with pytest.raises(EventLimitError, match="max_bins=1000"):
+        b.push(ev, max_bins=1000)
+    b = Binner(spec, max_gap_us=None)
+    assert sum(s.n_bins for s in b.push(ev[:2], max_bins=0)) == 0  # the open bin is not complete
+    dense = np.zeros(50, EVENT_DTYPE)
+    dense["t"] = np.arange(50) * 1_000  # 49 complete bins, each with an event
+    with pytest.raises(EventLimitError):
+        Binner(spec).push(dense, max_bins=48)
+    assert sum(s.n_bins for s in Binner(spec).push(dense, max_bins=49)) == 49
+
+
+def test_packed_polarity_check_bins_nothing(monkeypatch):
+    spec = BinSpec((0, 0, 4, 4), 1_000, "split", "presence", 1)
+    ev = np.zeros(2, EVENT_DTYPE)
+    ev["t"] = [0, 2_000]
+    ev["p"] = [1, 2]
+    for numba in ("0", "1"):
+        monkeypatch.setenv("VDIB_NUMBA", numba)
+        b = Binner(spec)
+        with pytest.raises(EventFormatError, match="polarity"):
+            b.push_packed(np.frombuffer(ev.tobytes(), np.uint8), 0, 2)
+        assert b.t0 is None and b.late_events == 0  # nothing was binned
+        with pytest.raises(EventFormatError, match="do not fit"):
+            b.push_packed(np.frombuffer(ev.tobytes(), np.uint8), 1, 2)
+
+
+def test_huge_rois_cost_their_sides_not_their_area():
+    """A 16384 x 16384 sensor pooled to 26 x 26: tables follow the sides (a few hundred kB, cached
+    within TABLE_CACHE_BYTES), never the area (GBs); a frame larger than MAX_FRAME_CELLS is refused
+    before anything is allocated."""
+    from events import binning
+
+    ev = np.zeros(3, EVENT_DTYPE)
+    ev["t"] = [0, 10, 20]
+    ev["x"] = [0, 8000, 16_000]
+    ev["y"] = [0, 8000, 16_000]
+    roi, pool = ROI(0, 0, 16380, 16380), 630
+    frames = bin_events(ev, roi, 1_000, pool=pool)
+    assert frames.shape == (1, 2, 26, 26) and frames.sum() == 3
+    b = Binner(BinSpec(roi, 1_000, pool=pool))
+    assert b.push(ev) == [] and b.flush()[0].frames.sum() == 3
+    assert binning._TABLES.nbytes <= binning.TABLE_CACHE_BYTES
+    for i in range(100):  # many ROIs: the cache stays within its bytes
+        bin_events(ev, ROI(i, 0, 16000, 16000), 1_000, pool=500)
+    assert binning._TABLES.nbytes <= binning.TABLE_CACHE_BYTES
+    with pytest.raises(ValueError, match="MAX_FRAME_CELLS|over the limit"):
+        BinSpec(ROI(0, 0, 16384, 16384), 1_000)

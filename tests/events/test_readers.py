@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import events
-from events import EVENT_DTYPE, EventFormatError, read, sniff_format
+from events import EVENT_DTYPE, EventFormatError, EventLimitError, read, sniff_format
 
 # (path under ../shared/data/events, format, events, width, height, duration in s) from its README
 SHARED = [
@@ -312,12 +312,39 @@ def test_sniffing_uses_content_not_extension(shared_events: Path, tmp_path: Path
 
 def test_limits_are_enforced(shared_events: Path):
     path = shared_events / "aedat2/mnist_0_scale08_0001_qt1.aedat"
-    with pytest.raises(EventFormatError, match="max_bytes"):
+    with pytest.raises(EventLimitError, match="max_bytes"):
         read(path, max_bytes=1000)
-    with pytest.raises(EventFormatError, match="max_events"):
+    with pytest.raises(EventLimitError, match="max_bytes"):
+        read(path.read_bytes(), max_bytes=1000)
+    with pytest.raises(EventLimitError, match="max_events"):
         read(path, max_events=100)
-    with pytest.raises(EventFormatError, match="max_events"):
+    with pytest.raises(EventLimitError, match="max_events"):
         read(shared_events / "aedat4/tonic_sample.aedat4", max_events=1000)
+    assert issubclass(EventLimitError, EventFormatError)  # still the one error a reader raises
+
+
+def test_aedat4_stream_decoder_cut_anywhere_equals_the_file(shared_events: Path):
+    from events.formats.aedat4 import Aedat4StreamDecoder
+
+    data = (shared_events / "aedat4/tonic_sample.aedat4").read_bytes()
+    want = read(data).events
+    for step in (1_000, 65_537, len(data)):
+        dec = Aedat4StreamDecoder(max_buffer=1 << 22, max_events=10_000_000)
+        parts = [dec.feed(data[:1]), dec.feed(data[1:5])]  # a header cut after 1 and 5 bytes
+        parts += [dec.feed(data[a : a + step]) for a in range(5, len(data), step)]
+        got = np.concatenate(parts)
+        assert got.dtype == EVENT_DTYPE and np.array_equal(got, want)
+    with pytest.raises(EventFormatError, match="does not start"):
+        Aedat4StreamDecoder(1 << 20, 1000).feed(b"#!AER-DAT3.1\r\n....")
+    with pytest.raises(EventFormatError, match="does not start"):
+        Aedat4StreamDecoder(1 << 20, 1000).feed(b"#!X")
+    with pytest.raises(EventLimitError, match="larger than"):
+        Aedat4StreamDecoder(1000, 1000).feed(data[:2000])
+    bad = bytearray(data[:200_000])
+    hsize = struct.unpack_from("<i", bad, 14)[0]
+    struct.pack_into("<ii", bad, 18 + hsize, 0, -5)  # a negative packet size
+    with pytest.raises(EventFormatError, match="packet size -5"):
+        Aedat4StreamDecoder(1 << 22, 1000).feed(bytes(bad))
 
 
 def test_callers_buffer_is_not_modified(shared_events: Path):

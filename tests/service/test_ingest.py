@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from events import EVENT_DTYPE, Binner, BinSpec
+from events import EVENT_DTYPE, Binner, BinSpec, expand_segments
 from service.ingest import StreamBinner, make_binner
 from service.protocol import encode_events
 
@@ -37,7 +37,7 @@ def _chunks(n: int, seed: int) -> list[int]:
 def _ref(b: Binner, pushes: list[np.ndarray | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     frames, ends, resets = [], [], []
     for chunk in pushes:
-        segs = b.push(chunk) if chunk is not None else b.flush()
+        segs = expand_segments(b.push(chunk) if chunk is not None else b.flush(), b.spec.dt_us)
         for s in segs:
             frames.append(s.frames)
             ends.append(s.bin_end_us)
@@ -100,7 +100,7 @@ def test_long_silence_without_gap_emits_every_empty_bin():
     ev = np.zeros(3, EVENT_DTYPE)
     ev["t"] = [0, 500, 95_000]  # 94 empty bins in between, more than one kernel call holds
     ev["x"] = [1, 2, 3]
-    ref = Binner(spec, max_gap_us=None).push(ev)
+    ref = expand_segments(Binner(spec, max_gap_us=None).push(ev), spec.dt_us)
     got = StreamBinner(spec, max_gap_us=None).push(ev)
     assert np.array_equal(np.concatenate([s.frames for s in ref]), np.concatenate([g[0] for g in got]))
     assert np.array_equal(np.concatenate([s.bin_end_us for s in ref]), np.concatenate([g[1] for g in got]))
