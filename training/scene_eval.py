@@ -573,7 +573,7 @@ class VdibScenes:
         return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
 
     def info(self) -> dict[str, Any]:
-        return {"params": count_parameters(self.net), "checkpoint": str(self.checkpoint),
+        return {"params": count_parameters(self.net), "checkpoint": str(self.checkpoint), "spiking": True,
                 "kind": "spiking conv encoder (VDIB) + ANN decoder"}
 
 
@@ -687,8 +687,9 @@ def run_benchmark(
         entry = summarize(seq_results)
         entry["frames_requested"] = frames_requested
         entry["ms_per_frame_1core"] = 1000.0 * seconds / frames_requested if timing and frames_requested else None
+        spiking = bool(m.info().get("spiking"))
         for k in ("macs", "synops", "spikes", "macs_all_dense"):
-            if k in counters:
+            if k in counters and (spiking or k not in ("synops", "spikes")):
                 entry[f"{k}_per_frame"] = counters[k] / max(frames_requested, 1)
         if not counters and getattr(m, "name", "") == "mid-gray":
             entry["macs_per_frame"] = 0.0
@@ -721,7 +722,6 @@ def _si(v: Any) -> str:
 
 def markdown(report: dict[str, Any]) -> str:
     """The side-by-side tables of one run."""
-    sets = [t["name"] for t in report["test_sets"]]
     methods = list(report["results"])
     lines = ["# General-scene reconstruction: one benchmark run", ""]
     lines.append(f"Run {report['created_utc']} at commit `{report.get('git', '')}`. Protocol: EVREAL standard "
@@ -739,36 +739,25 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- **{ts['name']}**: {ts['description']}; {len(seqs)} sequence(s), {n} GT frames, "
                      f"{ev:,} events")
     lines.append("")
-    head = "| method | " + " | ".join(f"{s} SSIM raw | {s} MSE raw | {s} SSIM hist | {s} MSE hist" for s in sets) + " |"
-    lines.append("## Quality (mean over scored frames; higher SSIM, lower MSE is better)")
-    lines.append("")
-    lines.append(head)
-    lines.append("|---" * (1 + 4 * len(sets)) + "|")
-    for m in methods:
-        cells = []
-        for s in sets:
+    for ts in report["test_sets"]:
+        s = ts["name"]
+        n = sum(q["frames_in_span"] for q in ts["sequences"])
+        lines.append(f"## {s} ({n} GT frames)")
+        lines.append("")
+        lines.append("| method | SSIM raw | MSE raw | SSIM hist | MSE hist | ms/frame (1 core) | params "
+                     "| MACs/frame | spikes/frame | SynOps/frame |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for m in methods:
             e = report["results"][m].get(s)
             if e is None:
-                cells += ["-"] * 4
                 continue
+            params = report["methods"].get(m, {}).get("params")
             miss = f" ({e['missed']} missed)" if e.get("missed") else ""
-            cells += [_fmt(e["ssim_raw"]) + miss, _fmt(e["mse_raw"]), _fmt(e["ssim_hist"]), _fmt(e["mse_hist"])]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("## Cost per output frame (one core)")
-    lines.append("")
-    lines.append("| method | params | " + " | ".join(
-        f"{s} ms/frame | {s} MACs/frame | {s} spikes/frame | {s} SynOps/frame" for s in sets) + " |")
-    lines.append("|---" * (2 + 4 * len(sets)) + "|")
-    for m in methods:
-        params = report["methods"].get(m, {}).get("params")
-        cells = [_si(params) if params else "0"]
-        for s in sets:
-            e = report["results"][m].get(s) or {}
-            cells += [_fmt(e.get("ms_per_frame_1core"), ".1f"), _si(e.get("macs_per_frame")),
-                      _si(e.get("spikes_per_frame")), _si(e.get("synops_per_frame"))]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines.append("")
+            lines.append(f"| {m} | {_fmt(e['ssim_raw'])}{miss} | {_fmt(e['mse_raw'])} | {_fmt(e['ssim_hist'])} "
+                         f"| {_fmt(e['mse_hist'])} | {_fmt(e.get('ms_per_frame_1core'), '.1f')} "
+                         f"| {_si(params) if params else '0'} | {_si(e.get('macs_per_frame'))} "
+                         f"| {_si(e.get('spikes_per_frame'))} | {_si(e.get('synops_per_frame'))} |")
+        lines.append("")
     c = report["calibration"]
     lines.append(f"Same-run machine reference: {c['gemm_gflops_1core']:.1f} GFLOP/s single-thread fp32 GEMM "
                  f"(256x256x256), load average {c['loadavg_1min']:.2f} (1 min) / {c['loadavg_5min']:.2f} "
@@ -784,12 +773,23 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def montage(gt: np.ndarray, columns: Sequence[tuple[str, np.ndarray]], *, title: str = "") -> Any:
+def event_image(events: np.ndarray, width: int, height: int, t_us: int, window_us: int = 10_000) -> np.ndarray:
+    """The events of the ``window_us`` before ``t_us`` as a picture: gray 0.5, on white, off black."""
+    img = np.full((height, width), 0.5, dtype=np.float32)
+    t = events["t"]
+    lo, hi = np.searchsorted(t, t_us - window_us, side="left"), np.searchsorted(t, t_us, side="right")
+    w = events[lo:hi]
+    img[w["y"].astype(np.int64), w["x"].astype(np.int64)] = np.where(w["p"] > 0, 1.0, 0.0)
+    return img
+
+
+def montage(gt: np.ndarray, columns: Sequence[tuple[str, np.ndarray]], *, title: str = "",
+            gt_label: str = "GT") -> Any:
     """PIL image: one row per frame, GT then each (label, [K, H, W]) column, labelled on top."""
     from PIL import Image, ImageDraw, ImageFont
 
     k, h, w = gt.shape
-    cols = [("GT (APS frame)" if "sim" not in title else "GT", gt), *columns]
+    cols = [(gt_label, gt), *columns]
     pad, head = 4, 30 if title else 16
     try:
         font = ImageFont.load_default(size=12)
@@ -814,33 +814,36 @@ def write_montages(
     report: dict[str, Any], recons: dict[str, dict[str, list[np.ndarray]]], test_sets: Sequence[TestSet],
     out_dir: Path, *, max_rows: int = 4,
 ) -> list[Path]:
-    """One PNG per test set: GT | ours | every baseline, scores in the column labels."""
+    """One PNG per test set: GT | events | ours | every baseline, set-mean scores in the labels.
+
+    One sequence: its first ``max_rows`` frames; several (simulated clips): the last in-span frame
+    of each of the first ``max_rows`` clips of the first clip's size.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for ts in test_sets:
-        rows_gt: list[np.ndarray] = []
-        rows: dict[str, list[np.ndarray]] = {m: [] for m in recons}
-        for si, seq in enumerate(ts.sequences):
-            for fi in range(len(seq.frames)):
-                if len(rows_gt) >= max_rows:
-                    break
-                rows_gt.append(seq.frames[fi])
-                for m in recons:
-                    rows[m].append(recons[m][ts.name][si][fi])
-        if not rows_gt:
+        picks: list[tuple[int, int]] = []
+        if len(ts.sequences) == 1:
+            picks = [(0, i) for i in range(min(max_rows, len(ts.sequences[0].frames)))]
+        else:
+            shape = (ts.sequences[0].height, ts.sequences[0].width)
+            for si, seq in enumerate(ts.sequences):
+                if (seq.height, seq.width) == shape and len(seq.frames) and len(picks) < max_rows:
+                    picks.append((si, len(seq.frames) - 1))
+        if not picks:
             continue
-        shapes = {r.shape for r in rows_gt}
-        if len(shapes) > 1:  # simulated clips of different sizes: keep the first size only
-            first = rows_gt[0].shape
-            keep = [i for i, r in enumerate(rows_gt) if r.shape == first]
-            rows_gt = [rows_gt[i] for i in keep]
-            rows = {m: [v[i] for i in keep] for m, v in rows.items()}
-        cols = []
+        gt = np.stack([ts.sequences[si].frames[fi] for si, fi in picks])
+        evs = np.stack([event_image(ts.sequences[si].events, ts.sequences[si].width, ts.sequences[si].height,
+                                    int(ts.sequences[si].frame_times_us[fi])) for si, fi in picks])
+        cols = [("events (last 10 ms)", evs)]
         for m in recons:
+            if ts.name not in recons[m]:
+                continue
             e = report["results"][m][ts.name]
-            cols.append((f"{m} {e['ssim_raw']:.2f}/{e['ssim_hist']:.2f}", np.stack(rows[m])))
-        title = f"{ts.name}: GT | methods (label: SSIM raw / SSIM hist-matched, mean over the set)"
-        img = montage(np.stack(rows_gt), cols, title=title)
+            arr = np.stack([recons[m][ts.name][si][fi] for si, fi in picks])
+            cols.append((f"{m} {e['ssim_raw']:.2f} / {e['ssim_hist']:.2f}", arr))
+        title = f"{ts.name}: labels give SSIM raw / SSIM hist-matched (mean over the set)"
+        img = montage(gt, cols, title=title, gt_label="GT (APS frame)" if ts.name != "simulated" else "GT")
         p = out_dir / f"{ts.name}.png"
         img.save(p, optimize=True)
         paths.append(p)
