@@ -27,6 +27,11 @@ _LAZY = {
     "Naturalizer": "model.naturalizer",
     "OnlineNaturalizer": "model.naturalizer",
     "sliding_windows": "model.naturalizer",
+    # the general-scene family (fully convolutional, any sensor size)
+    "SceneNaturalizerConfig": "model.scene",
+    "SceneNaturalizer": "model.scene",
+    "OnlineSceneNaturalizer": "model.scene",
+    "reconstruct_events": "model.scene",
     # cross-stream batching
     "stack_states": "model.batching",
     "unstack_states": "model.batching",

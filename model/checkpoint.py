@@ -41,6 +41,7 @@ import torch
 
 from .decoders import DECODERS
 from .naturalizer import Naturalizer, NaturalizerConfig
+from .scene import SceneNaturalizer, SceneNaturalizerConfig
 
 __all__ = ["CheckpointError", "FORMAT_VERSION", "QUANTIZE_SCHEMES", "save_checkpoint", "load_checkpoint", "code_version",
            "quantize_int4", "dequantize_int4", "quantize_int8", "dequantize_int8"]
@@ -159,7 +160,7 @@ def _quantization_plan(tensors: dict[str, torch.Tensor], scheme: str) -> dict[st
 
 def save_checkpoint(
     directory: str | os.PathLike[str],
-    naturalizer: Naturalizer,
+    naturalizer: Naturalizer | SceneNaturalizer,
     training_config: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
@@ -281,8 +282,11 @@ def _dequantize_all(tensors: dict[str, torch.Tensor], meta: dict[str, Any], mani
 
 def load_checkpoint(
     directory: str | os.PathLike[str], device: torch.device | str | None = None
-) -> tuple[Naturalizer, dict[str, Any]]:
+) -> tuple[Any, dict[str, Any]]:
     """Load a checkpoint written by :func:`save_checkpoint`: returns ``(naturalizer, meta)``.
+
+    ``naturalizer`` is a :class:`Naturalizer` (the digit family) or, when ``model.family`` is
+    ``"scene"``, a :class:`model.scene.SceneNaturalizer`.
 
     The model is in eval mode on ``device`` (default CPU). Raises :class:`CheckpointError` for a
     missing file, bad JSON, unsupported version, unknown decoder, a weight file that does not
@@ -294,13 +298,23 @@ def load_checkpoint(
     d = Path(directory)
     meta = read_meta(d)
     model_cfg = meta["model"]
-    dec = model_cfg.get("decoder")
-    if dec not in DECODERS:
-        raise CheckpointError(f"{d / CONFIG}: unknown decoder {dec!r}; known: {sorted(DECODERS)}")
-    try:
-        config = NaturalizerConfig.from_dict(model_cfg)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{d / CONFIG}: invalid model config: {exc}") from exc
+    config: NaturalizerConfig | SceneNaturalizerConfig
+    build: Any
+    if model_cfg.get("family") == "scene":  # the general-scene model (model/scene.py)
+        build = SceneNaturalizer
+        try:
+            config = SceneNaturalizerConfig.from_dict(model_cfg)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{d / CONFIG}: invalid scene model config: {exc}") from exc
+    else:
+        build = Naturalizer
+        dec = model_cfg.get("decoder")
+        if dec not in DECODERS:
+            raise CheckpointError(f"{d / CONFIG}: unknown decoder {dec!r}; known: {sorted(DECODERS)}")
+        try:
+            config = NaturalizerConfig.from_dict(model_cfg)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{d / CONFIG}: invalid model config: {exc}") from exc
     # refuse absurd sizes before allocating (a hostile config could ask for terabytes)
     manifest = meta["tensors"]
     try:
@@ -325,7 +339,7 @@ def load_checkpoint(
     # shapes first on the meta device: a hostile config must not make us allocate its model
     try:
         with torch.device("meta"):
-            expected = Naturalizer(config).state_dict()
+            expected = build(config).state_dict()
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{d / CONFIG}: cannot build the model: {exc}") from exc
     missing = sorted(set(expected) - set(tensors))
@@ -347,7 +361,7 @@ def load_checkpoint(
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{w_path}: tensor {name!r} holds NaN or infinite values")
     try:
-        model = Naturalizer(config)
+        model = build(config)
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{d / CONFIG}: cannot build the model: {exc}") from exc
     expected = model.state_dict()

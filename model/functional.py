@@ -56,6 +56,7 @@ __all__ = [
     "history_kernel",
     "lif_init_state",
     "lif_step",
+    "lif_dynamics",
     "lif_traces",
     "raised_cosine_basis",
     "input_current",
@@ -182,7 +183,15 @@ def lif_step(
         and the membrane potential :math:`U_t = W P_t + R_t + b`.
     """
     wt = weight.t() if weight_t is None else weight_t
-    i = input_current(x, wt, event_driven=event_driven)
+    return lif_dynamics(input_current(x, wt, event_driven=event_driven), state, bias, params)
+
+
+def lif_dynamics(
+    i: Tensor, state: LIFState, bias: Tensor | float, params: LIFParameters = LIFParameters()
+) -> tuple[Tensor, LIFState, Tensor]:
+    """The LIF update for a given input current ``i`` (any shape, e.g. ``[B, n]`` or a conv's
+    ``[B, C, H, W]``): traces, refractory trace, :math:`U_t = P_t + R_t + b`,
+    :math:`S_t = \\Theta(U_t)`. :func:`lif_step` is this with :math:`i = W x_t`."""
     q, p = lif_traces(i, state.q, state.p, params)
     r = params.alpha_rp * state.r - state.s
     u = p + r + bias
