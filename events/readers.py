@@ -42,6 +42,7 @@ FORMATS = (
     "csv",
     "npy",
     "npz",
+    "es",
 )
 
 _EXT_HINTS = {
@@ -54,6 +55,7 @@ _EXT_HINTS = {
     ".npy": "npy",
     ".npz": "npz",
     ".aedat": "aedat",
+    ".es": "es",
 }
 
 
@@ -97,6 +99,8 @@ def sniff_format(data: bytes | bytearray | memoryview, name: str = "") -> str:
         return "aedat1"
     if head.startswith(b"#!AER-DAT"):
         raise EventFormatError(f"unknown AEDAT version {head[:16]!r}", offset=0)
+    if head.startswith(b"Event Stream"):
+        return "es"
     if head.startswith(b"\x93NUMPY"):
         return "npy"
     if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
@@ -111,7 +115,7 @@ def sniff_format(data: bytes | bytearray | memoryview, name: str = "") -> str:
         if hint == "csv" or (rest and _looks_text(rest)) or (not rest and hint == "csv"):
             return "csv"
         return "aedat1"
-    if hint in ("npy", "npz", "aedat4"):
+    if hint in ("npy", "npz", "aedat4", "es"):
         raise EventFormatError(f"file named {name!r} lacks the {hint} magic bytes", offset=0)
     if _looks_text(head[:512]):
         return "csv"
@@ -213,7 +217,7 @@ def _parse(fmt: str, data: bytes, path: str | None, name: str, limits: Limits) -
     if fmt in ("npy", "npz"):
         mod = importlib.import_module("events.formats.npy")
         return mod.parse(data, limits=limits, kind=fmt, name=name)
-    module = {"aedat31": "aedat31", "dat": "dat", "nmnist": "nmnist", "csv": "text"}.get(fmt)
+    module = {"aedat31": "aedat31", "dat": "dat", "nmnist": "nmnist", "csv": "text", "es": "es"}.get(fmt)
     if module is None:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     return importlib.import_module(f"events.formats.{module}").parse(data, limits=limits, name=name)
