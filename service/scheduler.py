@@ -34,6 +34,16 @@ from .session import BIN, EMIT_NOW, END, Outgoing, Pending, Session
 log = logging.getLogger("vdib.service")
 
 
+def engine_input_shape(s: Session) -> tuple[int, ...]:
+    return tuple(s.entry.input_shape)
+
+
+def _failure(exc: BaseException) -> Outgoing:
+    """The error message that closes a stream whose work failed in a tick (1011)."""
+    msg = json.dumps({"type": "error", "code": 1011, "message": f"internal error: {type(exc).__name__}"})
+    return Outgoing(msg, False, close_code=1011)
+
+
 def _end_message(s: Session) -> Callable[[], str]:
     """The final stats, rendered when sent (so it counts every frame sent before it)."""
     return lambda: json.dumps({**s.stats(), "type": "end"})
@@ -54,6 +64,7 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdib-tick")
         self._cursor = 0  # round-robin start when more than max_batch sessions are due
+        self.fault: Callable[[str, list[Session]], None] | None = None  # tests: see _probe
         self.ticks = 0
         self.steps = 0
         self._rate_t = time.perf_counter()
@@ -138,14 +149,18 @@ class Scheduler:
                         results = self._tick(work)
                     else:
                         results = await loop.run_in_executor(self._pool, self._tick, work)
-                except Exception as exc:  # noqa: BLE001 - one bad tick must not kill the service
+                except Exception as exc:  # noqa: BLE001 - a bug outside the isolated steps
                     log.exception("scheduler tick failed")
-                    for s, _ in work:
-                        s.deliver(Outgoing(json.dumps({"type": "error", "code": 1011, "message": f"internal error: {exc}"}),
-                                           False, close_code=1011))
-                    continue
+                    results = [(s, _failure(exc)) for s, _ in work]
                 for s, msg in results:
-                    s.deliver(msg, self.metrics)
+                    if msg.close_code == 1011:
+                        self.sessions.pop(s.id, None)  # stepped no more; its handler closes it
+                    try:
+                        s.deliver(msg, self.metrics)
+                    except Exception:  # noqa: BLE001 - this stream only
+                        log.exception("stream %s: delivering a message failed", s.id)
+                        self.sessions.pop(s.id, None)
+                del work, results
                 self._update_rate()
                 await asyncio.sleep(0)  # let socket reads and sends run between ticks
 
@@ -177,39 +192,115 @@ class Scheduler:
         return out
 
     def _tick_engine(self, items: list[tuple[Session, Pending]]) -> list[tuple[Session, Outgoing]]:
+        """One engine's share of a tick. Every step is isolated: an exception while preparing,
+        stepping, decoding or encoding a stream's work closes that stream (1011) and no other.
+        Per-stream steps run in their own ``try``; a batched step (state stack, encoder step,
+        decoder call) that fails is retried stream by stream (nothing of a stream changes
+        before its batched step succeeded), so only the streams that fail alone are closed."""
         engine = items[0][0].engine
+        failed: dict[int, tuple[Session, BaseException, str]] = {}
+        out: list[tuple[Session, Outgoing]] = []
+
+        def fail(s: Session, exc: BaseException, step: str) -> None:
+            failed.setdefault(id(s), (s, exc, step))
+
+        def each(step: str, rows: list[Any], fn: Callable[[Any], Any]) -> list[tuple[Any, Any]]:
+            """``fn(row)`` for every row of a stream that has not failed; a failing row fails its stream."""
+            done = []
+            probe = self.fault
+            for row in rows:
+                s = row[0]
+                if failed and id(s) in failed:
+                    continue
+                try:
+                    if probe is not None:
+                        probe(step, [s])
+                    done.append((row, fn(row)))
+                except Exception as exc:  # noqa: BLE001 - this stream only
+                    fail(s, exc, step)
+            return done
+
+        def batched(step: str, rows: list[Any], fn: Callable[[list[Any]], Any]) -> list[tuple[list[Any], Any]]:
+            """``fn(rows)`` at once; when it fails, ``fn([row])`` for each row: the rows whose
+            stream fails alone fail, the others go on in batches of one (this tick only)."""
+            rows = [r for r in rows if id(r[0]) not in failed]
+            if not rows:
+                return []
+            try:
+                self._probe(step, [r[0] for r in rows])
+                return [(rows, fn(rows))]
+            except Exception as exc:  # noqa: BLE001 - find the stream that causes it
+                if len(rows) == 1:
+                    fail(rows[0][0], exc, step)
+                    return []
+            return [(group, res) for r in rows for group, res in batched(step, [r], fn)]
+
         steps = [(s, it) for s, it in items if it.kind == BIN]
         emit: list[tuple[Session, float]] = []
         if steps:
-            for s, it in steps:
+            n_in = int(np.prod(engine_input_shape(steps[0][0])))
+
+            def prepare(row: tuple[Session, Pending]) -> tuple[np.ndarray, np.ndarray]:
+                s, it = row
                 if it.reset:
                     s.reset_model_state()
-            steps.sort(key=lambda w: engine.order_key(w[0].state))
-            x = np.stack([it.frame.reshape(-1) for _, it in steps]).astype(np.float32)  # type: ignore[union-attr]
-            u = np.concatenate([s.draw_uniforms() for s, _ in steps])
-            state = engine.stack([s.state for s, _ in steps])
-            y, state = engine.step(x, state, u)
-            counts = y.sum(axis=1, dtype=np.int64).tolist()  # one reduction for the batch
-            for (s, it), st, yi, c in zip(steps, engine.unstack(state, len(steps)), y, counts, strict=True):
+                x = it.frame.reshape(-1)  # type: ignore[union-attr]
+                if x.shape[0] != n_in:
+                    raise ValueError(f"frame of {x.shape[0]} inputs for a model of {n_in}")
+                return x, s.draw_uniforms()
+
+            prepared = [(s, it, x, u) for (s, it), (x, u) in each("prepare", steps, prepare)]
+            prepared.sort(key=lambda r: engine.order_key(r[0].state))
+
+            def step_rows(rows: list[Any]) -> tuple[np.ndarray, list[Any]]:
+                x = np.stack([r[2] for r in rows]).astype(np.float32)
+                u = np.concatenate([r[3] for r in rows])
+                y, state = engine.step(x, engine.stack([r[0].state for r in rows]), u)
+                return y, engine.unstack(state, len(rows))
+
+            def record(rec: tuple[Session, Pending, Any, np.ndarray, int]) -> bool:
+                s, it, st, yi, c = rec
                 s.state = st
-                if s.record_step(yi, it.frame, it.bin_end_us, c):  # type: ignore[arg-type]
-                    emit.append((s, it.t_ready))
-            self.steps += len(steps)
-            self.metrics.steps.inc(len(steps))
-            self.metrics.batch_size.observe(len(steps))
+                return s.record_step(yi, it.frame, it.bin_end_us, c)  # type: ignore[arg-type]
+
+            n_stepped = 0
+            for rows, (y, states) in batched("step", prepared, step_rows):
+                counts = y.sum(axis=1, dtype=np.int64).tolist()  # one reduction for the batch
+                recs = [(r[0], r[1], st, yi, c) for r, st, yi, c in zip(rows, states, y, counts, strict=True)]
+                for rec, due in each("record", recs, record):
+                    n_stepped += 1
+                    if due:
+                        emit.append((rec[0], rec[1].t_ready))
+            if n_stepped:
+                self.steps += n_stepped
+                self.metrics.steps.inc(n_stepped)
+                self.metrics.batch_size.observe(n_stepped)
         for s, it in items:
-            if it.kind == EMIT_NOW and s.steps > s.last_emit_step:
+            if it.kind == EMIT_NOW and s.steps > s.last_emit_step and id(s) not in failed:
                 emit.append((s, it.t_ready))
-        out: list[tuple[Session, Outgoing]] = []
         if emit:
-            windows = np.stack([s.window() for s, _ in emit])
-            images = to_uint8(engine.decode(windows))  # one conversion for the whole tick
-            for (s, t_ready), img in zip(emit, images, strict=True):
-                out.append((s, self._frame_message(s, img, t_ready)))
+            wrows = [(s, t, w) for (s, t), w in each("window", emit, lambda e: e[0].window())]
+
+            def decode_rows(rows: list[Any]) -> np.ndarray:
+                return to_uint8(engine.decode(np.stack([r[2] for r in rows])))  # one conversion per call
+
+            for rows, images in batched("decode", wrows, decode_rows):
+                enc = [(r[0], r[1], img) for r, img in zip(rows, images, strict=True)]
+                for row, msg in each("encode", enc, lambda e: self._frame_message(e[0], e[2], e[1])):
+                    out.append((row[0], msg))
         for s, it in items:
-            if it.kind == END:
+            if it.kind == END and id(s) not in failed:
                 out.append((s, Outgoing(_end_message(s), False, close_code=1000)))
+        for s, exc, step in failed.values():
+            log.error("stream %s failed in the scheduler's %s step: %s: %s", s.id, step, type(exc).__name__, exc)
+            s.pending.clear()
+            out.append((s, _failure(exc)))
         return out
+
+    def _probe(self, step: str, sessions: list[Session]) -> None:
+        """Fault injection for tests (``fault(step, sessions)`` may raise for some sessions)."""
+        if self.fault is not None:
+            self.fault(step, sessions)
 
     def _frame_message(self, s: Session, img: np.ndarray, t_ready: float) -> Outgoing:
         """The frame message of ``img`` (uint8 ``[H, W]``, :func:`render.to_uint8` of the decoder
