@@ -86,6 +86,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         summary="Event-camera streams to images with a VDIB-trained spiking encoder",
         lifespan=lifespan,
+        docs_url=None,  # /docs is served by viewer.install_docs with local Swagger UI assets (no CDN)
+        redoc_url=None,  # ReDoc has no offline assets here
     )
     app.state.settings = settings
     app.state.metrics = metrics
@@ -113,4 +115,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(stream.router)
     app.include_router(viewer.router)
     app.mount("/static", StaticFiles(directory=viewer.STATIC), name="static")
+    viewer.install_docs(app)
     return app

@@ -15,6 +15,7 @@ uploaded here and streamed in any chunking with the same seed gives the same fra
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +49,8 @@ class RunOptions:
     inputs: bool = False
     max_gap_us: int | None = 1_000_000
     max_frames: int | None = None
+    #: called between chunks of work; raises to stop it (an upload's CPU budget, a client that left)
+    check: Callable[[], None] | None = None
 
 
 @dataclass
@@ -123,6 +126,8 @@ def naturalize(entry: ModelEntry, events: np.ndarray, opts: RunOptions) -> RunRe
             t = time.perf_counter()
             y_parts = []
             for a in range(0, k, STEP_CHUNK):  # bounded float copies of the frames
+                if opts.check is not None:
+                    opts.check()
                 m = min(STEP_CHUNK, k - a)
                 x = np.zeros((m, engine.n_inputs), np.float32) if seg.empty else seg.frames[a : a + m].reshape(m, -1)
                 u = uniforms_for(gen, m, engine.n_readout)
@@ -139,6 +144,8 @@ def naturalize(entry: ModelEntry, events: np.ndarray, opts: RunOptions) -> RunRe
             n_steps += k
 
     for a in range(0, n_ev, CHUNK_EVENTS):
+        if opts.check is not None:
+            opts.check()
         t = time.perf_counter()
         segs = binner.push(events[a : a + CHUNK_EVENTS])
         t_bin += time.perf_counter() - t
@@ -165,6 +172,8 @@ def naturalize(entry: ModelEntry, events: np.ndarray, opts: RunOptions) -> RunRe
     images = np.zeros((len(idx), *engine.image_shape), dtype=np.float32)
     for a in range(0, len(idx), DECODE_BATCH):
         sel = idx[a : a + DECODE_BATCH]
+        if opts.check is not None and a % 64 == 0:
+            opts.check()
         images[a : a + len(sel)] = engine.decode(windows_at(spikes, seg_of, sel, engine.tau_d))
     t_dec = time.perf_counter() - t
     inputs: list[np.ndarray] = []

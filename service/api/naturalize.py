@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -14,14 +15,16 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from ..deps import AuthDep, MetricsDep, RegistryDep, SettingsDep
+from ..deps import AuthDep, MetricsDep, RegistryDep, SettingsDep, UploadSlotDep, run_budgeted
+from ..guard import Budget, estimate_bins
 from ..pipeline import LimitError, RunOptions, naturalize
 from ..protocol import default_emit, encode_events
 from ..registry import ModelEntry, RoiError
 from ..render import event_rgb, gif, pack_spikes, png_gray, png_rgb
 from ..settings import Settings
 
-router = APIRouter(prefix="/v1", tags=["naturalize"], dependencies=[AuthDep])
+# auth first, then one of max_concurrent_uploads slots (503 when none is free), before the body is read
+router = APIRouter(prefix="/v1", tags=["naturalize"], dependencies=[AuthDep, UploadSlotDep])
 
 _413 = status.HTTP_413_CONTENT_TOO_LARGE
 
@@ -37,6 +40,17 @@ async def _limited(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
 
 
 async def read_upload(request: Request, settings: Settings) -> tuple[bytes, str]:
+    """The event file of a raw or multipart body and its file name; 408 when the body takes
+    longer than ``body_timeout_s`` to arrive (a slow-body client holds no slot for longer)."""
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            return await _read_upload(request, settings)
+    except TimeoutError:
+        raise HTTPException(status.HTTP_408_REQUEST_TIMEOUT,
+                            f"request body not received within {settings.body_timeout_s:g} s") from None
+
+
+async def _read_upload(request: Request, settings: Settings) -> tuple[bytes, str]:
     """The event file of a raw or multipart body, and its file name (a format hint)."""
     limit = settings.max_upload_bytes
     length = request.headers.get("content-length")
@@ -78,9 +92,10 @@ def read_recording(data: bytes, name: str, settings: Settings) -> Any:
     except EventFormatError as exc:
         raise HTTPException(status.HTTP_415_UNSUPPORTED_MEDIA_TYPE, str(exc)) from exc
     try:
-        rec = read(data, format=fmt, max_bytes=settings.max_upload_bytes, max_events=settings.max_events)
+        rec = read(data, format=fmt, max_bytes=settings.max_upload_bytes, max_events=settings.max_events,
+                   max_decompressed=settings.max_decompressed_bytes)
     except EventFormatError as exc:
-        code = _413 if "max_events" in str(exc) or "max_bytes" in str(exc) else status.HTTP_422_UNPROCESSABLE_CONTENT
+        code = _413 if any(k in str(exc) for k in ("max_events", "max_bytes", "max_decompressed")) else status.HTTP_422_UNPROCESSABLE_CONTENT
         raise HTTPException(code, str(exc)) from exc
     if rec.duration_us > settings.max_duration_s * 1e6:
         raise HTTPException(
@@ -111,8 +126,22 @@ def parse_roi(roi: str | None) -> Any:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"roi values must be integers, got {roi!r}") from exc
 
 
+#: the request body as OpenAPI declares it (``read_upload`` parses it by hand), so "Try it out"
+#: in /docs can send a file: raw bytes, or one part of a multipart form
+_FILE = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"}
+UPLOAD_BODY = {"requestBody": {
+    "required": True,
+    "description": "an event file in any format events.read reads",
+    "content": {
+        "application/octet-stream": {"schema": _FILE},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": _FILE}, "required": ["file"]}},
+    },
+}}
+
+
 @router.post(
     "/naturalize",
+    openapi_extra=UPLOAD_BODY,
     responses={
         200: {"content": {"application/json": {}, "image/png": {}, "image/gif": {}, "application/octet-stream": {}}},
         413: {"description": "body, events or duration over a limit"},
@@ -147,6 +176,9 @@ async def naturalize_upload(
     except RoiError as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     dt = dt_us or entry.dt_us
+    if dt < settings.min_dt_us:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"dt_us {dt} is below the service's min_dt_us of {settings.min_dt_us}")
     if emit is None:
         k: int | None = default_emit(dt)
     elif emit == "last":
@@ -163,10 +195,10 @@ async def naturalize_upload(
     opts = RunOptions(
         roi=roi_v, pool=pool, dt_us=dt, emit=k, spikes=spikes == "bitpacked", seed=seed,
         inputs=inputs and format == "json", max_gap_us=settings.max_gap_us,
-        max_frames=settings.max_frames,
+        max_frames=settings.max_frames, check=budget.check,
     )
     try:
-        res = await run_in_threadpool(naturalize, entry, rec.events, opts)
+        res = await run_budgeted(request, budget, naturalize, entry, rec.events, opts)
     except LimitError as exc:
         raise HTTPException(_413, str(exc)) from exc
     t = time.perf_counter()
@@ -227,7 +259,7 @@ async def naturalize_upload(
     return resp
 
 
-@router.post("/events", responses={200: {"content": {"application/octet-stream": {}}}})
+@router.post("/events", openapi_extra=UPLOAD_BODY, responses={200: {"content": {"application/octet-stream": {}}}})
 async def convert_events(
     request: Request,
     settings: SettingsDep,
