@@ -192,6 +192,12 @@ async def naturalize_upload(
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"emit must be an integer >= 1 or 'last', got {emit!r}")
     if format == "png":
         k = None
+    # budgets, checked before any binning: the bins the recording would step, then CPU seconds
+    bins = await run_in_threadpool(estimate_bins, rec.events["t"], dt, max(settings.max_gap_us, dt))
+    if bins > settings.max_upload_bins:
+        raise HTTPException(_413, f"the recording would step {bins} bins of {dt} us, over the limit of "
+                                  f"{settings.max_upload_bins}: use a larger dt_us")
+    budget = Budget(settings.max_upload_cpu_s)
     opts = RunOptions(
         roi=roi_v, pool=pool, dt_us=dt, emit=k, spikes=spikes == "bitpacked", seed=seed,
         inputs=inputs and format == "json", max_gap_us=settings.max_gap_us,
