@@ -217,26 +217,34 @@ class SceneNaturalizer(nn.Module):
     def lag_weight(self) -> Tensor:
         """Per-lag readout kernels :math:`\\tilde W_d` stacked as ``[tau_e * K, C, k, k]``."""
         w = torch.einsum("dn,kchwn->dkchw", self.basis.to(self.readout_weight.dtype), self.readout_weight)
-        return w.reshape(-1, *w.shape[2:])
+        return w.reshape(-1, *w.shape[2:]).contiguous()
 
     def prepare(self, x: Tensor) -> Tensor:
         """Event counts (any dtype) -> the encoder's input :math:`\\log(1 + \\min(n, n_{max}))`."""
         return torch.log1p(x.float().clamp(0, self.config.input_clip))
 
     def init_state(self, batch: int, height: int, width: int, device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32) -> SceneState:
-        """All-zero state for ``batch`` streams of a ``height x width`` sensor."""
+                   dtype: torch.dtype = torch.float32, spike_dtype: torch.dtype | None = None) -> SceneState:
+        """All-zero state for ``batch`` streams of a ``height x width`` sensor.
+
+        ``spike_dtype`` is the dtype of the spike buffers (``fb_hist``, ``window``): ``dtype``
+        by default (training needs float for the straight-through gradient); ``torch.uint8``
+        stores the same 0/1 values in a quarter of the memory when serving.
+        """
         cfg = self.config
         h, w = cfg.spike_shape(height, width)
         z = lambda *s: torch.zeros(batch, *s, device=device, dtype=dtype)  # noqa: E731
         hidden = tuple(F.LIFState(z(c, h, w), z(c, h, w), z(c, h, w), z(c, h, w)) for c in cfg.hidden)
         k = cfg.n_readout
-        return SceneState(hidden, z(cfg.tau_e, k, h, w), z(cfg.fb_memory, k, h, w), z(cfg.tau_d, k, h, w))
+        sd = spike_dtype or dtype
+        return SceneState(hidden, z(cfg.tau_e, k, h, w),
+                          torch.zeros(batch, cfg.fb_memory, k, h, w, device=device, dtype=sd),
+                          torch.zeros(batch, cfg.tau_d, k, h, w, device=device, dtype=sd))
 
     def draw_uniforms(self, state: SceneState, generator: torch.Generator | None) -> Tensor:
         """The one ``torch.rand`` draw of a step: ``[B, K, h, w]``."""
         return torch.rand(state.window[:, 0].shape, generator=generator, device=state.window.device,
-                          dtype=state.window.dtype)
+                          dtype=state.pending.dtype)
 
     def step_detailed(self, x_t: Tensor, state: SceneState, uniforms: Tensor,
                       lag_weight: Tensor | None = None) -> tuple[Tensor, Tensor, SceneState]:
@@ -255,15 +263,21 @@ class SceneNaturalizer(nn.Module):
         g = TF.conv2d(z, lw, padding=cfg.readout_kernel // 2)
         B, tau, K = state.pending.shape[:3]
         g = g.view(B, tau, K, *g.shape[-2:])
-        pending = torch.cat((state.pending[:, 1:], torch.zeros_like(state.pending[:, :1])), 1) + g
-        fb = torch.einsum("l,blkhw->bkhw", self.fb_kernel.to(state.fb_hist.dtype), state.fb_hist)
+        if torch.is_grad_enabled():
+            pending = torch.cat((state.pending[:, 1:], torch.zeros_like(state.pending[:, :1])), 1) + g
+        else:  # one pass over the buffer (it is the largest tensor of a step)
+            pending = torch.empty_like(g)
+            torch.add(state.pending[:, 1:], g[:, :-1], out=pending[:, :-1])
+            pending[:, -1] = g[:, -1]
+        fb = torch.einsum("l,blkhw->bkhw", self.fb_kernel.to(u_dtype := g.dtype), state.fb_hist.to(u_dtype))
         u = pending[:, 0] + self.fb_weight.view(1, -1, 1, 1) * fb + self.readout_bias.view(1, -1, 1, 1)
         p = torch.sigmoid(u)
         y = (uniforms < p).to(u.dtype)
         if torch.is_grad_enabled() and p.requires_grad:
             y = y + (p - p.detach())  # straight-through estimator (values stay exactly 0/1)
-        fb_hist = torch.cat((state.fb_hist[:, 1:], y.detach().unsqueeze(1)), 1)
-        window = torch.cat((state.window[:, 1:], y.unsqueeze(1)), 1)
+        # spike buffers keep the state's dtype: float in training, uint8 when serving (exact)
+        fb_hist = torch.cat((state.fb_hist[:, 1:], y.detach().unsqueeze(1).to(state.fb_hist.dtype)), 1)
+        window = torch.cat((state.window[:, 1:], y.unsqueeze(1).to(state.window.dtype)), 1)
         return y, u, SceneState(tuple(hidden), pending, fb_hist, window)
 
     def step(self, x_t: Tensor, state: SceneState, generator: torch.Generator | None = None, *,
@@ -280,7 +294,8 @@ class SceneNaturalizer(nn.Module):
         return torch.sigmoid(self.decode_logits(window, height, width))
 
     def decode_logits(self, window: Tensor, height: int | None = None, width: int | None = None) -> Tensor:
-        out = self.decoder(window.flatten(1, 2))
+        dtype = self.decoder.head.weight.dtype
+        out = self.decoder(window.flatten(1, 2).to(dtype))
         return out[:, : height or out.shape[1], : width or out.shape[2]]
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None, *,
@@ -317,11 +332,12 @@ class OnlineSceneNaturalizer:
         self.generator = generator
         self.batch = batch
         device = next(net.parameters()).device
-        self.state = net.init_state(batch, self.height, self.width, device)
+        self.state = net.init_state(batch, self.height, self.width, device, spike_dtype=torch.uint8)
         self.steps = 0
 
     def reset(self) -> None:
-        self.state = self.net.init_state(self.batch, self.height, self.width, self.state.window.device)
+        self.state = self.net.init_state(self.batch, self.height, self.width, self.state.window.device,
+                                         spike_dtype=torch.uint8)
         self.steps = 0
 
     @torch.no_grad()
@@ -383,7 +399,7 @@ def reconstruct_events(
             out = np.empty_like(imgs)
             out[order] = imgs
             return out, times
-    state = net.init_state(1, height, width, device)
+    state = net.init_state(1, height, width, device, spike_dtype=torch.uint8)
     lw = net.lag_weight()
     t_ev = ev["t"] if len(ev) else np.zeros(0, np.int64)
     out = np.zeros((len(times), height, width), np.float32)
