@@ -3,7 +3,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { ws: null, timer: null, frames: 0, t0: 0, stats: null, raster: [], nReadout: 0, running: false };
+// phase: "idle" | "uploading" | "replaying" (upload) | "connecting" | "streaming" | "closed" | "done";
+// the status line is final once phase is "closed" (live) or "done" (upload): tests wait on it.
+const state = { ws: null, timer: null, frames: 0, t0: 0, stats: null, raster: [], nReadout: 0, running: false,
+                phase: "idle", closeCode: null, sent: 0, packets: 0, sentAtFirstFrame: null };
 window.vdib = state; // for tests and the console
 
 function setStatus(text) { $("status").textContent = text; }
@@ -79,21 +82,24 @@ async function upload() {
   const f = $("file").files[0];
   if (!f) { setError("choose a recording first"); return; }
   stop(); setError("");
-  state.frames = 0; state.raster = []; state.t0 = performance.now();
+  state.ws = null; state.frames = 0; state.raster = []; state.t0 = performance.now(); state.phase = "uploading";
   setStatus("uploading " + f.name + " …");
   const q = new URLSearchParams({ model: $("model").value, seed: $("seed").value, inputs: "true",
                                   spikes: "bitpacked", filename: f.name });
   const r = await fetch("/v1/naturalize?" + q, { method: "POST", body: f, headers: authHeaders() });
-  if (!r.ok) { setError(`${r.status}: ${(await r.json().catch(() => ({}))).detail || r.statusText}`); return; }
+  if (!r.ok) {
+    setError(`${r.status}: ${(await r.json().catch(() => ({}))).detail || r.statusText}`); state.phase = "done"; return;
+  }
   const j = await r.json();
   const raster = j.spikes ? unpackBits(b64bytes(j.spikes.data), j.spikes.rows, j.spikes.n_readout) : [];
   const n = j.spikes ? j.spikes.n_readout : 0;
   let i = 0, prevBin = -1;
-  state.running = true; $("stop").disabled = false;
+  state.running = true; state.phase = "replaying"; $("stop").disabled = false;
   const frameMs = (j.emit === "last" ? 1 : j.emit) * j.dt_us / 1000 / Number($("speed").value);
   const step = async () => {
     if (!state.running || i >= j.frames.length) { state.running = false; $("stop").disabled = true;
-      showStatus(`upload: ${j.stats.events} events, ${j.stats.bins} bins, spike rate ${j.stats.spike_rate.toFixed(3)}`); return; }
+      showStatus(`upload: ${j.stats.events} events, ${j.stats.bins} bins, spike rate ${j.stats.spike_rate.toFixed(3)}`);
+      state.phase = "done"; return; }
     const fr = j.frames[i++];
     await drawPng("recon", b64bytes(fr.image));
     if (fr.input) await drawPng("events", b64bytes(fr.input));
@@ -125,9 +131,12 @@ async function replay() {
   const f = $("file").files[0];
   if (!f) { setError("choose a recording first"); return; }
   stop(); setError("");
+  state.ws = null; state.phase = "connecting"; state.closeCode = null;
   setStatus("decoding " + f.name + " …");
   const r = await fetch("/v1/events?filename=" + encodeURIComponent(f.name), { method: "POST", body: f, headers: authHeaders() });
-  if (!r.ok) { setError(`${r.status}: ${(await r.json().catch(() => ({}))).detail || r.statusText}`); return; }
+  if (!r.ok) {
+    setError(`${r.status}: ${(await r.json().catch(() => ({}))).detail || r.statusText}`); state.phase = "done"; return;
+  }
   const width = Number(r.headers.get("X-Sensor-Width")), height = Number(r.headers.get("X-Sensor-Height"));
   const packet = await r.arrayBuffer();
   const dv = new DataView(packet);
@@ -146,25 +155,43 @@ async function replay() {
   const ws = new WebSocket(`${proto}//${location.host}/v1/stream`, key ? ["vdib.v1", "bearer." + key] : ["vdib.v1"]);
   ws.binaryType = "arraybuffer";
   state.ws = ws; state.frames = 0; state.raster = []; state.stats = null; state.running = true;
+  state.sent = 0; state.packets = bounds.length - 1; state.sentAtFirstFrame = null;
   $("stop").disabled = false;
   ws.onopen = () => ws.send(JSON.stringify({ type: "start", protocol: 1, model: $("model").value,
     sensor: { width, height }, seed: Number($("seed").value), spikes: true, inputs: true, format: "binary" }));
-  ws.onmessage = async (ev) => {
+  // Messages are handled strictly in arrival order on one promise chain: a frame's handler awaits
+  // image decoding, and without the chain a later "end" message or the close event would run in
+  // between, after which the frame's handler would overwrite the final status. The close handler
+  // is queued on the same chain, so it runs after every frame received before it.
+  let chain = Promise.resolve();
+  const mine = () => state.ws === ws; // a later replay or upload owns the page now
+  const handle = async (ev) => {
+    if (!mine()) return;
     if (typeof ev.data === "string") {
       const m = JSON.parse(ev.data);
-      if (m.type === "ready") { state.nReadout = m.n_readout; state.t0 = performance.now(); send(0); }
+      if (m.type === "ready") { state.nReadout = m.n_readout; state.t0 = performance.now(); state.phase = "streaming"; send(0); }
       else if (m.type === "stats" || m.type === "end") { state.stats = m; showStatus(m.type === "end" ? "stream ended" : "streaming"); }
       else if (m.type === "error") setError(`closed ${m.code}: ${m.message}`);
       return;
     }
     const fr = parseFrame(ev.data);
     state.frames++;
+    if (state.sentAtFirstFrame === null) state.sentAtFirstFrame = state.sent;
     await drawPng("recon", fr.image);
     if (fr.input) await drawPng("events", fr.input);
     if (fr.spikes) pushRaster(fr.spikes, fr.n);
-    showStatus("streaming");
+    if (mine() && state.phase !== "closed") showStatus("streaming");
   };
-  ws.onclose = (ev) => { state.running = false; $("stop").disabled = true; showStatus(`closed (${ev.code})`); };
+  ws.onmessage = (ev) => { chain = chain.then(() => handle(ev)).catch((e) => setError(String(e))); };
+  ws.onclose = (ev) => {
+    chain = chain.then(() => {
+      if (!mine()) return;
+      state.running = false; $("stop").disabled = true;
+      if (state.timer) clearTimeout(state.timer);
+      state.closeCode = ev.code; state.phase = "closed";
+      showStatus(`closed (${ev.code})`);
+    });
+  };
   const speed = Number($("speed").value);
   const send = (j) => {
     if (!state.running || ws.readyState !== WebSocket.OPEN) return;
@@ -174,6 +201,7 @@ async function replay() {
     new Uint8Array(head).set([86, 68, 69, 86]); // "VDEV"
     hv.setUint16(4, 1, true); hv.setUint16(6, 0, true); hv.setUint32(8, b - a, true);
     ws.send(new Blob([head, packet.slice(12 + 13 * a, 12 + 13 * b)]));
+    state.sent = j + 1;
     const tNext = bounds[j + 1][1];
     const due = tNext == null ? 0 : state.t0 + (tNext - tFirst) / 1000 / speed - performance.now();
     state.timer = setTimeout(() => send(j + 1), Math.max(0, due));

@@ -3,6 +3,9 @@ websocket and upload both render event frames, reconstructions and the spike ras
 
 Skips when chromium, chromedriver or selenium is missing (scripts/test installs them).
 Screenshots go to $VDIB_SCREENSHOT_DIR when set (else the test's tmp dir).
+
+Every wait is on the page's state (``window.vdib.phase``: the status line is final once it is
+"closed" or "done"), never on how fast anything runs; the timeouts only bound a hung page.
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ def browser(tmp_path):
     drv.quit()
 
 
-def _wait(fn, timeout=30.0, every=0.1, drv=None):
+#: upper bound on any one wait (a hung page), not an expectation of speed
+TIMEOUT = 180.0
+
+
+def _wait(fn, timeout=TIMEOUT, every=0.1, drv=None):
     end = time.time() + timeout
     while time.time() < end:
         v = fn()
@@ -53,7 +60,8 @@ def _wait(fn, timeout=30.0, every=0.1, drv=None):
         except Exception:  # not every driver keeps the console log
             log = None
         page = (f" status={drv.find_element(By.ID, 'status').text!r} error={drv.find_element(By.ID, 'error').text!r} "
-                f"frames={drv.execute_script('return window.vdib.frames')} log={log!r}")
+                f"frames={drv.execute_script('return window.vdib.frames')} "
+                f"phase={drv.execute_script('return window.vdib.phase')!r} log={log!r}")
     raise AssertionError("timed out waiting for the page" + page)
 
 
@@ -83,13 +91,19 @@ def test_viewer_live_replay_and_upload(browser, live_server, mnist_dvs_path, tmp
     drv.find_element(By.ID, "file").send_keys(str(mnist_dvs_path))
     Select(drv.find_element(By.ID, "speed")).select_by_visible_text("1")
     drv.find_element(By.ID, "replay").click()
-    # frames arrive while the replay runs (2.2 s of events in real time)
-    _wait(lambda: drv.execute_script("return window.vdib.frames") >= 5, every=0.02, drv=drv)
-    mid = drv.execute_script("return window.vdib.frames")
-    _wait(lambda: "closed (1000)" in drv.find_element(By.ID, "status").text, timeout=60, drv=drv)
-    frames = drv.execute_script("return window.vdib.frames")
-    dropped = drv.execute_script("return (window.vdib.stats || {}).dropped_frames || 0")
-    assert frames + dropped == 74 and frames >= 37 and mid < frames  # 222 bins, a frame every 3 bins
+    # the live replay (2.2 s of events at 1x) ends with the server closing the socket normally
+    _wait(lambda: drv.execute_script("return window.vdib.phase") == "closed", drv=drv)
+    vdib = drv.execute_script("return window.vdib")
+    assert vdib["closeCode"] == 1000
+    # the close status is final: no frame handler still running may overwrite it (issue 12)
+    assert drv.find_element(By.ID, "status").text.splitlines()[-1] == "closed (1000)"
+    # frames came back while the replay was still sending, not all at the end
+    assert vdib["sentAtFirstFrame"] is not None and vdib["sentAtFirstFrame"] < vdib["packets"]
+    frames = vdib["frames"]
+    dropped = (vdib["stats"] or {}).get("dropped_frames", 0)
+    # 222 bins, a frame every 3 bins: every frame is either shown or counted as dropped (how many
+    # the server drops for a slow page depends on the load, so only the sum is fixed)
+    assert frames + dropped == 74 and frames > 0
     assert drv.find_element(By.ID, "error").text == ""
     for cid in ("events", "recon", "raster"):
         assert int(drv.find_element(By.ID, cid).get_attribute("data-drawn")) > 0
@@ -98,7 +112,8 @@ def test_viewer_live_replay_and_upload(browser, live_server, mnist_dvs_path, tmp
     drv.save_screenshot(str(shots / "viewer_live.png"))
 
     drv.find_element(By.ID, "upload").click()
-    _wait(lambda: "upload:" in drv.find_element(By.ID, "status").text, timeout=60, drv=drv)
+    _wait(lambda: drv.execute_script("return window.vdib.phase") == "done", drv=drv)
+    assert drv.find_element(By.ID, "status").text.splitlines()[-1].startswith("upload:")
     assert drv.execute_script("return window.vdib.frames") == 74
     assert _lit_pixels(drv, "recon") > 20 and _lit_pixels(drv, "events") > 20
     drv.save_screenshot(str(shots / "viewer_upload.png"))
@@ -114,5 +129,5 @@ def test_viewer_shows_server_errors(browser, live_server, tmp_path):
     _wait(lambda: len(drv.find_elements(By.CSS_SELECTOR, "#model option")) > 0)
     drv.find_element(By.ID, "file").send_keys(str(bad))
     drv.find_element(By.ID, "upload").click()
-    _wait(lambda: drv.find_element(By.ID, "error").text)
+    _wait(lambda: drv.execute_script("return window.vdib.phase") == "done", drv=drv)
     assert drv.find_element(By.ID, "error").text.startswith("415")
