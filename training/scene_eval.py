@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,66 +356,122 @@ def _is_binary(t: Any) -> bool:
     return bool(((t == 0) | (t == 1)).all())
 
 
-class CostCounter:
-    """Counts MACs, spikes and synaptic operations of everything a torch module runs inside ``with``.
+def _conv_dispatch_mode(counter: CostCounter) -> Any:
+    """A TorchDispatchMode that sees every convolution and matrix product (modules or functional)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
 
-    * MACs: ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2) over every op, minus the
-      dense MACs of the spike-driven layers below (those are accumulates, not multiplies).
-    * SynOps: each nonzero input to a spike-driven ``nn.Conv*`` / ``nn.Linear`` costs
-      ``out_channels / groups * prod(kernel)`` accumulates (``out_features`` for Linear); counted
-      with forward hooks. Borders are ignored (an upper bound at the image edges). A layer is
-      spike-driven when ``spiking`` is True and its whole input is binary (0/1) and not all zero,
-      or when it is one of the modules given in ``spiking``; ``spiking=False`` counts MACs only
-      (for ANNs, whose inputs can be all-zero at a cold start).
-    * spikes: nonzeros of the outputs of ``spike_modules`` when given (the neurons that fire);
-      otherwise nonzeros of the distinct binary tensors the spike-driven layers read (a tensor read
-      by two layers counts once as spikes, twice as SynOps).
+    aten = torch.ops.aten
+    # op -> index of its ``groups`` argument (conv2d reaches a python mode undecomposed under
+    # inference_mode, convolution otherwise; a mode never sees both for one call)
+    convs = {aten.convolution.default: 8, aten.conv1d.default: 6, aten.conv2d.default: 6,
+             aten.conv3d.default: 6}
+
+    class _Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            try:
+                conv_groups = convs.get(func)
+                if conv_groups is not None and not (func is aten.convolution.default and args[6]):
+                    x, w = args[0], args[1]
+                    groups = int(args[conv_groups]) if len(args) > conv_groups else 1
+                    fan_out = w.shape[0] // groups * math.prod(w.shape[2:])
+                    dense = float(out.numel()) * math.prod(w.shape[1:])
+                    counter._record(x, w, fan_out, dense)
+                elif func is aten.linear.default:
+                    x, w = args[0], args[1]
+                    counter._record(x, w, int(w.shape[0]), float(out.numel()) * w.shape[1])
+                elif func in (aten.mm.default, aten.addmm.default):
+                    a, b = (args[0], args[1]) if func is aten.mm.default else (args[1], args[2])
+                    counter._record(a, b, int(b.shape[1]), float(a.shape[0]) * a.shape[1] * b.shape[1])
+            except (IndexError, AttributeError, TypeError):  # an op signature this counter does not know
+                pass
+            return out
+
+    return _Mode()
+
+
+class CostCounter:
+    """Counts MACs, spikes and synaptic operations of everything torch runs inside ``with``.
+
+    Works on any module and on functional code: convolutions and matrix products are seen at
+    the dispatcher (``aten.convolution``, ``aten.mm``/``addmm``), so ``F.conv2d`` with derived
+    weights counts like an ``nn.Conv2d``.
+
+    * MACs: ``torch.utils.flop_counter.FlopCounterMode`` (FLOPs / 2: convolutions and matrix
+      products, not element-wise ops) minus the dense MACs of the spike-driven products below.
+    * SynOps: a product whose input is binary (0/1, not all zero) is spike-driven when ``spiking``
+      is True: each nonzero input costs ``out_channels / groups * prod(kernel)`` accumulates
+      (``out_features`` for a matrix product); borders are ignored (an upper bound at the edges).
+      ``spiking=False`` counts MACs only (for ANNs, whose inputs can be all-zero at a cold start).
+    * ``event_driven_macs``: for analog inputs that are mostly zero (density < 0.5, e.g. event
+      counts), ``nnz * fan_out``: what an event-driven implementation would spend (MACs, not ACs);
+      reported beside the dense count, never subtracted.
+    * spikes: nonzeros of the outputs of ``spike_modules`` when given, plus whatever
+      :meth:`add_spikes` is told; otherwise nonzeros of the distinct binary tensors read by
+      spike-driven products (a tensor read by two layers counts once as spikes, twice as SynOps).
+    * ``per_weight``: the same numbers per weight tensor (named after the module parameter when it
+      is one, else by shape), for a per-layer breakdown.
 
     Usage::
 
         with CostCounter(net) as c:
             run(net)
-        c.totals()  # {"macs": ..., "synops": ..., "spikes": ..., "binary_layer_dense_macs": ...}
+        c.totals()  # {"macs": ..., "synops": ..., "spikes": ..., ...}
     """
 
-    def __init__(self, module: Any, *, spiking: bool | Iterable[Any] = True,
-                 spike_modules: Iterable[Any] = ()):
+    def __init__(self, module: Any, *, spiking: bool = True, spike_modules: Iterable[Any] = (),
+                 explicit_spikes: bool = False):
         self.module = module
-        self.spiking = spiking if isinstance(spiking, bool) else {id(m) for m in spiking}
+        self.spiking = spiking
         self.spike_modules = list(spike_modules)
         self.synops = 0.0
         self.spikes = 0.0
+        #: spikes come only from :meth:`add_spikes` (and ``spike_modules``), not from layer inputs
+        self.explicit_spikes = explicit_spikes
         self.binary_dense_macs = 0.0
+        self.event_driven_macs = 0.0
         self.flops = 0.0
+        self.per_weight: dict[str, dict[str, float]] = {}
+        self._names: dict[int, str] = {}
         self._seen: Any = None
         self._handles: list[Any] = []
-        self._mode: Any = None
+        self._modes: list[Any] = []
 
-    def _spike_driven(self, mod: Any, x: Any) -> bool:
-        if self.spiking is False:
-            return False
-        if self.spiking is True:
-            return _is_binary(x) and bool((x != 0).any())
-        return id(mod) in self.spiking  # type: ignore[operator]
+    def add_spikes(self, n: float) -> None:
+        """Spikes counted by the caller (e.g. a model's functional LIF or readout)."""
+        self.explicit_spikes = True
+        self.spikes += float(n)
 
-    def _hook(self, mod: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        import torch.nn as nn
+    def _name(self, w: Any) -> str:
+        name = self._names.get(w.data_ptr())
+        return name if name is not None else "functional " + "x".join(str(d) for d in w.shape)
 
-        if not inputs or not self._spike_driven(mod, inputs[0]):
+    def _record(self, x: Any, w: Any, fan_out: int, dense: float) -> None:
+        import torch
+
+        if not isinstance(x, torch.Tensor):
             return
-        x = inputs[0]
+        row = self.per_weight.setdefault(self._name(w), {"calls": 0.0, "dense_macs": 0.0, "input_nnz": 0.0,
+                                                          "synops": 0.0, "spike_driven_calls": 0.0})
+        row["calls"] += 1
+        row["dense_macs"] += dense
         nnz = float((x != 0).sum().item())
-        if isinstance(mod, nn.Linear):
-            fan_out = mod.out_features
-            dense = float(output.numel()) * mod.in_features
-        else:
-            fan_out = mod.out_channels // mod.groups * math.prod(mod.kernel_size)
-            dense = float(output.numel()) * (mod.in_channels // mod.groups) * math.prod(mod.kernel_size)
-        self.synops += nnz * fan_out
-        self.binary_dense_macs += dense
-        if not self.spike_modules and x not in self._seen:
-            self._seen.add(x)
-            self.spikes += nnz
+        row["input_nnz"] += nnz
+        if self.spiking and nnz > 0 and _is_binary(x):
+            self.synops += nnz * fan_out
+            self.binary_dense_macs += dense
+            row["synops"] += nnz * fan_out
+            row["spike_driven_calls"] += 1
+            if not self.spike_modules and not self.explicit_spikes:
+                # one spike map seen through views (flatten, reshape) counts once
+                key = (x.untyped_storage().data_ptr(), x.storage_offset(), x.numel())
+                ref = self._seen.get(key)
+                if ref is None or ref() is None:  # new, or its memory was freed and reused
+                    self._seen[key] = weakref.ref(x)
+                    self.spikes += nnz
+        elif nnz < 0.5 * x.numel():
+            self.event_driven_macs += nnz * fan_out
 
     def _spike_hook(self, mod: Any, inputs: tuple[Any, ...], output: Any) -> None:
         import torch
@@ -426,24 +483,22 @@ class CostCounter:
                 break
 
     def __enter__(self) -> CostCounter:
-        import weakref
-
-        import torch.nn as nn
         from torch.utils.flop_counter import FlopCounterMode
 
-        self._seen = weakref.WeakSet()
-        for m in self.module.modules():
-            if isinstance(m, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear):
-                self._handles.append(m.register_forward_hook(self._hook))
+        self._seen = {}
+        self._names = {p.data_ptr(): n for n, p in self.module.named_parameters()}
         for m in self.spike_modules:
             self._handles.append(m.register_forward_hook(self._spike_hook))
-        self._mode = FlopCounterMode(display=False)
-        self._mode.__enter__()
+        self._modes = [FlopCounterMode(display=False), _conv_dispatch_mode(self)]
+        for mode in self._modes:
+            mode.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._mode.__exit__(*exc)
-        self.flops = float(self._mode.get_total_flops())
+        for mode in reversed(self._modes):
+            mode.__exit__(*exc)
+        self.flops = float(self._modes[0].get_total_flops())
+        self._modes = []
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -454,6 +509,7 @@ class CostCounter:
             "macs": max(macs_all - self.binary_dense_macs, 0.0),
             "macs_all_dense": macs_all,
             "binary_layer_dense_macs": self.binary_dense_macs,
+            "event_driven_macs": self.event_driven_macs,
             "synops": self.synops,
             "spikes": self.spikes,
         }
@@ -541,7 +597,8 @@ def vdib_available(checkpoint: Path | None = None) -> str | None:
 class VdibScenes:
     """The VDIB scene naturalizer: spiking conv encoder + ANN decoder (``model.scene``)."""
 
-    def __init__(self, checkpoint: Path | None = None, *, seed: int = 0, count_cost: bool = False):
+    def __init__(self, checkpoint: Path | None = None, *, seed: int = 0, count_cost: bool = False,
+                 net: Any = None):
         import torch
 
         import model
@@ -549,27 +606,55 @@ class VdibScenes:
 
         self.checkpoint = Path(checkpoint) if checkpoint is not None else DEFAULT_SCENE_CHECKPOINT
         self._scene = scene
-        loaded = model.load_checkpoint(self.checkpoint)
-        self.net, self.meta = (loaded if isinstance(loaded, tuple) else (loaded, {}))
+        if net is not None:  # an in-memory net (tests, a run in progress)
+            self.net, self.meta = net, {}
+            self.checkpoint = Path("<in memory>")
+        else:
+            loaded = model.load_checkpoint(self.checkpoint)
+            self.net, self.meta = (loaded if isinstance(loaded, tuple) else (loaded, {}))
         self.net.eval()
         self.seed = seed
         self.name = "vdib"
         self.count_cost = count_cost
         self.last_counters: dict[str, float] | None = None
+        self.output_times_us: np.ndarray | None = None
         self._torch = torch
+
+    def _run(self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray) -> Any:
+        gen = self._torch.Generator().manual_seed(self.seed)
+        return self._scene.reconstruct_events(self.net, events, width, height, timestamps_us, generator=gen)
 
     def reconstruct(self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray) -> np.ndarray:
         torch = self._torch
-        gen = torch.Generator().manual_seed(self.seed)
         with torch.inference_mode():
-            if self.count_cost:
-                with CostCounter(self.net) as c:
-                    out = self._scene.reconstruct_events(self.net, events, width, height, timestamps_us,
-                                                         generator=gen)
-                self.last_counters = c.totals()
+            if not self.count_cost:
+                out = self._run(events, width, height, timestamps_us)
             else:
-                out = self._scene.reconstruct_events(self.net, events, width, height, timestamps_us,
-                                                     generator=gen)
+                # spikes emitted per bin: every hidden LIF layer's and the stochastic readout's
+                counter = CostCounter(self.net, explicit_spikes=True)
+                extra = {"spikes_hidden": 0.0, "spikes_readout": 0.0, "steps": 0.0}
+                orig = self.net.step_detailed
+
+                def counted(*args: Any, **kwargs: Any) -> Any:
+                    y, u, st = orig(*args, **kwargs)
+                    hid = sum(float((layer.s != 0).sum()) for layer in getattr(st, "hidden", ()))
+                    ro = float((y != 0).sum())
+                    extra["spikes_hidden"] += hid
+                    extra["spikes_readout"] += ro
+                    extra["steps"] += 1
+                    counter.add_spikes(hid + ro)
+                    return y, u, st
+
+                self.net.step_detailed = counted
+                try:
+                    with counter:
+                        out = self._run(events, width, height, timestamps_us)
+                finally:
+                    del self.net.step_detailed
+                self.last_counters = {**counter.totals(), **extra}
+        if isinstance(out, tuple):
+            out, times = out
+            self.output_times_us = np.asarray(times, dtype=np.int64)
         return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
 
     def info(self) -> dict[str, Any]:
@@ -688,8 +773,9 @@ def run_benchmark(
         entry["frames_requested"] = frames_requested
         entry["ms_per_frame_1core"] = 1000.0 * seconds / frames_requested if timing and frames_requested else None
         spiking = bool(m.info().get("spiking"))
-        for k in ("macs", "synops", "spikes", "macs_all_dense"):
-            if k in counters and (spiking or k not in ("synops", "spikes")):
+        for k in ("macs", "synops", "spikes", "macs_all_dense", "event_driven_macs", "spikes_hidden",
+                  "spikes_readout", "steps"):
+            if k in counters and (spiking or k in ("macs", "macs_all_dense")):
                 entry[f"{k}_per_frame"] = counters[k] / max(frames_requested, 1)
         if not counters and getattr(m, "name", "") == "mid-gray":
             entry["macs_per_frame"] = 0.0

@@ -342,3 +342,38 @@ def test_cli_rejects_unknown_method(capsys):
     from vdib_cli import main
 
     assert main(["scenes", "evaluate", "--methods", "e2vid", "--no-progress"]) == 2
+
+
+def test_cost_counter_sees_functional_convs_and_views_under_inference_mode():
+    torch = pytest.importorskip("torch")
+    nn = torch.nn
+    tf = torch.nn.functional
+    conv = nn.Conv2d(2, 4, 3, padding=1)
+    lin = nn.Linear(128, 3)
+    x = (torch.rand(1, 2, 8, 8, generator=torch.Generator().manual_seed(1)) < 0.2).float()
+    nnz = float(x.sum())
+    with torch.inference_mode(), se.CostCounter(nn.ModuleList([conv, lin])) as c:
+        tf.conv2d(x, conv.weight * 2, padding=1)  # derived weight: not a module
+        lin(x.flatten())  # a view of the same spike map
+    t = c.totals()
+    assert t["synops"] == nnz * 4 * 9 + nnz * 3
+    assert t["spikes"] == nnz  # the view is the same spikes
+    assert t["macs"] == 0.0 and t["binary_layer_dense_macs"] == 8 * 8 * 4 * 18 + 3 * 128
+    assert set(c.per_weight) == {"functional 4x2x3x3", "1.weight"}
+
+
+def test_vdib_method_on_an_untrained_scene_net():
+    torch = pytest.importorskip("torch")
+    scene = pytest.importorskip("model.scene")
+    torch.manual_seed(0)
+    net = scene.SceneNaturalizer().eval()
+    m = se.VdibScenes(net=net, count_cost=True)
+    ev = random_events(3000, 40, 30, seed=12, span_us=60_000)
+    times = np.array([ev["t"][-1], ev["t"][0] + 25_000])
+    out = m.reconstruct(ev, 40, 30, times)
+    assert out.shape == (2, 30, 40) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+    assert m.output_times_us.tolist() == times.tolist()
+    c = m.last_counters
+    assert c["spikes"] == c["spikes_hidden"] + c["spikes_readout"] and c["steps"] >= 6
+    assert c["synops"] > 0 and c["macs"] > 0
+    assert m.info()["spiking"] is True and m.info()["params"] == sum(p.numel() for p in net.parameters())
