@@ -38,7 +38,7 @@ throughput)
     t0=$(date +%s%N)
     "$PY" -m vdib_cli table1 --examples 6400 --seeds 0 --rules "$rule" --encodings rate --decodings "$dec" \
       --root "$ROOT-throughput" --out "$ROOT-throughput/out" --set eval.final_limit=1000 --set train.eval_every=1000000 --set train.checkpoint_every=1000000 \
-      2>&1 | grep '^{' || true
+      2>&1 | grep '^{"study"' || true
     echo "wall $(( ($(date +%s%N) - t0) / 1000000 )) ms for $rule/$dec (200 steps of 32 + a 1,000-digit eval)"
   done; done ;;
 launch)
@@ -46,7 +46,7 @@ launch)
     cell "$ROOT" "$seed" "$rule" "$enc" "$dec"
   done; done; done; done
   for enc in rate ttfs; do for dec in time rate; do
-    cell "$ROOT-lr" 0 vdib "$enc" "$dec" --set rule.lr=1e-4 --set rule.options.decoder_lr=1e-3
+    cell "$ROOT-lr" 0 vdib "$enc" "$dec" --variant vdib-lr --set rule.lr=1e-4 --set rule.options.decoder_lr=1e-3
   done; done
   sleep 2; echo "launched $(pgrep -fc 'vdib_cli table1') cells" ;;
 sweep)
@@ -65,7 +65,7 @@ sweep-collect)
   for sub in "$ROOT"/*/; do
     "$PY" -m vdib_cli table1 --collect-only --root "$sub" --out "$out/$(basename "$sub")" | tail -1
   done
-  for sub in "$ROOT"/*/; do grep -H '^{"cell"' "$sub"logs/*.log; done > "$out/cells.txt" 2>/dev/null || true
+  cat "$ROOT"/*/cells.jsonl > "$out/cells.jsonl" 2>/dev/null || true  # cell records for vdib time-vs-rate --tau-cells
   tar czf "$out/runs.tgz" --exclude='*.safetensors' --exclude='checkpoints' "$ROOT" 2>/dev/null
   grep -l -i 'error\|traceback' "$ROOT"/*/logs/*.log 2>/dev/null || true ;;
 watch)
@@ -91,7 +91,7 @@ collect)
   "$PY" -m vdib_cli table1 --collect-only --root "$ROOT-lr" --out "$out/lr" | tail -1
   tar czf "$out/runs.tgz" --exclude='*.safetensors' --exclude='checkpoints' "$ROOT" "$ROOT-lr" \
     "$ROOT-throughput" 2>/dev/null
-  grep -h '^{"cell"' "$ROOT"/logs/*.log "$ROOT"-lr/logs/*.log 2>/dev/null || true
+  cat "$ROOT"/cells.jsonl "$ROOT"-lr/cells.jsonl 2>/dev/null || true  # cell records (vdib time-vs-rate --cells)
   grep -l -i 'error\|traceback' "$ROOT"/logs/*.log "$ROOT"-lr/logs/*.log 2>/dev/null || true ;;
 *)
   sed -n '2,13p' "$0"; exit 2 ;;

@@ -31,29 +31,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     j.add_argument("--no-progress", action="store_true")
     j.set_defaults(func=_cmd_train_judge)
 
-    t = subparsers.add_parser("table1", help="train the paper's Table 1 grid and write docs/results/table1.*")
+    t = subparsers.add_parser("table1", help="train the paper's Table 1 grid and write table1.{md,json,png}")
     t.add_argument("--examples", type=int, default=200_000)
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    t.add_argument("--rules", nargs="+", default=["vdib", "vdib-bptt"])
-    t.add_argument("--encodings", nargs="+", default=["rate", "ttfs"])
-    t.add_argument("--decodings", nargs="+", default=["time", "rate"])
+    t.add_argument("--rules", nargs="+", choices=["vdib", "vdib-bptt"], default=["vdib", "vdib-bptt"])
+    t.add_argument("--encodings", nargs="+", choices=["rate", "ttfs"], default=["rate", "ttfs"])
+    t.add_argument("--decodings", nargs="+", choices=["time", "rate"], default=["time", "rate"])
     t.add_argument("--train-limit", type=int, default=0, help="training digits (0 = all at hand)")
     t.add_argument("--root", type=Path, default=None, help="run directories (default runs/table1)")
-    t.add_argument("--out", type=Path, default=None, help="tables and plot (default docs/results)")
+    t.add_argument("--out", type=Path, default=None, help="tables and plot (default: the root)")
+    t.add_argument("--variant", default="", help="name of these cells in the tables (e.g. vdib-lr); default the rule")
     t.add_argument("--set", dest="extra", action="append", default=[], help="extra config override")
     t.add_argument("--collect-only", action="store_true")
     t.add_argument("--progress", action="store_true")
     t.set_defaults(func=_cmd_table1)
 
     dv = subparsers.add_parser("dvs-dt", help="MNIST-DVS at several bin widths dt: train the default config per dt, "
-                               "write docs/results/dvs-dt.*")
+                               "write dvs-dt.{md,json,png}")
     dv.add_argument("--dts", type=float, nargs="+", default=[10, 25, 50], help="bin widths in ms")
     dv.add_argument("--train-digits", type=int, default=5000, help="simulated training digits")
     dv.add_argument("--test-digits", type=int, default=1000, help="simulated test digits")
     dv.add_argument("--examples", type=int, default=150_000, help="training examples per dt")
     dv.add_argument("--window-ms", type=float, default=600.0, help="training window (data.crop_T = window / dt)")
     dv.add_argument("--root", type=Path, default=None, help="run directories (default runs/dvs-dt)")
-    dv.add_argument("--out", type=Path, default=None, help="tables and plot (default docs/results)")
+    dv.add_argument("--out", type=Path, default=None, help="tables and plot (default: the root)")
     dv.add_argument("--workers", type=int, default=None, help="processes simulating the digits (default: all cores)")
     dv.add_argument("--jobs", type=int, default=1, help="dt cells trained in parallel processes")
     dv.add_argument("--real", type=Path, default=None,
@@ -67,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--betas", type=float, nargs="+", default=[0.01, 0.1, 1.0, 10.0])
     b.add_argument("--examples", type=int, default=50_000)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--out", type=Path, default=None, help="default docs/results")
+    b.add_argument("--out", type=Path, default=None, help="default runs/predictive")
     b.add_argument("--kl-reduction", choices=["mean", "sum"], default="mean",
                    help="ℓ_e divided by T·N_Y (authors' code) or summed (eq. 10)")
     b.add_argument("--name", default="predictive", help="output file stem")
@@ -76,11 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     ab = subparsers.add_parser("ablation", help="the vdib rule's fixes switched on in turn")
     ab.add_argument("--examples", type=int, default=200_000)
-    ab.add_argument("--encoding", default="ttfs")
-    ab.add_argument("--decoding", default="time")
+    ab.add_argument("--encoding", choices=["rate", "ttfs"], default="ttfs")
+    ab.add_argument("--decoding", choices=["time", "rate"], default="time")
     ab.add_argument("--seed", type=int, default=0)
     ab.add_argument("--root", type=Path, default=None)
-    ab.add_argument("--out", type=Path, default=None)
+    ab.add_argument("--out", type=Path, default=None, help="default: the root (runs/ablation)")
     ab.add_argument("--progress", action="store_true")
     ab.set_defaults(func=_cmd_ablation)
 
@@ -88,7 +89,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ts.add_argument("checkpoints", nargs="+", help="LABEL=CHECKPOINT_DIR")
     ts.add_argument("--n", type=int, default=1000)
     ts.add_argument("--data", type=Path, default=None)
-    ts.add_argument("--out", type=Path, default=Path("docs/results/tsne.png"))
+    ts.add_argument("--out", type=Path, default=None, help="PNG (default runs/tsne/tsne.png)")
     ts.set_defaults(func=_cmd_tsne)
 
     tv = subparsers.add_parser("time-vs-rate", help="time minus rate decoding versus budget and tau_d (tables + plot)")
@@ -96,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     help="Table 1 cell lines (default docs/results/table1-cells.jsonl + table1-vdib-lr-cells.jsonl)")
     tv.add_argument("--tau-cells", type=Path, default=None,
                     help="tau_d sweep cells (default docs/results/time_vs_rate-tau-cells.jsonl)")
-    tv.add_argument("--out", type=Path, default=None, help="default docs/results")
+    tv.add_argument("--out", type=Path, default=None, help="default runs/time-vs-rate")
     tv.set_defaults(func=_cmd_time_vs_rate)
 
     x = subparsers.add_parser("export", help="re-store a checkpoint as float16/bfloat16/int8/int4 and re-measure it")
@@ -132,11 +133,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.run_dir is not None:
-        cfg["run"]["dir"] = str(args.run_dir)
-    if not cfg["run"]["command"]:
+        cfg.run.dir = str(args.run_dir)
+    if not cfg.run.command:
         import shlex
 
-        cfg["run"]["command"] = "vdib " + shlex.join(sys.argv[1:])
+        cfg.run.command = "vdib " + shlex.join(sys.argv[1:])
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(json.dumps(result.get("final_eval", {}), indent=None))
     return 0
@@ -177,17 +178,15 @@ def _cmd_train_judge(args: argparse.Namespace) -> int:
 def _cmd_table1(args: argparse.Namespace) -> int:
     import itertools
 
-    from .experiments import REPO, cell_name, collect, run_cell
+    from .studies.common import RUNS, GridCell
+    from .studies.table1 import collect, run_cell
 
-    root = args.root or REPO / "runs" / "table1"
-    out = args.out or REPO / "docs" / "results"
+    root = args.root or RUNS / "table1"
+    out = args.out or root
     if not args.collect_only:
         for seed, rule, enc, dec in itertools.product(args.seeds, args.rules, args.encodings, args.decodings):
-            s = run_cell(root, enc, dec, rule, seed, args.examples, args.train_limit, args.extra, args.progress)
-            fe = s.get("final_eval", {})
-            print(json.dumps({"cell": cell_name(enc, dec, rule, seed), "examples": s["examples"],
-                              "train_seconds": s["train_seconds"],
-                              **{k: v for k, v in fe.items() if isinstance(v, float)}}), flush=True)
+            cell = GridCell(enc, dec, rule, seed, variant=args.variant, overrides=tuple(args.extra))
+            print(json.dumps(run_cell(root, cell, args.examples, args.train_limit, args.progress)), flush=True)
             collect(root, out)
     collect(root, out)
     print(f"wrote {out / 'table1.md'}")
@@ -198,13 +197,15 @@ def _cmd_dvs_dt(args: argparse.Namespace) -> int:
     import os
     import shlex
 
-    from .experiments import REAL_MNIST_DVS, REPO, dvs_dt_study
+    from .studies.common import RUNS
+    from .studies.dvs_dt import REAL_MNIST_DVS, dvs_dt_study
 
     if args.jobs < 1 or (args.workers is not None and args.workers < 1):
         raise SystemExit("vdib dvs-dt: --jobs and --workers must be >= 1")
     if min(args.train_digits, args.test_digits, args.examples) < 1:
         raise SystemExit("vdib dvs-dt: --train-digits, --test-digits and --examples must be >= 1")
-    res = dvs_dt_study(args.dts, args.root or REPO / "runs" / "dvs-dt", args.out or REPO / "docs" / "results",
+    root = args.root or RUNS / "dvs-dt"
+    res = dvs_dt_study(args.dts, root, args.out or root,
                        args.train_digits, args.test_digits, args.examples, args.window_ms, args.extra,
                        args.workers or os.cpu_count() or 1, args.jobs, args.real or REAL_MNIST_DVS,
                        progress=not args.no_progress, command="vdib " + shlex.join(sys.argv[1:]),
@@ -214,12 +215,14 @@ def _cmd_dvs_dt(args: argparse.Namespace) -> int:
 
 
 def _cmd_time_vs_rate(args: argparse.Namespace) -> int:
-    from .experiments import REPO, time_vs_rate
+    from .studies.common import RESULTS, RUNS
+    from .studies.time_vs_rate import time_vs_rate
 
-    res_dir = REPO / "docs" / "results"
-    cells = args.cells or [p for p in (res_dir / "table1-cells.jsonl", res_dir / "table1-vdib-lr-cells.jsonl") if p.is_file()]
-    tau = args.tau_cells or (res_dir / "time_vs_rate-tau-cells.jsonl")
-    out = args.out or res_dir
+    cells = args.cells or [p for p in (RESULTS / "table1-cells.jsonl", RESULTS / "table1-vdib-lr-cells.jsonl") if p.is_file()]
+    if not cells:
+        raise SystemExit("vdib time-vs-rate: no cell records (--cells)")
+    tau = args.tau_cells or (RESULTS / "time_vs_rate-tau-cells.jsonl")
+    out = args.out or RUNS / "time-vs-rate"
     res = time_vs_rate(cells[0], out, tau if tau.is_file() else None, cells[1:])
     print(json.dumps({k: [(r["encoding"], r["rule"], r["key"], r["time_minus_rate"]) for r in v] for k, v in res.items()}))
     print(f"wrote {out / 'time_vs_rate.md'}")
@@ -237,9 +240,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_predictive(args: argparse.Namespace) -> int:
-    from .experiments import REPO, predictive_study
+    from .studies.common import RUNS
+    from .studies.predictive import predictive_study
 
-    res = predictive_study(args.lags, args.betas, args.examples, args.seed, args.out or REPO / "docs" / "results",
+    res = predictive_study(args.lags, args.betas, args.examples, args.seed, args.out or RUNS / "predictive",
                            progress=args.progress, kl_reduction=args.kl_reduction, name=args.name)
     print(json.dumps({"lags": [(r["lag"], r["accuracy"]) for r in res["lags"]],
                       "betas": [(r["beta"], r["spike_rate"]) for r in res["betas"]]}))
@@ -247,20 +251,24 @@ def _cmd_predictive(args: argparse.Namespace) -> int:
 
 
 def _cmd_ablation(args: argparse.Namespace) -> int:
-    from .experiments import REPO, ablation
+    from .studies.ablation import ablation
+    from .studies.common import RUNS
 
-    rows = ablation(args.root or REPO / "runs" / "ablation", args.out or REPO / "docs" / "results",
+    root = args.root or RUNS / "ablation"
+    rows = ablation(root, args.out or root,
                     args.examples, args.encoding, args.decoding, args.seed, progress=args.progress)
     print(json.dumps(rows))
     return 0
 
 
 def _cmd_tsne(args: argparse.Namespace) -> int:
-    from .experiments import tsne_figure
+    from .studies.tsne import tsne_figure
 
     pairs = [(c.split("=", 1)[0], Path(c.split("=", 1)[1])) if "=" in c else (Path(c).name, Path(c))
              for c in args.checkpoints]
-    print(json.dumps(tsne_figure(pairs, args.out, args.n, args.data)))
+    from .studies.common import RUNS
+
+    print(json.dumps(tsne_figure(pairs, args.out or RUNS / "tsne" / "tsne.png", args.n, args.data)))
     return 0
 
 

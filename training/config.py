@@ -1,9 +1,13 @@
-"""Training configs: TOML files with defaults, ``--set key=value`` overrides, validation.
+"""Training configs: typed sections, TOML files, ``--set key=value`` overrides.
 
-A config is a nested dict with the sections ``run``, ``data``, ``model``, ``rule``, ``train`` and
-``eval``; :data:`DEFAULTS` lists every key. Values given on the command line are parsed as TOML
-values (``--set train.examples=2000``, ``--set model.hidden=[256]``, ``--set rule.name="vdib"``);
-a bare word that is not valid TOML is taken as a string (``--set rule.name=vdib``).
+A config has the sections ``run``, ``data``, ``model``, ``rule``, ``train`` and ``eval``, one
+pydantic model each (:class:`TrainingConfig` holds them); every key, its type and its default is
+below. Choices are ``Literal`` types, so a misspelt value fails when the config is loaded, before
+any data is read. Values given on the command line are parsed as TOML values
+(``--set train.examples=2000``, ``--set model.hidden=[256]``, ``--set rule.name="vdib"``); a bare
+word that is not valid TOML is taken as a string (``--set rule.name=vdib``). The free-form tables
+(``data.simulate``, ``model.decoder_options``, ``model.preprocessing``, ``rule.options``) accept
+any key: their consumers (``events.simulate_mnist_dvs``, the decoder, the rule) check them.
 """
 
 from __future__ import annotations
@@ -12,89 +16,154 @@ import copy
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "run": {
-        "dir": "runs/default",  # run directory: config, metrics.jsonl, plots, checkpoints
-        "seed": 0,
-        "device": "auto",  # "auto" = CUDA when present, else CPU
-        "threads": 0,  # torch intra-op threads (0 = leave torch's default)
-        "keep_checkpoints": 2,
-        "save": "",  # export the final model to this checkpoint directory ("" = run_dir/final)
-        "save_dtype": "float32",  # float16 / bfloat16 / int8 / int4 shrink the shipped checkpoint (metrics re-measured)
-        "title": "",  # model card title
-        "notes": "",  # model card introduction
-        "command": "",  # how to reproduce (written into the model card)
-    },
-    "data": {
-        "kind": "mnist",  # mnist | simulated-mnist-dvs | mnist-dvs | blobs
-        "dir": "",  # MNIST idx folder ("" = ../shared/data/mnist) or MNIST-DVS recordings folder
-        "mnist_dir": "",  # MNIST for DVS targets / simulation ("" = ../shared/data/mnist)
-        "encoding": "ttfs",  # mnist: rate | ttfs
-        "T": 30,  # time steps per example (mnist, blobs); DVS: duration_us // dt_us
-        "train_limit": 0,  # 0 = all training items
-        "test_limit": 0,  # 0 = all test items
-        "target": "source",  # simulated MNIST-DVS: source | prototype
-        "dt_us": 10_000,
-        "duration_us": 2_000_000,
-        "simulate": {},  # keyword arguments of events.simulate_mnist_dvs
-        "lag": 0,  # blobs: target lag delta
-        "T_test": 1000,  # blobs: test sequence length
-        "cache_dir": "",
-        "workers": 1,  # processes simulating MNIST-DVS (does not change the data)
-        "crop_T": 0,  # event data: train on random windows of crop_T bins (0 = whole recordings)
-    },
-    "model": {
-        "hidden": [600],
-        "n_readout": 256,
-        "tau_e": 10,
-        "n_basis": 8,
-        "fb_memory": 10,
-        "prior_rate": 0.3,
-        "decoder": "mlp",
-        "tau_d": 30,
-        "decoder_options": {},
-        "hidden_init": "calibrated",  # zero (authors) | random | calibrated (pitfall 3)
-        "hidden_init_scale": 1.0,
-        "hidden_active": 0.15,  # calibrated: fraction of hidden neurons active at init
-        "preprocessing": {},
-    },
-    "rule": {
-        "name": "vdib",  # a name in model.RULES: vdib | vdib-bptt | ...
-        "lr": 1e-3,
-        "beta": 1e-3,
-        "options": {},  # rule-specific keyword arguments
-    },
-    "train": {
-        "examples": 200_000,  # training examples seen (global, all ranks)
-        "batch_size": 32,  # global batch size (split across DDP ranks)
-        "log_every": 20,  # steps between metrics.jsonl records
-        "eval_every": 20_000,  # examples between evaluations
-        "checkpoint_every": 20_000,  # examples between checkpoints
-        "max_seconds": 0,  # stop (with a checkpoint) after this wall time; 0 = no limit
-        "stop_after_steps": 0,  # stop (with a checkpoint) after this many steps of this invocation
-    },
-    "eval": {
-        "limit": 1000,  # test items for periodic evaluations
-        "final_limit": 0,  # test items for the final evaluation (0 = all)
-        "judge": "",  # judge checkpoint ("" = checkpoints/judge)
-        "batch_size": 500,
-    },
-}
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "DEFAULTS",
+    "ConfigError",
+    "DataConfig",
+    "DataKind",
+    "EvalConfig",
+    "ModelConfig",
+    "RuleConfig",
+    "RunConfig",
+    "TrainConfig",
+    "TrainingConfig",
+    "apply_override",
+    "load_config",
+    "parse_value",
+    "to_toml",
+]
+
+DataKind = Literal["mnist", "simulated-mnist-dvs", "mnist-dvs", "blobs"]
+WeightsDtype = Literal["float32", "float16", "bfloat16", "int8", "int4"]
+#: Tables whose keys are not checked here (their consumers check them).
+FREE_FORM = frozenset({"options", "simulate", "decoder_options", "preprocessing"})
 
 
 class ConfigError(ValueError):
     """A config file or override is invalid."""
 
 
-def _merge(base: dict, over: dict, path: str = "") -> dict:
+class _Section(BaseModel):
+    # strict: no silent str -> int coercion (ints are still accepted where floats are expected)
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class RunConfig(_Section):
+    dir: str = "runs/default"  # run directory: config, metrics.jsonl, plots, checkpoints
+    seed: int = 0
+    device: str = "auto"  # "auto" = CUDA when present, else CPU; or a torch device ("cpu", "cuda:1")
+    threads: int = Field(0, ge=0)  # torch intra-op threads (0 = leave torch's default)
+    keep_checkpoints: int = Field(2, ge=1)
+    save: str = ""  # export the final model to this checkpoint directory ("" = run_dir/final)
+    save_dtype: WeightsDtype = "float32"  # smaller stored weights; the final metrics are re-measured on them
+    title: str = ""  # model card title
+    notes: str = ""  # model card introduction
+    command: str = ""  # how to reproduce (written into the model card)
+
+
+class DataConfig(_Section):
+    kind: DataKind = "mnist"
+    dir: str = ""  # MNIST idx folder ("" = ../shared/data/mnist) or MNIST-DVS recordings folder
+    mnist_dir: str = ""  # MNIST for DVS targets / simulation ("" = ../shared/data/mnist)
+    encoding: Literal["rate", "ttfs"] = "ttfs"  # mnist only
+    T: int = Field(30, ge=1)  # time steps per example (mnist, blobs); DVS: duration_us // dt_us
+    train_limit: int = Field(0, ge=0)  # 0 = all training items
+    test_limit: int = Field(0, ge=0)  # 0 = all test items
+    target: Literal["source", "prototype"] = "source"  # simulated MNIST-DVS targets
+    dt_us: int = Field(10_000, ge=1)
+    duration_us: int = Field(2_000_000, ge=1)
+    simulate: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of events.simulate_mnist_dvs
+    lag: int = 0  # blobs: target lag delta
+    T_test: int = Field(1000, ge=1)  # blobs: test sequence length
+    cache_dir: str = ""
+    workers: int = Field(1, ge=1)  # processes simulating MNIST-DVS (does not change the data)
+    crop_T: int = Field(0, ge=0)  # event data: train on random windows of crop_T bins (0 = whole recordings)
+
+
+class ModelConfig(_Section):
+    hidden: list[int] = Field(default_factory=lambda: [600])
+    n_readout: int = Field(256, ge=1)
+    tau_e: int = Field(10, ge=1)
+    n_basis: int = Field(8, ge=1)
+    fb_memory: int = Field(10, ge=1)
+    prior_rate: float = Field(0.3, gt=0.0, lt=1.0)
+    decoder: str = "mlp"  # a name in model.DECODERS (checked when the model is built)
+    tau_d: int = Field(30, ge=1)
+    decoder_options: dict[str, Any] = Field(default_factory=dict)
+    hidden_init: Literal["zero", "random", "calibrated"] = "calibrated"  # zero = the authors'; pitfall 3
+    hidden_init_scale: float = 1.0
+    hidden_active: float = Field(0.15, gt=0.0, lt=1.0)  # calibrated: fraction of hidden neurons active at init
+    preprocessing: dict[str, Any] = Field(default_factory=dict)
+
+
+class RuleConfig(_Section):
+    name: Literal["vdib", "vdib-bptt"] = "vdib"  # a name in model.RULES
+    lr: float = Field(1e-3, gt=0.0)
+    beta: float = Field(1e-3, ge=0.0)
+    options: dict[str, Any] = Field(default_factory=dict)  # rule-specific keyword arguments
+
+
+class TrainConfig(_Section):
+    examples: int = Field(200_000, ge=1)  # training examples seen (global, all ranks)
+    batch_size: int = Field(32, ge=1)  # global batch size (split across DDP ranks)
+    log_every: int = Field(20, ge=1)  # steps between metrics.jsonl records
+    eval_every: int = Field(20_000, ge=1)  # examples between evaluations
+    checkpoint_every: int = Field(20_000, ge=1)  # examples between checkpoints
+    max_seconds: float = Field(0, ge=0)  # stop (with a checkpoint) after this wall time; 0 = no limit
+    stop_after_steps: int = Field(0, ge=0)  # stop (with a checkpoint) after this many steps of this invocation
+
+
+class EvalConfig(_Section):
+    limit: int = Field(1000, ge=0)  # test items for periodic evaluations (0 = all)
+    final_limit: int = Field(0, ge=0)  # test items for the final evaluation (0 = all)
+    judge: str = ""  # judge checkpoint ("" = checkpoints/judge)
+    batch_size: int = Field(500, ge=1)
+
+
+class TrainingConfig(_Section):
+    """A whole training config; ``TrainingConfig()`` is the defaults."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rule: RuleConfig = Field(default_factory=RuleConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainingConfig:
+        if self.data.kind in ("simulated-mnist-dvs", "mnist-dvs") and self.data.crop_T:
+            if self.data.crop_T * self.data.dt_us > self.data.duration_us:
+                raise ValueError("data.crop_T bins are longer than data.duration_us")
+        return self
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (JSON/TOML-ready): what checkpoints store as their ``training`` section."""
+        return self.model_dump()
+
+    def copy_with(self, overrides: list[str]) -> TrainingConfig:
+        """A validated copy with ``dotted.key=value`` overrides applied."""
+        d = self.to_dict()
+        for item in overrides:
+            apply_override(d, item)
+        return _validate(d)
+
+
+#: Every key and its default, as a plain dict.
+DEFAULTS: dict[str, dict[str, Any]] = TrainingConfig().to_dict()
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], path: str = "") -> dict[str, Any]:
     out = copy.deepcopy(base)
     for k, v in over.items():
         where = f"{path}{k}"
         if k not in out:
             raise ConfigError(f"unknown config key {where!r}")
-        if isinstance(out[k], dict) and k not in ("options", "simulate", "decoder_options", "preprocessing"):
+        if isinstance(out[k], dict) and k not in FREE_FORM:
             if not isinstance(v, dict):
                 raise ConfigError(f"{where!r} must be a table")
             out[k] = _merge(out[k], v, where + ".")
@@ -111,8 +180,8 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_override(cfg: dict, item: str) -> None:
-    """Apply one ``dotted.key=value`` override in place (free-form tables accept new keys)."""
+def apply_override(cfg: dict[str, Any], item: str) -> None:
+    """Apply one ``dotted.key=value`` override to a config dict in place (free-form tables accept new keys)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not KEY=VALUE")
     key, text = item.split("=", 1)
@@ -120,62 +189,60 @@ def apply_override(cfg: dict, item: str) -> None:
     node = cfg
     for i, p in enumerate(parts[:-1]):
         if p not in node or not isinstance(node[p], dict):
-            raise ConfigError(f"unknown config key {'.'.join(parts[:i + 1])!r}")
+            raise ConfigError(f"unknown config key {'.'.join(parts[: i + 1])!r}")
         node = node[p]
-    free = parts[-2] in ("options", "simulate", "decoder_options", "preprocessing") if len(parts) > 1 else False
+    free = parts[-2] in FREE_FORM if len(parts) > 1 else False
     if parts[-1] not in node and not free:
         raise ConfigError(f"unknown config key {key!r}")
     node[parts[-1]] = parse_value(text.strip())
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> dict:
-    """Read a TOML config (``None``: defaults only), merge onto :data:`DEFAULTS`, apply overrides."""
-    user: dict = {}
+def _validate(d: dict[str, Any]) -> TrainingConfig:
+    try:
+        return TrainingConfig.model_validate(d)
+    except ValidationError as exc:
+        msgs = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "config"
+            msgs.append(f"{where}: {e['msg']} (got {e.get('input')!r})" if where != "config" else e["msg"])
+        raise ConfigError("; ".join(msgs)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> TrainingConfig:
+    """Read a TOML config (``None``: defaults only), merge onto the defaults, apply overrides, validate."""
+    user: dict[str, Any] = {}
     if path is not None:
         try:
             user = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: {exc}") from exc
-    cfg = _merge(DEFAULTS, user)
+    d = _merge(DEFAULTS, user)
     for item in overrides or []:
-        apply_override(cfg, item)
-    validate(cfg)
-    return cfg
+        apply_override(d, item)
+    return _validate(d)
 
 
-def validate(cfg: dict) -> None:
-    """Reject values that cannot work before any data is loaded."""
-    d, t = cfg["data"], cfg["train"]
-    if d["kind"] not in ("mnist", "simulated-mnist-dvs", "mnist-dvs", "blobs"):
-        raise ConfigError(f"data.kind {d['kind']!r} is not mnist, simulated-mnist-dvs, mnist-dvs or blobs")
-    if d["kind"] == "mnist" and d["encoding"] not in ("rate", "ttfs"):
-        raise ConfigError(f"data.encoding {d['encoding']!r} is not rate or ttfs")
-    if t["batch_size"] < 1 or t["examples"] < 1:
-        raise ConfigError("train.batch_size and train.examples must be >= 1")
-    if cfg["model"]["tau_d"] < 1:
-        raise ConfigError("model.tau_d must be >= 1")
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
+    raise ConfigError(f"cannot write {v!r} as TOML")
 
 
-def to_toml(cfg: dict) -> str:
-    """Serialise a config dict back to TOML (tables of scalars, lists and inline tables)."""
-
-    def val(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, int | float):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list | tuple):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{" + ", ".join(f"{json.dumps(str(k))} = {val(x)}" for k, x in v.items()) + "}"
-        raise ConfigError(f"cannot write {v!r} as TOML")
-
+def to_toml(cfg: TrainingConfig | dict[str, dict[str, Any]]) -> str:
+    """Serialise a config back to TOML (tables of scalars, lists and inline tables)."""
+    d = cfg.to_dict() if isinstance(cfg, TrainingConfig) else cfg
     lines = []
-    for section, table in cfg.items():
+    for section, table in d.items():
         lines.append(f"[{section}]")
         for k, v in table.items():
-            lines.append(f"{k} = {val(v)}")
+            lines.append(f"{k} = {_toml_value(v)}")
         lines.append("")
     return "\n".join(lines)

@@ -60,8 +60,23 @@ class MetricsLog:
         self._f.close()
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.is_file() else []
+
+
+def last_record(path: Path, kind: str) -> dict[str, Any] | None:
+    """The newest record of ``kind`` in a JSON-lines log that may be being written (a partial last
+    line is skipped); ``None`` when there is none yet."""
+    if not path.is_file():
+        return None
+    for ln in reversed(path.read_text().splitlines()):
+        try:
+            rec = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and rec.get("kind") == kind:
+            return rec
+    return None
 
 
 def _finish(fig: Any, ax: Any, path: Path) -> Path:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from . import data as D
-from .config import load_config, to_toml
+from .config import TrainingConfig, load_config, to_toml
 from .metrics import MetricsLog, plot_run
 from .state import (
     latest_checkpoint,
@@ -36,7 +36,7 @@ from .state import (
     set_rng_state,
 )
 
-__all__ = ["load_config", "train", "build_datasets", "build_naturalizer", "Dist"]
+__all__ = ["Dist", "TrainingConfig", "build_datasets", "build_naturalizer", "load_config", "train"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,58 +109,58 @@ class Datasets:
     info: dict = field(default_factory=dict)
 
 
-def build_datasets(cfg: dict, progress: bool = True) -> Datasets:
-    """Training and test sets of ``cfg["data"]`` (see training/config.py for the keys)."""
-    d = cfg["data"]
-    kind = d["kind"]
-    lim_tr, lim_te = d["train_limit"] or None, d["test_limit"] or None
+def build_datasets(cfg: TrainingConfig, progress: bool = True) -> Datasets:
+    """Training and test sets of ``cfg.data`` (see :class:`training.config.DataConfig`)."""
+    d = cfg.data
+    kind = d.kind
+    lim_tr, lim_te = d.train_limit or None, d.test_limit or None
     if kind == "mnist":
-        tr = D.load_mnist_split(d["dir"] or None, "train", lim_tr)
-        te = D.load_mnist_split(d["dir"] or None, "test", lim_te)
-        train = D.MnistSpikes(D.ImageSet.from_uint8(*tr), d["encoding"], d["T"])
-        test = D.MnistSpikes(D.ImageSet.from_uint8(*te), d["encoding"], d["T"])
-        return Datasets(train, test, 784, (1, 28, 28), d["T"],
+        tr = D.load_mnist_split(d.dir or None, "train", lim_tr)
+        te = D.load_mnist_split(d.dir or None, "test", lim_te)
+        train = D.MnistSpikes(D.ImageSet.from_uint8(*tr), d.encoding, d.T)
+        test = D.MnistSpikes(D.ImageSet.from_uint8(*te), d.encoding, d.T)
+        return Datasets(train, test, 784, (1, 28, 28), d.T,
                         {"train_items": len(train), "test_items": len(test)})
     if kind == "simulated-mnist-dvs":
-        mdir = d["mnist_dir"] or d["dir"] or None
+        mdir = d.mnist_dir or d.dir or None
         tr = D.load_mnist_split(mdir, "train", lim_tr)
         te = D.load_mnist_split(mdir, "test", lim_te)
-        kw = dict(dt_us=d["dt_us"], duration_us=d["duration_us"], cache_dir=d["cache_dir"] or None,
-                  progress=progress, simulate_kwargs=d["simulate"], workers=int(d["workers"]))
-        train = D.simulate_mnist_dvs_set(*tr, target=d["target"], seed=0, tag="train", **kw)
+        kw = dict(dt_us=d.dt_us, duration_us=d.duration_us, cache_dir=d.cache_dir or None,
+                  progress=progress, simulate_kwargs=d.simulate, workers=int(d.workers))
+        train = D.simulate_mnist_dvs_set(*tr, target=d.target, seed=0, tag="train", **kw)
         # tests always score against the exact source digit
         test = D.simulate_mnist_dvs_set(*te, target="source", seed=10_000_000, tag="test", **kw)
-        train.crop_T = int(d["crop_T"])
+        train.crop_T = int(d.crop_T)
         return Datasets(train, test, train.n_inputs, train.frame_shape, train.T,
                         {"train_items": len(train), "test_items": len(test)})
     if kind == "mnist-dvs":
-        protos = D.prototype_images(*D.load_mnist_split(d["mnist_dir"] or None, "train"))
-        kw = dict(dt_us=d["dt_us"], duration_us=d["duration_us"], prototypes=protos,
-                  cache_dir=d["cache_dir"] or None, progress=progress)
-        train = D.load_mnist_dvs(d["dir"], "train", limit=lim_tr, **kw)
-        test = D.load_mnist_dvs(d["dir"], "test", limit=lim_te, **kw)
-        train.crop_T = int(d["crop_T"])
+        protos = D.prototype_images(*D.load_mnist_split(d.mnist_dir or None, "train"))
+        kw = dict(dt_us=d.dt_us, duration_us=d.duration_us, prototypes=protos,
+                  cache_dir=d.cache_dir or None, progress=progress)
+        train = D.load_mnist_dvs(d.dir, "train", limit=lim_tr, **kw)
+        test = D.load_mnist_dvs(d.dir, "test", limit=lim_te, **kw)
+        train.crop_T = int(d.crop_T)
         return Datasets(train, test, train.n_inputs, train.frame_shape, train.T,
                         {"train_items": len(train), "test_items": len(test)})
     raise ValueError(f"data.kind {kind!r} is trained with training.predictive (blobs)")
 
 
-def preprocessing_of(cfg: dict, ds: Datasets) -> dict:
+def preprocessing_of(cfg: TrainingConfig, ds: Datasets) -> dict:
     """What a consumer of the checkpoint must do to the input (stored in the model config)."""
-    d = cfg["data"]
-    if d["kind"] == "mnist":
-        return {"kind": "mnist", "encoding": d["encoding"], "T": d["T"], "image": "28x28 in [0, 1], row-major"}
+    d = cfg.data
+    if d.kind == "mnist":
+        return {"kind": "mnist", "encoding": d.encoding, "T": d.T, "image": "28x28 in [0, 1], row-major"}
     import events
 
-    spec = D.mnist_dvs_spec(d["dt_us"])
+    spec = D.mnist_dvs_spec(d.dt_us)
     return {
-        "kind": d["kind"],
+        "kind": d.kind,
         "roi": list(spec.roi),
         "roi_convention": "events top-left convention (x right, y down; jAER x mirrored as in "
                           "events.MNIST_DVS): ROI(48, 54, 26, 26) on a 128x128 DVS128 sensor",
         "sensor": [128, 128],
-        "dt_us": int(d["dt_us"]),
-        "duration_us": int(d["duration_us"]),
+        "dt_us": int(d.dt_us),
+        "duration_us": int(d.duration_us),
         "T": ds.T,
         "polarity": spec.polarity,
         "mode": spec.mode,
@@ -168,55 +168,55 @@ def preprocessing_of(cfg: dict, ds: Datasets) -> dict:
         "t0": "first event of the recording",
         "preset": "events.MNIST_DVS",
         "events_version": getattr(events, "__version__", None),
-        **cfg["model"]["preprocessing"],
+        **cfg.model.preprocessing,
     }
 
 
-def build_naturalizer(cfg: dict, ds: Datasets) -> torch.nn.Module:
+def build_naturalizer(cfg: TrainingConfig, ds: Datasets) -> torch.nn.Module:
     """A fresh :class:`model.Naturalizer` for the config and data."""
     from model import EncoderConfig, Naturalizer, NaturalizerConfig
 
-    m = cfg["model"]
+    m = cfg.model
     enc = EncoderConfig(
-        n_inputs=ds.n_inputs, hidden=tuple(m["hidden"]), n_readout=m["n_readout"], tau_e=m["tau_e"],
-        n_basis=m["n_basis"], fb_memory=m["fb_memory"], prior_rate=m["prior_rate"],
+        n_inputs=ds.n_inputs, hidden=tuple(m.hidden), n_readout=m.n_readout, tau_e=m.tau_e,
+        n_basis=m.n_basis, fb_memory=m.fb_memory, prior_rate=m.prior_rate,
     )
-    d = cfg["data"]
+    d = cfg.data
     nc = NaturalizerConfig(
-        encoder=enc, decoder=m["decoder"], tau_d=m["tau_d"], image_shape=(28, 28), input_shape=ds.input_shape,
-        dt_us=int(d["dt_us"]) if d["kind"] != "mnist" else 1, polarity="split", mode="presence",
-        preprocessing=preprocessing_of(cfg, ds), decoder_options=dict(m["decoder_options"]),
+        encoder=enc, decoder=m.decoder, tau_d=m.tau_d, image_shape=(28, 28), input_shape=ds.input_shape,
+        dt_us=int(d.dt_us) if d.kind != "mnist" else 1, polarity="split", mode="presence",
+        preprocessing=preprocessing_of(cfg, ds), decoder_options=dict(m.decoder_options),
     )
-    init = "random" if m["hidden_init"] == "calibrated" else m["hidden_init"]
-    return Naturalizer(nc, hidden_init=init, hidden_init_scale=m["hidden_init_scale"])
+    init = "random" if m.hidden_init == "calibrated" else m.hidden_init
+    return Naturalizer(nc, hidden_init=init, hidden_init_scale=m.hidden_init_scale)
 
 
-def init_hidden(cfg: dict, nat: torch.nn.Module, ds: Datasets, device: torch.device) -> dict:
+def init_hidden(cfg: TrainingConfig, nat: torch.nn.Module, ds: Datasets, device: torch.device) -> dict:
     """Apply ``model.hidden_init``: "zero"/"random" (done by the model) or "calibrated".
 
     "calibrated" bisects the random-init scale until ``model.hidden_active`` (default 0.15) of
     the hidden neurons spike on a batch of training data (VDIB-REFERENCE.md pitfall 3).
     """
-    m = cfg["model"]
-    if m["hidden_init"] != "calibrated" or not nat.config.encoder.hidden:
+    m = cfg.model
+    if m.hidden_init != "calibrated" or not nat.config.encoder.hidden:
         return {}
     from model.rules import calibrate_hidden_init
 
-    g = torch.Generator().manual_seed(int(cfg["run"]["seed"]) + 99)
+    g = torch.Generator().manual_seed(int(cfg.run.seed) + 99)
     idx = torch.randperm(len(ds.train), generator=g)[:64]
     x, _, _ = ds.train.batch(idx, g, "cpu")
     enc = nat.encoder
-    scale = calibrate_hidden_init(enc.cpu(), x, float(m.get("hidden_active", 0.15)), seed=int(cfg["run"]["seed"]))
+    scale = calibrate_hidden_init(enc.cpu(), x, m.hidden_active, seed=int(cfg.run.seed))
     enc.to(device)
     return {"hidden_init_scale": scale}
 
 
-def build_rule(cfg: dict, naturalizer: torch.nn.Module, dist: Dist) -> Any:
+def build_rule(cfg: TrainingConfig, naturalizer: torch.nn.Module, dist: Dist) -> Any:
     """The learning rule from ``model.rules`` with the run's all-reduce hook (sum over ranks)."""
     import model
 
-    r = cfg["rule"]
-    rule = model.build_rule(r["name"], naturalizer, lr=r["lr"], beta=r["beta"], **r["options"])
+    r = cfg.rule
+    rule = model.build_rule(r.name, naturalizer, lr=r.lr, beta=r.beta, **r.options)
     if dist.world > 1:
         rule.all_reduce = dist.all_reduce_sum
     return rule
@@ -265,15 +265,15 @@ def evaluate_now(nat: torch.nn.Module, ds: Any, judge: Any, limit: int, batch_si
     return res
 
 
-def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: TrainingConfig, resume: bool = False, progress: bool = True) -> dict:
     """Run (or resume) the training a config describes; returns the final summary."""
-    r = cfg["run"]
-    if r["threads"]:
-        torch.set_num_threads(int(r["threads"]))
-    device = pick_device(r["device"])
+    r = cfg.run
+    if r.threads:
+        torch.set_num_threads(int(r.threads))
+    device = pick_device(r.device)
     dist = init_distributed(device)
-    run_dir = Path(r["dir"])
-    seed = int(r["seed"])
+    run_dir = Path(r.dir)
+    seed = int(r.seed)
     torch.manual_seed(seed)
 
     ds = build_datasets(cfg, progress=progress and dist.is_main)
@@ -282,8 +282,8 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
     rule = build_rule(cfg, nat, dist)
     n_samples = int(getattr(getattr(rule, "opts", None), "n_samples", 1))
     gen = torch.Generator(device=device).manual_seed(seed + 17)
-    B = int(cfg["train"]["batch_size"])
-    total_steps = math.ceil(int(cfg["train"]["examples"]) / B)
+    B = int(cfg.train.batch_size)
+    total_steps = math.ceil(int(cfg.train.examples) / B)
     step = 0
     elapsed_before = 0.0
 
@@ -308,14 +308,14 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
         (run_dir / "config.toml").write_text(to_toml(cfg))
         from .judge import default_judge_dir, load_judge
 
-        jdir = Path(cfg["eval"]["judge"]) if cfg["eval"]["judge"] else default_judge_dir()
+        jdir = Path(cfg.eval.judge) if cfg.eval.judge else default_judge_dir()
         if (jdir / "config.json").is_file():
             judge = load_judge(jdir, device=device)
     log = MetricsLog(run_dir / "metrics.jsonl", truncate_after_step=step) if dist.is_main else None
 
-    t_cfg = cfg["train"]
-    eval_every = max(1, round(t_cfg["eval_every"] / B))
-    ckpt_every = max(1, round(t_cfg["checkpoint_every"] / B))
+    t_cfg = cfg.train
+    eval_every = max(1, round(t_cfg.eval_every / B))
+    ckpt_every = max(1, round(t_cfg.checkpoint_every / B))
     bar = None
     if progress and dist.is_main:
         from tqdm.auto import tqdm
@@ -335,19 +335,19 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
         from model import save_checkpoint
 
         def write(tmp: Path) -> None:
-            save_checkpoint(tmp, nat, training_config=cfg, metrics={"step": step, "examples": step * B},
+            save_checkpoint(tmp, nat, training_config=cfg.to_dict(), metrics={"step": step, "examples": step * B},
                             provenance={"run_dir": str(run_dir)})
             save_train_state(tmp, {"step": step, "elapsed": elapsed(), "rule": rule.state_dict(),
                                    "rng": rng_state(None, {"sampling": gen})})
 
-        save_training_checkpoint(run_dir, step, write, keep=int(r["keep_checkpoints"]))
+        save_training_checkpoint(run_dir, step, write, keep=int(r.keep_checkpoints))
 
     stopped_early = False
     first_step = step
     while step < total_steps:
         idx = global_batch_indices(len(ds.train), B, seed, step)
         x, target, _ = ds.train.batch(idx, gen, device)  # the whole global batch on every rank
-        uniforms = torch.rand((x.shape[0], B * n_samples, cfg["model"]["n_readout"]), generator=gen, device=device)
+        uniforms = torch.rand((x.shape[0], B * n_samples, cfg.model.n_readout), generator=gen, device=device)
         rows = slice(sl.start * n_samples, sl.stop * n_samples)
         nat.train()
         stats = _rule_step(rule, x[:, sl], target[sl], uniforms[:, rows])
@@ -361,19 +361,19 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
             if step % 5 == 0:
                 bar.set_postfix(loss=f"{stats.get('decoder_loss', float('nan')):.1f}",
                                 rate=f"{stats.get('readout_rate', float('nan')):.3f}")
-        if log is not None and (step % t_cfg["log_every"] == 0 or step == total_steps):
+        if log is not None and (step % t_cfg.log_every == 0 or step == total_steps):
             log.write({"kind": "train", "step": step, "examples": step * B, "seconds": round(elapsed(), 2),
                        **{k: v / n_acc for k, v in acc.items()}})
             acc, n_acc = {}, 0
         if step % eval_every == 0 and step < total_steps and dist.is_main:
-            res = evaluate_now(nat, ds.test, judge, cfg["eval"]["limit"], cfg["eval"]["batch_size"], seed, device)
+            res = evaluate_now(nat, ds.test, judge, cfg.eval.limit, cfg.eval.batch_size, seed, device)
             log.write({"kind": "eval", "step": step, "examples": step * B, "seconds": round(elapsed(), 2), **res})
             if bar is not None:
                 bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, float)))
         if step % ckpt_every == 0 and step < total_steps:
             checkpoint()
-        if (t_cfg["max_seconds"] and elapsed() > t_cfg["max_seconds"]) or (
-                t_cfg["stop_after_steps"] and step - first_step >= t_cfg["stop_after_steps"]):
+        if (t_cfg.max_seconds and elapsed() > t_cfg.max_seconds) or (
+                t_cfg.stop_after_steps and step - first_step >= t_cfg.stop_after_steps):
             stopped_early = step < total_steps
             break
     if bar is not None:
@@ -382,25 +382,25 @@ def train(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
     summary: dict[str, Any] = {"steps": step, "examples": step * B, "train_seconds": round(elapsed(), 1),
                                "stopped_early": stopped_early, "world_size": dist.world, "device": str(device)}
     if dist.is_main:
-        res = evaluate_now(nat, ds.test, judge, cfg["eval"]["final_limit"], cfg["eval"]["batch_size"], seed, device)
+        res = evaluate_now(nat, ds.test, judge, cfg.eval.final_limit, cfg.eval.batch_size, seed, device)
         summary["final_eval"] = res
         log.write({"kind": "eval", "step": step, "examples": step * B, "seconds": round(elapsed(), 2),
                    "final": True, **res})
         log.close()
         from .judge import hardware_string
 
-        save_dir = Path(r["save"]) if r["save"] else run_dir / "final"
+        save_dir = Path(r.save) if r.save else run_dir / "final"
         prov = {"run_dir": str(run_dir), "hardware": hardware_string(), "data": ds.info,
-                "command": cfg["run"].get("command", ""), **init_info}
+                "command": cfg.run.command, **init_info}
         metrics = {**res, **{k: v for k, v in summary.items() if k != "final_eval"}}
-        if r.get("save_dtype", "float32") != "float32":
+        if r.save_dtype != "float32":
             # evaluate what is shipped: the weights as stored (e.g. float16 halves the size)
-            nat = cast_weights(nat, r["save_dtype"])
-            res = evaluate_now(nat, ds.test, judge, cfg["eval"]["final_limit"], cfg["eval"]["batch_size"], seed,
+            nat = cast_weights(nat, r.save_dtype)
+            res = evaluate_now(nat, ds.test, judge, cfg.eval.final_limit, cfg.eval.batch_size, seed,
                                device)
             summary["final_eval"] = metrics["stored_weights_eval"] = res
             metrics.update(res)
-        export_checkpoint(save_dir, nat, cfg, metrics, prov, r.get("save_dtype", "float32"))
+        export_checkpoint(save_dir, nat, cfg, metrics, prov, r.save_dtype)
         summary["checkpoint"] = str(save_dir)
         plot_run(run_dir)
     dist.barrier()
@@ -434,7 +434,7 @@ def cast_weights(nat: torch.nn.Module, dtype: str) -> torch.nn.Module:
     return out
 
 
-def export_checkpoint(save_dir: Path, nat: torch.nn.Module, cfg: dict, metrics: dict, provenance: dict,
+def export_checkpoint(save_dir: Path, nat: torch.nn.Module, cfg: TrainingConfig, metrics: dict, provenance: dict,
                       dtype: str = "float32") -> Path:
     """``model.save_checkpoint`` with the weights stored as ``dtype`` (loading casts them back), plus
     the model card; files are world-readable."""
@@ -445,14 +445,14 @@ def export_checkpoint(save_dir: Path, nat: torch.nn.Module, cfg: dict, metrics: 
     from .modelcard import write_model_card
 
     if dtype in ("int4", "int8"):
-        save_checkpoint(save_dir, copy.deepcopy(nat).to("cpu"), training_config=cfg, metrics=metrics,
+        save_checkpoint(save_dir, copy.deepcopy(nat).to("cpu"), training_config=cfg.to_dict(), metrics=metrics,
                         provenance={**provenance, "weights_dtype": dtype}, quantize=dtype)
     else:
         dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
         stored = copy.deepcopy(nat).to("cpu").to(dt) if dt != torch.float32 else nat
-        save_checkpoint(save_dir, stored, training_config=cfg, metrics=metrics,
+        save_checkpoint(save_dir, stored, training_config=cfg.to_dict(), metrics=metrics,
                         provenance={**provenance, "weights_dtype": dtype})
-    write_model_card(save_dir, cfg["run"].get("title") or None, cfg["run"].get("notes", ""))
+    write_model_card(save_dir, cfg.run.title or None, cfg.run.notes)
     for f in Path(save_dir).iterdir():
         os.chmod(f, 0o644)
     return Path(save_dir)

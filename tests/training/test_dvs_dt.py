@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from training import data
-from training.experiments import dvs_dt_overrides
+from training.studies.dvs_dt import dvs_dt_overrides
 
 
 def _counting_sim(calls):
@@ -58,7 +58,7 @@ def test_sets_simulate_once_and_match_the_single_dt_caches(tmp_path, shared_mnis
 
 
 def test_dvs_dt_writes_one_row_per_dt(tmp_path, shared_mnist):
-    from training.experiments import REAL_MNIST_DVS, dvs_dt_study
+    from training.studies.dvs_dt import REAL_MNIST_DVS, dvs_dt_study
 
     out = tmp_path / "out"
     logs: list[str] = []
@@ -83,5 +83,7 @@ def test_dvs_dt_writes_one_row_per_dt(tmp_path, shared_mnist):
                          extra=[f'data.cache_dir="{tmp_path / "cache"}"', "run.threads=1"], workers=1, jobs=1,
                          real_dir=None, progress=False, log=logs.append)
     assert all(t["reused"] for t in again["training"])
+    cell = json.loads((tmp_path / "runs" / "dt25ms" / "cell.json").read_text())
+    assert cell == {"study": "dvs-dt", "cell": "dt25ms", "dt_us": 25000, "crop_T": 24, "tau_d": 12}
     assert [r["ssim"] for r in again["rows"]] == [r["ssim"] for r in rows]
     assert "skipped" in (out / "dvs-dt.md").read_text()

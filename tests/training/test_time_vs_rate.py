@@ -6,11 +6,15 @@ import json
 
 
 def _line(cell, acc, examples, **extra):
-    return json.dumps({"cell": cell, "examples": examples, "judge_accuracy": acc, **extra}) + "\n"
+    """A cell record as `vdib table1` appends it: identity fields, then results (the name is for people)."""
+    enc, dec, rest = cell.split("-", 2)
+    rule, seed = rest.rsplit("-s", 1)
+    return json.dumps({"cell": cell, "encoding": enc, "decoding": dec, "rule": rule, "seed": int(seed),
+                       "examples": examples, "judge_accuracy": acc, **extra}) + "\n"
 
 
 def test_time_vs_rate_averages_seeds_and_pairs_cells(tmp_path):
-    from training.experiments import time_vs_rate
+    from training.studies.time_vs_rate import time_vs_rate
 
     cells = tmp_path / "cells.jsonl"
     cells.write_text(
@@ -39,3 +43,20 @@ def test_time_vs_rate_averages_seeds_and_pairs_cells(tmp_path):
     assert "parameter-matched" in md
     assert (tmp_path / "out" / "time_vs_rate.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "out" / "time_vs_rate.json").read_text())["budget"]
+
+
+def test_time_vs_rate_groups_by_variant_and_needs_cell_fields(tmp_path):
+    import pytest
+
+    from training.studies.common import CellError
+    from training.studies.time_vs_rate import time_vs_rate
+
+    cells = tmp_path / "cells.jsonl"
+    rec = {"encoding": "rate", "rule": "vdib", "seed": 0, "examples": 10}
+    cells.write_text("".join(json.dumps({**rec, "decoding": d, "variant": "vdib-lr", "judge_accuracy": a}) + "\n"
+                             for d, a in (("time", 0.5), ("rate", 0.4))))
+    res = time_vs_rate(cells, tmp_path / "out")
+    assert [(r["rule"], round(r["time_minus_rate"], 6)) for r in res["budget"]] == [("vdib-lr", 10.0)]
+    cells.write_text(json.dumps({"cell": "rate-time-vdib-s0", "examples": 10, "judge_accuracy": 0.5}) + "\n")
+    with pytest.raises(CellError):  # a record without its fields is an error, not parsed out of the name
+        time_vs_rate(cells, tmp_path / "out")
