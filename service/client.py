@@ -222,9 +222,12 @@ def replay_events(client: StreamClient, events: np.ndarray, *, realtime: bool, s
             break
         client.send_events(pk)
         if bar is not None:
+            # set_postfix(refresh=False): the postfix alone must not redraw; update() redraws at
+            # most every mininterval (0.5 s), so the bar draws at most twice a second
             el = time.perf_counter() - start
+            bar.set_postfix(frames=len(client.summary.frames), fps=f"{len(client.summary.frames) / max(el, 1e-6):.1f}",
+                            refresh=False)
             bar.update(len(pk))
-            bar.set_postfix(frames=len(client.summary.frames), fps=f"{len(client.summary.frames) / max(el, 1e-6):.1f}")
     summary = client.end()
     if bar is not None:
         bar.close()
@@ -282,8 +285,8 @@ def replay_dv(url: str, address: str, options: StreamOptions | None = None, *, m
             if len(ev):
                 client.send_events(ev)
             if bar is not None:
+                bar.set_postfix(frames=len(client.summary.frames), refresh=False)
                 bar.update(len(ev))
-                bar.set_postfix(frames=len(client.summary.frames))
             if client.summary.error is not None:
                 break
         summary = client.end()
