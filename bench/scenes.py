@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=None, help="scene checkpoint (default checkpoints/scenes)")
     ap.add_argument("--methods", default=",".join(se.METHOD_ORDER))
     ap.add_argument("--sets", default="ecd,davis346,simulated")
-    ap.add_argument("--sim-clips", type=int, default=4)
-    ap.add_argument("--sim-seed", type=int, default=12345)
+    ap.add_argument("--sim-clips", type=int, default=8)
+    ap.add_argument("--sim-seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per sequence, best kept")
     ap.add_argument("--quick", action="store_true", help="no timing runs")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scenes",

@@ -32,8 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--methods", default=",".join(_method_order()),
                     help="comma-separated methods (vdib, mid-gray, direct, hpf, pienet, pienet-lite)")
     ev.add_argument("--sets", default="ecd,davis346,simulated", help="comma-separated test sets")
-    ev.add_argument("--sim-clips", type=int, default=4, help="simulated test clips")
-    ev.add_argument("--sim-seed", type=int, default=12345)
+    ev.add_argument("--sim-clips", type=int, default=8, help="simulated test clips")
+    ev.add_argument("--sim-seed", type=int, default=0)
     ev.add_argument("--no-timing", action="store_true", help="skip the one-core timing runs")
     ev.add_argument("--repeats", type=int, default=2, help="timed runs per sequence (best is kept)")
     ev.add_argument("--no-progress", action="store_true")

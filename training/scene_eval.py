@@ -188,7 +188,7 @@ def load_davis346(path: Path | None = None) -> TestSequence:
     ))
 
 
-def load_simulated(n: int = 4, seed: int = 12345) -> TestSet | None:
+def load_simulated(n: int = 8, seed: int = 0) -> TestSet | None:
     """``training.scene_data.test_clips(n, seed)`` as a test set, or None while it does not exist."""
     try:
         from training import scene_data  # type: ignore[attr-defined]
@@ -218,7 +218,7 @@ def load_simulated(n: int = 4, seed: int = 12345) -> TestSet | None:
 
 
 def default_test_sets(
-    names: Iterable[str] = ("ecd", "davis346", "simulated"), *, sim_n: int = 4, sim_seed: int = 12345,
+    names: Iterable[str] = ("ecd", "davis346", "simulated"), *, sim_n: int = 8, sim_seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> list[TestSet]:
     """The test sets that are available here; a missing one is skipped with a message to ``log``."""
@@ -772,6 +772,9 @@ def run_benchmark(
         entry = summarize(seq_results)
         entry["frames_requested"] = frames_requested
         entry["ms_per_frame_1core"] = 1000.0 * seconds / frames_requested if timing and frames_requested else None
+        # compute time over the stream time it covered (first event to last GT frame): < 1 is real time
+        covered = sum(float(q.frame_times_us[-1] - q.events["t"][0]) for q in ts.sequences if len(q.frame_times_us))
+        entry["realtime_factor_1core"] = seconds / (covered * 1e-6) if timing and covered > 0 else None
         spiking = bool(m.info().get("spiking"))
         for k in ("macs", "synops", "spikes", "macs_all_dense", "event_driven_macs", "spikes_hidden",
                   "spikes_readout", "steps"):
@@ -830,9 +833,9 @@ def markdown(report: dict[str, Any]) -> str:
         n = sum(q["frames_in_span"] for q in ts["sequences"])
         lines.append(f"## {s} ({n} GT frames)")
         lines.append("")
-        lines.append("| method | SSIM raw | MSE raw | SSIM hist | MSE hist | ms/frame (1 core) | params "
-                     "| MACs/frame | spikes/frame | SynOps/frame |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("| method | SSIM raw | MSE raw | SSIM hist | MSE hist | ms/frame (1 core) | x real time "
+                     "| params | MACs/frame | spikes/frame | SynOps/frame |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for m in methods:
             e = report["results"][m].get(s)
             if e is None:
@@ -841,8 +844,22 @@ def markdown(report: dict[str, Any]) -> str:
             miss = f" ({e['missed']} missed)" if e.get("missed") else ""
             lines.append(f"| {m} | {_fmt(e['ssim_raw'])}{miss} | {_fmt(e['mse_raw'])} | {_fmt(e['ssim_hist'])} "
                          f"| {_fmt(e['mse_hist'])} | {_fmt(e.get('ms_per_frame_1core'), '.1f')} "
+                         f"| {_fmt(e.get('realtime_factor_1core'), '.2f')} "
                          f"| {_si(params) if params else '0'} | {_si(e.get('macs_per_frame'))} "
                          f"| {_si(e.get('spikes_per_frame'))} | {_si(e.get('synops_per_frame'))} |")
+        lines.append("")
+    spiking = [m for m in methods if report["methods"].get(m, {}).get("spiking")]
+    for m in spiking:
+        lines.append(f"### {m}: the spiking encoder's work per output frame (accumulates vs multiply-accumulates)")
+        lines.append("")
+        lines.append("| test set | bins stepped | hidden spikes | readout spikes | SynOps (ACs) | MACs (ANN parts, "
+                     "dense) | MACs if the analog input layer were event-driven |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for ts in report["test_sets"]:
+            e = report["results"][m].get(ts["name"]) or {}
+            lines.append(f"| {ts['name']} | {_fmt(e.get('steps_per_frame'), '.2f')} | {_si(e.get('spikes_hidden_per_frame'))} "
+                         f"| {_si(e.get('spikes_readout_per_frame'))} | {_si(e.get('synops_per_frame'))} "
+                         f"| {_si(e.get('macs_per_frame'))} | {_si(e.get('event_driven_macs_per_frame'))} |")
         lines.append("")
     c = report["calibration"]
     lines.append(f"Same-run machine reference: {c['gemm_gflops_1core']:.1f} GFLOP/s single-thread fp32 GEMM "
