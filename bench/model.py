@@ -179,15 +179,12 @@ def bench_streaming(args, results: dict) -> None:
                 for _ in range(5):
                     _, st = enc.step(x, st, uniforms=uni)
 
-                def eager(st=st, x=x, uni=uni, enc=enc):
+                def eager(st=st, x=x, uni=uni, enc=enc, mode="auto"):
                     with torch.no_grad():
-                        enc.step(x, st, uniforms=uni)
+                        enc.step(x, st, uniforms=uni, event_driven=mode)
 
-                enc.event_driven = "never"
-                s_dense = timeit(eager, args.min_time)
-                enc.event_driven = "always"
-                s_event = timeit(eager, args.min_time)
-                enc.event_driven = "auto"
+                s_dense = timeit(lambda eager=eager: eager(mode="never"), args.min_time)
+                s_event = timeit(lambda eager=eager: eager(mode="always"), args.min_time)
                 flat = state_to_list(st)
                 traced = torch.jit.trace(_EncoderStep(enc), (x, *flat, uni), check_trace=False)
 
@@ -272,8 +269,8 @@ def write_md(results: dict, path: Path) -> None:
         )
     lines += ["", "## Streaming step latency (one encoder step, uniforms given)", "",
               "Inputs: 5 % of the 676 inputs active per step (MNIST-DVS: ~34). GFLOP/s counts the dense work, so "
-              "the event-driven rows (which skip inactive inputs) show an equivalent rate. `Encoder.event_driven = "
-              "\"auto\"` (the default) takes the gather at batch <= 8 when <= 10 % of inputs are active.", "",
+              "the event-driven rows (which skip inactive inputs) show an equivalent rate. `Encoder.step(..., event_driven="
+              "\"auto\")` (the default) takes the gather at batch <= 8 when <= 10 % of inputs are active.", "",
               "| model | engine | batch | µs/step | µs per stream-step | GFLOP/s |", "|---|---|---|---|---|---|"]
     for r in results["streaming"]:
         lines.append(f"| {r['model']} | {r['engine']} | {r['batch']} | {r['us_per_step']:.1f} | {r['us_per_stream_step']:.1f} | {r['gflops']:.1f} |")

@@ -32,16 +32,12 @@ _LAZY = {
     "SceneNaturalizer": "model.scene",
     "OnlineSceneNaturalizer": "model.scene",
     "reconstruct_events": "model.scene",
-    # cross-stream batching
+    # cross-stream batching and the one recording decoder
     "stack_states": "model.batching",
-    "unstack_states": "model.batching",
-    "state_row": "model.batching",
     "select_rows": "model.batching",
-    "set_rows": "model.batching",
-    "draw_stream_uniforms": "model.batching",
-    "step_streams": "model.batching",
-    "push_window": "model.batching",
-    "decode_windows": "model.batching",
+    "stream_uniforms": "model.batching",
+    "TorchStreams": "model.batching",
+    "decode_segments": "model.batching",
     # checkpoints
     "CheckpointError": "model.checkpoint",
     "save_checkpoint": "model.checkpoint",

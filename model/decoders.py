@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-__all__ = ["DECODERS", "Decoder", "build_decoder", "register_decoder", "decoder_names"]
+__all__ = ["DECODERS", "Decoder", "SparseWindowDecoder", "build_decoder", "register_decoder", "decoder_names"]
 
 _CNN_MIN_ROWS = 11
 
@@ -62,26 +63,43 @@ class Decoder(nn.Module):
         """Pre-sigmoid outputs (for a numerically stable BCE-with-logits loss)."""
         return self.features(window)
 
+    def sparse_form(self) -> SparseWindowDecoder | None:
+        """This decoder as a :class:`SparseWindowDecoder` (first layer as row sums over the
+        window's non-zero entries), or None when it has no such form (convolutional and rate
+        decoders)."""
+        return None
+
 
 class _SparseFirstLayer:
     """``linear(x)`` that, for a small batch of sparse binary windows and no autograd, multiplies
     only the active input columns (``x[:, active] @ W^T[active]``): the first layer of the
     ``linear``/``mlp`` decoders streams N_Y * tau_d * out weights per call otherwise, which makes
-    batch-1 decoding memory-bound. Equal to ``F.linear`` up to float rounding.
+    batch-1 decoding memory-bound. Equal to ``F.linear`` up to float rounding. A traced graph
+    (ONNX export) always gets the dense layer.
     """
 
     max_batch = 8
     max_density = 0.5
-    enabled = True  # export_onnx turns it off: a traced graph must be the dense one
 
     def __init__(self) -> None:
         self._key: tuple[object, ...] | None = None
         self._wt: Tensor | None = None
 
+    def transposed(self, layer: nn.Linear) -> Tensor:
+        """``W^T`` ``[in, out]``, contiguous, cached until the weight changes (a plain tensor,
+        usable in any autograd mode)."""
+        w = layer.weight
+        key = (w._version, w.data_ptr(), w.dtype, w.device)
+        if self._key != key or self._wt is None:
+            with torch.inference_mode(False), torch.no_grad():
+                self._wt = w.detach().t().contiguous()
+            self._key = key
+        return self._wt
+
     def __call__(self, layer: nn.Linear, x: Tensor) -> Tensor:
         w = layer.weight
         if (
-            not _SparseFirstLayer.enabled
+            torch.jit.is_tracing()
             or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             or x.shape[0] > self.max_batch
             or x.device.type != "cpu"
@@ -90,12 +108,41 @@ class _SparseFirstLayer:
         active = x.any(0).nonzero().squeeze(1)
         if active.numel() > self.max_density * x.shape[1]:
             return layer(x)
-        key = (w._version, w.data_ptr(), w.dtype)
-        if self._key != key or self._wt is None:
-            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable in any mode
-                self._wt = w.detach().t().contiguous()
-            self._key = key
-        return torch.addmm(layer.bias, x.index_select(1, active), self._wt.index_select(0, active))
+        return torch.addmm(layer.bias, x.index_select(1, active), self.transposed(layer).index_select(0, active))
+
+
+class SparseWindowDecoder:
+    """A ``linear``/``mlp`` decoder whose first layer is a sum of weight rows over the non-zero
+    window entries: with :math:`a_b = \\{i : w_{b,i} \\neq 0\\}` the non-zero entries of window
+    :math:`b` (flattened, ``tau_d * n_readout``),
+
+    .. math:: h_b = c_1 + \\sum_{i \\in a_b} w_{b,i} \\, W_1^T[i, :]
+
+    in one ``embedding_bag`` call for the whole batch, whatever its size (a server decodes the
+    windows of many streams at once). Spike windows are sparse (a few hundred of 7680 entries for
+    the default model): this reads those weight rows instead of the whole first-layer matrix
+    (15.7 MB in float32) per call: 1.7 instead of 4.1 ms for 33 windows, 0.5 instead of 2.0 ms
+    for 9, at 7 % active entries. Equal to :meth:`Decoder.forward` up to float rounding; a row's
+    result does not depend on the other rows. Built by :meth:`Decoder.sparse_form`.
+    """
+
+    def __init__(self, decoder: Decoder, first: nn.Linear, first_t: _SparseFirstLayer, rest: Callable[[Tensor], Tensor]):
+        self.decoder, self.first, self._first_t, self.rest = decoder, first, first_t, rest
+
+    @torch.no_grad()
+    def decode_nonzero(self, idx: Tensor, values: Tensor | None, batch: int) -> Tensor:
+        """Outputs ``[batch, out_features]`` of the windows ``[batch, tau_d, n_readout]`` whose
+        non-zero entries are at the flat positions ``idx`` (int64, ascending, as
+        ``flatnonzero`` of the ``[batch, tau_d * n_readout]`` windows) with ``values`` there
+        (None: all 1, spikes)."""
+        n = self.decoder.window * self.decoder.n_readout
+        offsets = torch.searchsorted(idx, torch.arange(batch, dtype=idx.dtype, device=idx.device) * n)
+        h = F.embedding_bag(idx % n, self._first_t.transposed(self.first), offsets, mode="sum",
+                            per_sample_weights=values)
+        if self.first.bias is not None:
+            h += self.first.bias
+        out = self.rest(h)
+        return torch.sigmoid(out) if self.decoder.output == "image" else out
 
 
 DECODERS: dict[str, Callable[..., Decoder]] = {}
@@ -134,6 +181,9 @@ class LinearDecoder(Decoder):
     def features(self, window: Tensor) -> Tensor:
         return self._sparse(self.fc, window.flatten(1))
 
+    def sparse_form(self) -> SparseWindowDecoder | None:
+        return SparseWindowDecoder(self, self.fc, self._sparse, lambda h: h)
+
 
 @register_decoder("mlp")
 class MLPDecoder(Decoder):
@@ -146,6 +196,9 @@ class MLPDecoder(Decoder):
 
     def features(self, window: Tensor) -> Tensor:
         return self.fc2(torch.relu(self._sparse(self.fc1, window.flatten(1))))
+
+    def sparse_form(self) -> SparseWindowDecoder | None:
+        return SparseWindowDecoder(self, self.fc1, self._sparse, lambda h: self.fc2(torch.relu_(h)))
 
 
 class _CNNStack(nn.Module):

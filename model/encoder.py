@@ -12,7 +12,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import functional as F
 from .functional import LIFParameters, LIFState, SRMState
 
-__all__ = ["EncoderConfig", "EncoderState", "Encoder"]
+__all__ = ["EVENT_DRIVEN_MODES", "EncoderConfig", "EncoderState", "Encoder", "EventDriven"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,16 @@ class EncoderState(NamedTuple):
     readout: SRMState
 
 
+#: How a step computes input currents (an argument of :meth:`Encoder.step` and friends, never
+#: a switch on the shared module): ``"auto"``: sparse inputs at small batch take the event-driven
+#: gather, else the GEMM (no autograd); ``"never"``: always dense GEMMs (ONNX/TorchScript export);
+#: ``"always"``: gather the batch's active input columns; ``"rows"``: per-row sums of each row's
+#: own active inputs (:func:`functional.input_current`; batches of independent streams, e.g. a
+#: server's scheduler: a row's result does not depend on the other rows).
+EventDriven = Literal["auto", "never", "always", "rows"]
+EVENT_DRIVEN_MODES: tuple[str, ...] = ("auto", "never", "always", "rows")
+
+
 class Encoder(nn.Module):
     """Layered encoder SNN (paper sec. 5).
 
@@ -103,6 +113,10 @@ class Encoder(nn.Module):
 
     ff_kernel: Tensor
     fb_kernel: Tensor
+    #: ``event_driven="auto"`` gathers for batches up to this size with at most this share of
+    #: non-zero inputs (constants of the class, not switches)
+    event_max_batch = 8
+    event_max_density = 0.1
 
     def __init__(self, config: EncoderConfig, *, hidden_init: str = "zero", hidden_init_scale: float = 1.0):
         super().__init__()
@@ -117,13 +131,6 @@ class Encoder(nn.Module):
         fb = F.history_kernel(F.raised_cosine_basis(1, config.fb_memory))[:, 0]
         self.register_buffer("ff_kernel", ff, persistent=False)
         self.register_buffer("fb_kernel", fb.contiguous(), persistent=False)
-        # "auto": sparse inputs at small batch take the event-driven gather (no autograd);
-        # "never": always dense GEMMs (ONNX/TorchScript export); "always": always gather the
-        # batch's active input columns; "rows": per-row sums of each row's own active inputs
-        # (F.input_current; batches of independent streams, e.g. a server's scheduler)
-        self.event_driven = "auto"
-        self.event_max_batch = 8
-        self.event_max_density = 0.1
         self._cache: dict[str, tuple[tuple[Any, ...], Tensor]] = {}
         self.reset_parameters(hidden_init=hidden_init, hidden_init_scale=hidden_init_scale)
 
@@ -179,12 +186,14 @@ class Encoder(nn.Module):
         w = self.layers[i].weight
         return self._derived(f"h{i}", w, lambda: w.t())
 
-    def _use_events(self, x: Tensor) -> bool | str:
-        if self.event_driven == "never" or (torch.is_grad_enabled() and (self.readout_ff_weight.requires_grad or x.requires_grad)):
+    def _use_events(self, x: Tensor, mode: EventDriven = "auto") -> bool | str:
+        if mode not in EVENT_DRIVEN_MODES:
+            raise ValueError(f"event_driven must be one of {EVENT_DRIVEN_MODES}, got {mode!r}")
+        if mode == "never" or (torch.is_grad_enabled() and (self.readout_ff_weight.requires_grad or x.requires_grad)):
             return False
-        if self.event_driven == "always":
+        if mode == "always":
             return True
-        if self.event_driven == "rows":
+        if mode == "rows":
             return "rows"
         if x.device.type != "cpu" or x.shape[0] > self.event_max_batch:  # GPUs: the GEMM, no sync
             return False
@@ -203,23 +212,28 @@ class Encoder(nn.Module):
         return EncoderState(hidden, readout)
 
     # ------------------------------------------------------------------ stepping
-    def hidden_step(self, x_t: Tensor, states: Sequence[LIFState]) -> tuple[Tensor, tuple[LIFState, ...]]:
+    def hidden_step(
+        self, x_t: Tensor, states: Sequence[LIFState], *, event_driven: EventDriven = "auto"
+    ) -> tuple[Tensor, tuple[LIFState, ...]]:
         """Run the deterministic hidden layers for one step; returns the last layer's spikes."""
         lif = self.config.lif
         z = x_t
         new: list[LIFState] = []
         for i, (layer, st) in enumerate(zip(self.layers, states, strict=True)):
             z, st2, _ = F.lif_step(
-                z, st, layer.weight, layer.bias, lif, weight_t=self.hidden_weight_t(i), event_driven=self._use_events(z)
+                z, st, layer.weight, layer.bias, lif, weight_t=self.hidden_weight_t(i),
+                event_driven=self._use_events(z, event_driven),
             )
             new.append(st2)
         return z, tuple(new)
 
     def step_detailed(
-        self, x_t: Tensor, state: EncoderState, uniforms: Tensor
+        self, x_t: Tensor, state: EncoderState, uniforms: Tensor, *, event_driven: EventDriven = "auto"
     ) -> tuple[Tensor, Tensor, EncoderState]:
-        """One step given the uniforms: returns ``(y_t, u_t, new_state)`` (``u_t`` the readout potential)."""
-        z, hidden = self.hidden_step(x_t, state.hidden)
+        """One step given the uniforms: returns ``(y_t, u_t, new_state)`` (``u_t`` the readout
+        potential). ``event_driven``: how input currents are computed (:data:`EventDriven`; equal
+        up to float rounding)."""
+        z, hidden = self.hidden_step(x_t, state.hidden, event_driven=event_driven)
         y, readout, u = F.srm_readout_step(
             z,
             state.readout,
@@ -228,7 +242,7 @@ class Encoder(nn.Module):
             self.readout_bias,
             self.fb_kernel,
             uniforms,
-            event_driven=self._use_events(z),
+            event_driven=self._use_events(z, event_driven),
         )
         return y, u, EncoderState(hidden, readout)
 
@@ -243,16 +257,17 @@ class Encoder(nn.Module):
         generator: torch.Generator | None = None,
         *,
         uniforms: Tensor | None = None,
+        event_driven: EventDriven = "auto",
     ) -> tuple[Tensor, EncoderState]:
         """One time step for ``B`` streams: ``x_t [B, n_inputs] -> y_t [B, n_readout]`` (0/1 floats).
 
         Draws exactly one ``torch.rand((B, n_readout), generator=generator)`` unless ``uniforms``
-        is given; ``y = uniforms < sigmoid(u)``.
+        is given; ``y = uniforms < sigmoid(u)``. ``event_driven`` as in :meth:`step_detailed`.
         """
         x_t = x_t.to(state.readout.fb_hist.dtype)
         if uniforms is None:
             uniforms = self.draw_uniforms(x_t.shape[0], generator, x_t.device, x_t.dtype)
-        y, _, new_state = self.step_detailed(x_t, state, uniforms)
+        y, _, new_state = self.step_detailed(x_t, state, uniforms, event_driven=event_driven)
         return y, new_state
 
     def forward(
@@ -263,6 +278,7 @@ class Encoder(nn.Module):
         *,
         uniforms: Tensor | None = None,
         return_state: bool = False,
+        event_driven: EventDriven = "auto",
     ) -> Tensor | tuple[Tensor, EncoderState]:
         """Run a whole sequence ``x [T, B, n_inputs] -> y [T, B, n_readout]``.
 
@@ -276,7 +292,8 @@ class Encoder(nn.Module):
             state = self.init_state(x.shape[1], x.device, x.dtype if x.is_floating_point() else torch.float32)
         ys = []
         for t, x_t in enumerate(x.unbind(0)):
-            y, state = self.step(x_t, state, generator, uniforms=None if uniforms is None else uniforms[t])
+            y, state = self.step(x_t, state, generator, uniforms=None if uniforms is None else uniforms[t],
+                                 event_driven=event_driven)
             ys.append(y)
         y_all = torch.stack(ys) if ys else x.new_zeros((0, x.shape[1], self.config.n_readout), dtype=torch.float32)
         return (y_all, state) if return_state else y_all

@@ -65,12 +65,8 @@ class _EncoderStep(nn.Module):
     def forward(self, x: Tensor, *args: Tensor) -> tuple[Tensor, ...]:
         *flat, uniforms = args
         state = list_to_state(list(flat), self.n_hidden)
-        mode = self.encoder.event_driven
-        self.encoder.event_driven = "never"  # a traced graph must be the dense one
-        try:
-            y, u, new = self.encoder.step_detailed(x, state, uniforms)
-        finally:
-            self.encoder.event_driven = mode
+        # a traced graph must be the dense one
+        y, u, new = self.encoder.step_detailed(x, state, uniforms, event_driven="never")
         return (y, u, torch.sigmoid(u), *state_to_list(new))
 
 
@@ -117,22 +113,16 @@ def export_onnx(naturalizer: Naturalizer, out_dir: str | os.PathLike[str], *, op
             dynamo=False,
         )
         window = torch.zeros(B, cfg.tau_d, cfg.encoder.n_readout)
-        from .decoders import _SparseFirstLayer
-
-        _SparseFirstLayer.enabled = False
-        try:
-            torch.onnx.export(
-                _Decode(nat),
-                (window,),
-                str(out / "decoder.onnx"),
-                input_names=["window"],
-                output_names=["image"],
-                dynamic_axes={"window": {0: "batch"}, "image": {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-            )
-        finally:
-            _SparseFirstLayer.enabled = True
+        torch.onnx.export(  # the decoders take their dense path while traced
+            _Decode(nat),
+            (window,),
+            str(out / "decoder.onnx"),
+            input_names=["window"],
+            output_names=["image"],
+            dynamic_axes={"window": {0: "batch"}, "image": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     single = enc.init_state(1, "cpu")
     meta = {
         "opset": opset,

@@ -80,9 +80,13 @@ class Engine(ABC):
             out[t] = y[0]
         return out, state
 
+    def fresh_state(self) -> State:
+        """A fresh state as :meth:`run_chunk` takes it (batch 1, stacked)."""
+        return self.stack([self.init_state()])
+
     def run_sequence(self, x: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
         """Spikes ``[T, n_readout]`` of one stream over ``x [T, n_inputs]`` from a fresh state."""
-        return self.run_chunk(x, uniforms, self.stack([self.init_state()]))[0]
+        return self.run_chunk(x, uniforms, self.fresh_state())[0]
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "device": self.device}
@@ -96,78 +100,12 @@ def _resolve_torch_device(device: str) -> str:
     return device
 
 
-def _select(idx: Any) -> Any:
-    return lambda t: t.index_select(0, idx)
-
-
 class _Row(NamedTuple):
     """One stream's state: row ``i`` of a batched state (no copy is made when a tick splits its
     result; states are never written in place, so the batch stays valid)."""
 
     batch: Any
     i: int
-
-
-#: Largest fraction of non-zero window entries for which :class:`_SparseDecoder` is used.
-SPARSE_DECODE_DENSITY = 0.25
-
-
-class _SparseDecoder:
-    """The ``linear``/``mlp`` decoders' first layer as a sum of weight rows over the active
-    window entries: with :math:`a_b = \\{i : w_{b,i} \\neq 0\\}` the non-zero entries of window
-    :math:`b` (flattened, ``tau_d * n_readout``),
-
-    .. math:: h_b = c_1 + \\sum_{i \\in a_b} w_{b,i} \\, W_1^T[i, :]
-
-    in one ``embedding_bag`` call for the whole batch. Spike windows are sparse (a few hundred of
-    7680 entries here): this reads a few hundred weight rows per window instead of the whole
-    first-layer matrix (15.7 MB in float32 for the default model) per call: 1.7 instead of
-    4.1 ms for 33 windows, 0.5 instead of 2.0 ms for 9, at 7 % active entries. Equal to the
-    dense layer up to float rounding.
-    """
-
-    def __init__(self, w1_t: Any, b1: Any, fc2: Any, sigmoid: bool) -> None:
-        self.w1_t, self.b1, self.fc2, self.sigmoid = w1_t, b1, fc2, sigmoid
-
-    @classmethod
-    def build(cls, decoder: Any, device: str) -> _SparseDecoder | None:
-        """The sparse form of ``decoder`` when it is a float32 ``linear``/``mlp`` image decoder on
-        the CPU, else None (the dense decoder is used)."""
-        import torch
-
-        if device != "cpu" or getattr(decoder, "output", None) not in ("image", "logits"):
-            return None
-        name = getattr(decoder, "name", None)
-        first = getattr(decoder, "fc1" if name == "mlp" else "fc", None) if name in ("mlp", "linear") else None
-        second = getattr(decoder, "fc2", None) if name == "mlp" else None
-        if not isinstance(first, torch.nn.Linear) or first.weight.dtype != torch.float32:
-            return None
-        if name == "mlp" and not isinstance(second, torch.nn.Linear):
-            return None
-        with torch.no_grad():
-            w1_t = first.weight.detach().t().contiguous()
-            b1 = first.bias.detach().clone() if first.bias is not None else torch.zeros(w1_t.shape[1])
-        return cls(w1_t, b1, second, decoder.output == "image")
-
-    def decode(self, flat: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        """Images ``[B, out]`` of the windows ``flat [B, tau_d * n_readout]`` whose non-zero
-        entries are at the flat positions ``idx`` (``np.flatnonzero(flat)``, ascending)."""
-        import torch
-        import torch.nn.functional as F
-
-        b, n = flat.shape
-        vals = flat.reshape(-1)[idx]
-        weights = None if np.all(vals == 1) else torch.from_numpy(vals.astype(np.float32))
-        offsets = torch.from_numpy(np.searchsorted(idx, np.arange(b, dtype=np.int64) * n))
-        cols = torch.from_numpy(idx % n)
-        with torch.inference_mode():
-            h = F.embedding_bag(cols, self.w1_t, offsets, mode="sum", per_sample_weights=weights)
-            h += self.b1
-            if self.fc2 is not None:
-                h = self.fc2(h.relu_())
-            if self.sigmoid:
-                h = h.sigmoid_().clamp_(0.0, 1.0)
-            return h.numpy()
 
 
 def _group_rows(states: list[Any]) -> list[tuple[Any, list[int]]]:
@@ -182,58 +120,41 @@ def _group_rows(states: list[Any]) -> list[tuple[Any, list[int]]]:
 
 
 class TorchEngine(Engine):
-    """PyTorch eager engine over a :class:`model.Naturalizer`."""
+    """PyTorch eager engine: a :class:`model.batching.TorchStreams` over the model (its step and
+    decode, configured for a server) plus the batching of stream states as rows."""
 
     name = "torch"
 
     def __init__(self, naturalizer: Any, device: str = "auto", decoder_dtype: str = "float32") -> None:
-        import copy
-
         import torch
 
-        self.device = _resolve_torch_device(device)
-        self.model = naturalizer.to(self.device).eval()
-        # bfloat16 halves the decoder's weight traffic and uses the bf16 GEMM kernels (an MLP
-        # decoder over tau_d = 30 windows: ~1.2 ms instead of ~4.8 ms at batch 25 here). The
-        # window holds 0/1 spikes, exact in bf16; only the weights and sums are rounded.
-        self.decoder_dtype = getattr(torch, decoder_dtype)
-        self._decoder = self.model.decoder
-        if self.decoder_dtype != torch.float32:
-            self._decoder = copy.deepcopy(self.model.decoder).to(self.decoder_dtype)
-        self.encoder = self.model.encoder
-        self.decoder = self.model.decoder
-        cfg = self.model.config
-        c, h, w = cfg.input_shape
-        self.n_inputs = int(c * h * w)
-        self.n_readout = int(self.encoder.config.n_readout)
-        self.tau_d = int(cfg.tau_d)
-        self.image_shape = (int(cfg.image_shape[0]), int(cfg.image_shape[1]))
-        self._torch = torch
+        from model.batching import TorchStreams, select_rows, stack_states
+
+        cfg = naturalizer.config
         if getattr(cfg, "output", "image") != "image":
             raise EngineError(f"model output {cfg.output!r} is not an image; the service serves image models")
-        from model import stack_states
-        from model.batching import map_state
-
-        self._stack, self._map = stack_states, map_state
-        self._sparse = _SparseDecoder.build(self._decoder, self.device)
-        if self.device == "cpu" and hasattr(self.encoder, "event_driven"):
-            # Input currents as per-stream sums of each stream's own active weight rows
-            # (model.functional.input_current, event_driven="rows"): streams see different
-            # events (~3 % of the 1352 inputs and ~10 % of the hidden spikes active per stream,
-            # but the union over 100 streams is most columns), so the model's union gather costs
-            # nearly a dense GEMM while the row sums read only each stream's rows (1.5 instead of
-            # 2.7 ms per step at batch 100), and a stream's result does not depend on the other
-            # streams of its batch. Equal to the dense step up to float rounding.
-            self.encoder.event_driven = "rows"
-        with torch.inference_mode():
-            self._fresh = self.encoder.init_state(1, device=self.device)
-
-    def _model_step(self, x: Any, state: Any, uniforms: Any) -> tuple[Any, Any]:
-        return self.encoder.step(x, state, uniforms=uniforms)  # type: ignore[no-any-return]
+        self.device = _resolve_torch_device(device)
+        # On the CPU the input currents are per-stream sums of each stream's own active weight
+        # rows (event_driven="rows"): streams see different events (~3 % of the 1352 inputs and
+        # ~10 % of the hidden spikes active per stream, but the union over 100 streams is most
+        # columns), so a union gather costs nearly a dense GEMM while the row sums read only each
+        # stream's rows (1.5 instead of 2.7 ms per step at batch 100), and a stream's result does
+        # not depend on the other streams of its batch. GPUs take the GEMM.
+        self.streams = TorchStreams(
+            naturalizer, device=self.device, event_driven="rows" if self.device == "cpu" else "auto",
+            decoder_dtype=getattr(torch, decoder_dtype),
+        )
+        self.model = self.streams.model
+        self.n_inputs = self.streams.n_inputs
+        self.n_readout = self.streams.n_readout
+        self.tau_d = self.streams.tau_d
+        self.image_shape = (int(cfg.image_shape[0]), int(cfg.image_shape[1]))
+        self._torch = torch
+        self._stack, self._select = stack_states, select_rows
 
     def init_state(self) -> State:
         # States are never mutated in place (pure step functions), so sharing one is safe.
-        return _Row(self._fresh, 0)
+        return _Row(self.streams.fresh_state(), 0)
 
     def order_key(self, state: State) -> Any:
         return (id(state.batch), state.i)
@@ -241,7 +162,6 @@ class TorchEngine(Engine):
     def stack(self, states: list[State]) -> State:
         """Gather rows: one ``index_select`` per state tensor and source batch, none at all when
         the rows are exactly the previous tick's batch (the steady state of a busy server)."""
-        torch = self._torch
         groups = _group_rows(states)
         parts = []
         for batch, rows in groups:
@@ -249,48 +169,24 @@ class TorchEngine(Engine):
             if rows == list(range(n)):
                 parts.append(batch)
             else:
-                idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-                parts.append(self._map(batch, _select(idx)))
+                parts.append(self._select(batch, self._torch.tensor(rows, dtype=self._torch.long, device=self.device)))
         return parts[0] if len(parts) == 1 else self._stack(parts)
 
     def unstack(self, state: State, n: int) -> list[State]:
         return [_Row(state, i) for i in range(n)]
 
     def step(self, x: np.ndarray, state: State, uniforms: np.ndarray) -> tuple[np.ndarray, State]:
-        torch = self._torch
-        with torch.inference_mode():
-            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-            ut = torch.from_numpy(np.ascontiguousarray(uniforms, dtype=np.float32)).to(self.device)
-            y, state = self._model_step(xt, state, ut)
-            return y.to("cpu", torch.uint8).numpy(), state
+        return self.streams.step(x, state, uniforms)
 
     def run_chunk(self, x: np.ndarray, uniforms: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        torch = self._torch
-        with torch.inference_mode():
-            xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
-            ut = torch.from_numpy(np.ascontiguousarray(uniforms, dtype=np.float32)).to(self.device)
-            ys = []
-            for x_t, u_t in zip(xt.split(1), ut.split(1), strict=True):
-                y, state = self._model_step(x_t, state, u_t)
-                ys.append(y)
-            out = torch.cat(ys) if ys else torch.zeros((0, self.n_readout), device=self.device)
-            return out.to("cpu", torch.uint8).numpy(), state
-
-    def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "device": self.device, "decoder_dtype": str(self.decoder_dtype).split(".")[-1]}
+        return self.streams.run_chunk(x, uniforms, state)
 
     def decode(self, windows: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        if self._sparse is not None:
-            flat = windows.reshape(windows.shape[0], -1)
-            # a bool view of 0/1 bytes: np.flatnonzero is ~3x faster than nonzero on uint8 2-D
-            idx = np.flatnonzero(flat.view(bool) if flat.dtype == np.uint8 else flat)
-            if len(idx) <= SPARSE_DECODE_DENSITY * flat.size:
-                return self._sparse.decode(flat, idx).reshape(windows.shape[0], *self.image_shape)
-        with torch.inference_mode():
-            wt = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device, self.decoder_dtype)
-            img = self._decoder(wt).float().clamp_(0.0, 1.0)
-            return img.reshape(windows.shape[0], *self.image_shape).cpu().numpy()
+        return self.streams.decode(windows)
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "device": self.device,
+                "decoder_dtype": str(self.streams.decoder_dtype).split(".")[-1]}
 
 
 class OnnxEngine(Engine):

@@ -189,30 +189,32 @@ def judge_label(images: np.ndarray | torch.Tensor, judge: torch.nn.Module) -> li
 @torch.no_grad()
 def decode_recording(naturalizer: torch.nn.Module, source: str | Path, seed: int = 0,
                      every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode an event recording with a naturalizer as the service would (online, from its start).
+    """Decode an event recording with a naturalizer as the service does (online, from its start).
 
     The recording is binned with the checkpoint's preprocessing (ROI, ``dt_us``, polarity,
-    presence; ``t0`` = its first event), stepped through the encoder from the zero state with a
-    generator seeded ``seed``, and decoded. Returns ``(final_image [28, 28], images [k, 28, 28])``
-    where ``images`` holds the decodings after every ``every`` steps (empty when ``every`` = 0).
+    presence; ``t0`` = its first event; every bin stepped) by :class:`events.Binner` and decoded
+    by :func:`model.batching.decode_segments`, the function service uploads run through, with a
+    generator seeded ``seed``. Returns ``(final_image [28, 28], images [k, 28, 28])`` where
+    ``images`` holds the decodings after every ``every`` steps (empty when ``every`` = 0).
     """
     import events
-    from model import OnlineNaturalizer
+    from model.batching import TorchStreams, decode_segments
 
     cfg = naturalizer.config
     pre = cfg.preprocessing
     rec = events.read(source)
     roi = events.ROI(*pre.get("roi", list(events.MNIST_DVS.roi)))
-    frames = events.bin_events(rec.events, roi, int(cfg.dt_us), None, None, polarity=cfg.polarity,
-                               mode=cfg.mode, pool=int(pre.get("pool", 1)))
-    online = OnlineNaturalizer(naturalizer, torch.Generator().manual_seed(seed))
-    snaps = []
-    for k, f in enumerate(torch.from_numpy(frames).unbind(0)):
-        online.push(f)
-        if every and (k + 1) % every == 0:
-            snaps.append(online.decode().reshape(28, 28))
-    final = online.decode().reshape(28, 28)
-    return final, (torch.stack(snaps) if snaps else torch.zeros(0, 28, 28))
+    spec = events.BinSpec(roi, int(cfg.dt_us), cfg.polarity, cfg.mode, int(pre.get("pool", 1)))
+    binner = events.Binner(spec, max_gap_us=None)
+    segments = binner.push(rec.events) + binner.flush()
+    streams = TorchStreams(naturalizer)
+    out = decode_segments(streams, segments, torch.Generator().manual_seed(seed), every or None, dt_us=spec.dt_us)
+    if len(out.spikes) == 0:  # nothing to step: the decoding of an empty window
+        empty = np.zeros((1, streams.tau_d, streams.n_readout), np.float32)
+        return torch.from_numpy(streams.decode(empty)).reshape(28, 28), torch.zeros(0, 28, 28)
+    images = torch.from_numpy(out.images).reshape(-1, 28, 28)
+    # frames come after every ``every``-th step, then after the last step when it is not one of them
+    return images[-1], images[: len(out.spikes) // every if every else 0]
 
 
 def plot_decoded_over_time(naturalizer: torch.nn.Module, source: str | Path, judge: torch.nn.Module,

@@ -15,9 +15,11 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from events import EventLimitError
+
 from ..deps import AuthDep, MetricsDep, RegistryDep, SettingsDep, UploadSlotDep, run_budgeted
 from ..guard import Budget, estimate_bins
-from ..pipeline import LimitError, RunOptions, naturalize
+from ..pipeline import RunOptions, naturalize
 from ..protocol import default_emit, encode_events
 from ..registry import ModelEntry, RoiError
 from ..render import event_rgb, gif, pack_spikes, png_gray, png_rgb
@@ -83,7 +85,7 @@ async def _read_upload(request: Request, settings: Settings) -> tuple[bytes, str
 
 def read_recording(data: bytes, name: str, settings: Settings) -> Any:
     """Decode an event file; 415 for an unknown format, 422 for a bad file, 413 for limits."""
-    from events import EventFormatError, read, sniff_format
+    from events import EventFormatError, EventLimitError, read, sniff_format
 
     if not data:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "empty body: send an event file")
@@ -94,9 +96,10 @@ def read_recording(data: bytes, name: str, settings: Settings) -> Any:
     try:
         rec = read(data, format=fmt, max_bytes=settings.max_upload_bytes, max_events=settings.max_events,
                    max_decompressed=settings.max_decompressed_bytes)
+    except EventLimitError as exc:
+        raise HTTPException(_413, str(exc)) from exc
     except EventFormatError as exc:
-        code = _413 if any(k in str(exc) for k in ("max_events", "max_bytes", "max_decompressed")) else status.HTTP_422_UNPROCESSABLE_CONTENT
-        raise HTTPException(code, str(exc)) from exc
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from exc
     if rec.duration_us > settings.max_duration_s * 1e6:
         raise HTTPException(
             _413, f"recording lasts {rec.duration_us / 1e6:.1f} s, over the limit of {settings.max_duration_s} s"
@@ -205,7 +208,7 @@ async def naturalize_upload(
     )
     try:
         res = await run_budgeted(request, budget, naturalize, entry, rec.events, opts)
-    except LimitError as exc:
+    except EventLimitError as exc:
         raise HTTPException(_413, str(exc)) from exc
     t = time.perf_counter()
     if format == "png":

@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from model.batching import stream_uniforms as uniforms_for
 from service.engines import EngineError, OnnxEngine, TorchEngine, build_engine
-from service.pipeline import uniforms_for
 from service.settings import Settings
 from tests.service.conftest import make_client, stream_events
 
@@ -28,14 +28,6 @@ def _frames(seed=0, n=60):
     from model.testing import random_spike_frames
 
     return random_spike_frames(n, (2, 26, 26), rate=0.08, seed=seed).reshape(n, -1).numpy()
-
-
-def test_bulk_uniforms_equal_per_step_draws():
-    g1 = torch.Generator().manual_seed(7)
-    g2 = torch.Generator().manual_seed(7)
-    bulk = uniforms_for(g1, 50, 16)
-    steps = np.concatenate([torch.rand((1, 16), generator=g2).numpy() for _ in range(50)])
-    assert np.array_equal(bulk, steps)
 
 
 def test_torch_engine_matches_online_naturalizer(nat):
@@ -183,60 +175,3 @@ def test_torch_stack_gathers_rows_in_any_composition(nat):
             assert torch.allclose(ta, tb, atol=1e-6)
 
 
-@pytest.mark.parametrize("decoder", ["linear", "mlp"])
-def test_sparse_decoder_equals_dense_and_ignores_batch(decoder):
-    from model.testing import tiny_naturalizer
-
-    nat = tiny_naturalizer(seed=1, n_readout=32, tau_d=12, decoder=decoder)
-    eng = TorchEngine(nat, "cpu")
-    assert eng._sparse is not None
-    rng = np.random.default_rng(0)
-    win = (rng.random((9, eng.tau_d, eng.n_readout)) < 0.07).astype(np.float32)
-    win[3] = 0.0  # an empty window: only the bias
-    sparse = eng.decode(win)
-    with torch.inference_mode():
-        dense = nat.decoder(torch.from_numpy(win)).clamp(0, 1).reshape(sparse.shape).numpy()
-    np.testing.assert_allclose(sparse, dense, atol=1e-6)
-    # a window's image does not depend on the windows batched with it (beyond float rounding)
-    alone = np.stack([eng.decode(win[i : i + 1])[0] for i in range(len(win))])
-    np.testing.assert_allclose(alone, sparse, atol=1e-6)
-    # non-binary entries are weighted, dense windows take the dense path
-    scaled = win * 0.5
-    np.testing.assert_allclose(eng.decode(scaled), nat.decoder(torch.from_numpy(scaled)).detach().reshape(sparse.shape).numpy(), atol=1e-6)
-    full = np.ones((2, eng.tau_d, eng.n_readout), np.float32)
-    np.testing.assert_allclose(eng.decode(full), nat.decoder(torch.from_numpy(full)).detach().reshape(2, *eng.image_shape).numpy(), atol=1e-5)
-
-
-def test_row_sparse_encoder_step_equals_model_and_ignores_batch(nat):
-    """The torch engine's row-sparse input currents (the model's ``event_driven="rows"``): the
-    dense step up to float rounding, and a stream's state does not depend on the other streams
-    of its batch (bit for bit)."""
-    eng = TorchEngine(nat, "cpu")
-    assert eng.encoder.event_driven == "rows"
-    import copy
-
-    dense = copy.deepcopy(eng.encoder)
-    dense.event_driven = "never"
-    rng = np.random.default_rng(0)
-    b, steps = 5, 25
-    x = (rng.random((steps, b, eng.n_inputs)) < 0.06).astype(np.float32)
-    x[:, 1] *= 2.0  # count-mode inputs (weighted sums)
-    x[:, 2] = 0.0  # a silent stream
-    u = rng.random((steps, b, eng.n_readout)).astype(np.float32)
-    with torch.inference_mode():
-        s_model = s_row = dense.init_state(b)
-        alone = [dense.init_state(1) for _ in range(b)]
-        for t in range(steps):
-            xt, ut = torch.from_numpy(x[t]), torch.from_numpy(u[t])
-            y_m, s_model = dense.step(xt, s_model, uniforms=ut)
-            y_r, s_row = eng.encoder.step(xt, s_row, uniforms=ut)
-            assert torch.equal(y_m, y_r)
-            for i in range(b):
-                y_i, alone[i] = eng.encoder.step(xt[i : i + 1], alone[i], uniforms=ut[i : i + 1])
-                assert torch.equal(y_i[0], y_r[i])
-        for a, m in zip(s_row.readout, s_model.readout):
-            torch.testing.assert_close(a, m, atol=1e-5, rtol=1e-5)
-        for i in range(b):
-            for a, r in zip(alone[i].readout, s_row.readout):
-                assert torch.equal(a[0], r[i])
-    assert 0 < float(y_r.mean()) < 1
