@@ -14,9 +14,16 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MNIST = REPO_ROOT / ".." / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
 
-ON_RGB = (30, 144, 255)  # ON events: blue
-OFF_RGB = (230, 40, 40)  # OFF events: red
-BG_RGB = (255, 255, 255)
+# The viewer's colours (service/render.py ``event_rgb``, the live page's "events" panel): on
+# events green, off events red, both at one pixel yellow, on black.
+ON_RGB = (0, 255, 0)
+OFF_RGB = (255, 0, 0)
+BOTH_RGB = (255, 255, 0)
+BG_RGB = (0, 0, 0)
+ROI_RGB = (80, 160, 255)  # the --roi box
+TEXT_RGB = (230, 230, 230)
+#: height of the legend strip under a rendered sheet or GIF frame
+LEGEND_H = 18
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", default="lz4", choices=["lz4", "lz4_high", "zstd", "zstd_high", "none"])
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("render", help="accumulated event frames as PNG (grid) or GIF (animation)")
+    p = sub.add_parser("render", help="accumulated event frames as PNG (grid) or GIF (animation), in the viewer's "
+                       "colours (on green, off red, both yellow) with a legend")
     p.add_argument("file")
     p.add_argument("out", help="OUT.png or OUT.gif")
     p.add_argument("--format", default=None)
@@ -179,21 +187,48 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def event_image(ev: Any, width: int, height: int) -> Any:
-    """RGB uint8 [H, W, 3]: white, red where OFF events dominate, blue where ON events do.
-
-    Colour strength grows with the number of events at the pixel (1 event = 50 %, 3 = 100 %).
-    """
+    """RGB uint8 [H, W, 3] in the viewer's colours: black, green where an ON event fell, red
+    where an OFF event fell, yellow where both did (presence, as the viewer draws a frame)."""
     import numpy as np
 
     pix = ev["y"].astype(np.int64) * width + ev["x"]
-    on = np.bincount(pix[ev["p"] == 1], minlength=width * height).reshape(height, width)
-    off = np.bincount(pix[ev["p"] != 1], minlength=width * height).reshape(height, width)
-    net = on.astype(np.float64) - off
-    strength = np.clip(np.where(on + off > 0, 0.5 + (on + off - 1) * 0.25, 0.0), 0, 1)
-    bg = np.array(BG_RGB, np.float64)
-    colour = np.where((net >= 0)[..., None], np.array(ON_RGB, np.float64), np.array(OFF_RGB, np.float64))
-    img = bg + (colour - bg) * strength[..., None]
-    return img.astype(np.uint8)
+    on = np.bincount(pix[ev["p"] == 1], minlength=width * height).reshape(height, width) > 0
+    off = np.bincount(pix[ev["p"] != 1], minlength=width * height).reshape(height, width) > 0
+    img = np.empty((height, width, 3), np.uint8)
+    img[:] = BG_RGB
+    img[on] = ON_RGB
+    img[off] = OFF_RGB
+    img[on & off] = BOTH_RGB
+    return img
+
+
+def legend(width: int, roi: bool = False) -> Any:
+    """A strip naming the colours (and the ROI box when drawn), ``width`` pixels wide."""
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (max(width, 1), LEGEND_H), BG_RGB)
+    draw = ImageDraw.Draw(img)
+    x = 4
+    items: list[tuple[tuple[int, int, int], str, bool]] = [(ON_RGB, "on", True), (OFF_RGB, "off", True),
+                                                           (BOTH_RGB, "on+off", True)]
+    if roi:
+        items.append((ROI_RGB, "roi", False))
+    for colour, label, filled in items:
+        box = [x, 4, x + 9, 13]
+        draw.rectangle(box, fill=colour if filled else None, outline=colour)
+        x += 13
+        draw.text((x, 3), label, fill=TEXT_RGB)
+        x += int(draw.textlength(label)) + 10
+    return img
+
+
+def _with_legend(img: Any, roi: bool) -> Any:
+    from PIL import Image
+
+    out = Image.new("RGB", (img.width, img.height + LEGEND_H), BG_RGB)
+    out.paste(img, (0, 0))
+    out.paste(legend(img.width, roi), (0, img.height))
+    return out
 
 
 def _windows(rec: Any, dt_us: int, count: int | None) -> list[tuple[int, int]]:
@@ -221,8 +256,8 @@ def _frame(rec: Any, start: int, end: int, scale: int, roi: tuple[int, ...] | No
     draw = ImageDraw.Draw(img)
     if roi:
         x, y, w, h = roi
-        draw.rectangle([x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1], outline=(0, 160, 0))
-    draw.text((3, 2), label, fill=(0, 0, 0))
+        draw.rectangle([x * scale, y * scale, (x + w) * scale - 1, (y + h) * scale - 1], outline=ROI_RGB)
+    draw.text((3, 2), label, fill=TEXT_RGB)
     draw.rectangle([0, 0, img.width - 1, img.height - 1], outline=(160, 160, 160))
     return img
 
@@ -261,9 +296,10 @@ def _render(args: argparse.Namespace) -> int:
         cols = min(len(tiles), 4)
         rows = -(-len(tiles) // cols)
         tw, th = tiles[0].size
-        sheet = Image.new("RGB", (cols * (tw + 4) + 4, rows * (th + 4) + 4), (200, 200, 200))
+        sheet = Image.new("RGB", (cols * (tw + 4) + 4, rows * (th + 4) + 4), (60, 60, 60))
         for i, tile in enumerate(tiles):
             sheet.paste(tile, (4 + (i % cols) * (tw + 4), 4 + (i // cols) * (th + 4)))
+        sheet = _with_legend(sheet, roi is not None)
         sheet.save(out)
         print(f"wrote {out}: {len(tiles)} windows of {args.dt_ms:g} ms, {sheet.width}x{sheet.height}")
         return 0
@@ -272,7 +308,7 @@ def _render(args: argparse.Namespace) -> int:
         print(f"note: {len(wins)} windows; rendering the first {args.max_frames}", file=sys.stderr)
         wins = wins[: args.max_frames]
     frames = [
-        _frame(rec, s, e, scale, roi, f"{(s - t_origin) / 1e6:.3f} s")
+        _with_legend(_frame(rec, s, e, scale, roi, f"{(s - t_origin) / 1e6:.3f} s"), roi is not None)
         for s, e in tqdm(wins, desc="render", unit="frame", disable=len(wins) < 50)
     ]
     frames[0].save(

@@ -12,6 +12,7 @@ from PIL import Image
 
 import events
 from events import EVENT_DTYPE
+from events.cli import BG_RGB, BOTH_RGB, LEGEND_H, OFF_RGB, ON_RGB, ROI_RGB, event_image
 from vdib_cli import main
 
 
@@ -76,10 +77,30 @@ def test_render_png_and_gif(small_npz, tmp_path, capsys):
     img = Image.open(png)
     assert img.width >= 3 * 64 * 4 and img.height >= 2 * 48 * 4  # 6 tiles, 4x magnified
     pixels = np.asarray(img.convert("RGB")).reshape(-1, 3)
-    assert (pixels == [30, 144, 255]).all(axis=1).any() and (pixels == [230, 40, 40]).all(axis=1).any()
+    assert (pixels == [0, 255, 0]).all(axis=1).any() and (pixels == [255, 0, 0]).all(axis=1).any()
+    # the legend strip under the sheet names the colours: its swatches are drawn in them
+    strip = np.asarray(img.convert("RGB"))[-LEGEND_H:]
+    for colour in (ON_RGB, OFF_RGB, BOTH_RGB, ROI_RGB):
+        assert (strip == colour).all(axis=2).sum() >= 20, colour
     assert main(["events", "render", str(path), str(gif), "--dt-ms", "50"]) == 0
     anim = Image.open(gif)
     assert anim.n_frames == 6  # 300 ms / 50 ms
+    assert anim.height == 48 * 4 + LEGEND_H
+
+
+def test_render_uses_the_viewers_colours():
+    """A pixel with only ON, only OFF and both kinds of events: the same colours as the viewer's
+    event panel (service/render.py ``event_rgb`` of the same events as spike frames)."""
+    render = pytest.importorskip("service.render")
+    ev = np.zeros(4, events.EVENT_DTYPE)
+    ev["x"] = [1, 2, 3, 3]
+    ev["p"] = [1, 0, 1, 0]
+    ours = event_image(ev, 5, 1)
+    frames = np.zeros((1, 2, 1, 5), np.uint8)  # [k, C (off, on), H, W]
+    for e in ev:
+        frames[0, int(e["p"]), int(e["y"]), int(e["x"])] = 1
+    np.testing.assert_array_equal(ours, render.event_rgb(frames))
+    assert [tuple(c) for c in ours[0]] == [BG_RGB, ON_RGB, OFF_RGB, BOTH_RGB, BG_RGB]
 
 
 def _write_idx(path, arr, code):
