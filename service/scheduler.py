@@ -21,6 +21,7 @@ import base64
 import json
 import logging
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -45,8 +46,15 @@ def _failure(exc: BaseException) -> Outgoing:
 
 
 def _end_message(s: Session) -> Callable[[], str]:
-    """The final stats, rendered when sent (so it counts every frame sent before it)."""
-    return lambda: json.dumps({**s.stats(), "type": "end"})
+    """The final stats, rendered when sent (so it counts every frame sent before it). Holds the
+    session weakly: the message waits in the session's own queue (no reference cycle)."""
+    ref = weakref.ref(s)
+
+    def render() -> str:
+        live = ref()
+        return json.dumps({**live.stats(), "type": "end"} if live is not None else {"type": "end"})
+
+    return render
 
 
 class Scheduler:
@@ -152,17 +160,21 @@ class Scheduler:
                 except Exception as exc:  # noqa: BLE001 - a bug outside the isolated steps
                     log.exception("scheduler tick failed")
                     results = [(s, _failure(exc)) for s, _ in work]
-                for s, msg in results:
-                    if msg.close_code == 1011:
-                        self.sessions.pop(s.id, None)  # stepped no more; its handler closes it
-                    try:
-                        s.deliver(msg, self.metrics)
-                    except Exception:  # noqa: BLE001 - this stream only
-                        log.exception("stream %s: delivering a message failed", s.id)
-                        self.sessions.pop(s.id, None)
+                self._deliver(results)
+                # no session may stay referenced by this frame while it waits for the next tick
                 del work, results
                 self._update_rate()
                 await asyncio.sleep(0)  # let socket reads and sends run between ticks
+
+    def _deliver(self, results: list[tuple[Session, Outgoing]]) -> None:
+        for s, msg in results:
+            if msg.close_code == 1011:
+                self.sessions.pop(s.id, None)  # stepped no more; its handler closes it
+            try:
+                s.deliver(msg, self.metrics)
+            except Exception:  # noqa: BLE001 - this stream only
+                log.exception("stream %s: delivering a message failed", s.id)
+                self.sessions.pop(s.id, None)
 
     def _collect(self) -> list[tuple[Session, Pending]]:
         due = [s for s in self.sessions.values() if s.pending and not s.closed]
