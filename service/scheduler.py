@@ -39,9 +39,10 @@ def engine_input_shape(s: Session) -> tuple[int, ...]:
     return tuple(s.entry.input_shape)
 
 
-def _failure(exc: BaseException) -> Outgoing:
-    """The error message that closes a stream whose work failed in a tick (1011)."""
-    msg = json.dumps({"type": "error", "code": 1011, "message": f"internal error: {type(exc).__name__}"})
+def _failure(kind: str) -> Outgoing:
+    """The error message that closes a stream whose work failed in a tick (1011); ``kind``: the
+    exception's type name."""
+    msg = json.dumps({"type": "error", "code": 1011, "message": f"internal error: {kind}"})
     return Outgoing(msg, False, close_code=1011)
 
 
@@ -159,7 +160,7 @@ class Scheduler:
                         results = await loop.run_in_executor(self._pool, self._tick, work)
                 except Exception as exc:  # noqa: BLE001 - a bug outside the isolated steps
                     log.exception("scheduler tick failed")
-                    results = [(s, _failure(exc)) for s, _ in work]
+                    results = [(s, _failure(type(exc).__name__)) for s, _ in work]
                 self._deliver(results)
                 # no session may stay referenced by this frame while it waits for the next tick
                 del work, results
@@ -210,11 +211,13 @@ class Scheduler:
         decoder call) that fails is retried stream by stream (nothing of a stream changes
         before its batched step succeeded), so only the streams that fail alone are closed."""
         engine = items[0][0].engine
-        failed: dict[int, tuple[Session, BaseException, str]] = {}
+        # the error as text: an exception kept here would hold its traceback, whose frames hold
+        # this dict (a reference cycle that keeps the failed session alive)
+        failed: dict[int, tuple[Session, str, str]] = {}
         out: list[tuple[Session, Outgoing]] = []
 
         def fail(s: Session, exc: BaseException, step: str) -> None:
-            failed.setdefault(id(s), (s, exc, step))
+            failed.setdefault(id(s), (s, type(exc).__name__, f"{type(exc).__name__}: {exc}"[:300] + f" (in {step})"))
 
         def each(step: str, rows: list[Any], fn: Callable[[Any], Any]) -> list[tuple[Any, Any]]:
             """``fn(row)`` for every row of a stream that has not failed; a failing row fails its stream."""
@@ -303,10 +306,10 @@ class Scheduler:
         for s, it in items:
             if it.kind == END and id(s) not in failed:
                 out.append((s, Outgoing(_end_message(s), False, close_code=1000)))
-        for s, exc, step in failed.values():
-            log.error("stream %s failed in the scheduler's %s step: %s: %s", s.id, step, type(exc).__name__, exc)
+        for s, kind, text in failed.values():
+            log.error("stream %s failed in the scheduler: %s", s.id, text)
             s.pending.clear()
-            out.append((s, _failure(exc)))
+            out.append((s, _failure(kind)))
         return out
 
     def _probe(self, step: str, sessions: list[Session]) -> None:
