@@ -377,3 +377,16 @@ def test_vdib_method_on_an_untrained_scene_net():
     assert c["spikes"] == c["spikes_hidden"] + c["spikes_readout"] and c["steps"] >= 6
     assert c["synops"] > 0 and c["macs"] > 0
     assert m.info()["spiking"] is True and m.info()["params"] == sum(p.numel() for p in net.parameters())
+
+
+def test_cli_refuses_a_missing_checkpoint(tmp_path):
+    from vdib_cli import main
+
+    assert main(["scenes", "evaluate", str(tmp_path / "nope"), "--methods", "vdib", "--sets", "ecd",
+                 "--no-progress", "--no-timing"]) == 2
+
+
+def test_method_without_a_checkpoint_is_skipped_with_a_reason(tmp_path):
+    methods, skipped = se.build_methods(["vdib", "mid-gray"], checkpoint=tmp_path)
+    assert [m.name for m in methods] == ["mid-gray"]
+    assert "vdib" in skipped and skipped["vdib"]
