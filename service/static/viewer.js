@@ -6,7 +6,7 @@ const $ = (id) => document.getElementById(id);
 // phase: "idle" | "uploading" | "replaying" (upload) | "connecting" | "streaming" | "closed" | "done";
 // the status line is final once phase is "closed" (live) or "done" (upload): tests wait on it.
 const state = { ws: null, timer: null, frames: 0, t0: 0, stats: null, raster: [], nReadout: 0, running: false,
-                phase: "idle", closeCode: null, sent: 0, packets: 0, sentAtFirstFrame: null };
+                phase: "idle", closeCode: null, sent: 0, packets: 0 };
 window.vdib = state; // for tests and the console
 
 function setStatus(text) { $("status").textContent = text; }
@@ -155,7 +155,7 @@ async function replay() {
   const ws = new WebSocket(`${proto}//${location.host}/v1/stream`, key ? ["vdib.v1", "bearer." + key] : ["vdib.v1"]);
   ws.binaryType = "arraybuffer";
   state.ws = ws; state.frames = 0; state.raster = []; state.stats = null; state.running = true;
-  state.sent = 0; state.packets = bounds.length - 1; state.sentAtFirstFrame = null;
+  state.sent = 0; state.packets = bounds.length - 1;
   $("stop").disabled = false;
   ws.onopen = () => ws.send(JSON.stringify({ type: "start", protocol: 1, model: $("model").value,
     sensor: { width, height }, seed: Number($("seed").value), spikes: true, inputs: true, format: "binary" }));
@@ -176,7 +176,6 @@ async function replay() {
     }
     const fr = parseFrame(ev.data);
     state.frames++;
-    if (state.sentAtFirstFrame === null) state.sentAtFirstFrame = state.sent;
     await drawPng("recon", fr.image);
     if (fr.input) await drawPng("events", fr.input);
     if (fr.spikes) pushRaster(fr.spikes, fr.n);
