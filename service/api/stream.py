@@ -179,10 +179,11 @@ async def stream(ws: WebSocket) -> None:
             scheduler.remove(session)
             metrics.active_streams.dec()
             session.release()
-        if sender is not None and not sender.done():
-            sender.cancel()
+        if sender is not None:
+            if not sender.done():
+                sender.cancel()
             with contextlib.suppress(BaseException):
-                await sender
+                await sender  # also takes a finished sender's error (no "never retrieved" task)
         session = sender = None
 
 
