@@ -248,7 +248,14 @@ class Scheduler:
                 if len(rows) == 1:
                     fail(rows[0][0], exc, step)
                     return []
-            return [(group, res) for r in rows for group, res in batched(step, [r], fn)]
+            done = []  # one at a time (a loop, not recursion: a recursive closure is a reference cycle)
+            for r in rows:
+                try:
+                    self._probe(step, [r[0]])
+                    done.append(([r], fn([r])))
+                except Exception as exc:  # noqa: BLE001 - this stream only
+                    fail(r[0], exc, step)
+            return done
 
         steps = [(s, it) for s, it in items if it.kind == BIN]
         emit: list[tuple[Session, float]] = []
