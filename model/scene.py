@@ -263,7 +263,7 @@ class SceneNaturalizer(nn.Module):
         g = TF.conv2d(z, lw, padding=cfg.readout_kernel // 2)
         B, tau, K = state.pending.shape[:3]
         g = g.view(B, tau, K, *g.shape[-2:])
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.jit.is_tracing():
             pending = torch.cat((state.pending[:, 1:], torch.zeros_like(state.pending[:, :1])), 1) + g
         else:  # one pass over the buffer (it is the largest tensor of a step)
             pending = torch.empty_like(g)

@@ -17,7 +17,6 @@ so the event loop keeps reading sockets while a tick computes.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import time
@@ -28,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .protocol import encode_frame
+from .protocol import encode_frame, frame_json
 from .render import event_rgb, pack_spikes, png_encode, png_rgb, to_uint8
 from .session import BIN, EMIT_NOW, END, Outgoing, Pending, Session
 
@@ -69,6 +68,7 @@ class Scheduler:
         self.tick_interval_s = tick_interval_s
         self.max_batch = max_batch
         self.sessions: dict[str, Session] = {}
+        self.slots = 0  # streams admitted (a slot is taken before its session exists)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdib-tick")
@@ -93,6 +93,16 @@ class Scheduler:
                 pass
             self._task = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def acquire_slot(self, limit: int) -> bool:
+        """Take one of ``limit`` stream slots; False when all are taken."""
+        if self.slots >= limit:
+            return False
+        self.slots += 1
+        return True
+
+    def release_slot(self) -> None:
+        self.slots -= 1
 
     def add(self, session: Session) -> None:
         self.sessions[session.id] = session
@@ -336,16 +346,7 @@ class Scheduler:
         s.since_emit.clear()
         s.input_acc = None
         n = s.engine.n_readout
-        if s.format == "json":
-            msg: dict[str, Any] = {"type": "frame", "bin": bin_index, "bin_end_us": bin_end,
-                                   "image": base64.b64encode(png).decode()}
-            if inp is not None:
-                msg["input"] = base64.b64encode(inp).decode()
-            if s.want_spikes:
-                msg["spikes"] = base64.b64encode(pack_spikes(spikes) if spikes is not None else b"").decode()
-                msg["spike_rows"] = 0 if spikes is None else len(spikes)
-                msg["n_readout"] = n
-            return Outgoing(json.dumps(msg), True, t_ready)
         packed = (pack_spikes(spikes) if spikes is not None else b"") if s.want_spikes else None
         rows = 0 if spikes is None else len(spikes)
-        return Outgoing(encode_frame(bin_index, bin_end, png, inp, packed, rows, n), True, t_ready)
+        encode = frame_json if s.format == "json" else encode_frame
+        return Outgoing(encode(bin_index, bin_end, png, inp, packed, rows, n), True, t_ready)
