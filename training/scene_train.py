@@ -60,7 +60,7 @@ class SceneTrainConfig:
     beta: float = 0.01  # weight of the mean KL to the prior rate
     ssim_weight: float = 1.0
     first_decoded_bin: int = 2
-    decode_every: int = 2
+    decode_every: int = 4
     grad_clip: float = 1.0
     pool_clips: int = 4000  # clips the generators write (then training reuses them)
     min_pool: int = 64
@@ -289,10 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pool-clips", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--decode-every", type=int, default=4, help="decode (and score) every n-th bin")
     a = ap.parse_args(argv)
     cfg = SceneTrainConfig(out=a.out, cache_dir=a.cache_dir, minutes=a.minutes, max_steps=a.max_steps, batch=a.batch,
                            crop=a.crop, lr=a.lr, beta=a.beta, workers=a.workers, threads=a.threads,
-                           pool_clips=a.pool_clips, seed=a.seed, eval_every=a.eval_every)
+                           pool_clips=a.pool_clips, seed=a.seed, eval_every=a.eval_every,
+                           decode_every=a.decode_every)
     final = train_scenes(cfg)
     tqdm.write(f"wrote {final}")
     return 0
