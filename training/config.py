@@ -56,8 +56,8 @@ class RunConfig(_Section):
     dir: str = "runs/default"  # run directory: config, metrics.jsonl, plots, checkpoints
     seed: int = 0
     device: str = "auto"  # "auto" = CUDA when present, else CPU; or a torch device ("cpu", "cuda:1")
-    threads: int = Field(0, ge=0)  # torch intra-op threads (0 = leave torch's default)
-    keep_checkpoints: int = Field(2, ge=1)
+    threads: int = Field(default=0, ge=0)  # torch intra-op threads (0 = leave torch's default)
+    keep_checkpoints: int = Field(default=2, ge=1)
     save: str = ""  # export the final model to this checkpoint directory ("" = run_dir/final)
     save_dtype: WeightsDtype = "float32"  # smaller stored weights; the final metrics are re-measured on them
     title: str = ""  # model card title
@@ -70,69 +70,69 @@ class DataConfig(_Section):
     dir: str = ""  # MNIST idx folder ("" = ../shared/data/mnist) or MNIST-DVS recordings folder
     mnist_dir: str = ""  # MNIST for DVS targets / simulation ("" = ../shared/data/mnist)
     encoding: Literal["rate", "ttfs"] = "ttfs"  # mnist only
-    T: int = Field(30, ge=1)  # time steps per example (mnist, blobs); DVS: duration_us // dt_us
-    train_limit: int = Field(0, ge=0)  # 0 = all training items
-    test_limit: int = Field(0, ge=0)  # 0 = all test items
+    T: int = Field(default=30, ge=1)  # time steps per example (mnist, blobs); DVS: duration_us // dt_us
+    train_limit: int = Field(default=0, ge=0)  # 0 = all training items
+    test_limit: int = Field(default=0, ge=0)  # 0 = all test items
     target: Literal["source", "prototype"] = "source"  # simulated MNIST-DVS targets
-    dt_us: int = Field(10_000, ge=1)
-    duration_us: int = Field(2_000_000, ge=1)
+    dt_us: int = Field(default=10_000, ge=1)
+    duration_us: int = Field(default=2_000_000, ge=1)
     simulate: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of events.simulate_mnist_dvs
     lag: int = 0  # blobs: target lag delta
-    T_test: int = Field(1000, ge=1)  # blobs: test sequence length
+    T_test: int = Field(default=1000, ge=1)  # blobs: test sequence length
     cache_dir: str = ""
-    workers: int = Field(1, ge=1)  # processes simulating MNIST-DVS (does not change the data)
-    crop_T: int = Field(0, ge=0)  # event data: train on random windows of crop_T bins (0 = whole recordings)
+    workers: int = Field(default=1, ge=1)  # processes simulating MNIST-DVS (does not change the data)
+    crop_T: int = Field(default=0, ge=0)  # event data: train on random windows of crop_T bins (0 = whole recordings)
 
 
 class ModelConfig(_Section):
     hidden: list[int] = Field(default_factory=lambda: [600])
-    n_readout: int = Field(256, ge=1)
-    tau_e: int = Field(10, ge=1)
-    n_basis: int = Field(8, ge=1)
-    fb_memory: int = Field(10, ge=1)
-    prior_rate: float = Field(0.3, gt=0.0, lt=1.0)
+    n_readout: int = Field(default=256, ge=1)
+    tau_e: int = Field(default=10, ge=1)
+    n_basis: int = Field(default=8, ge=1)
+    fb_memory: int = Field(default=10, ge=1)
+    prior_rate: float = Field(default=0.3, gt=0.0, lt=1.0)
     decoder: str = "mlp"  # a name in model.DECODERS (checked when the model is built)
-    tau_d: int = Field(30, ge=1)
+    tau_d: int = Field(default=30, ge=1)
     decoder_options: dict[str, Any] = Field(default_factory=dict)
     hidden_init: Literal["zero", "random", "calibrated"] = "calibrated"  # zero = the authors'; pitfall 3
     hidden_init_scale: float = 1.0
-    hidden_active: float = Field(0.15, gt=0.0, lt=1.0)  # calibrated: fraction of hidden neurons active at init
+    hidden_active: float = Field(default=0.15, gt=0.0, lt=1.0)  # calibrated: fraction of hidden neurons active at init
     preprocessing: dict[str, Any] = Field(default_factory=dict)
 
 
 class RuleConfig(_Section):
     name: Literal["vdib", "vdib-bptt"] = "vdib"  # a name in model.RULES
-    lr: float = Field(1e-3, gt=0.0)
-    beta: float = Field(1e-3, ge=0.0)
+    lr: float = Field(default=1e-3, gt=0.0)
+    beta: float = Field(default=1e-3, ge=0.0)
     options: dict[str, Any] = Field(default_factory=dict)  # rule-specific keyword arguments
 
 
 class TrainConfig(_Section):
-    examples: int = Field(200_000, ge=1)  # training examples seen (global, all ranks)
-    batch_size: int = Field(32, ge=1)  # global batch size (split across DDP ranks)
-    log_every: int = Field(20, ge=1)  # steps between metrics.jsonl records
-    eval_every: int = Field(20_000, ge=1)  # examples between evaluations
-    checkpoint_every: int = Field(20_000, ge=1)  # examples between checkpoints
-    max_seconds: float = Field(0, ge=0)  # stop (with a checkpoint) after this wall time; 0 = no limit
-    stop_after_steps: int = Field(0, ge=0)  # stop (with a checkpoint) after this many steps of this invocation
+    examples: int = Field(default=200_000, ge=1)  # training examples seen (global, all ranks)
+    batch_size: int = Field(default=32, ge=1)  # global batch size (split across DDP ranks)
+    log_every: int = Field(default=20, ge=1)  # steps between metrics.jsonl records
+    eval_every: int = Field(default=20_000, ge=1)  # examples between evaluations
+    checkpoint_every: int = Field(default=20_000, ge=1)  # examples between checkpoints
+    max_seconds: float = Field(default=0, ge=0)  # stop (with a checkpoint) after this wall time; 0 = no limit
+    stop_after_steps: int = Field(default=0, ge=0)  # stop (with a checkpoint) after this many steps of this invocation
 
 
 class EvalConfig(_Section):
-    limit: int = Field(1000, ge=0)  # test items for periodic evaluations (0 = all)
-    final_limit: int = Field(0, ge=0)  # test items for the final evaluation (0 = all)
+    limit: int = Field(default=1000, ge=0)  # test items for periodic evaluations (0 = all)
+    final_limit: int = Field(default=0, ge=0)  # test items for the final evaluation (0 = all)
     judge: str = ""  # judge checkpoint ("" = checkpoints/judge)
-    batch_size: int = Field(500, ge=1)
+    batch_size: int = Field(default=500, ge=1)
 
 
 class TrainingConfig(_Section):
     """A whole training config; ``TrainingConfig()`` is the defaults."""
 
-    run: RunConfig = Field(default_factory=RunConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    rule: RuleConfig = Field(default_factory=RuleConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunConfig = Field(default_factory=lambda: RunConfig())
+    data: DataConfig = Field(default_factory=lambda: DataConfig())
+    model: ModelConfig = Field(default_factory=lambda: ModelConfig())
+    rule: RuleConfig = Field(default_factory=lambda: RuleConfig())
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig())
+    eval: EvalConfig = Field(default_factory=lambda: EvalConfig())
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:

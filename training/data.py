@@ -10,6 +10,7 @@ them, and 10k recordings x 200 bins x 676 pixels x 2 polarities is 2.7 GB unpack
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -17,10 +18,13 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+import events
+from events.binning import MNIST_DVS, BinSpec, bin_events
 from events.mnist_idx import load_mnist
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -243,9 +247,14 @@ class FrameSet:
     def load(cls, path: str | Path) -> FrameSet:
         with np.load(path, allow_pickle=False) as z:
             return cls(
-                z["packed"], tuple(int(v) for v in z["frame_shape"]), z["targets"], z["labels"],
+                z["packed"], _shape3(z["frame_shape"]), z["targets"], z["labels"],
                 json.loads(str(z["meta"])),
             )
+
+
+def _shape3(values: Any) -> tuple[int, int, int]:
+    c, h, w = (int(v) for v in values)
+    return c, h, w
 
 
 def pack_frames(frames: np.ndarray) -> np.ndarray:
@@ -296,28 +305,22 @@ def mnist_dvs_split_of(rec_id: int) -> str:
     return "train" if rec_id <= 900 else "test"
 
 
-def mnist_dvs_spec(dt_us: int = 10_000) -> object:
+def mnist_dvs_spec(dt_us: int = 10_000) -> BinSpec:
     """The ``events.MNIST_DVS`` bin spec with its dt replaced by ``dt_us``."""
-    import dataclasses
-
-    import events
-
-    return dataclasses.replace(events.MNIST_DVS, dt_us=int(dt_us))
+    return dataclasses.replace(MNIST_DVS, dt_us=int(dt_us))
 
 
-def bin_recording(events_arr: np.ndarray, spec: object, duration_us: int = 2_000_000,
+def bin_recording(events_arr: np.ndarray, spec: BinSpec, duration_us: int = 2_000_000,
                   t0: int | None = None) -> np.ndarray:
     """Bin one recording's events with ``spec`` over ``[t0, t0 + duration_us)`` -> uint8 [T, C, H, W].
 
     ``t0`` defaults to the first event's timestamp (recordings start when the digit appears).
     """
-    import events
-
     n_bins = int(duration_us // spec.dt_us)
     if t0 is None:
         t0 = int(events_arr["t"][0]) if len(events_arr) else 0
-    return events.bin_events(events_arr, spec.roi, spec.dt_us, t0, n_bins, polarity=spec.polarity,
-                             mode=spec.mode, pool=getattr(spec, "pool", 1))
+    return bin_events(events_arr, spec.roi, spec.dt_us, t0, n_bins, polarity=spec.polarity, mode=spec.mode,
+                      pool=spec.pool)
 
 
 def prototype_images(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -346,8 +349,6 @@ def load_mnist_dvs(
     Targets are ``prototypes[digit]`` (one MNIST image per class; defaults to the prototypes of
     the MNIST training data at hand): the real recordings have no pixel-exact source digit.
     """
-    import events
-
     recs = [r for r in scan_mnist_dvs(root, scale) if split == "all" or mnist_dvs_split_of(r[2]) == split]
     if limit is not None:
         recs = recs[:limit]
@@ -370,7 +371,7 @@ def load_mnist_dvs(
         packed.append(pack_frames(bin_recording(rec.events, spec, duration_us)))
         labels.append(digit)
     lab = np.asarray(labels, dtype=np.int64)
-    fs = FrameSet(np.stack(packed), tuple(spec.shape), prototypes[lab], lab, meta)
+    fs = FrameSet(np.stack(packed), spec.shape, prototypes[lab], lab, meta)
     fs.save(cache)
     return fs
 
@@ -408,8 +409,6 @@ def simulate_mnist_dvs_sets(
     and each recording is binned at every ``dt_us`` whose cache file is missing; each cache file
     is the one :func:`simulate_mnist_dvs_set` with that ``dt_us`` reads (same key).
     """
-    import events
-
     if target not in ("source", "prototype"):
         raise DatasetError(f"unknown target {target!r} (source or prototype)")
     dts = list(dict.fromkeys(int(d) for d in dts_us))
@@ -450,7 +449,7 @@ def simulate_mnist_dvs_sets(
                 for k, row in enumerate(job((i, images[i]))):
                     packed[k][i] = row
         for k, dt in enumerate(missing):
-            fs = FrameSet(packed[k], tuple(specs[dt].shape), np.ascontiguousarray(images), labels.astype(np.int64),
+            fs = FrameSet(packed[k], specs[dt].shape, np.ascontiguousarray(images), labels.astype(np.int64),
                           metas[dt])
             fs.save(caches[dt])
             out[dt] = fs
@@ -464,12 +463,12 @@ def simulate_mnist_dvs_sets(
     return out
 
 
-def _packed_width(spec: object) -> int:
+def _packed_width(spec: BinSpec) -> int:
     c, h, w = spec.shape
     return (c * h * w + 7) // 8
 
 
-def _simulator_fingerprint(sim: Callable) -> str:
+def _simulator_fingerprint(sim: Callable[..., Any]) -> str:
     """Hash of the simulator's default configuration, so a changed simulator misses the cache."""
     try:
         from events.simulate import MnistDvsConfig
@@ -482,7 +481,8 @@ def _simulator_fingerprint(sim: Callable) -> str:
 class _SimJob:
     """Simulate digit ``i`` once and bin it with each of ``specs`` (a picklable callable for multiprocessing)."""
 
-    def __init__(self, sim: Callable, specs: list, duration_us: int, seed: int, kw: dict) -> None:
+    def __init__(self, sim: Callable[..., Any], specs: list[BinSpec], duration_us: int, seed: int,
+                 kw: dict[str, Any]) -> None:
         self.sim, self.specs, self.duration_us, self.seed, self.kw = sim, specs, duration_us, seed, kw
 
     def __call__(self, item: tuple[int, np.ndarray]) -> list[np.ndarray]:

@@ -15,6 +15,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+
+import events
+from model.naturalizer import Naturalizer
 
 from .metrics import image_grid, ssim
 
@@ -143,9 +147,9 @@ def write_results(out_dir: Path, summary: dict[str, Any], samples: dict[str, tor
             f"{c}: {100 * a:.1f} %" for c, a in enumerate(summary["judge_accuracy_per_class"]) if a is not None)]
     if samples:
         lines += ["", "![targets (top) and reconstructions (bottom)](samples.png)"]
-        k = samples["recon"].shape[0]
-        image_grid(torch.cat([samples["target"], samples["recon"]]), out_dir / "samples.png", rows=2,
-                   titles=[f"target {int(v)}" for v in samples["labels"]] + ["recon"] * k)
+        n_recon = samples["recon"].shape[0]
+        titles = [f"target {int(v)}" for v in samples["labels"]] + ["recon"] * n_recon
+        image_grid(torch.cat([samples["target"], samples["recon"]]), out_dir / "samples.png", rows=2, titles=titles)
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -217,19 +221,12 @@ def decode_recording(naturalizer: torch.nn.Module, source: str | Path, seed: int
     return images[-1], images[: len(out.spikes) // every if every else 0]
 
 
-def plot_decoded_over_time(naturalizer: torch.nn.Module, source: str | Path, judge: torch.nn.Module,
+def plot_decoded_over_time(naturalizer: Naturalizer, source: str | Path, judge: torch.nn.Module,
                            out_png: str | Path, every_ms: float = 200.0, seed: int = 0) -> list[int]:
     """Decode ``source`` online (:func:`decode_recording`) and save the summed input frame, a
     snapshot every ``every_ms`` and the final image, each titled with the judge's class.
 
     Returns the judge's classes of the snapshots followed by the final one."""
-    import matplotlib
-
-    import events
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     cfg = naturalizer.config
     every = max(1, round(every_ms * 1000 / int(cfg.dt_us)))
     final, snaps = decode_recording(naturalizer, source, seed=seed, every=every)
@@ -243,7 +240,8 @@ def plot_decoded_over_time(naturalizer: torch.nn.Module, source: str | Path, jud
     n = len(images) + 1
     cols = min(n, 7)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.45 * rows), squeeze=False)
+    fig = Figure(figsize=(1.3 * cols, 1.45 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     panels = [(summed, "input (sum)")] + [
         (img.numpy(), f"{(i + 1) * every * int(cfg.dt_us) / 1000:.0f} ms: {lab}") for i, (img, lab) in
         enumerate(zip(snaps, labels[:-1], strict=True))] + [(final.numpy(), f"final: {labels[-1]}")]
@@ -255,5 +253,4 @@ def plot_decoded_over_time(naturalizer: torch.nn.Module, source: str | Path, jud
     fig.suptitle(f"{Path(source).name} decoded online (judge's class per snapshot)", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=110)
-    plt.close(fig)
     return labels

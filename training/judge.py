@@ -248,7 +248,9 @@ digits is the headline metric of every VDIB evaluation (as in the paper, Table 1
 """
 
 
-def load_mnist_tensors(data_dir: str | Path | None, train_limit: int | None) -> tuple[torch.Tensor, ...]:
+def load_mnist_tensors(
+    data_dir: str | Path | None, train_limit: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str, str]:
     """(train_x, train_y, test_x, test_y, train_files, test_files) as float [N, 784] / int64 tensors."""
     from .data import find_mnist_files, load_mnist_split
 

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from model.blobs import class_patterns, drifting_blobs
+from model.encoder import EncoderConfig
+from model.naturalizer import Naturalizer, NaturalizerConfig, sliding_windows
+from model.rules import build_rule
 
 
 @dataclass
@@ -37,12 +42,10 @@ class BlobConfig:
     n_readout: int = 10
     seed: int = 0
     rule: str = "vdib"
-    rule_options: dict | None = None
+    rule_options: dict[str, Any] | None = None
 
 
-def build_blob_model(cfg: BlobConfig) -> torch.nn.Module:
-    from model import EncoderConfig, Naturalizer, NaturalizerConfig
-
+def build_blob_model(cfg: BlobConfig) -> Naturalizer:
     enc = EncoderConfig(n_inputs=20, hidden=(), n_readout=cfg.n_readout, tau_e=cfg.tau_e,
                         n_basis=min(8, cfg.tau_e), prior_rate=cfg.prior_rate)
     nc = NaturalizerConfig(encoder=enc, decoder="linear", tau_d=cfg.tau_d, image_shape=(210,),
@@ -52,10 +55,8 @@ def build_blob_model(cfg: BlobConfig) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def evaluate_blobs(nat: torch.nn.Module, cfg: BlobConfig, seed: int = 12345) -> dict:
+def evaluate_blobs(nat: Naturalizer, cfg: BlobConfig, seed: int = 12345) -> dict[str, float]:
     """Accuracy, MSE and readout rate on one test sequence of ``T_test`` steps."""
-    from model.naturalizer import sliding_windows
-
     x, y = drifting_blobs(cfg.T_test, 1, cfg.lag, rng=np.random.default_rng(seed))
     g = torch.Generator().manual_seed(seed)
     spikes = nat.encoder(x, g)
@@ -70,28 +71,21 @@ def evaluate_blobs(nat: torch.nn.Module, cfg: BlobConfig, seed: int = 12345) -> 
             "spike_rate": float(spikes.mean())}
 
 
-def train_blobs(cfg: BlobConfig, progress: bool = False) -> tuple[torch.nn.Module, dict]:
+def train_blobs(cfg: BlobConfig, progress: bool = False) -> tuple[Naturalizer, dict[str, Any]]:
     """Train one predictive-coding model; returns (naturalizer, metrics incl. test results)."""
-    import model
-
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     nat = build_blob_model(cfg)
     opts = {"target_steps": "all", **(cfg.rule_options or {})}
-    rule = model.build_rule(cfg.rule, nat, lr=cfg.lr, beta=cfg.beta, **opts)
+    rule = build_rule(cfg.rule, nat, lr=cfg.lr, beta=cfg.beta, **opts)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     steps = max(1, cfg.examples // cfg.batch_size)
     t0 = time.perf_counter()
-    it = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc=f"blobs lag={cfg.lag} beta={cfg.beta}")
-    last: dict = {}
-    for _ in it:
+    last: dict[str, float] = {}
+    for _ in tqdm(range(steps), desc=f"blobs lag={cfg.lag} beta={cfg.beta}", disable=not progress):
         x, y = drifting_blobs(cfg.T, cfg.batch_size, cfg.lag, rng=rng)
         last = rule.train_step(x, y, g)
-    res = evaluate_blobs(nat, cfg)
+    res: dict[str, Any] = dict(evaluate_blobs(nat, cfg))
     res.update({"train_seconds": round(time.perf_counter() - t0, 1), "examples": steps * cfg.batch_size,
                 "train_readout_rate": last.get("readout_rate"), "config": asdict(cfg)})
     return nat, res

@@ -15,18 +15,32 @@ only, ready for ``vdib evaluate`` or the service).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as tdist
+from tqdm.auto import tqdm
+
+import events
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.encoder import EncoderConfig
+from model.naturalizer import Naturalizer, NaturalizerConfig
+from model.rules import Rule, calibrate_hidden_init
+from model.rules import build_rule as model_build_rule
 
 from . import data as D
 from .config import TrainingConfig, load_config, to_toml
+from .evaluate import SpikeDataset, evaluate_model
+from .judge import default_judge_dir, hardware_string, load_judge
 from .metrics import MetricsLog, plot_run
+from .modelcard import write_model_card
 from .state import (
     latest_checkpoint,
     load_train_state,
@@ -59,16 +73,12 @@ class Dist:
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` over ranks in place (returns it)."""
         if self.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            tdist.all_reduce(t, op=tdist.ReduceOp.SUM)
         return t
 
     def barrier(self) -> None:
         if self.world > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+            tdist.barrier()
 
 
 def init_distributed(device: torch.device) -> Dist:
@@ -76,13 +86,11 @@ def init_distributed(device: torch.device) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
-    import torch.distributed as dist
-
     here = False
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not tdist.is_initialized():
+        tdist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         here = True
-    return Dist(dist.get_rank(), dist.get_world_size(), here)
+    return Dist(tdist.get_rank(), tdist.get_world_size(), here)
 
 
 def pick_device(name: str) -> torch.device:
@@ -101,57 +109,53 @@ def pick_device(name: str) -> torch.device:
 
 @dataclass
 class Datasets:
-    train: Any
-    test: Any
+    train: SpikeDataset
+    test: SpikeDataset
     n_inputs: int
     input_shape: tuple[int, int, int]
     T: int
-    info: dict = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 def build_datasets(cfg: TrainingConfig, progress: bool = True) -> Datasets:
     """Training and test sets of ``cfg.data`` (see :class:`training.config.DataConfig`)."""
     d = cfg.data
-    kind = d.kind
     lim_tr, lim_te = d.train_limit or None, d.test_limit or None
-    if kind == "mnist":
+    if d.kind == "mnist":
         tr = D.load_mnist_split(d.dir or None, "train", lim_tr)
         te = D.load_mnist_split(d.dir or None, "test", lim_te)
-        train = D.MnistSpikes(D.ImageSet.from_uint8(*tr), d.encoding, d.T)
-        test = D.MnistSpikes(D.ImageSet.from_uint8(*te), d.encoding, d.T)
-        return Datasets(train, test, 784, (1, 28, 28), d.T,
-                        {"train_items": len(train), "test_items": len(test)})
-    if kind == "simulated-mnist-dvs":
+        mtrain = D.MnistSpikes(D.ImageSet.from_uint8(*tr), d.encoding, d.T)
+        mtest = D.MnistSpikes(D.ImageSet.from_uint8(*te), d.encoding, d.T)
+        return Datasets(mtrain, mtest, 784, (1, 28, 28), d.T, {"train_items": len(mtrain), "test_items": len(mtest)})
+    if d.kind == "simulated-mnist-dvs":
         mdir = d.mnist_dir or d.dir or None
         tr = D.load_mnist_split(mdir, "train", lim_tr)
         te = D.load_mnist_split(mdir, "test", lim_te)
-        kw = dict(dt_us=d.dt_us, duration_us=d.duration_us, cache_dir=d.cache_dir or None,
-                  progress=progress, simulate_kwargs=d.simulate, workers=int(d.workers))
-        train = D.simulate_mnist_dvs_set(*tr, target=d.target, seed=0, tag="train", **kw)
+        cache = d.cache_dir or None
+        train = D.simulate_mnist_dvs_set(*tr, target=d.target, dt_us=d.dt_us, duration_us=d.duration_us, seed=0,
+                                         cache_dir=cache, progress=progress, simulate_kwargs=d.simulate, tag="train",
+                                         workers=d.workers)
         # tests always score against the exact source digit
-        test = D.simulate_mnist_dvs_set(*te, target="source", seed=10_000_000, tag="test", **kw)
-        train.crop_T = int(d.crop_T)
-        return Datasets(train, test, train.n_inputs, train.frame_shape, train.T,
-                        {"train_items": len(train), "test_items": len(test)})
-    if kind == "mnist-dvs":
+        test = D.simulate_mnist_dvs_set(*te, target="source", dt_us=d.dt_us, duration_us=d.duration_us,
+                                        seed=10_000_000, cache_dir=cache, progress=progress,
+                                        simulate_kwargs=d.simulate, tag="test", workers=d.workers)
+    elif d.kind == "mnist-dvs":
         protos = D.prototype_images(*D.load_mnist_split(d.mnist_dir or None, "train"))
-        kw = dict(dt_us=d.dt_us, duration_us=d.duration_us, prototypes=protos,
-                  cache_dir=d.cache_dir or None, progress=progress)
-        train = D.load_mnist_dvs(d.dir, "train", limit=lim_tr, **kw)
-        test = D.load_mnist_dvs(d.dir, "test", limit=lim_te, **kw)
-        train.crop_T = int(d.crop_T)
-        return Datasets(train, test, train.n_inputs, train.frame_shape, train.T,
-                        {"train_items": len(train), "test_items": len(test)})
-    raise ValueError(f"data.kind {kind!r} is trained with training.predictive (blobs)")
+        train, test = (D.load_mnist_dvs(d.dir, split, d.dt_us, d.duration_us, prototypes=protos,
+                                        cache_dir=d.cache_dir or None, progress=progress, limit=lim)
+                       for split, lim in (("train", lim_tr), ("test", lim_te)))
+    else:
+        raise ValueError(f"data.kind {d.kind!r} is trained with training.predictive (blobs)")
+    train.crop_T = d.crop_T
+    return Datasets(train, test, train.n_inputs, train.frame_shape, train.T,
+                    {"train_items": len(train), "test_items": len(test)})
 
 
-def preprocessing_of(cfg: TrainingConfig, ds: Datasets) -> dict:
+def preprocessing_of(cfg: TrainingConfig, ds: Datasets) -> dict[str, Any]:
     """What a consumer of the checkpoint must do to the input (stored in the model config)."""
     d = cfg.data
     if d.kind == "mnist":
         return {"kind": "mnist", "encoding": d.encoding, "T": d.T, "image": "28x28 in [0, 1], row-major"}
-    import events
-
     spec = D.mnist_dvs_spec(d.dt_us)
     return {
         "kind": d.kind,
@@ -164,7 +168,7 @@ def preprocessing_of(cfg: TrainingConfig, ds: Datasets) -> dict:
         "T": ds.T,
         "polarity": spec.polarity,
         "mode": spec.mode,
-        "pool": int(getattr(spec, "pool", 1)),
+        "pool": spec.pool,
         "t0": "first event of the recording",
         "preset": "events.MNIST_DVS",
         "events_version": getattr(events, "__version__", None),
@@ -172,10 +176,8 @@ def preprocessing_of(cfg: TrainingConfig, ds: Datasets) -> dict:
     }
 
 
-def build_naturalizer(cfg: TrainingConfig, ds: Datasets) -> torch.nn.Module:
+def build_naturalizer(cfg: TrainingConfig, ds: Datasets) -> Naturalizer:
     """A fresh :class:`model.Naturalizer` for the config and data."""
-    from model import EncoderConfig, Naturalizer, NaturalizerConfig
-
     m = cfg.model
     enc = EncoderConfig(
         n_inputs=ds.n_inputs, hidden=tuple(m.hidden), n_readout=m.n_readout, tau_e=m.tau_e,
@@ -191,7 +193,7 @@ def build_naturalizer(cfg: TrainingConfig, ds: Datasets) -> torch.nn.Module:
     return Naturalizer(nc, hidden_init=init, hidden_init_scale=m.hidden_init_scale)
 
 
-def init_hidden(cfg: TrainingConfig, nat: torch.nn.Module, ds: Datasets, device: torch.device) -> dict:
+def init_hidden(cfg: TrainingConfig, nat: Naturalizer, ds: Datasets, device: torch.device) -> dict[str, float]:
     """Apply ``model.hidden_init``: "zero"/"random" (done by the model) or "calibrated".
 
     "calibrated" bisects the random-init scale until ``model.hidden_active`` (default 0.15) of
@@ -200,8 +202,6 @@ def init_hidden(cfg: TrainingConfig, nat: torch.nn.Module, ds: Datasets, device:
     m = cfg.model
     if m.hidden_init != "calibrated" or not nat.config.encoder.hidden:
         return {}
-    from model.rules import calibrate_hidden_init
-
     g = torch.Generator().manual_seed(int(cfg.run.seed) + 99)
     idx = torch.randperm(len(ds.train), generator=g)[:64]
     x, _, _ = ds.train.batch(idx, g, "cpu")
@@ -211,12 +211,10 @@ def init_hidden(cfg: TrainingConfig, nat: torch.nn.Module, ds: Datasets, device:
     return {"hidden_init_scale": scale}
 
 
-def build_rule(cfg: TrainingConfig, naturalizer: torch.nn.Module, dist: Dist) -> Any:
+def build_rule(cfg: TrainingConfig, naturalizer: Naturalizer, dist: Dist) -> Rule:
     """The learning rule from ``model.rules`` with the run's all-reduce hook (sum over ranks)."""
-    import model
-
     r = cfg.rule
-    rule = model.build_rule(r.name, naturalizer, lr=r.lr, beta=r.beta, **r.options)
+    rule = model_build_rule(r.name, naturalizer, lr=r.lr, beta=r.beta, **r.options)
     if dist.world > 1:
         rule.all_reduce = dist.all_reduce_sum
     return rule
@@ -257,8 +255,6 @@ def _rule_step(rule: Any, x: torch.Tensor, target: torch.Tensor, uniforms: torch
 
 def evaluate_now(nat: torch.nn.Module, ds: Any, judge: Any, limit: int, batch_size: int, seed: int,
                  device: torch.device) -> dict:
-    from .evaluate import evaluate_model
-
     res = evaluate_model(nat, ds, judge, limit or None, batch_size, seed, device)
     res.pop("judge_accuracy_per_class", None)
     res["eval_seconds"] = res.pop("seconds")  # "seconds" in metrics.jsonl is training time
@@ -292,8 +288,6 @@ def train(cfg: TrainingConfig, resume: bool = False, progress: bool = True) -> d
         print_fn = __import__("logging").getLogger(__name__).warning
         print_fn("no checkpoint in %s: starting from scratch", run_dir)
     if ckpt is not None:
-        from model import load_checkpoint
-
         loaded, _ = load_checkpoint(ckpt, device=device)
         nat.load_state_dict(loaded.state_dict())
         st = load_train_state(ckpt)
@@ -306,8 +300,6 @@ def train(cfg: TrainingConfig, resume: bool = False, progress: bool = True) -> d
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
-        from .judge import default_judge_dir, load_judge
-
         jdir = Path(cfg.eval.judge) if cfg.eval.judge else default_judge_dir()
         if (jdir / "config.json").is_file():
             judge = load_judge(jdir, device=device)
@@ -318,8 +310,6 @@ def train(cfg: TrainingConfig, resume: bool = False, progress: bool = True) -> d
     ckpt_every = max(1, round(t_cfg.checkpoint_every / B))
     bar = None
     if progress and dist.is_main:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=total_steps, initial=step, desc=f"train {run_dir.name}", unit="step", mininterval=1.0)
     sl = _slice(dist, B)
     t_start = time.perf_counter()
@@ -332,8 +322,6 @@ def train(cfg: TrainingConfig, resume: bool = False, progress: bool = True) -> d
     def checkpoint() -> None:
         if not dist.is_main:
             return
-        from model import save_checkpoint
-
         def write(tmp: Path) -> None:
             save_checkpoint(tmp, nat, training_config=cfg.to_dict(), metrics={"step": step, "examples": step * B},
                             provenance={"run_dir": str(run_dir)})
@@ -365,7 +353,7 @@ def train(cfg: TrainingConfig, resume: bool = False, progress: bool = True) -> d
             log.write({"kind": "train", "step": step, "examples": step * B, "seconds": round(elapsed(), 2),
                        **{k: v / n_acc for k, v in acc.items()}})
             acc, n_acc = {}, 0
-        if step % eval_every == 0 and step < total_steps and dist.is_main:
+        if step % eval_every == 0 and step < total_steps and log is not None:
             res = evaluate_now(nat, ds.test, judge, cfg.eval.limit, cfg.eval.batch_size, seed, device)
             log.write({"kind": "eval", "step": step, "examples": step * B, "seconds": round(elapsed(), 2), **res})
             if bar is not None:
@@ -381,14 +369,12 @@ def train(cfg: TrainingConfig, resume: bool = False, progress: bool = True) -> d
     checkpoint()
     summary: dict[str, Any] = {"steps": step, "examples": step * B, "train_seconds": round(elapsed(), 1),
                                "stopped_early": stopped_early, "world_size": dist.world, "device": str(device)}
-    if dist.is_main:
+    if log is not None:  # the main rank
         res = evaluate_now(nat, ds.test, judge, cfg.eval.final_limit, cfg.eval.batch_size, seed, device)
         summary["final_eval"] = res
         log.write({"kind": "eval", "step": step, "examples": step * B, "seconds": round(elapsed(), 2),
                    "final": True, **res})
         log.close()
-        from .judge import hardware_string
-
         save_dir = Path(r.save) if r.save else run_dir / "final"
         prov = {"run_dir": str(run_dir), "hardware": hardware_string(), "data": ds.info,
                 "command": cfg.run.command, **init_info}
@@ -405,26 +391,20 @@ def train(cfg: TrainingConfig, resume: bool = False, progress: bool = True) -> d
         plot_run(run_dir)
     dist.barrier()
     if dist.initialised_here:
-        import torch.distributed as tdist
-
         tdist.destroy_process_group()
     return summary
 
 
-def cast_weights(nat: torch.nn.Module, dtype: str) -> torch.nn.Module:
+def cast_weights(nat: Naturalizer, dtype: str) -> Naturalizer:
     """A copy of ``nat`` whose float parameters are rounded to ``dtype`` and back to float32
     (``int4`` / ``int8``: quantized as ``model.save_checkpoint(quantize=...)`` stores them)."""
-    import copy
-
     if dtype in ("int4", "int8"):
-        import tempfile
-
-        from model import load_checkpoint, save_checkpoint
-
         device = next(nat.parameters()).device
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, copy.deepcopy(nat).to("cpu"), quantize=dtype)
             loaded, _ = load_checkpoint(tmp, device=device)
+        if not isinstance(loaded, Naturalizer):
+            raise TypeError(f"{type(nat).__name__} re-loaded as {type(loaded).__name__}")
         return loaded
     dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
     out = copy.deepcopy(nat)
@@ -434,16 +414,11 @@ def cast_weights(nat: torch.nn.Module, dtype: str) -> torch.nn.Module:
     return out
 
 
-def export_checkpoint(save_dir: Path, nat: torch.nn.Module, cfg: TrainingConfig, metrics: dict, provenance: dict,
+def export_checkpoint(save_dir: Path, nat: Naturalizer, cfg: TrainingConfig, metrics: dict[str, Any],
+                      provenance: dict[str, Any],
                       dtype: str = "float32") -> Path:
     """``model.save_checkpoint`` with the weights stored as ``dtype`` (loading casts them back), plus
     the model card; files are world-readable."""
-    import copy
-
-    from model import save_checkpoint
-
-    from .modelcard import write_model_card
-
     if dtype in ("int4", "int8"):
         save_checkpoint(save_dir, copy.deepcopy(nat).to("cpu"), training_config=cfg.to_dict(), metrics=metrics,
                         provenance={**provenance, "weights_dtype": dtype}, quantize=dtype)

@@ -193,7 +193,7 @@ def evaluate_dvs_dt_cell(cfg: TrainingConfig, real_dir: Path | None, judge: torc
     res = evaluate_model(nat, test, judge, None, cfg.eval.batch_size, cfg.run.seed, device, keep=keep)
     samples = res.pop("samples")
     m = meta.get("metrics", {})
-    row = {"dt_ms": d.dt_us / 1000, "dt_us": d.dt_us, "crop_T": d.crop_T,
+    row: dict[str, Any] = {"dt_ms": d.dt_us / 1000, "dt_us": d.dt_us, "crop_T": d.crop_T,
            "tau_d": cfg.model.tau_d, "T": d.duration_us // d.dt_us,
            "examples": m.get("examples"), "train_seconds": m.get("train_seconds"),
            "stopped_early": m.get("stopped_early"), "device": m.get("device"),
