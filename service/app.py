@@ -91,7 +91,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
-    app.state.stream_slots = 0
     app.state.uploads_running = 0  # uploads being read or run (at most settings.max_concurrent_uploads)
     install_log_redaction()
 

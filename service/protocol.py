@@ -41,12 +41,17 @@ Frame (binary, little-endian)::
 
 from __future__ import annotations
 
+import base64
+import json
 import struct
+import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from events import EVENT_DTYPE
 
 PROTOCOL_VERSION = 1
 SUBPROTOCOL = "vdib.v1"
@@ -55,8 +60,10 @@ FRAME_MAGIC = b"VDFR"
 AEDAT4_MAGIC = b"#!AER-DAT4.0"
 EVENT_HEADER = struct.Struct("<4sHHI")
 FRAME_HEADER = struct.Struct("<4sBBHIqIIHH")
-#: Packed record layout of one event (13 bytes), identical to ``events.EVENT_DTYPE``.
-RECORD_DTYPE = np.dtype([("t", "<i8"), ("x", "<u2"), ("y", "<u2"), ("p", "u1")])
+#: Largest |t0_us| a start message may give (bin end times stay far inside int64).
+MAX_T_US = 1 << 62
+#: Largest emit period in bins.
+MAX_EMIT = 1_000_000
 
 # Close codes (RFC 6455 section 7.4.1).
 CLOSE_NORMAL = 1000
@@ -107,8 +114,8 @@ class StartMessage(BaseModel):
     @field_validator("emit")
     @classmethod
     def _emit(cls, v: int | str | None) -> int | str | None:
-        if isinstance(v, int) and not 1 <= v <= 1_000_000:
-            raise ValueError("emit must be between 1 and 1000000 bins, or 'last'")
+        if isinstance(v, int) and not 1 <= v <= MAX_EMIT:
+            raise ValueError(f"emit must be between 1 and {MAX_EMIT} bins, or 'last'")
         return v
 
     @field_validator("roi")
@@ -124,11 +131,97 @@ def default_emit(dt_us: int) -> int:
     return max(1, round(1e6 / 30.0 / dt_us))
 
 
+def parse_emit(emit: int | str | None, dt_us: int) -> int | None:
+    """The emit rule of a stream or upload: a frame every ``k`` bins (an int, or a string of one,
+    1 .. MAX_EMIT), ``None`` for ``"last"`` (only after the last bin); absent: :func:`default_emit`.
+    ValueError for anything else."""
+    if emit is None:
+        return default_emit(dt_us)
+    if emit == "last":
+        return None
+    try:
+        k = int(emit)
+    except (TypeError, ValueError):
+        k = 0
+    if isinstance(emit, bool) or not 1 <= k <= MAX_EMIT:
+        raise ValueError(f"emit must be an integer from 1 to {MAX_EMIT} or 'last', got {emit!r}")
+    return k
+
+
+# ---------------------------------------------------------------------------- text messages
+def parse_message(text: str) -> dict[str, Any]:
+    """A client text message: a JSON object with a string ``type`` (ProtocolError 1007 else)."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(CLOSE_INVALID, f"text message is not JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError(CLOSE_INVALID, "text message is JSON nested too deeply") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
+        raise ProtocolError(CLOSE_INVALID, "a text message must be a JSON object with a string 'type'")
+    return obj
+
+
+def parse_start(obj: dict[str, Any]) -> StartMessage:
+    """The start message of a parsed text message: 1003 for another type or protocol version,
+    1007 when a field is invalid (each one named)."""
+    if obj.get("type") != "start":
+        raise ProtocolError(CLOSE_UNSUPPORTED, f"expected a 'start' message, got {obj.get('type')!r}")
+    if obj.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise ProtocolError(CLOSE_UNSUPPORTED, f"protocol version {obj.get('protocol')!r} is not supported "
+                                               f"(server speaks {PROTOCOL_VERSION})")
+    try:
+        return StartMessage.model_validate(obj)
+    except ValidationError as exc:
+        errs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ProtocolError(CLOSE_INVALID, f"bad start message: {errs}") from None
+
+
+def ready_message(session: Any, start: StartMessage, limits: dict[str, Any]) -> str:
+    """The ``ready`` message for an accepted start message (what the stream will do)."""
+    entry, engine = session.entry, session.engine
+    return json.dumps({
+        "type": "ready", "protocol": PROTOCOL_VERSION, "session": session.id, "model": entry.name,
+        "roi": list(session.roi), "pool": session.pool, "dt_us": session.dt_us,
+        "emit": session.emit if session.emit is not None else "last",
+        "input_shape": list(entry.input_shape), "image_shape": list(engine.image_shape),
+        "n_readout": engine.n_readout, "tau_d": engine.tau_d, "format": start.format,
+        "spikes": start.spikes, "inputs": start.inputs, "seed": start.seed, "limits": limits,
+    })
+
+
+def error_message(code: int, message: str) -> str:
+    """The ``error`` message sent right before a close with ``code``."""
+    return json.dumps({"type": "error", "code": code, "message": message})
+
+
+def pong_message() -> str:
+    return json.dumps({"type": "pong", "t": time.time()})
+
+
+def frame_json(bin_index: int, bin_end_us: int, image_png: bytes, input_png: bytes | None,
+               spikes_packed: bytes | None, spike_rows: int, n_readout: int) -> str:
+    """A frame as a text message (``format="json"``): the fields of the binary layout, PNGs and
+    bit-packed spikes in base64 (``spikes``, ``spike_rows``, ``n_readout`` only when asked for)."""
+    msg: dict[str, Any] = {"type": "frame", "bin": bin_index, "bin_end_us": bin_end_us,
+                           "image": base64.b64encode(image_png).decode()}
+    if input_png is not None:
+        msg["input"] = base64.b64encode(input_png).decode()
+    if spikes_packed is not None:
+        msg["spikes"] = base64.b64encode(spikes_packed).decode()
+        msg["spike_rows"] = spike_rows
+        msg["n_readout"] = n_readout
+    return json.dumps(msg)
+
+
 def encode_events(events: np.ndarray) -> bytes:
     """An event packet (layout in the module docstring) holding ``events``."""
-    rec = np.empty(len(events), dtype=RECORD_DTYPE)
-    for name in ("t", "x", "y", "p"):
-        rec[name] = events[name]
+    if events.dtype == EVENT_DTYPE:
+        rec = np.ascontiguousarray(events)
+    else:
+        rec = np.empty(len(events), dtype=EVENT_DTYPE)
+        for name in ("t", "x", "y", "p"):
+            rec[name] = events[name]
     return EVENT_HEADER.pack(EVENT_MAGIC, PROTOCOL_VERSION, 0, len(rec)) + rec.tobytes()
 
 
@@ -142,7 +235,7 @@ def packet_count(data: bytes | bytearray | memoryview, max_events: int | None = 
         raise ProtocolError(CLOSE_UNSUPPORTED, f"binary message does not start with {EVENT_MAGIC!r} (got {bytes(magic)!r})")
     if version != PROTOCOL_VERSION:
         raise ProtocolError(CLOSE_UNSUPPORTED, f"event packet version {version} is not supported (expected 1)")
-    expected = EVENT_HEADER.size + count * RECORD_DTYPE.itemsize
+    expected = EVENT_HEADER.size + count * EVENT_DTYPE.itemsize
     if len(data) != expected:
         raise ProtocolError(
             CLOSE_INVALID, f"event packet says {count} events ({expected} bytes) but has {len(data)} bytes"
@@ -155,7 +248,7 @@ def packet_count(data: bytes | bytearray | memoryview, max_events: int | None = 
 def decode_events(data: bytes | bytearray | memoryview, max_events: int | None = None) -> np.ndarray:
     """Parse an event packet; raises :class:`ProtocolError` (1007/1003) when malformed."""
     count = packet_count(data, max_events)
-    rec = np.frombuffer(data, dtype=RECORD_DTYPE, count=count, offset=EVENT_HEADER.size)
+    rec = np.frombuffer(data, dtype=EVENT_DTYPE, count=count, offset=EVENT_HEADER.size)
     if count and int(rec["p"].max()) > 1:
         raise ProtocolError(CLOSE_INVALID, "event polarity must be 0 or 1")
     return rec

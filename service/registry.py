@@ -23,6 +23,10 @@ log = logging.getLogger("vdib.service")
 MAX_COORD = 1 << 16
 
 
+class UnknownModelError(KeyError):
+    """No model of that name is loaded (HTTP 404 / close code 1003); ``args[0]`` says which are."""
+
+
 class RoiError(ValueError):
     """A requested ROI cannot feed the model (maps to HTTP 422 / close code 1003)."""
 
@@ -194,11 +198,11 @@ class ModelRegistry:
         return True, "ok"
 
     def get(self, name: str | None) -> ModelEntry:
-        """The named model (or the default); ``KeyError`` with a message when absent."""
+        """The named model (or the default); :class:`UnknownModelError` with a message when absent."""
         key = name or self.default
         if key is None or key not in self.models:
             known = ", ".join(sorted(self.models)) or "none"
-            raise KeyError(f"unknown model {name!r} (loaded: {known})")
+            raise UnknownModelError(f"unknown model {name!r} (loaded: {known})")
         return self.models[key]
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
-import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,17 +20,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from .pipeline import uniforms_for
+from events import Binner, BinSegment, BinSpec, EventFormatError, EventLimitError
+from events.formats.aedat4 import Aedat4StreamDecoder
+from model.batching import stream_uniforms
+
 from .protocol import (
     AEDAT4_MAGIC,
     CLOSE_INVALID,
+    CLOSE_POLICY,
     CLOSE_TOO_BIG,
+    CLOSE_UNSUPPORTED,
     EVENT_HEADER,
+    EVENT_MAGIC,
+    MAX_T_US,
     ProtocolError,
-    decode_events,
+    StartMessage,
     packet_count,
+    parse_emit,
 )
-from .registry import ModelEntry
+from .registry import ModelEntry, RoiError, UnknownModelError
 
 _ids = itertools.count(1)
 
@@ -52,6 +59,40 @@ class Pending:
     bin_end_us: int = 0
     reset: bool = False
     t_ready: float = 0.0  # perf_counter when the bin became complete (latency origin)
+    run: int = 1  # > 1: this many empty bins from bin_end_us on (a BinQueue hands them out singly)
+
+
+class BinQueue(deque):  # type: ignore[type-arg]
+    """The scheduler's work of one stream, oldest first: :class:`Pending` items, where a run of
+    empty bins (``events.BinSegment.empty``) is one item with ``run`` > 1 that :meth:`popleft`
+    hands out one bin at a time (a shared zero frame), so a long silence costs no memory.
+    ``bins`` counts the work in bins (runs by their length); ``len`` counts items."""
+
+    def __init__(self, zero_frame: np.ndarray, dt_us: int) -> None:
+        super().__init__()
+        self.bins = 0
+        self.zero = zero_frame  # the frame of every empty bin (shared, never written)
+        self._dt = dt_us
+
+    def append(self, item: Pending) -> None:
+        super().append(item)
+        self.bins += item.run
+
+    def popleft(self) -> Pending:
+        item: Pending = self[0]
+        self.bins -= 1
+        if item.run == 1:
+            return super().popleft()  # type: ignore[no-any-return]
+        # the first bin of the run; the item stays with the rest
+        first = Pending(BIN, self.zero, item.bin_end_us, item.reset, item.t_ready)
+        item.run -= 1
+        item.bin_end_us += self._dt
+        item.reset = False
+        return first
+
+    def clear(self) -> None:
+        super().clear()
+        self.bins = 0
 
 
 @dataclass(slots=True)
@@ -102,23 +143,24 @@ class Session:
         t0_us: int | None,
         max_gap_us: int,
         out_queue_frames: int,
+        max_pending_bins: int | None = None,
+        max_message_events: int = 50_000_000,
+        max_message_decoded_bytes: int | None = None,
+        max_aedat4_buffer: int = 16 << 20,
     ) -> None:
-        from events import BinSpec
-
-        from .ingest import StreamBinner, make_binner
-
         self.id = f"s{next(_ids)}"
         self.entry = entry
         self.engine = entry.engine
         self.spec = BinSpec(roi, dt_us, entry.polarity, entry.mode, pool)
         self.roi, self.pool, self.dt_us = roi, pool, dt_us
-        self.binner = make_binner(self.spec, t0_us, max(max_gap_us, dt_us))
-        self.fast_ingest = isinstance(self.binner, StreamBinner)
+        self.binner = Binner(self.spec, t0_us, max(max_gap_us, dt_us))
+        self.max_pending_bins = max_pending_bins
         self.emit = emit
         self.seed = seed
         self.want_spikes, self.want_inputs, self.format = spikes, inputs, fmt
         self.encoding = encoding
-        self.aedat4: Aedat4Stream | None = None
+        self.aedat4: Aedat4StreamDecoder | None = None
+        self._aedat4_limits = (max_aedat4_buffer, max_message_events, max_message_decoded_bytes)
         self.generator = torch.Generator().manual_seed(seed)
         self.state = self.engine.init_state()
         self.ring = np.zeros((self.engine.tau_d, self.engine.n_readout), dtype=np.uint8)
@@ -130,7 +172,9 @@ class Session:
         # 16-bit row count; emit="last" would otherwise grow it without bound)
         self.since_emit: deque[np.ndarray] = deque(maxlen=MAX_SPIKE_ROWS)
         self.input_acc: np.ndarray | None = None
-        self.pending: deque[Pending] = deque()
+        zero = np.zeros(self.spec.shape, self.spec.dtype)
+        zero.flags.writeable = False
+        self.pending = BinQueue(zero, dt_us)
         self.out: deque[Outgoing] = deque()
         self.out_frames = 0
         self.out_limit = out_queue_frames
@@ -145,30 +189,60 @@ class Session:
         self.created = time.time()
 
     # ------------------------------------------------------------------ ingress (event loop)
-    def push_events(self, events: np.ndarray) -> int:
-        """Bin a chunk of events; queue the completed bins. Returns the bins queued."""
-        self.counters.events += len(events)
-        return self._queue(self.binner.push(events))
+    def offload(self, data: bytes, offload_bytes: int) -> bool:
+        """Whether binning ``data`` costs enough CPU to run off the event loop: a large message,
+        or AEDAT 4 bytes (decompression)."""
+        if len(data) >= offload_bytes:
+            return True
+        if self.encoding == "packed":
+            return False
+        return self.encoding == "aedat4" or data[:1] == AEDAT4_MAGIC[:1]
 
-    def push_packet(self, data: bytes) -> int:
-        """Bin one protocol event packet (``VDEV``), checked like :func:`protocol.decode_events`
-        (ProtocolError when malformed); returns its number of events. With a
-        :class:`~service.ingest.StreamBinner` the records go from the message bytes straight into
-        the compiled binning loop (no structured array, no per-field copies)."""
-        if self.fast_ingest:
-            n = packet_count(data)
-            if n:
+    def bin_message(self, data: bytes) -> tuple[int, list[BinSegment]]:
+        """Decode and bin one binary message (an event packet, or AEDAT 4 bytes of a stream cut
+        anywhere; ``encoding="auto"`` tells them apart by the first message): its number of events
+        and the bins it completes. Touches only the binner and the decoder, so it may run in a
+        worker thread; :meth:`queue` the bins on the event loop. Raises :class:`ProtocolError`:
+        1007 malformed, 1003 neither format, 1009 a per-message budget of the AEDAT 4 decoder,
+        1008 more bins than ``max_pending_bins`` would allow (checked before binning them)."""
+        if self.encoding == "auto":
+            if not data:
+                return 0, []
+            if data[:4] == EVENT_MAGIC:
+                self.encoding = "packed"
+            elif data[: len(AEDAT4_MAGIC)] == AEDAT4_MAGIC or AEDAT4_MAGIC.startswith(bytes(data)):
+                self.encoding = "aedat4"  # a stream cut anywhere, even inside its magic
+            else:
+                raise ProtocolError(CLOSE_UNSUPPORTED, "binary data is neither a 'VDEV' event packet nor an AEDAT 4 stream")
+        budget = None if self.max_pending_bins is None else max(0, self.max_pending_bins - self.pending.bins)
+        try:
+            if self.encoding == "aedat4":
+                if self.aedat4 is None:
+                    self.aedat4 = Aedat4StreamDecoder(*self._aedat4_limits)
                 try:
-                    parts = self.binner.push_packed(np.frombuffer(data, np.uint8), EVENT_HEADER.size, n)
-                except ValueError as exc:
-                    raise ProtocolError(CLOSE_INVALID, str(exc)) from None
-                self.counters.events += n
-                self._queue(parts)
-            return n
-        events = decode_events(data)
-        if len(events):
-            self.push_events(events)
-        return len(events)
+                    events = self.aedat4.feed(data)
+                except EventLimitError as exc:  # a per-message budget, not corrupt data
+                    raise ProtocolError(CLOSE_TOO_BIG, f"AEDAT 4: {exc}") from None
+                except EventFormatError as exc:
+                    raise ProtocolError(CLOSE_INVALID, f"AEDAT 4: {exc}") from None
+                n = len(events)
+                segments = self.binner.push(events, max_bins=budget) if n else []
+            else:
+                n = packet_count(data)
+                segments = self.binner.push_packed(np.frombuffer(data, np.uint8), EVENT_HEADER.size, n, max_bins=budget)
+        except EventLimitError:
+            raise ProtocolError(
+                CLOSE_POLICY, f"{self.pending.bins} bins waiting and the message completes more than {budget} more "
+                f"(limit {self.max_pending_bins}): the stream runs ahead of the service; slow down or raise dt_us",
+            ) from None
+        except EventFormatError as exc:
+            raise ProtocolError(CLOSE_INVALID, str(exc)) from None
+        return n, segments
+
+    def push_events(self, events: np.ndarray) -> int:
+        """Bin a chunk of events (``events.EVENT_DTYPE``) and queue the completed bins; the bins."""
+        self.counters.events += len(events)
+        return self.queue(self.binner.push(events))
 
     def release(self) -> None:
         """Drop the queued work and buffers of a closed stream (they are garbage at once, even
@@ -192,35 +266,41 @@ class Session:
 
     def flush(self, end: bool = False) -> None:
         """Complete the open bin, then force a frame for the last bin (and end the stream)."""
-        self._queue(self.binner.flush())
+        self.queue(self.binner.flush())
         self.pending.append(Pending(EMIT_NOW, t_ready=time.perf_counter()))
         if end:
             self.ending = True
             self.pending.append(Pending(END, t_ready=time.perf_counter()))
 
-    def _queue(self, parts: list[tuple[np.ndarray, list[int], list[bool]]]) -> int:
-        """Queue completed bins, ``(frames, bin_end_us, reset)`` parts from the binner."""
-        if not parts:
+    def queue(self, segments: list[BinSegment]) -> int:
+        """Queue completed bins for the scheduler (a run of empty bins as one item); the bins."""
+        if not segments:
             return 0
         now = time.perf_counter()
         n = 0
         append = self.pending.append
-        for frames, ends, resets in parts:
-            for f, e, r in zip(frames, ends, resets, strict=True):
-                append(Pending(BIN, f, e, r, now))
-            n += len(frames)
+        for seg in segments:
+            if seg.empty:
+                append(Pending(BIN, self.pending.zero, int(seg.bin_end_us[0]), seg.reset, now, seg.empty))
+                n += seg.empty
+                continue
+            reset = seg.reset
+            for f, e in zip(seg.frames, seg.bin_end_us.tolist(), strict=True):
+                append(Pending(BIN, f, e, reset, now))
+                reset = False
+            n += len(seg.frames)
         return n
 
     # ------------------------------------------------------------------ model side (worker)
     def draw_uniforms(self) -> np.ndarray:
         """This stream's draw for one step, ``[1, n_readout]``: the next ``torch.rand((1, n_readout),
         generator)``. Drawn ahead in blocks (one ``torch.rand((k, 1, n))`` gives the same numbers
-        as ``k`` single draws, see :func:`service.pipeline.uniforms_for`): one torch call per
+        as ``k`` single draws, see :func:`model.batching.stream_uniforms`): one torch call per
         ``UNIFORM_BLOCK`` steps instead of one per step."""
         u = self._uniforms
         i = self._u_next
         if u is None or i >= len(u):
-            u = self._uniforms = uniforms_for(self.generator, UNIFORM_BLOCK, self.engine.n_readout)
+            u = self._uniforms = stream_uniforms(self.generator, UNIFORM_BLOCK, self.engine.n_readout)
             i = 0
         self._u_next = i + 1
         return u[i : i + 1]
@@ -280,7 +360,7 @@ class Session:
             "dropped_frames": c.dropped_frames,
             "late_events": int(self.binner.late_events),
             "gaps": int(self.binner.gaps),
-            "pending_bins": len(self.pending),
+            "pending_bins": self.pending.bins,
             "spike_rate": c.spikes / max(1, c.bins * self.engine.n_readout),
             "latency_ms_p50": lat[len(lat) // 2] if lat else None,
             "latency_ms_p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else None,
@@ -288,86 +368,28 @@ class Session:
         }
 
 
-class Aedat4Stream:
-    """Incremental AEDAT 4 decoding: whole packets are cut from the byte stream as they arrive.
-
-    The file header (version line, uint32 size, IOHeader flatbuffer) is kept, with its data-table
-    position patched to -1 (the packets of a live stream end nowhere in particular), and
-    prepended to each batch of complete packets (int32 stream id, int32 size, payload), which
-    ``events.read`` then checks and decodes. Bytes at or after the original data-table position
-    (the file's index, not packets) are ignored.
-    """
-
-    _VERSION_LINE = b"#!AER-DAT4.0\r\n"
-
-    def __init__(self, max_buffer: int, max_events: int) -> None:
-        self.buf = bytearray()
-        self.header: bytes | None = None
-        self.max_buffer = max_buffer
-        self.max_events = max_events
-        self.max_decompressed: int | None = None  # bytes the packets of one feed may decompress to
-        self.offset = 0  # absolute stream offset of buf[0]
-        self.table_at = -1  # absolute offset of the data table (-1: none)
-
-    def _take_header(self, end: int) -> None:
-        from events import EventFormatError
-        from events.formats.aedat4 import parse_ioheader
-
-        base = len(self._VERSION_LINE) + 4
-        head = bytearray(self.buf[:end])
-        try:
-            info = parse_ioheader(bytes(head[base:]), base)
-        except EventFormatError as exc:
-            raise ProtocolError(CLOSE_INVALID, f"AEDAT 4: {exc}") from exc
-        self.table_at = int(info["data_table_position"])
-        if self.table_at >= 0:
-            # locate the int64 field 1 of the IOHeader table and set it to -1
-            root = struct.unpack_from("<I", head, base)[0]
-            vt = root - struct.unpack_from("<i", head, base + root)[0]
-            off = struct.unpack_from("<H", head, base + vt + 6)[0]
-            struct.pack_into("<q", head, base + root + off, -1)
-        self.header = bytes(head)
-        del self.buf[:end]
-        self.offset = end
-
-    def feed(self, data: bytes) -> np.ndarray:
-        from events import EVENT_DTYPE, EventFormatError, read
-
-        none = np.zeros(0, EVENT_DTYPE)
-        if self.table_at >= 0 and self.offset >= self.table_at:
-            return none
-        self.buf += data
-        if len(self.buf) > self.max_buffer:
-            raise ProtocolError(CLOSE_INVALID, f"AEDAT 4 packet larger than {self.max_buffer} bytes")
-        if self.header is None:
-            if len(self.buf) < len(self._VERSION_LINE) + 4:
-                return none
-            if not bytes(self.buf[: len(AEDAT4_MAGIC)]) == AEDAT4_MAGIC:
-                raise ProtocolError(CLOSE_INVALID, "AEDAT 4 stream does not start with '#!AER-DAT4.0'")
-            (hsize,) = struct.unpack_from("<i", self.buf, len(self._VERSION_LINE))
-            if hsize < 0 or hsize > self.max_buffer:
-                raise ProtocolError(CLOSE_INVALID, f"AEDAT 4 header size {hsize} is invalid")
-            end = len(self._VERSION_LINE) + 4 + hsize
-            if len(self.buf) < end:
-                return none
-            self._take_header(end)
-        limit = len(self.buf) if self.table_at < 0 else min(len(self.buf), self.table_at - self.offset)
-        o = 0
-        while limit - o >= 8:
-            _, size = struct.unpack_from("<ii", self.buf, o)
-            if size < 0 or size > self.max_buffer:
-                raise ProtocolError(CLOSE_INVALID, f"AEDAT 4 packet size {size} is invalid")
-            if limit - o - 8 < size:
-                break
-            o += 8 + size
-        if o == 0:
-            return none
-        chunk = self.header + bytes(self.buf[:o])  # type: ignore[operator]
-        del self.buf[:o]
-        self.offset += o
-        try:
-            rec = read(chunk, format="aedat4", max_events=self.max_events, max_decompressed=self.max_decompressed)
-        except EventFormatError as exc:
-            over = "max_events" in str(exc) or "max_decompressed" in str(exc)  # a budget, not corrupt data
-            raise ProtocolError(CLOSE_TOO_BIG if over else CLOSE_INVALID, f"AEDAT 4: {exc}") from None
-        return rec.events
+def start_session(start: StartMessage, registry: Any, settings: Any) -> Session:
+    """The session a validated start message asks for (the model, ROI, bin width and emit
+    rule it resolves to); :class:`ProtocolError` when it cannot be served: 1003 unknown model or
+    unusable ROI, 1008 ``dt_us`` below ``min_dt_us``, 1007 ``t0_us`` out of range."""
+    try:
+        entry = registry.get(start.model)
+    except UnknownModelError as exc:
+        raise ProtocolError(CLOSE_UNSUPPORTED, exc.args[0]) from None
+    try:
+        roi, pool = entry.resolve_roi(start.sensor.width, start.sensor.height, start.roi)
+    except RoiError as exc:
+        raise ProtocolError(CLOSE_UNSUPPORTED, str(exc)) from None
+    dt = start.dt_us or entry.dt_us
+    if dt < settings.min_dt_us:
+        raise ProtocolError(CLOSE_POLICY, f"dt_us {dt} is below the service's min_dt_us of {settings.min_dt_us}")
+    if start.t0_us is not None and abs(start.t0_us) > MAX_T_US:
+        raise ProtocolError(CLOSE_INVALID, f"t0_us must be within +-{MAX_T_US}")
+    return Session(
+        entry, roi, pool, dt, parse_emit(start.emit, dt), start.seed, spikes=start.spikes, inputs=start.inputs,
+        fmt=start.format, encoding=start.encoding, t0_us=start.t0_us, max_gap_us=settings.max_gap_us,
+        out_queue_frames=settings.out_queue_frames, max_pending_bins=settings.max_pending_bins,
+        max_message_events=settings.max_message_events,
+        max_message_decoded_bytes=settings.max_message_decoded_bytes,
+        max_aedat4_buffer=settings.max_message_bytes * 4,
+    )

@@ -529,14 +529,16 @@ class Aedat4StreamDecoder:
     :func:`events.read` then checks and decodes like a file. Bytes at or after the original
     data-table position (the file's index, not packets) are ignored. Raises
     :class:`~events.EventFormatError` for bad bytes, a header or packet over ``max_buffer``
-    bytes, or more than ``max_events`` events in one batch (:class:`~events.EventLimitError`).
+    bytes, or more than ``max_events`` events / ``max_decompressed`` decompressed bytes in the
+    packets one :meth:`feed` completes (:class:`~events.EventLimitError`).
     """
 
-    def __init__(self, max_buffer: int, max_events: int) -> None:
+    def __init__(self, max_buffer: int, max_events: int, max_decompressed: int | None = None) -> None:
         self.buf = bytearray()
         self.header: bytes | None = None
         self.max_buffer = max_buffer
         self.max_events = max_events
+        self.max_decompressed = max_decompressed
         self.offset = 0  # absolute stream offset of buf[0]
         self.table_at = -1  # absolute offset of the data table (-1: none)
 
@@ -589,4 +591,4 @@ class Aedat4StreamDecoder:
         chunk = self.header + bytes(self.buf[:o])  # type: ignore[operator]
         del self.buf[:o]
         self.offset += o
-        return read(chunk, format="aedat4", max_events=self.max_events).events
+        return read(chunk, format="aedat4", max_events=self.max_events, max_decompressed=self.max_decompressed).events

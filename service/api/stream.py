@@ -11,35 +11,30 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
-from pydantic import ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..deps import bearer, key_ok
 from ..guard import TokenBucket
 from ..protocol import (
-    AEDAT4_MAGIC,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
-    CLOSE_INVALID,
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN,
     CLOSE_UNSUPPORTED,
-    EVENT_MAGIC,
-    PROTOCOL_VERSION,
     SUBPROTOCOL,
     ProtocolError,
     StartMessage,
-    default_emit,
+    error_message,
+    parse_message,
+    parse_start,
+    pong_message,
+    ready_message,
 )
-from ..registry import RoiError
-from ..session import Aedat4Stream, Outgoing, Session
+from ..session import Outgoing, Session, start_session
 
 log = logging.getLogger("vdib.service")
 router = APIRouter(tags=["stream"])
-
-#: Largest |t0_us| a start message may give (bin end times stay far inside int64).
-MAX_T_US = 1 << 62
 
 
 class _Closed(Exception):
@@ -49,20 +44,9 @@ class _Closed(Exception):
 async def _send_error(ws: WebSocket, metrics: Any, code: int, message: str) -> None:
     metrics.streams_rejected.labels(str(code)).inc()
     with contextlib.suppress(Exception):
-        await ws.send_text(json.dumps({"type": "error", "code": code, "message": message}))
+        await ws.send_text(error_message(code, message))
     with contextlib.suppress(Exception):
         await ws.close(code=code, reason=message[:120])
-
-
-async def _receive(ws: WebSocket, timeout: float) -> Any:
-    try:
-        async with asyncio.timeout(timeout):
-            msg = await ws.receive()
-    except TimeoutError as exc:
-        raise ProtocolError(CLOSE_GOING_AWAY, f"idle for {timeout:g} s: stream timed out") from exc
-    if msg["type"] == "websocket.disconnect":
-        raise _Closed()
-    return msg
 
 
 def _size(msg: Mapping[str, Any]) -> int:
@@ -70,92 +54,48 @@ def _size(msg: Mapping[str, Any]) -> int:
     return len(b) if b is not None else len(t.encode()) if t is not None else 0
 
 
-def _parse_json(text: str) -> dict[str, Any]:
+async def _handshake(ws: WebSocket, key: str | None) -> StartMessage:
+    """Authentication first (no slot, buffer or session for a client without a valid key), then
+    the start message within ``start_timeout_s``."""
+    settings, registry = ws.app.state.settings, ws.app.state.registry
+    if key is not None and not key_ok(settings, key):
+        raise ProtocolError(CLOSE_POLICY, "missing or invalid API key")
+    if not registry.ready[0]:
+        raise ProtocolError(CLOSE_TRY_AGAIN, f"service not ready: {registry.public_reason}")
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(CLOSE_INVALID, f"text message is not JSON: {exc}") from None
-    except RecursionError:
-        raise ProtocolError(CLOSE_INVALID, "text message is JSON nested too deeply") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("type"), str):
-        raise ProtocolError(CLOSE_INVALID, "a text message must be a JSON object with a string 'type'")
-    return obj
+        async with asyncio.timeout(settings.start_timeout_s):
+            msg = await ws.receive()
+    except TimeoutError:
+        raise ProtocolError(CLOSE_GOING_AWAY, f"idle for {settings.start_timeout_s:g} s: stream timed out") from None
+    if msg["type"] == "websocket.disconnect":
+        raise _Closed()
+    if _size(msg) > settings.max_message_bytes:
+        raise ProtocolError(CLOSE_TOO_BIG, f"message of {_size(msg)} bytes exceeds {settings.max_message_bytes}")
+    if msg.get("text") is None:
+        raise ProtocolError(CLOSE_UNSUPPORTED, "the first message must be the JSON start message")
+    obj = parse_message(msg["text"])
+    if obj["type"] == "start" and not key_ok(settings, key or obj.get("api_key")):
+        raise ProtocolError(CLOSE_POLICY, "missing or invalid API key")
+    return parse_start(obj)
 
 
 @router.websocket("/v1/stream")
 async def stream(ws: WebSocket) -> None:
     """A live stream: start message, event packets, flush/end; frames and stats back."""
-    app = ws.app
-    settings, registry, scheduler, metrics = (
-        app.state.settings, app.state.registry, app.state.scheduler, app.state.metrics,
-    )
+    settings, scheduler, metrics = ws.app.state.settings, ws.app.state.scheduler, ws.app.state.metrics
     offered = list(ws.scope.get("subprotocols") or [])
-    key = bearer(ws.headers.get("authorization"))
-    for proto in offered:
-        if proto.startswith("bearer."):
-            key = proto[len("bearer.") :]
+    keys = [p[len("bearer.") :] for p in offered if p.startswith("bearer.")]
     await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
-
-    slot = False
-    session: Session | None = None
-    sender: asyncio.Task[None] | None = None
+    slot, session, sender = False, None, None
     try:
-        # Authentication first: no slot, buffer or session for a client without a valid key.
-        if key is not None and not key_ok(settings, key):
-            raise ProtocolError(CLOSE_POLICY, "missing or invalid API key")
-        if not registry.ready[0]:
-            raise ProtocolError(CLOSE_TRY_AGAIN, f"service not ready: {registry.public_reason}")
-        msg = await _receive(ws, settings.start_timeout_s)
-        if _size(msg) > settings.max_message_bytes:
-            raise ProtocolError(CLOSE_TOO_BIG, f"message of {_size(msg)} bytes exceeds {settings.max_message_bytes}")
-        if msg.get("text") is None:
-            raise ProtocolError(CLOSE_UNSUPPORTED, "the first message must be the JSON start message")
-        obj = _parse_json(msg["text"])
-        if obj.get("type") != "start":
-            raise ProtocolError(CLOSE_UNSUPPORTED, f"expected a 'start' message, got {obj.get('type')!r}")
-        if not key_ok(settings, key or obj.get("api_key")):
-            raise ProtocolError(CLOSE_POLICY, "missing or invalid API key")
-        if app.state.stream_slots >= settings.max_sessions:
+        start = await _handshake(ws, keys[-1] if keys else bearer(ws.headers.get("authorization")))
+        if not (slot := scheduler.acquire_slot(settings.max_sessions)):
             raise ProtocolError(CLOSE_TRY_AGAIN, f"session limit of {settings.max_sessions} streams reached; try again later")
-        app.state.stream_slots += 1
-        slot = True
-        if obj.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
-            raise ProtocolError(CLOSE_UNSUPPORTED, f"protocol version {obj.get('protocol')!r} is not supported (server speaks {PROTOCOL_VERSION})")
-        try:
-            start = StartMessage.model_validate(obj)
-        except ValidationError as exc:
-            errs = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ProtocolError(CLOSE_INVALID, f"bad start message: {errs}") from exc
-        try:
-            entry = registry.get(start.model)
-        except KeyError as exc:
-            raise ProtocolError(CLOSE_UNSUPPORTED, exc.args[0]) from exc
-        try:
-            roi, pool = entry.resolve_roi(start.sensor.width, start.sensor.height, start.roi)
-        except RoiError as exc:
-            raise ProtocolError(CLOSE_UNSUPPORTED, str(exc)) from exc
-        dt = start.dt_us or entry.dt_us
-        if dt < settings.min_dt_us:
-            raise ProtocolError(CLOSE_POLICY, f"dt_us {dt} is below the service's min_dt_us of {settings.min_dt_us}")
-        if start.t0_us is not None and abs(start.t0_us) > MAX_T_US:
-            raise ProtocolError(CLOSE_INVALID, f"t0_us must be within +-{MAX_T_US}")
-        emit = None if start.emit == "last" else int(start.emit or default_emit(dt))
-        session = Session(
-            entry, roi, pool, dt, emit, start.seed, spikes=start.spikes, inputs=start.inputs, fmt=start.format,
-            encoding=start.encoding, t0_us=start.t0_us, max_gap_us=settings.max_gap_us,
-            out_queue_frames=settings.out_queue_frames,
-        )
+        session = start_session(start, ws.app.state.registry, settings)
         scheduler.add(session)
         metrics.streams_total.inc()
         metrics.active_streams.inc()
-        await ws.send_text(json.dumps({
-            "type": "ready", "protocol": PROTOCOL_VERSION, "session": session.id, "model": entry.name,
-            "roi": list(roi), "pool": pool, "dt_us": dt, "emit": emit if emit is not None else "last",
-            "input_shape": list(entry.input_shape), "image_shape": list(entry.engine.image_shape),
-            "n_readout": entry.engine.n_readout, "tau_d": entry.engine.tau_d, "format": start.format,
-            "spikes": start.spikes, "inputs": start.inputs, "seed": start.seed,
-            "limits": settings.public_limits(),
-        }))
+        await ws.send_text(ready_message(session, start, settings.public_limits()))
         sender = asyncio.create_task(_sender(ws, session, metrics, settings.stats_interval_s))
         # The receive loop runs in a task of its own: a task resumes through its own coroutine
         # frames only, while this handler sits ~20 ASGI middleware frames deep (uvicorn,
@@ -173,18 +113,24 @@ async def stream(ws: WebSocket) -> None:
         log.exception("stream failed")
         await _send_error(ws, metrics, CLOSE_INTERNAL, f"internal error: {type(exc).__name__}")
     finally:
-        if slot:
-            app.state.stream_slots -= 1
-        if session is not None:
-            scheduler.remove(session)
-            metrics.active_streams.dec()
-            session.release()
-        if sender is not None:
-            if not sender.done():
-                sender.cancel()
-            with contextlib.suppress(BaseException):
-                await sender  # also takes a finished sender's error (no "never retrieved" task)
+        await _close(scheduler, metrics, slot, session, sender)
         session = sender = None
+
+
+async def _close(scheduler: Any, metrics: Any, slot: bool, session: Session | None,
+                 sender: asyncio.Task[None] | None) -> None:
+    """Give back the slot, drop the session from the scheduler and its buffers, stop the sender."""
+    if slot:
+        scheduler.release_slot()
+    if session is not None:
+        scheduler.remove(session)
+        metrics.active_streams.dec()
+        session.release()
+    if sender is not None:
+        if not sender.done():
+            sender.cancel()
+        with contextlib.suppress(BaseException):
+            await sender  # also takes a finished sender's error (no "never retrieved" task)
 
 
 async def _ingest(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metrics: Any,
@@ -251,19 +197,16 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
             if data is not None:
                 if len(data) > max_bytes:
                     raise ProtocolError(CLOSE_TOO_BIG, f"message of {len(data)} bytes exceeds {max_bytes}")
-                if len(data) >= offload or s.encoding != "packed" and _is_aedat4(s, data):
+                if s.offload(data, offload):
                     # decoding and binning that cost real CPU run off the event loop (bounded pool)
-                    n = await loop.run_in_executor(pool, _push, s, data, settings)
+                    n, segments = await loop.run_in_executor(pool, s.bin_message, data)
                 else:
-                    n = _push(s, data, settings)
+                    n, segments = s.bin_message(data)
                 if n:
+                    s.counters.events += n
                     s.unreported_events += n
-                    if len(s.pending) > max_pending:
-                        raise ProtocolError(
-                            CLOSE_POLICY, f"{len(s.pending)} bins waiting (limit {max_pending}): "
-                            "the stream runs ahead of the service; slow down or raise dt_us",
-                        )
-                    notify()
+                    if s.queue(segments):
+                        notify()
                 continue
             n = _size(msg)
             if n > max_bytes:
@@ -271,12 +214,11 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
             if not control.take(now):
                 raise ProtocolError(CLOSE_POLICY, f"more than {settings.control_rate_per_s:g} text messages per "
                                     f"second (burst {settings.control_burst})")
-            obj = _parse_json(msg.get("text") or "")
-            kind = obj["type"]
+            kind = parse_message(msg.get("text") or "")["type"]
             if kind == "flush":
                 s.flush()
-                if len(s.pending) > max_pending:
-                    raise ProtocolError(CLOSE_POLICY, f"{len(s.pending)} bins and flushes waiting (limit {max_pending})")
+                if s.pending.bins > max_pending:
+                    raise ProtocolError(CLOSE_POLICY, f"{s.pending.bins} bins and flushes waiting (limit {max_pending})")
                 notify()
             elif kind == "end":
                 watch.cancel()  # the remaining frames may take longer than the idle timeout
@@ -288,7 +230,7 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
                 return
             elif kind == "ping":
                 if len(s.out) <= 2 * s.out_limit:  # a client that reads nothing gets no more pongs
-                    s.deliver(Outgoing(json.dumps({"type": "pong", "t": time.time()}), False))
+                    s.deliver(Outgoing(pong_message(), False))
             elif kind == "start":
                 raise ProtocolError(CLOSE_UNSUPPORTED, "the stream has already started")
             else:
@@ -322,33 +264,6 @@ class _Watchdog:
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
-
-
-def _is_aedat4(s: Session, data: bytes) -> bool:
-    """Whether ``data`` goes to the stream's AEDAT 4 decoder (``auto``: it starts like one)."""
-    return s.encoding == "aedat4" or s.encoding == "auto" and data[:1] == AEDAT4_MAGIC[:1]
-
-
-def _push(s: Session, data: bytes, settings: Any) -> int:
-    """Bin one binary message (an event packet or AEDAT 4 bytes); its number of events."""
-    if s.encoding == "auto":
-        if not data:
-            return 0
-        if data[:4] == EVENT_MAGIC:
-            s.encoding = "packed"
-        elif data[: len(AEDAT4_MAGIC)] == AEDAT4_MAGIC or AEDAT4_MAGIC.startswith(bytes(data)):
-            s.encoding = "aedat4"  # a stream cut anywhere, even inside its magic
-        else:
-            raise ProtocolError(CLOSE_UNSUPPORTED, "binary data is neither a 'VDEV' event packet nor an AEDAT 4 stream")
-    if s.encoding == "aedat4":
-        if s.aedat4 is None:
-            s.aedat4 = Aedat4Stream(max_buffer=settings.max_message_bytes * 4, max_events=settings.max_message_events)
-            s.aedat4.max_decompressed = settings.max_message_decoded_bytes
-        events = s.aedat4.feed(data)
-        if len(events):
-            s.push_events(events)
-        return len(events)
-    return s.push_packet(data)
 
 
 async def _sender(ws: WebSocket, s: Session, metrics: Any, interval: float) -> None:
