@@ -23,6 +23,7 @@ _LAZY = {
     "BinSegment": "events.binning",
     "Binner": "events.binning",
     "expand_segments": "events.binning",
+    "count_bins": "events.binning",
     "bin_events": "events.binning",
     "MNIST_DVS": "events.binning",
     # simulation

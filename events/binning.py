@@ -467,6 +467,23 @@ def _bin_split_or_merge(
     return flat[:-1].reshape(n_bins, *shape)  # drop the trash cell (a view, no copy)
 
 
+def count_bins(t: np.ndarray, dt_us: int, max_gap_us: int | None) -> int:
+    """The bins a :class:`Binner` (``t0`` = the first event) steps for events at times ``t``,
+    without binning them: each run of events with no silence longer than ``max_gap_us`` steps
+    every bin from its first to its last event (empty ones included); longer silences are not
+    stepped. Exact for sorted times; an upper bound otherwise (late events only lower it)."""
+    n = len(t)
+    if n == 0:
+        return 0
+    t = np.asarray(t, dtype=np.int64)
+    k = (t - int(t[0])) // int(dt_us)
+    if max_gap_us is None:
+        return int(k.max()) + 1
+    first = np.concatenate(([0], np.flatnonzero(np.diff(t) > int(max_gap_us)) + 1))
+    run_max = np.maximum.reduceat(k, first)  # the max also covers unsorted runs
+    return int(np.sum(run_max - k[first] + 1))
+
+
 # ---------------------------------------------------------------------------- streaming
 # Binner state slots (int64): t0, t0 known, open bin index, open bin has events, latest kept t,
 # reset pending, late events, gaps; constants: dt, max gap (-1: none), count mode, stride, x/y

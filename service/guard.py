@@ -24,9 +24,10 @@ import threading
 import time
 from typing import Any
 
-import numpy as np
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from events.binning import count_bins
 
 log = logging.getLogger("vdib.service")
 
@@ -233,23 +234,8 @@ class Budget:
             self.used += time.thread_time() - start
 
 
-def estimate_bins(t: np.ndarray, dt_us: int, max_gap_us: int | None) -> int:
-    """The bins the streaming binner would step for events at times ``t`` (sorted), without
-    binning: each run of events with no silence longer than ``max_gap_us`` steps every bin
-    from its first to its last event; silences longer than that are not stepped. An upper
-    bound within one bin per run (late events only lower the count)."""
-    n = len(t)
-    if n == 0:
-        return 0
-    t = np.asarray(t, dtype=np.int64)
-    t0 = int(t[0])
-    k = (t - t0) // int(dt_us)
-    if max_gap_us is None:
-        return int(k.max()) + 1
-    starts = np.flatnonzero(np.diff(t) > int(max_gap_us)) + 1
-    first = np.concatenate(([0], starts))
-    run_max = np.maximum.reduceat(k, first)  # the events come sorted; the max also covers unsorted runs
-    return int(np.sum(run_max - k[first] + 1))
+#: The bins a recording would step, from its event times, before binning (``events.count_bins``).
+estimate_bins = count_bins
 
 
 # ---------------------------------------------------------------------------- logs

@@ -1,11 +1,16 @@
-"""Images out: PNG/GIF encoding of reconstructions and event frames, spike bit-packing."""
+"""Images out: PNG/GIF encoding of reconstructions and event frames, spike bit-packing, and the
+bodies of upload answers (:func:`upload_body`, every ``format`` in one place)."""
 
 from __future__ import annotations
 
+import base64
 import functools
 import io
+import json
 import struct
+import time
 import zlib
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -94,3 +99,45 @@ def unpack_spikes(data: bytes, n_rows: int, n: int) -> np.ndarray:
     row = (n + 7) // 8
     arr = np.frombuffer(data, dtype=np.uint8, count=n_rows * row).reshape(n_rows, row)
     return np.unpackbits(arr, axis=1, count=n, bitorder="little")
+
+
+# ---------------------------------------------------------------------------- upload answers
+#: media type of each upload ``format``
+UPLOAD_MEDIA = {"json": "application/json", "png": "image/png", "gif": "image/gif", "npz": "application/octet-stream"}
+
+
+def upload_body(fmt: str, res: Any, head: dict[str, Any], frame_ms: float, n_readout: int,
+                seconds: dict[str, float]) -> tuple[bytes, dict[str, str]]:
+    """The body of an upload's answer in ``fmt`` (``json``, ``png``: the last frame, ``gif``: all
+    frames ``frame_ms`` apart, ``npz``: arrays) and its extra headers. ``res`` is the
+    :class:`~service.pipeline.RunResult`; ``head`` the JSON answer's leading fields (model,
+    sensor, ROI, ...; ``image_shape`` also sizes an empty PNG); ``seconds`` the stage times so far
+    (``render`` is added)."""
+    t = time.perf_counter()
+    if fmt == "png":
+        last = res.images[-1] if len(res.images) else np.zeros(head["image_shape"], np.float32)
+        return png_gray(last), {}
+    if fmt == "gif":
+        return gif(list(res.images), frame_ms), {}
+    if fmt == "npz":
+        buf = io.BytesIO()
+        arrays = {"images": res.images, "frame_bins": res.frame_bins, "frame_end_us": res.frame_end_us,
+                  "bin_end_us": res.bin_end_us}
+        if res.spikes is not None:
+            arrays["spikes"] = res.spikes
+        np.savez_compressed(buf, **arrays)
+        return buf.getvalue(), {"Content-Disposition": 'attachment; filename="naturalized.npz"'}
+    frames = []
+    for j in range(len(res.images)):
+        f: dict[str, Any] = {"bin": int(res.frame_bins[j]), "bin_end_us": int(res.frame_end_us[j]),
+                             "image": base64.b64encode(png_gray(res.images[j])).decode()}
+        if res.inputs:
+            f["input"] = base64.b64encode(png_rgb(event_rgb(res.inputs[j]))).decode()
+        frames.append(f)
+    spikes = None
+    if res.spikes is not None:
+        spikes = {"encoding": "bitpacked-little", "rows": int(len(res.spikes)), "n_readout": n_readout,
+                  "bin_end_us_first": int(res.bin_end_us[0]) if len(res.bin_end_us) else None,
+                  "data": base64.b64encode(pack_spikes(res.spikes)).decode()}
+    stats = {**res.stats, "seconds": {**seconds, **res.stats["seconds"], "render": time.perf_counter() - t}}
+    return json.dumps({**head, "frames": frames, "spikes": spikes, "stats": stats}).encode(), {}

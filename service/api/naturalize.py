@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
-import json
 import time
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any, Literal
 
-import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -20,9 +16,9 @@ from events import EventLimitError
 from ..deps import AuthDep, MetricsDep, RegistryDep, SettingsDep, UploadSlotDep, run_budgeted
 from ..guard import Budget, estimate_bins
 from ..pipeline import RunOptions, naturalize
-from ..protocol import default_emit, encode_events
-from ..registry import ModelEntry, RoiError
-from ..render import event_rgb, gif, pack_spikes, png_gray, png_rgb
+from ..protocol import encode_events, parse_emit
+from ..registry import ModelEntry, RoiError, UnknownModelError
+from ..render import UPLOAD_MEDIA, upload_body
 from ..settings import Settings
 
 # auth first, then one of max_concurrent_uploads slots (503 when none is free), before the body is read
@@ -85,7 +81,7 @@ async def _read_upload(request: Request, settings: Settings) -> tuple[bytes, str
 
 def read_recording(data: bytes, name: str, settings: Settings) -> Any:
     """Decode an event file; 415 for an unknown format, 422 for a bad file, 413 for limits."""
-    from events import EventFormatError, EventLimitError, read, sniff_format
+    from events import EventFormatError, read, sniff_format
 
     if not data:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "empty body: send an event file")
@@ -113,8 +109,8 @@ def _entry(registry: Any, name: str | None) -> ModelEntry:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"no model loaded: {reason}")
     try:
         return registry.get(name)
-    except KeyError as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, exc.args[0]) from exc
+    except UnknownModelError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, exc.args[0]) from None
 
 
 def parse_roi(roi: str | None) -> Any:
@@ -174,6 +170,29 @@ async def naturalize_upload(
     rec = await run_in_threadpool(read_recording, data, filename or name, settings)
     t_read = time.perf_counter() - t
     metrics.upload_events.inc(len(rec.events))
+    budget = Budget(settings.max_upload_cpu_s)
+    opts = _run_options(entry, rec, settings, roi, dt_us, emit, format, spikes == "bitpacked", seed, inputs, budget)
+    # checked before any binning: the bins the recording would step (then CPU seconds, as it runs)
+    bins = await run_in_threadpool(estimate_bins, rec.events["t"], opts.dt_us, max(settings.max_gap_us, opts.dt_us))
+    if bins > settings.max_upload_bins:
+        raise HTTPException(_413, f"the recording would step {bins} bins of {opts.dt_us} us, over the limit of "
+                                  f"{settings.max_upload_bins}: use a larger dt_us")
+    try:
+        res = await run_budgeted(request, budget, naturalize, entry, rec.events, opts)
+    except EventLimitError as exc:
+        raise HTTPException(_413, str(exc)) from exc
+    head = {"model": entry.name, "sensor": {"width": rec.width, "height": rec.height}, "file_format": rec.format,
+            "roi": list(opts.roi), "pool": opts.pool, "dt_us": opts.dt_us, "emit": opts.emit or "last", "seed": seed,
+            "image_shape": list(entry.engine.image_shape)}
+    frame_ms = (opts.emit or 1) * opts.dt_us / 1000.0
+    body, headers = upload_body(format, res, head, frame_ms, entry.engine.n_readout, {"read": t_read})
+    headers |= {"X-Events": str(len(rec.events)), "X-Bins": str(res.stats["bins"])}
+    return Response(body, media_type=UPLOAD_MEDIA[format], headers=headers)
+
+
+def _run_options(entry: ModelEntry, rec: Any, settings: Settings, roi: str | None, dt_us: int | None,
+                 emit: str | None, fmt: str, spikes: bool, seed: int, inputs: bool, budget: Budget) -> RunOptions:
+    """The upload's run options from its query (422 for a ROI, ``dt_us`` or ``emit`` it cannot use)."""
     try:
         roi_v, pool = entry.resolve_roi(rec.width, rec.height, parse_roi(roi))
     except RoiError as exc:
@@ -182,90 +201,12 @@ async def naturalize_upload(
     if dt < settings.min_dt_us:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
                             f"dt_us {dt} is below the service's min_dt_us of {settings.min_dt_us}")
-    if emit is None:
-        k: int | None = default_emit(dt)
-    elif emit == "last":
-        k = None
-    else:
-        try:
-            k = int(emit)
-        except ValueError:
-            k = 0
-        if not 1 <= k <= 1_000_000:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"emit must be an integer >= 1 or 'last', got {emit!r}")
-    if format == "png":
-        k = None
-    # budgets, checked before any binning: the bins the recording would step, then CPU seconds
-    bins = await run_in_threadpool(estimate_bins, rec.events["t"], dt, max(settings.max_gap_us, dt))
-    if bins > settings.max_upload_bins:
-        raise HTTPException(_413, f"the recording would step {bins} bins of {dt} us, over the limit of "
-                                  f"{settings.max_upload_bins}: use a larger dt_us")
-    budget = Budget(settings.max_upload_cpu_s)
-    opts = RunOptions(
-        roi=roi_v, pool=pool, dt_us=dt, emit=k, spikes=spikes == "bitpacked", seed=seed,
-        inputs=inputs and format == "json", max_gap_us=settings.max_gap_us,
-        max_frames=settings.max_frames, check=budget.check,
-    )
     try:
-        res = await run_budgeted(request, budget, naturalize, entry, rec.events, opts)
-    except EventLimitError as exc:
-        raise HTTPException(_413, str(exc)) from exc
-    t = time.perf_counter()
-    if format == "png":
-        body = png_gray(res.images[-1] if len(res.images) else np.zeros(entry.engine.image_shape, np.float32))
-        resp = Response(body, media_type="image/png")
-    elif format == "gif":
-        resp = Response(gif(list(res.images), (k or 1) * dt / 1000.0), media_type="image/gif")
-    elif format == "npz":
-        buf = io.BytesIO()
-        arrays: dict[str, np.ndarray] = {
-            "images": res.images, "frame_bins": res.frame_bins, "frame_end_us": res.frame_end_us,
-            "bin_end_us": res.bin_end_us,
-        }
-        if res.spikes is not None:
-            arrays["spikes"] = res.spikes
-        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
-        resp = Response(buf.getvalue(), media_type="application/octet-stream",
-                        headers={"Content-Disposition": 'attachment; filename="naturalized.npz"'})
-    else:
-        frames = []
-        for j in range(len(res.images)):
-            f: dict[str, Any] = {
-                "bin": int(res.frame_bins[j]),
-                "bin_end_us": int(res.frame_end_us[j]),
-                "image": base64.b64encode(png_gray(res.images[j])).decode(),
-            }
-            if opts.inputs:
-                f["input"] = base64.b64encode(png_rgb(event_rgb(res.inputs[j]))).decode()
-            frames.append(f)
-        stats = dict(res.stats)
-        stats["seconds"] = {"read": t_read, **stats["seconds"], "render": time.perf_counter() - t}
-        body_obj: dict[str, Any] = {
-            "model": entry.name,
-            "sensor": {"width": rec.width, "height": rec.height},
-            "file_format": rec.format,
-            "roi": list(roi_v),
-            "pool": pool,
-            "dt_us": dt,
-            "emit": k if k is not None else "last",
-            "seed": seed,
-            "image_shape": list(entry.engine.image_shape),
-            "frames": frames,
-            "spikes": None,
-            "stats": stats,
-        }
-        if res.spikes is not None:
-            body_obj["spikes"] = {
-                "encoding": "bitpacked-little",
-                "rows": int(len(res.spikes)),
-                "n_readout": entry.engine.n_readout,
-                "bin_end_us_first": int(res.bin_end_us[0]) if len(res.bin_end_us) else None,
-                "data": base64.b64encode(pack_spikes(res.spikes)).decode(),
-            }
-        resp = Response(json.dumps(body_obj), media_type="application/json")
-    resp.headers["X-Events"] = str(len(rec.events))
-    resp.headers["X-Bins"] = str(res.stats["bins"])
-    return resp
+        k = None if fmt == "png" else parse_emit(emit, dt)  # png: the last frame only
+    except ValueError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
+    return RunOptions(roi=roi_v, pool=pool, dt_us=dt, emit=k, spikes=spikes, seed=seed, inputs=inputs and fmt == "json",
+                      max_gap_us=settings.max_gap_us, max_frames=settings.max_frames, check=budget.check)
 
 
 @router.post("/events", openapi_extra=UPLOAD_BODY, responses={200: {"content": {"application/octet-stream": {}}}})

@@ -462,3 +462,19 @@ def test_huge_rois_cost_their_sides_not_their_area():
     assert binning._TABLES.nbytes <= binning.TABLE_CACHE_BYTES
     with pytest.raises(ValueError, match="MAX_FRAME_CELLS|over the limit"):
         BinSpec(ROI(0, 0, 16384, 16384), 1_000)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_count_bins_is_what_the_binner_steps(seed):
+    """``count_bins`` (a service's budget check before binning) equals the bins the streaming
+    binner emits, gaps and runs of empty bins included, for sorted times."""
+    from events.binning import count_bins
+
+    ev = _live_stream(seed)
+    ev = ev[np.argsort(ev["t"], kind="stable")]
+    spec = BinSpec((5, 7, 24, 18), 10_000)
+    for gap in (200_000, None):
+        b = Binner(spec, max_gap_us=gap)
+        n = sum(s.n_bins for s in b.push(ev) + b.flush())
+        assert count_bins(ev["t"], spec.dt_us, gap) == n == b.bins_emitted
+    assert count_bins(ev["t"][:0], 10, 1) == 0
