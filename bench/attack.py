@@ -529,7 +529,8 @@ def main() -> int:
         err = server.stop()
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": f"{os.cpu_count()} cores",
            "model": model, "streams": args.streams, "attacks": attacks,
-           "server_errors": [ln for ln in err.splitlines() if "ERROR" in ln or "Traceback" in ln][:50]}
+           "server_errors": [ln for ln in err.splitlines() if "ERROR" in ln or "Traceback" in ln][:50],
+           "server_stderr_tail": err.splitlines()[-200:]}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
