@@ -542,56 +542,40 @@ def stream_bins(
             st[6] += 1  # late: its bin was emitted
             i += 1
             continue
-        if max_gap >= 0 and ti - st[4] > max_gap:
-            # a gap: emit the open bin, skip the empty ones, reset before the next bin
-            if st[3] == 1:
-                if n_out >= cap:
-                    return n_out, i, 0
-                if used + 1 > budget:
-                    return n_out, i, -2
-                for c in range(stride):
-                    out[n_out, c] = acc[c]
-                    acc[c] = 0
-                acc[stride] = 0
-                outk[0, n_out] = st[2]
-                outk[1, n_out] = st[5]
-                outk[2, n_out] = 0
-                n_out += 1
-                used += 1
-                st[3] = 0
+        gap = max_gap >= 0 and ti - st[4] > max_gap
+        if (gap or k > st[2]) and st[3] == 1:  # the open bin is complete
+            if n_out >= cap:
+                return n_out, i, 0
+            if used + 1 > budget:
+                return n_out, i, -2
+            for c in range(stride):
+                out[n_out, c] = acc[c]
+                acc[c] = 0
+            acc[stride] = 0
+            outk[0, n_out] = st[2]
+            outk[1, n_out] = st[5]
+            outk[2, n_out] = 0
+            n_out += 1
+            used += 1
+            st[3] = 0
+            st[5] = 0
+            st[2] += 1
+        if gap:  # the empty bins up to this one are not stepped; reset before the next bin
             st[7] += 1
             st[2] = k
             st[5] = 1
-        elif k > st[2]:
-            if st[3] == 1:  # the open bin is complete
-                if n_out >= cap:
-                    return n_out, i, 0
-                if used + 1 > budget:
-                    return n_out, i, -2
-                for c in range(stride):
-                    out[n_out, c] = acc[c]
-                    acc[c] = 0
-                acc[stride] = 0
-                outk[0, n_out] = st[2]
-                outk[1, n_out] = st[5]
-                outk[2, n_out] = 0
-                n_out += 1
-                used += 1
-                st[3] = 0
-                st[5] = 0
-                st[2] += 1
-            if k > st[2]:  # bins without events up to this one: one run
-                if n_out >= cap:
-                    return n_out, i, 0
-                if used + (k - st[2]) > budget:
-                    return n_out, i, -2
-                outk[0, n_out] = st[2]
-                outk[1, n_out] = st[5]
-                outk[2, n_out] = k - st[2]
-                n_out += 1
-                used += k - st[2]
-                st[5] = 0
-                st[2] = k
+        elif k > st[2]:  # bins without events up to this one: one run
+            if n_out >= cap:
+                return n_out, i, 0
+            if used + (k - st[2]) > budget:
+                return n_out, i, -2
+            outk[0, n_out] = st[2]
+            outk[1, n_out] = st[5]
+            outk[2, n_out] = k - st[2]
+            n_out += 1
+            used += k - st[2]
+            st[5] = 0
+            st[2] = k
         xi = np.int64(buf[o + 8]) | (np.int64(buf[o + 9]) << np.int64(8))
         yi = np.int64(buf[o + 10]) | (np.int64(buf[o + 11]) << np.int64(8))
         pi: Any = np.int64(buf[o + 12])

@@ -4,12 +4,12 @@ decode_segments, the one function an upload, an evaluation and a live stream dec
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
 
 import numpy as np
 import pytest
 import torch
 
+from events import BinSegment
 from model import OnlineNaturalizer
 from model.batching import (
     TorchStreams,
@@ -132,24 +132,13 @@ def test_rows_step_equals_dense_step_and_ignores_the_batch(nat):
     assert 0 < float(y_r.mean()) < 1
 
 
-class _Seg(NamedTuple):  # an events.BinSegment look-alike (model does not import events)
-    frames: np.ndarray
-    bin_end_us: np.ndarray
-    reset: bool
-    empty: int = 0
-
-    @property
-    def n_bins(self) -> int:
-        return self.empty or len(self.frames)
-
-
 def test_decode_segments_equals_online_stepping_with_runs_and_resets(nat):
     """Segments (frames, a run of empty bins, a reset) decoded in one call equal an
     OnlineNaturalizer pushed the same frames, with a fresh one after the reset."""
     streams = TorchStreams(nat)
     frames = random_spike_frames(20, (2, 26, 26), rate=0.08, seed=2).numpy()
-    segs = [_Seg(frames[:6], np.arange(1, 7) * 10, False), _Seg(frames[:0], np.array([70]), False, 5),
-            _Seg(frames[6:9], np.arange(12, 15) * 10, False), _Seg(frames[9:], np.arange(100, 111) * 10, True)]
+    segs = [BinSegment(frames[:6], np.arange(1, 7) * 10, False), BinSegment(frames[:0], np.array([70]), False, 5),
+            BinSegment(frames[6:9], np.arange(12, 15) * 10, False), BinSegment(frames[9:], np.arange(100, 111) * 10, True)]
     out = decode_segments(streams, segs, torch.Generator().manual_seed(4), 4, dt_us=10, step_chunk=3)
     assert len(out.spikes) == 6 + 5 + 3 + 11 and out.frame_steps.tolist() == [3, 7, 11, 15, 19, 23, 24]
     assert out.bin_end_us[6:11].tolist() == [70, 80, 90, 100, 110] and out.seg_start[13:15].tolist() == [0, 14]
