@@ -197,9 +197,9 @@ def _chain(buf: np.ndarray, start: int, size: int, special: int, unit: int, shif
             j = np.searchsorted(sp[idx], sp[src] + 1)
             succ[src] = np.where(j < len(idx), idx[np.minimum(j, len(idx) - 1)], m)
         idx = by_res[start % size]
-        j = int(np.searchsorted(sp[idx], start)) if len(idx) else 0
-        if j < len(idx):
-            reach = np.array([idx[j]], dtype=np.int64)
+        first = int(np.searchsorted(sp[idx], start)) if len(idx) else 0
+        if first < len(idx):
+            reach = np.array([idx[first]], dtype=np.int64)
             while True:
                 grown = np.unique(np.concatenate([reach, succ[reach]]))
                 if len(grown) == len(reach):

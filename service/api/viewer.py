@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
@@ -46,7 +47,7 @@ def install_docs(app: FastAPI) -> None:
     """``/docs`` (and its OAuth2 redirect page) with Swagger UI served by this app; without the
     asset package, the same page with FastAPI's CDN URLs (and a warning in the log)."""
     assets = swagger_assets()
-    urls: dict[str, str] = {}
+    urls: dict[str, Any] = {}
     if assets is not None:
         app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="swagger-ui")
         urls = {
