@@ -111,7 +111,7 @@ class GuardedH11Protocol(H11Protocol):
         super().handle_websocket_upgrade(event)
         proto = self.transport.get_protocol()
         if isinstance(proto, GuardedWebSocketProtocol):
-            proto.adopt(peer)
+            proto.adopt(peer, self._guard)
         elif peer is not None:
             self._guard.leave(peer)
 
@@ -161,15 +161,18 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     the HTTP connection it was upgraded from when it closes."""
 
     _vdib_peer: str | None = None
+    _vdib_guard: _Guard | None = None
 
-    def adopt(self, peer: str | None) -> None:
-        self._vdib_peer = peer
+    def adopt(self, peer: str | None, guard: _Guard) -> None:
+        self._vdib_peer, self._vdib_guard = peer, guard
 
     def connection_lost(self, exc: Exception | None) -> None:
-        peer, self._vdib_peer = self._vdib_peer, None
-        if peer is not None:
-            guard_of(self.server_state).leave(peer)
-        super().connection_lost(exc)
+        try:
+            super().connection_lost(exc)
+        finally:
+            peer, self._vdib_peer = self._vdib_peer, None
+            if peer is not None and self._vdib_guard is not None:
+                self._vdib_guard.leave(peer)
 
 
 # ---------------------------------------------------------------------------- rates
