@@ -16,10 +16,14 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 import events
+from model.checkpoint import load_checkpoint
 from model.naturalizer import Naturalizer
 
+from . import data as D
+from .judge import default_judge_dir, load_judge, predict
 from .metrics import image_grid, ssim
 
 
@@ -54,20 +58,13 @@ def evaluate_model(
     ``spike_rate``, per-class judge accuracy, ``n`` and ``seconds``; with ``keep > 0`` also the
     first ``keep`` targets and reconstructions (tensors, under ``"samples"``).
     """
-    from .judge import predict
-
     naturalizer.eval()
     n = len(dataset) if not limit else min(limit, len(dataset))
     gen = torch.Generator(device=device).manual_seed(seed)
     t0 = time.perf_counter()
     preds, labels, mses, ssims, rates = [], [], [], [], []
     samples: dict[str, torch.Tensor] = {}
-    it = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="evaluate", unit="batch")
-    for i in it:
+    for i in tqdm(range(0, n, batch_size), desc="evaluate", unit="batch", disable=not progress):
         idx = torch.arange(i, min(i + batch_size, n))
         x, tgt, lab = dataset.batch(idx, gen, device)
         img, rate = reconstruct(naturalizer, x, gen)
@@ -107,8 +104,6 @@ def build_eval_dataset(meta: dict, data: str | Path | None, limit: int | None, p
     test recordings (ids 901-1000; all of them when none has such an id) with prototype targets;
     otherwise the test digits of the MNIST folder ``data`` simulated with ``events.simulate_mnist_dvs``.
     """
-    from . import data as D
-
     tcfg = meta.get("training", {})
     dcfg = tcfg.get("data", {})
     kind = dcfg.get("kind", "mnist")
@@ -159,10 +154,6 @@ def evaluate_checkpoint(
     progress: bool = True, device: str | None = None,
 ) -> dict[str, Any]:
     """``vdib evaluate``: load a naturalizer checkpoint and the judge, evaluate, write results."""
-    from model import load_checkpoint
-
-    from .judge import default_judge_dir, load_judge
-
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     nat, meta = load_checkpoint(checkpoint, device=dev)
     judge = load_judge(judge_dir or default_judge_dir(), device="cpu")
@@ -184,8 +175,6 @@ def evaluate_checkpoint(
 
 def judge_label(images: np.ndarray | torch.Tensor, judge: torch.nn.Module) -> list[int]:
     """Judge's class for each image (any of [N, 28, 28] / [N, 784], values in [0, 1])."""
-    from .judge import predict
-
     t = torch.as_tensor(images, dtype=torch.float32)
     return predict(judge, t.reshape(t.shape[0], -1)).tolist()
 

@@ -21,13 +21,17 @@ from typing import Any
 
 import torch
 
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.naturalizer import Naturalizer
+
+from .evaluate import evaluate_checkpoint
+from .modelcard import write_model_card
+
 WEIGHTS = ("float32", "float16", "bfloat16", "int8", "int4")
 
 
-def store(nat: torch.nn.Module, dst: Path, weights: str, meta: dict[str, Any]) -> Path:
+def store(nat: Naturalizer, dst: Path, weights: str, meta: dict[str, Any]) -> Path:
     """Save ``nat`` to ``dst`` with ``weights`` storage, keeping ``meta``'s training/metrics/provenance."""
-    from model import save_checkpoint
-
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     prov = {**meta.get("provenance", {}), "weights_dtype": weights}
@@ -42,11 +46,6 @@ def store(nat: torch.nn.Module, dst: Path, weights: str, meta: dict[str, Any]) -
 def export(src: str | Path, dst: str | Path, weights: str = "int4", title: str | None = None, notes: str = "",
            limit: int | None = None, data: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Store ``src`` as ``dst`` with ``weights``, evaluate the stored model, write its model card."""
-    from model import load_checkpoint
-
-    from .evaluate import evaluate_checkpoint
-    from .modelcard import write_model_card
-
     src, dst = Path(src), Path(dst)
     nat, meta = load_checkpoint(src)
     store(nat, dst, weights, meta)
@@ -76,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="evaluate on the first N test items only")
     p.add_argument("--data", type=Path, default=None)
     a = p.parse_args(argv)
-    from model import CheckpointError
-
     try:
         out = export(a.src, a.dst, a.weights, a.title, a.notes, a.limit, a.data)
     except (CheckpointError, ValueError, OSError) as exc:

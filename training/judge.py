@@ -21,7 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
+
+from .data import default_mnist_dir, find_mnist_files, load_mnist_split
 
 JUDGE_FORMAT = "vdib-judge/1"
 
@@ -123,8 +127,6 @@ def train_judge(
     t0 = time.perf_counter()
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="judge", mininterval=1.0)
     for ep in range(cfg.epochs):
         model.train()
@@ -177,8 +179,6 @@ def hardware_string() -> str:
 
 def save_judge(out_dir: str | Path, model: LeNet5, cfg: JudgeConfig, metrics: dict, provenance: dict) -> Path:
     """Write weights.safetensors + config.json + README.md atomically (tmp dir, then os.replace)."""
-    from safetensors.torch import save_file
-
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".judge-", dir=out_dir.parent))
@@ -205,8 +205,6 @@ def save_judge(out_dir: str | Path, model: LeNet5, cfg: JudgeConfig, metrics: di
 
 def load_judge(path: str | Path, device: str | torch.device = "cpu") -> LeNet5:
     """Load a judge saved by :func:`save_judge` (safetensors + JSON; never unpickles)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg = json.loads((path / "config.json").read_text())
     if cfg.get("format") != JUDGE_FORMAT:
@@ -252,15 +250,11 @@ def load_mnist_tensors(
     data_dir: str | Path | None, train_limit: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str, str]:
     """(train_x, train_y, test_x, test_y, train_files, test_files) as float [N, 784] / int64 tensors."""
-    from .data import find_mnist_files, load_mnist_split
-
     tr = load_mnist_split(data_dir, "train", train_limit)
     te = load_mnist_split(data_dir, "test")
 
     def f(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.reshape(len(a), -1).astype(np.float32) / 255.0)
-
-    from .data import default_mnist_dir
 
     d = data_dir or default_mnist_dir()
     return (f(tr[0]), torch.from_numpy(tr[1]), f(te[0]), torch.from_numpy(te[1]),

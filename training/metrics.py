@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
@@ -79,32 +81,29 @@ def last_record(path: Path, kind: str) -> dict[str, Any] | None:
     return None
 
 
-def _finish(fig: Any, ax: Any, path: Path) -> Path:
-    """Legend, grid, tight layout, save as PNG and close: the tail of every run plot."""
-    import matplotlib.pyplot as plt
+def _figure() -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(6, 3.5))
+    return fig, fig.subplots()
 
+
+def _finish(fig: Figure, ax: Axes, path: Path) -> Path:
+    """Legend, grid, tight layout, save as PNG: the tail of every run plot."""
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def plot_run(run_dir: Path) -> list[Path]:
     """``loss.png``, ``spike_rate.png`` (and ``eval.png`` when evaluations exist) from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     recs = read_jsonl(run_dir / "metrics.jsonl")
     train = [r for r in recs if r.get("kind") == "train"]
     evals = [r for r in recs if r.get("kind") == "eval"]
     out = []
     if train:
         x = [r["examples"] for r in train]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = _figure()
         for key, lab in (("decoder_loss", "decoder loss"), ("loss", "total loss")):
             ys = [r.get(key) for r in train]
             if any(v is not None for v in ys):
@@ -113,7 +112,7 @@ def plot_run(run_dir: Path) -> list[Path]:
         ax.set_ylabel("loss (nats per example)")
         ax.set_yscale("log")
         out.append(_finish(fig, ax, run_dir / "loss.png"))
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = _figure()
         ax.plot(x, [r.get("readout_rate", math.nan) for r in train], lw=1, label="readout")
         if any("hidden_rate_0" in r for r in train):
             ax.plot(x, [r.get("hidden_rate_0", math.nan) for r in train], lw=1, label="hidden")
@@ -123,7 +122,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     if evals:
         keys = [k for k in ("judge_accuracy", "ssim", "accuracy") if k in evals[-1]]
         if keys:
-            fig, ax = plt.subplots(figsize=(6, 3.5))
+            fig, ax = _figure()
             for k in keys:
                 ax.plot([r["examples"] for r in evals], [r.get(k, math.nan) for r in evals], marker="o", label=k)
             ax.set_xlabel("training examples")
@@ -133,14 +132,10 @@ def plot_run(run_dir: Path) -> list[Path]:
 
 def image_grid(images: torch.Tensor, path: Path, rows: int = 2, titles: list[str] | None = None) -> Path:
     """Save a grid of ``[N, H, W]`` images in [0, 1] as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = images.shape[0]
     cols = math.ceil(n / rows)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.2 * cols, 1.3 * rows))
+    fig = Figure(figsize=(1.2 * cols, 1.3 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
@@ -149,5 +144,4 @@ def image_grid(images: torch.Tensor, path: Path, rows: int = 2, titles: list[str
                 ax.set_title(titles[i], fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
@@ -95,8 +96,6 @@ def set_rng_state(st: dict, np_rng: np.random.Generator | None, generators: dict
 
 def save_train_state(directory: Path, state: dict) -> None:
     """Write ``train_state.safetensors`` + ``train_state.json`` into ``directory``."""
-    from safetensors.torch import save_file
-
     skel, tensors = flatten_state(state)
     # safetensors refuses tensors that share memory and empty names; clone() above avoids sharing
     save_file(tensors, str(directory / "train_state.safetensors"))
@@ -104,8 +103,6 @@ def save_train_state(directory: Path, state: dict) -> None:
 
 
 def load_train_state(directory: Path) -> dict:
-    from safetensors.torch import load_file
-
     tensors = load_file(str(directory / "train_state.safetensors"))
     skel = json.loads((directory / "train_state.json").read_text())
     return unflatten_state(skel, tensors)

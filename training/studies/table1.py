@@ -10,13 +10,13 @@ cell to ``ROOT/cells.jsonl`` and writes ``table1.{md,json,png}`` to ``--out`` (d
 
 from __future__ import annotations
 
-import math
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..config import load_config
+from ..config import TrainingConfig, load_config
 from ..state import latest_checkpoint
 from ..trainer import train
 from . import report
@@ -34,7 +34,7 @@ PAPER: dict[tuple[str, str], tuple[float, float]] = {
 DECODER = {"time": "mlp", "rate": "rate-mlp"}
 
 
-def cell_config(root: Path, cell: GridCell, examples: int, train_limit: int) -> Any:
+def cell_config(root: Path, cell: GridCell, examples: int, train_limit: int) -> TrainingConfig:
     """The resolved training config of one cell (``configs/table1/base.toml`` + the cell's settings)."""
     run_dir = root / cell.name
     over = [f'run.dir="{run_dir}"', f"run.seed={cell.seed}", f'data.encoding="{cell.encoding}"',
@@ -62,8 +62,6 @@ def run_cell(root: Path, cell: GridCell, examples: int, train_limit: int = 0, pr
 def collect(root: Path, out: Path) -> dict[str, Any]:
     """Gather every finished cell under ``root`` (its ``cell.json`` + ``final/config.json``) into
     ``out/table1.{json,md,png}``; seeds of a cell are averaged."""
-    import json
-
     cells: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for cfg_path in sorted(root.glob("*/final/config.json")):
         rec = read_cell(cfg_path.parent.parent)
@@ -94,7 +92,3 @@ def collect(root: Path, out: Path) -> dict[str, Any]:
         })
     report.write_table1(rows, {f"{k[0]}/{k[1]}": v for k, v in PAPER.items()}, out)
     return {"rows": rows}
-
-
-def _nan_to_none(v: float) -> float | None:
-    return None if math.isnan(v) else v
