@@ -19,15 +19,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .encoder import EncoderState, EventDriven
-from .functional import LIFState, SRMState
 from .naturalizer import Naturalizer
+
+#: a stream state: a (named) tuple, maybe nested, of batch-first tensors
+S = TypeVar("S")
 
 __all__ = [
     "DecodedRecording",
@@ -47,29 +49,40 @@ __all__ = [
 SPARSE_DECODE_DENSITY = 0.25
 
 
-def map_state(state: EncoderState, fn: Callable[[Tensor], Tensor]) -> EncoderState:
-    """Apply ``fn`` to every tensor of a state (keeps the NamedTuple structure)."""
-    hidden = tuple(LIFState(*(fn(t) for t in h)) for h in state.hidden)
-    return EncoderState(hidden, SRMState(*(fn(t) for t in state.readout)))
+def map_state(state: S, fn: Callable[[Tensor], Tensor]) -> S:
+    """Apply ``fn`` to every tensor of a state: any nesting of (named) tuples of batch-first
+    tensors (:class:`EncoderState`, a scene model's state...), structure kept."""
+    if isinstance(state, Tensor):
+        return fn(state)  # type: ignore[return-value]
+    items = [map_state(v, fn) for v in state]  # type: ignore[attr-defined]
+    return type(state)(*items) if hasattr(state, "_fields") else type(state)(items)  # type: ignore[call-arg]
 
 
-def stack_states(states: Sequence[EncoderState]) -> EncoderState:
-    """Concatenate states along the batch dimension (each may hold one or more rows)."""
+def stack_states(states: Sequence[S]) -> S:
+    """Concatenate states (any nesting of (named) tuples of batch-first tensors, each state one or
+    more rows) along the batch dimension."""
     if not states:
         raise ValueError("stack_states needs at least one state")
     first = states[0]
-    hidden = tuple(
-        LIFState(*(torch.cat([s.hidden[i][k] for s in states]) for k in range(len(first.hidden[i]))))
-        for i in range(len(first.hidden))
-    )
-    readout = SRMState(*(torch.cat([s.readout[k] for s in states]) for k in range(len(first.readout))))
-    return EncoderState(hidden, readout)
+    if isinstance(first, Tensor):
+        return torch.cat(states)  # type: ignore[arg-type, return-value]
+    items = [stack_states([s[i] for s in states]) for i in range(len(first))]  # type: ignore[index, arg-type]
+    return type(first)(*items) if hasattr(first, "_fields") else type(first)(items)  # type: ignore[call-arg]
 
 
-def select_rows(state: EncoderState, index: Tensor | Sequence[int]) -> EncoderState:
+def select_rows(state: S, index: Tensor | Sequence[int]) -> S:
     """Rows ``index`` of a batched state, in that order (one ``index_select`` per tensor)."""
-    idx = torch.as_tensor(index, dtype=torch.long, device=state.readout.fb_hist.device)
+    idx = torch.as_tensor(index, dtype=torch.long, device=_first_tensor(state).device)
     return map_state(state, lambda t: t.index_select(0, idx))
+
+
+def _first_tensor(state: Any) -> Tensor:
+    if isinstance(state, Tensor):
+        return state
+    for v in state:
+        if isinstance(v, Tensor) or len(v):
+            return _first_tensor(v)
+    raise ValueError("a state without tensors")
 
 
 def stream_uniforms(generator: torch.Generator, k: int, n_readout: int) -> np.ndarray:

@@ -162,3 +162,16 @@ def test_torch_streams_configuration_leaves_the_model_alone(nat):
     assert not hasattr(nat.encoder, "event_driven")  # no switch on the shared module
     assert all(torch.equal(before[k], v) for k, v in nat.state_dict().items())
     assert all(p.dtype == torch.float32 for p in nat.parameters())
+
+
+def test_state_helpers_take_any_nesting_of_named_tuples():
+    nat = tiny_naturalizer(input_shape=(1, 4, 4), hidden=(), n_readout=4)  # no hidden layer: hidden = ()
+    a, b = nat.encoder.init_state(2), nat.encoder.init_state(1)
+    ab = stack_states([a, b])
+    assert ab.hidden == () and ab.readout.pending.shape[0] == 3 and type(ab.readout) is type(a.readout)
+    sel = select_rows(ab, [2, 0])
+    assert sel.readout.fb_hist.shape[0] == 2
+    nested = (torch.zeros(2, 3), (torch.ones(2, 1),))
+    both = stack_states([nested, nested])
+    assert both[0].shape == (4, 3) and both[1][0].shape == (4, 1)
+    assert select_rows(both, [3])[1][0].shape == (1, 1)
