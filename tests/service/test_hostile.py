@@ -395,6 +395,15 @@ def test_connections_per_client_are_limited(guarded):
         s.close()
     _wait(lambda: not guarded.server.server_state.vdib_guard.per_client, "connections released")
     assert httpx.get(guarded.http + "/healthz", timeout=10).status_code == 200
+    # upgraded (websocket) connections give their count back too, and uvicorn's own bookkeeping runs
+    from websockets.sync.client import connect
+
+    for _ in range(12):  # more than the limit of 8, one after the other
+        with connect(guarded.ws) as ws:
+            ws.send(json.dumps(start_msg()))
+            assert json.loads(ws.recv())["type"] == "ready"
+    _wait(lambda: not guarded.server.server_state.vdib_guard.per_client, "websocket connections released")
+    _wait(lambda: len(guarded.server.server_state.connections) == 0, "uvicorn's connections released")
 
 
 def test_wsfast_reassembles_trickled_frames_in_place():
