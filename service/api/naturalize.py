@@ -185,7 +185,9 @@ async def naturalize_upload(
             "roi": list(opts.roi), "pool": opts.pool, "dt_us": opts.dt_us, "emit": opts.emit or "last", "seed": seed,
             "image_shape": list(entry.engine.image_shape)}
     frame_ms = (opts.emit or 1) * opts.dt_us / 1000.0
-    body, headers = upload_body(format, res, head, frame_ms, entry.engine.n_readout, {"read": t_read})
+    # PNG/GIF/npz encoding of up to max_frames frames costs real CPU: off the event loop
+    body, headers = await run_in_threadpool(upload_body, format, res, head, frame_ms, entry.engine.n_readout,
+                                            {"read": t_read})
     headers |= {"X-Events": str(len(rec.events)), "X-Bins": str(res.stats["bins"])}
     return Response(body, media_type=UPLOAD_MEDIA[format], headers=headers)
 
