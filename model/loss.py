@@ -14,13 +14,18 @@ values carry over); ``"sum"`` is eq. 10 exactly. All functions return one value 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["VDIBLoss", "decoder_loss", "sampled_kl", "analytic_kl", "vdib_loss"]
+__all__ = ["KLReduction", "LossKind", "VDIBLoss", "decoder_loss", "sampled_kl", "analytic_kl", "vdib_loss"]
+
+#: ``"bce"``: Bernoulli log-loss summed over pixels (images); ``"nll"``: cross-entropy over classes.
+LossKind = Literal["bce", "nll"]
+#: ℓ_e divided by ``T * n_readout`` (``"mean"``, the authors' code) or summed (``"sum"``, eq. 10).
+KLReduction = Literal["mean", "sum"]
 
 
 class VDIBLoss(NamedTuple):
@@ -29,7 +34,7 @@ class VDIBLoss(NamedTuple):
     encoder: Tensor  # [B] ℓ_e
 
 
-def decoder_loss(logits: Tensor, target: Tensor, kind: str = "bce") -> Tensor:
+def decoder_loss(logits: Tensor, target: Tensor, kind: LossKind = "bce") -> Tensor:
     """Per-sample decoder log-loss :math:`\\ell_d = -\\log q(r | y)` from pre-sigmoid/softmax outputs.
 
     ``kind="bce"``: Bernoulli log-loss summed over pixels, ``logits [B, P]``, ``target [B, P]``
@@ -44,7 +49,7 @@ def decoder_loss(logits: Tensor, target: Tensor, kind: str = "bce") -> Tensor:
     raise ValueError(f"kind must be 'bce' or 'nll', got {kind!r}")
 
 
-def _norm(y: Tensor, reduction: str) -> float:
+def _norm(y: Tensor, reduction: KLReduction) -> float:
     if reduction == "sum":
         return 1.0
     if reduction == "mean":
@@ -52,7 +57,7 @@ def _norm(y: Tensor, reduction: str) -> float:
     raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
 
 
-def sampled_kl(y: Tensor, u: Tensor, prior_rate: float, reduction: str = "mean") -> Tensor:
+def sampled_kl(y: Tensor, u: Tensor, prior_rate: float, reduction: KLReduction = "mean") -> Tensor:
     """:math:`\\ell_e` per sample from spikes ``y [T, B, N]`` and potentials ``u [T, B, N]`` -> ``[B]``."""
     log_p1 = F.logsigmoid(u)
     log_p0 = F.logsigmoid(-u)
@@ -61,7 +66,7 @@ def sampled_kl(y: Tensor, u: Tensor, prior_rate: float, reduction: str = "mean")
     return terms.sum(dim=(0, 2)) * _norm(y, reduction)
 
 
-def analytic_kl(u: Tensor, prior_rate: float, reduction: str = "mean") -> Tensor:
+def analytic_kl(u: Tensor, prior_rate: float, reduction: KLReduction = "mean") -> Tensor:
     """:math:`\\sum_{t,i} KL(\\mathrm{Bern}(\\sigma(u_{it})) \\| \\mathrm{Bern}(r))` per sample -> ``[B]``."""
     p = torch.sigmoid(u)
     lr1, lr0 = math.log(prior_rate), math.log1p(-prior_rate)
@@ -77,9 +82,9 @@ def vdib_loss(
     prior_rate: float,
     beta: float,
     *,
-    kind: str = "bce",
-    kl: str = "sampled",
-    reduction: str = "mean",
+    kind: LossKind = "bce",
+    kl: Literal["sampled", "analytic"] = "sampled",
+    reduction: KLReduction = "mean",
 ) -> VDIBLoss:
     """Single-sample estimate of eq. 10 per input: ``(ℓ_d + β ℓ_e, ℓ_d, ℓ_e)``, each ``[B]``.
 

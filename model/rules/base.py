@@ -12,14 +12,12 @@ import torch
 from torch import Tensor
 
 from ..encoder import Encoder
-from ..loss import decoder_loss
+from ..loss import KLReduction, LossKind, decoder_loss
 from ..naturalizer import Naturalizer, sliding_windows
 from ..rollout import HiddenRollout
 
 __all__ = ["MATMUL_DTYPES", "HiddenInit", "KLReduction", "MatmulDtype", "Rule", "TargetSteps", "init_hidden", "flatten_input", "hidden_stats"]
 
-#: ``kl_reduction``: ℓ_e divided by T·N_Y (the authors' code) or summed (eq. 10).
-KLReduction = Literal["mean", "sum"]
 #: ``matmul_dtype`` option names.
 MatmulDtype = Literal["float32", "bfloat16"]
 #: ``hidden_init`` option: re-initialise the hidden layers to zero (the authors) or at random.
@@ -95,7 +93,7 @@ class Rule:
             p.grad = g
 
     # -- targets / windows
-    def _loss_kind(self) -> str:
+    def _loss_kind(self) -> LossKind:
         return "bce" if self.naturalizer.config.output == "image" else "nll"
 
     def _decode_logits(self, y: Tensor, target_steps: str) -> Tensor:
