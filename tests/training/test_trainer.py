@@ -131,3 +131,13 @@ def test_ddp_two_ranks_equal_one_process(tmp_path, rule):
     assert moved > 1e-3
     # float sums in a different order (all-reduce of two halves vs one batch): equal to rounding
     torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+
+
+def test_last_record_skips_a_partial_line(tmp_path):
+    from training.metrics import last_record
+
+    p = tmp_path / "metrics.jsonl"
+    assert last_record(p, "train") is None
+    p.write_text('{"kind": "train", "step": 1}\n{"kind": "eval", "step": 1}\n{"kind": "train", "st')
+    assert last_record(p, "train") == {"kind": "train", "step": 1}
+    assert last_record(p, "eval") == {"kind": "eval", "step": 1}
