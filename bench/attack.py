@@ -470,6 +470,7 @@ async def run(server: Server, names: list[str], n_streams: int, settle: float) -
             "frames": {"before": n_before, "during": n_during, "after": n_after},
             "p99_ok": all(p is not None and p < P99_TARGET_MS for p in (p_before, p_during, p_after)),
             "server_alive": server.alive(),
+            "load_avg_1min": round(os.getloadavg()[0], 1),  # of the whole machine (others' work included)
         }
         print(json.dumps(row), flush=True)
         results.append(row)
@@ -488,8 +489,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         + ", ".join(f"`{k}={v}`" for k, v in SERVER_ENV.items()) + ".", "",
         f"Targets: other streams' p99 < {P99_TARGET_MS:g} ms before/during/after; RSS after within "
         f"{RSS_TOLERANCE:.0%} of before.", "",
-        "| attack | s | outcome | RSS MB before / peak / after | returned | p99 ms before / during / after | p99 ok |",
-        "|---|---|---|---|---|---|---|",
+        "| attack | s | outcome | RSS MB before / peak / after | returned | p99 ms before / during / after | p99 ok | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v: Any) -> str:
@@ -502,7 +503,7 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         rss, p = r["rss_mb"], r["p99_ms"]
         lines.append(f"| {r['attack']} | {r['seconds']} | `{o}` | {rss['before']} / {rss['peak']} / {rss['after']} | "
                      f"{'yes' if r['rss_returned'] else '**no**'} | {f(p['before'])} / {f(p['during'])} / "
-                     f"{f(p['after'])} | {'yes' if r['p99_ok'] else '**no**'} |")
+                     f"{f(p['after'])} | {'yes' if r['p99_ok'] else '**no**'} | {r.get('load_avg_1min', '-')} |")
     bg = [r for r in res["attacks"] if "background" in r]
     if bg:
         lines += ["", f"Background streams: {json.dumps(bg[0]['background'])} (error closes must be none; they "

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from .guard import MemoryTrimmer
 from .protocol import encode_frame, frame_json
 from .render import event_rgb, pack_spikes, png_encode, png_rgb, to_uint8
 from .session import BIN, EMIT_NOW, END, Outgoing, Pending, Session
@@ -74,6 +75,7 @@ class Scheduler:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdib-tick")
         self._cursor = 0  # round-robin start when more than max_batch sessions are due
         self.fault: Callable[[str, list[Session]], None] | None = None  # tests: see _probe
+        self.trimmer = MemoryTrimmer()
         self.ticks = 0
         self.steps = 0
         self._rate_t = time.perf_counter()
@@ -110,6 +112,7 @@ class Scheduler:
     def remove(self, session: Session) -> None:
         session.closed = True
         self.sessions.pop(session.id, None)
+        self.trimmer.request()  # the closed stream's memory back to the OS (at most every 30 s)
 
     def notify(self) -> None:
         """Wake the loop: some session has new work."""
