@@ -195,6 +195,12 @@ class TokenBucket:
         self.tokens = tokens - 1.0
         return True
 
+    def spend(self, now: float, amount: float) -> bool:
+        """Take ``amount`` already used (e.g. CPU seconds); False once the bucket is overdrawn."""
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate) - amount
+        self.t = now
+        return self.tokens >= 0.0
+
 
 # ---------------------------------------------------------------------------- uploads
 class BudgetExceeded(Exception):

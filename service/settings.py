@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     message_rate_per_s: float = Field(
         2000.0, description="messages of any kind per second a stream may send on average (1008 beyond)")
     message_burst: int = Field(4000, description="messages a stream may send at once above that rate")
+    ingest_cpu_per_s: float = Field(
+        0.25, description="CPU seconds per second a stream may spend decoding and binning its messages, on "
+        "average (1008 beyond; a 10 ms packet of a DVS128 takes ~5 us)")
+    ingest_cpu_burst_s: float = Field(2.0, description="CPU seconds of decoding and binning a stream may spend at once")
     offload_bytes: int = Field(
         64 * 1024, description="binary messages at least this large (and every AEDAT 4 message) are decoded "
         "and binned in a worker thread instead of on the event loop")
@@ -114,6 +118,7 @@ class Settings(BaseSettings):
             "max_message_decoded_bytes": self.max_message_decoded_bytes,
             "control_rate_per_s": self.control_rate_per_s, "control_burst": self.control_burst,
             "message_rate_per_s": self.message_rate_per_s, "message_burst": self.message_burst,
+            "ingest_cpu_per_s": self.ingest_cpu_per_s, "ingest_cpu_burst_s": self.ingest_cpu_burst_s,
         }
 
     @property

@@ -174,6 +174,7 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
     now = loop.time()
     messages = TokenBucket(settings.message_rate_per_s, settings.message_burst, now)
     control = TokenBucket(settings.control_rate_per_s, settings.control_burst, now)
+    cpu = TokenBucket(settings.ingest_cpu_per_s, settings.ingest_cpu_burst_s, now)  # seconds of decode + bin
     pool = ws.app.state.ingest_pool
     try:
         while True:
@@ -199,9 +200,12 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
                     raise ProtocolError(CLOSE_TOO_BIG, f"message of {len(data)} bytes exceeds {max_bytes}")
                 if s.offload(data, offload):
                     # decoding and binning that cost real CPU run off the event loop (bounded pool)
-                    n, segments = await loop.run_in_executor(pool, s.bin_message, data)
+                    n, segments, used = await loop.run_in_executor(pool, _bin_timed, s, data, time.thread_time)
                 else:
-                    n, segments = s.bin_message(data)
+                    n, segments, used = _bin_timed(s, data, time.perf_counter)
+                if not cpu.spend(now, used):
+                    raise ProtocolError(CLOSE_POLICY, f"decoding and binning this stream took more than "
+                                        f"{settings.ingest_cpu_per_s:g} CPU s per second (burst {settings.ingest_cpu_burst_s:g} s)")
                 if n:
                     s.counters.events += n
                     s.unreported_events += n
@@ -238,6 +242,13 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
     finally:
         watch.cancel()
         s.report_events(metrics)
+
+
+def _bin_timed(s: Session, data: bytes, clock: Any) -> tuple[int, list[Any], float]:
+    """``s.bin_message(data)`` and the seconds it took on ``clock`` (thread CPU time in a worker)."""
+    t = clock()
+    n, segments = s.bin_message(data)
+    return n, segments, clock() - t
 
 
 class _Watchdog:
