@@ -287,7 +287,7 @@ class MemoryTrimmer:
 
     def __init__(self, interval_s: float = 30.0) -> None:
         self.interval_s = interval_s
-        self._last = 0.0
+        self._last = float("-inf")
         self._running = False
         self.trims = 0
         self._trim: Any = None

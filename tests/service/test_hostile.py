@@ -514,3 +514,30 @@ def test_bench_client_answers_pings():
     sent = asyncio.run(go())
     assert len(sent) == 1 and sent[0][0] == 0x8A  # a pong
     assert len(ws_frame(10, b"abcd")) == len(sent[0])
+
+
+def test_stream_ingest_cpu_budget(checkpoints_dir, mnist_dvs_events):
+    s = Settings(checkpoints_dir=checkpoints_dir, ingest_cpu_per_s=0.0, ingest_cpu_burst_s=0.0, _env_file=None)
+    with make_client(s) as c:
+        with c.websocket_connect("/v1/stream") as ws:
+            ws.send_text(json.dumps(GOOD))
+            assert json.loads(ws.receive_text())["limits"]["ingest_cpu_per_s"] == 0.0
+            _expect_close(ws, [encode_events(mnist_dvs_events[:100])], 1008, "CPU")
+
+
+def test_memory_trimmer_runs_at_most_once_per_interval():
+    import asyncio
+
+    from service.guard import MemoryTrimmer
+
+    async def go(t: MemoryTrimmer) -> int:
+        for _ in range(5):
+            t.request()
+        while t._running:
+            await asyncio.sleep(0.01)
+        return t.trims
+
+    t = MemoryTrimmer(interval_s=3600)
+    if t._trim is None:
+        pytest.skip("no glibc malloc_trim")
+    assert asyncio.run(go(t)) == 1
