@@ -31,7 +31,9 @@ def blob_positions(
     ``-π + 2πk/n_inputs`` (the authors' convention); A_0 = 0.5, v_0 = 1, θ_0 ~ U(-π, π).
     """
     if T < 0 or batch < 0 or n_inputs < 1 or n_blobs < 1:
-        raise ValueError(f"need T, batch >= 0 and n_inputs, n_blobs >= 1, got {T}, {batch}, {n_inputs}, {n_blobs}")
+        raise ValueError(
+            f"need T, batch >= 0 and n_inputs, n_blobs >= 1, got {T}, {batch}, {n_inputs}, {n_blobs}"
+        )
     rng = rng if rng is not None else np.random.default_rng()
     shape = (batch, n_blobs)
     bins = -np.pi + 2 * np.pi * np.arange(n_inputs) / n_inputs

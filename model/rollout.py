@@ -22,7 +22,15 @@ from torch import Tensor
 from . import functional as F
 from .encoder import Encoder
 
-__all__ = ["HiddenRollout", "basis_by_lag", "hidden_rollout", "mm", "readout_ff", "readout_lag_weights", "readout_sample"]
+__all__ = [
+    "HiddenRollout",
+    "basis_by_lag",
+    "hidden_rollout",
+    "mm",
+    "readout_ff",
+    "readout_lag_weights",
+    "readout_sample",
+]
 
 
 class HiddenRollout(NamedTuple):

@@ -14,9 +14,17 @@ from pathlib import Path
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a VDIB naturalizer from a TOML config")
     p.add_argument("config", type=Path, help="TOML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, dotted keys (e.g. --set train.examples=2000); repeatable")
-    p.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoint")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, dotted keys (e.g. --set train.examples=2000); repeatable",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in run_dir from its last checkpoint"
+    )
     p.add_argument("--run-dir", type=Path, default=None, help="run directory (default: from the config)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_train)
@@ -40,26 +48,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--train-limit", type=int, default=0, help="training digits (0 = all at hand)")
     t.add_argument("--root", type=Path, default=None, help="run directories (default runs/table1)")
     t.add_argument("--out", type=Path, default=None, help="tables and plot (default: the root)")
-    t.add_argument("--variant", default="", help="name of these cells in the tables (e.g. vdib-lr); default the rule")
+    t.add_argument(
+        "--variant", default="", help="name of these cells in the tables (e.g. vdib-lr); default the rule"
+    )
     t.add_argument("--set", dest="extra", action="append", default=[], help="extra config override")
     t.add_argument("--collect-only", action="store_true")
     t.add_argument("--progress", action="store_true")
     t.set_defaults(func=_cmd_table1)
 
-    dv = subparsers.add_parser("dvs-dt", help="MNIST-DVS at several bin widths dt: train the default config per dt, "
-                               "write dvs-dt.{md,json,png}")
+    dv = subparsers.add_parser(
+        "dvs-dt",
+        help="MNIST-DVS at several bin widths dt: train the default config per dt, "
+        "write dvs-dt.{md,json,png}",
+    )
     dv.add_argument("--dts", type=float, nargs="+", default=[10, 25, 50], help="bin widths in ms")
     dv.add_argument("--train-digits", type=int, default=5000, help="simulated training digits")
     dv.add_argument("--test-digits", type=int, default=1000, help="simulated test digits")
     dv.add_argument("--examples", type=int, default=150_000, help="training examples per dt")
-    dv.add_argument("--window-ms", type=float, default=600.0, help="training window (data.crop_T = window / dt)")
+    dv.add_argument(
+        "--window-ms", type=float, default=600.0, help="training window (data.crop_T = window / dt)"
+    )
     dv.add_argument("--root", type=Path, default=None, help="run directories (default runs/dvs-dt)")
     dv.add_argument("--out", type=Path, default=None, help="tables and plot (default: the root)")
-    dv.add_argument("--workers", type=int, default=None, help="processes simulating the digits (default: all cores)")
+    dv.add_argument(
+        "--workers", type=int, default=None, help="processes simulating the digits (default: all cores)"
+    )
     dv.add_argument("--jobs", type=int, default=1, help="dt cells trained in parallel processes")
-    dv.add_argument("--real", type=Path, default=None,
-                    help="real MNIST-DVS recordings for the sanity check (default ../shared/data/events/aedat2)")
-    dv.add_argument("--set", dest="extra", action="append", default=[], help="extra config override (every dt)")
+    dv.add_argument(
+        "--real",
+        type=Path,
+        default=None,
+        help="real MNIST-DVS recordings for the sanity check (default ../shared/data/events/aedat2)",
+    )
+    dv.add_argument(
+        "--set", dest="extra", action="append", default=[], help="extra config override (every dt)"
+    )
     dv.add_argument("--no-progress", action="store_true")
     dv.set_defaults(func=_cmd_dvs_dt)
 
@@ -69,8 +92,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--examples", type=int, default=50_000)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", type=Path, default=None, help="default runs/predictive")
-    b.add_argument("--kl-reduction", choices=["mean", "sum"], default="mean",
-                   help="ℓ_e divided by T·N_Y (authors' code) or summed (eq. 10)")
+    b.add_argument(
+        "--kl-reduction",
+        choices=["mean", "sum"],
+        default="mean",
+        help="ℓ_e divided by T·N_Y (authors' code) or summed (eq. 10)",
+    )
     b.add_argument("--name", default="predictive", help="output file stem")
     b.add_argument("--progress", action="store_true")
     b.set_defaults(func=_cmd_predictive)
@@ -85,22 +112,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ab.add_argument("--progress", action="store_true")
     ab.set_defaults(func=_cmd_ablation)
 
-    ts = subparsers.add_parser("tsne", help="t-SNE of readout spike windows of several checkpoints (Figure 3)")
+    ts = subparsers.add_parser(
+        "tsne", help="t-SNE of readout spike windows of several checkpoints (Figure 3)"
+    )
     ts.add_argument("checkpoints", nargs="+", help="LABEL=CHECKPOINT_DIR")
     ts.add_argument("--n", type=int, default=1000)
     ts.add_argument("--data", type=Path, default=None)
     ts.add_argument("--out", type=Path, default=None, help="PNG (default runs/tsne/tsne.png)")
     ts.set_defaults(func=_cmd_tsne)
 
-    tv = subparsers.add_parser("time-vs-rate", help="time minus rate decoding versus budget and tau_d (tables + plot)")
-    tv.add_argument("--cells", type=Path, nargs="+", default=None,
-                    help="Table 1 cell lines (default docs/results/table1-cells.jsonl + table1-vdib-lr-cells.jsonl)")
-    tv.add_argument("--tau-cells", type=Path, default=None,
-                    help="tau_d sweep cells (default docs/results/time_vs_rate-tau-cells.jsonl)")
+    tv = subparsers.add_parser(
+        "time-vs-rate", help="time minus rate decoding versus budget and tau_d (tables + plot)"
+    )
+    tv.add_argument(
+        "--cells",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="Table 1 cell lines (default docs/results/table1-cells.jsonl + table1-vdib-lr-cells.jsonl)",
+    )
+    tv.add_argument(
+        "--tau-cells",
+        type=Path,
+        default=None,
+        help="tau_d sweep cells (default docs/results/time_vs_rate-tau-cells.jsonl)",
+    )
     tv.add_argument("--out", type=Path, default=None, help="default runs/time-vs-rate")
     tv.set_defaults(func=_cmd_time_vs_rate)
 
-    x = subparsers.add_parser("export", help="re-store a checkpoint as float16/bfloat16/int8/int4 and re-measure it")
+    x = subparsers.add_parser(
+        "export", help="re-store a checkpoint as float16/bfloat16/int8/int4 and re-measure it"
+    )
     x.add_argument("src", type=Path, help="checkpoint directory")
     x.add_argument("dst", type=Path, help="new checkpoint directory")
     x.add_argument("--weights", choices=["float32", "float16", "bfloat16", "int8", "int4"], default="int4")
@@ -110,10 +152,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     x.add_argument("--data", type=Path, default=None)
     x.set_defaults(func=_cmd_export)
 
-    e = subparsers.add_parser("evaluate", help="evaluate a naturalizer checkpoint (judge accuracy, MSE, SSIM)")
+    e = subparsers.add_parser(
+        "evaluate", help="evaluate a naturalizer checkpoint (judge accuracy, MSE, SSIM)"
+    )
     e.add_argument("checkpoint", type=Path, help="naturalizer checkpoint directory")
-    e.add_argument("--data", type=Path, default=None,
-                   help="MNIST idx folder (image checkpoints) or MNIST-DVS recordings folder")
+    e.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="MNIST idx folder (image checkpoints) or MNIST-DVS recordings folder",
+    )
     e.add_argument("--judge", type=Path, default=None, help="judge checkpoint (default checkpoints/judge)")
     e.add_argument("--limit", type=int, default=None, help="evaluate on the first N test items only")
     e.add_argument("--out", type=Path, default=None, help="results directory (markdown, JSON, plots)")
@@ -166,12 +214,23 @@ def _cmd_train_judge(args: argparse.Namespace) -> int:
     trx, tr_y, tex, te_y, trf, tef = load_mnist_tensors(args.data, cfg.train_limit)
     model, metrics = train_judge(trx, tr_y, tex, te_y, cfg, progress=not args.no_progress)
     out = args.out or default_judge_dir()
-    cmd = "vdib train-judge" + (f" --epochs {args.epochs}" if args.epochs else "") + (
-        f" --seed {args.seed}" if args.seed else "")
+    cmd = (
+        "vdib train-judge"
+        + (f" --epochs {args.epochs}" if args.epochs else "")
+        + (f" --seed {args.seed}" if args.seed else "")
+    )
     prov = {"train_files": trf, "test_files": tef, "hardware": hardware_string(), "command": cmd}
     save_judge(out, model, cfg, metrics, prov)
-    print(json.dumps({"test_accuracy": metrics["test_accuracy"], "train_seconds": metrics["train_seconds"],
-                      "total_seconds": round(time.perf_counter() - t0, 1), "out": str(out)}))
+    print(
+        json.dumps(
+            {
+                "test_accuracy": metrics["test_accuracy"],
+                "train_seconds": metrics["train_seconds"],
+                "total_seconds": round(time.perf_counter() - t0, 1),
+                "out": str(out),
+            }
+        )
+    )
     return 0
 
 
@@ -186,7 +245,9 @@ def _cmd_table1(args: argparse.Namespace) -> int:
     if not args.collect_only:
         for seed, rule, enc, dec in itertools.product(args.seeds, args.rules, args.encodings, args.decodings):
             cell = GridCell(enc, dec, rule, seed, variant=args.variant, overrides=tuple(args.extra))
-            print(json.dumps(run_cell(root, cell, args.examples, args.train_limit, args.progress)), flush=True)
+            print(
+                json.dumps(run_cell(root, cell, args.examples, args.train_limit, args.progress)), flush=True
+            )
             collect(root, out)
     collect(root, out)
     print(f"wrote {out / 'table1.md'}")
@@ -205,12 +266,25 @@ def _cmd_dvs_dt(args: argparse.Namespace) -> int:
     if min(args.train_digits, args.test_digits, args.examples) < 1:
         raise SystemExit("vdib dvs-dt: --train-digits, --test-digits and --examples must be >= 1")
     root = args.root or RUNS / "dvs-dt"
-    res = dvs_dt_study(args.dts, root, args.out or root,
-                       args.train_digits, args.test_digits, args.examples, args.window_ms, args.extra,
-                       args.workers or os.cpu_count() or 1, args.jobs, args.real or REAL_MNIST_DVS,
-                       progress=not args.no_progress, command="vdib " + shlex.join(sys.argv[1:]),
-                       log=lambda m: print(m, flush=True))
-    print(json.dumps([{k: r.get(k) for k in ("dt_ms", "judge_accuracy", "ssim", "mse")} for r in res["rows"]]))
+    res = dvs_dt_study(
+        args.dts,
+        root,
+        args.out or root,
+        args.train_digits,
+        args.test_digits,
+        args.examples,
+        args.window_ms,
+        args.extra,
+        args.workers or os.cpu_count() or 1,
+        args.jobs,
+        args.real or REAL_MNIST_DVS,
+        progress=not args.no_progress,
+        command="vdib " + shlex.join(sys.argv[1:]),
+        log=lambda m: print(m, flush=True),
+    )
+    print(
+        json.dumps([{k: r.get(k) for k in ("dt_ms", "judge_accuracy", "ssim", "mse")} for r in res["rows"]])
+    )
     return 0
 
 
@@ -218,13 +292,22 @@ def _cmd_time_vs_rate(args: argparse.Namespace) -> int:
     from .studies.common import RESULTS, RUNS
     from .studies.time_vs_rate import time_vs_rate
 
-    cells = args.cells or [p for p in (RESULTS / "table1-cells.jsonl", RESULTS / "table1-vdib-lr-cells.jsonl") if p.is_file()]
+    cells = args.cells or [
+        p for p in (RESULTS / "table1-cells.jsonl", RESULTS / "table1-vdib-lr-cells.jsonl") if p.is_file()
+    ]
     if not cells:
         raise SystemExit("vdib time-vs-rate: no cell records (--cells)")
     tau = args.tau_cells or (RESULTS / "time_vs_rate-tau-cells.jsonl")
     out = args.out or RUNS / "time-vs-rate"
     res = time_vs_rate(cells[0], out, tau if tau.is_file() else None, cells[1:])
-    print(json.dumps({k: [(r["encoding"], r["rule"], r["key"], r["time_minus_rate"]) for r in v] for k, v in res.items()}))
+    print(
+        json.dumps(
+            {
+                k: [(r["encoding"], r["rule"], r["key"], r["time_minus_rate"]) for r in v]
+                for k, v in res.items()
+            }
+        )
+    )
     print(f"wrote {out / 'time_vs_rate.md'}")
     return 0
 
@@ -243,10 +326,24 @@ def _cmd_predictive(args: argparse.Namespace) -> int:
     from .studies.common import RUNS
     from .studies.predictive import predictive_study
 
-    res = predictive_study(args.lags, args.betas, args.examples, args.seed, args.out or RUNS / "predictive",
-                           progress=args.progress, kl_reduction=args.kl_reduction, name=args.name)
-    print(json.dumps({"lags": [(r["lag"], r["accuracy"]) for r in res["lags"]],
-                      "betas": [(r["beta"], r["spike_rate"]) for r in res["betas"]]}))
+    res = predictive_study(
+        args.lags,
+        args.betas,
+        args.examples,
+        args.seed,
+        args.out or RUNS / "predictive",
+        progress=args.progress,
+        kl_reduction=args.kl_reduction,
+        name=args.name,
+    )
+    print(
+        json.dumps(
+            {
+                "lags": [(r["lag"], r["accuracy"]) for r in res["lags"]],
+                "betas": [(r["beta"], r["spike_rate"]) for r in res["betas"]],
+            }
+        )
+    )
     return 0
 
 
@@ -255,8 +352,9 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
     from .studies.common import RUNS
 
     root = args.root or RUNS / "ablation"
-    rows = ablation(root, args.out or root,
-                    args.examples, args.encoding, args.decoding, args.seed, progress=args.progress)
+    rows = ablation(
+        root, args.out or root, args.examples, args.encoding, args.decoding, args.seed, progress=args.progress
+    )
     print(json.dumps(rows))
     return 0
 
@@ -264,8 +362,10 @@ def _cmd_ablation(args: argparse.Namespace) -> int:
 def _cmd_tsne(args: argparse.Namespace) -> int:
     from .studies.tsne import tsne_figure
 
-    pairs = [(c.split("=", 1)[0], Path(c.split("=", 1)[1])) if "=" in c else (Path(c).name, Path(c))
-             for c in args.checkpoints]
+    pairs = [
+        (c.split("=", 1)[0], Path(c.split("=", 1)[1])) if "=" in c else (Path(c).name, Path(c))
+        for c in args.checkpoints
+    ]
     from .studies.common import RUNS
 
     print(json.dumps(tsne_figure(pairs, args.out or RUNS / "tsne" / "tsne.png", args.n, args.data)))
@@ -276,8 +376,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
 
     summary = evaluate_checkpoint(
-        args.checkpoint, data=args.data, judge_dir=args.judge, limit=args.limit, out_dir=args.out,
-        seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress and not args.json,
+        args.checkpoint,
+        data=args.data,
+        judge_dir=args.judge,
+        limit=args.limit,
+        out_dir=args.out,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        progress=not args.no_progress and not args.json,
     )
     if args.json:
         print(json.dumps(summary))

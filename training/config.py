@@ -81,7 +81,9 @@ class DataConfig(_Section):
     T_test: int = Field(default=1000, ge=1)  # blobs: test sequence length
     cache_dir: str = ""
     workers: int = Field(default=1, ge=1)  # processes simulating MNIST-DVS (does not change the data)
-    crop_T: int = Field(default=0, ge=0)  # event data: train on random windows of crop_T bins (0 = whole recordings)
+    crop_T: int = Field(
+        default=0, ge=0
+    )  # event data: train on random windows of crop_T bins (0 = whole recordings)
 
 
 class ModelConfig(_Section):
@@ -96,7 +98,9 @@ class ModelConfig(_Section):
     decoder_options: dict[str, Any] = Field(default_factory=dict)
     hidden_init: Literal["zero", "random", "calibrated"] = "calibrated"  # zero = the authors'; pitfall 3
     hidden_init_scale: float = 1.0
-    hidden_active: float = Field(default=0.15, gt=0.0, lt=1.0)  # calibrated: fraction of hidden neurons active at init
+    hidden_active: float = Field(
+        default=0.15, gt=0.0, lt=1.0
+    )  # calibrated: fraction of hidden neurons active at init
     preprocessing: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -114,7 +118,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(default=20_000, ge=1)  # examples between evaluations
     checkpoint_every: int = Field(default=20_000, ge=1)  # examples between checkpoints
     max_seconds: float = Field(default=0, ge=0)  # stop (with a checkpoint) after this wall time; 0 = no limit
-    stop_after_steps: int = Field(default=0, ge=0)  # stop (with a checkpoint) after this many steps of this invocation
+    stop_after_steps: int = Field(
+        default=0, ge=0
+    )  # stop (with a checkpoint) after this many steps of this invocation
 
 
 class EvalConfig(_Section):

@@ -207,7 +207,9 @@ class FrameSet:
         return flat.reshape(*sel.shape[:-1], *self.frame_shape)
 
     def batch(
-        self, idx: torch.Tensor | np.ndarray, generator: torch.Generator | None = None,
+        self,
+        idx: torch.Tensor | np.ndarray,
+        generator: torch.Generator | None = None,
         device: torch.device | str = "cpu",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(x [T, B, C*H*W] float, target [B, 784] float in [0, 1], labels [B])``.
@@ -219,8 +221,11 @@ class FrameSet:
         sel = self.packed[idx]
         if self.crop_T and self.crop_T < self.T:
             dev = generator.device if generator is not None else torch.device("cpu")
-            start = torch.randint(0, self.T - self.crop_T + 1, (len(idx),), generator=generator,
-                                  device=dev).cpu().numpy()
+            start = (
+                torch.randint(0, self.T - self.crop_T + 1, (len(idx),), generator=generator, device=dev)
+                .cpu()
+                .numpy()
+            )
             win = start[:, None] + np.arange(self.crop_T)[None, :]
             sel = np.take_along_axis(sel, win[:, :, None], axis=1)
         flat = np.unpackbits(sel, axis=-1, count=self.n_inputs)  # [B, T, N]
@@ -229,8 +234,14 @@ class FrameSet:
         return x, tgt / 255.0, torch.from_numpy(self.labels[idx]).to(device)
 
     def subset(self, idx: np.ndarray) -> FrameSet:
-        return FrameSet(self.packed[idx], self.frame_shape, self.targets[idx], self.labels[idx], dict(self.meta),
-                        self.crop_T)
+        return FrameSet(
+            self.packed[idx],
+            self.frame_shape,
+            self.targets[idx],
+            self.labels[idx],
+            dict(self.meta),
+            self.crop_T,
+        )
 
     def save(self, path: str | Path) -> None:
         """Write an npz atomically (tmp file, then ``os.replace``)."""
@@ -238,8 +249,12 @@ class FrameSet:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
         np.savez(
-            tmp, packed=self.packed, frame_shape=np.asarray(self.frame_shape), targets=self.targets,
-            labels=self.labels, meta=np.asarray(json.dumps(self.meta)),
+            tmp,
+            packed=self.packed,
+            frame_shape=np.asarray(self.frame_shape),
+            targets=self.targets,
+            labels=self.labels,
+            meta=np.asarray(json.dumps(self.meta)),
         )
         os.replace(tmp, path)
 
@@ -247,7 +262,10 @@ class FrameSet:
     def load(cls, path: str | Path) -> FrameSet:
         with np.load(path, allow_pickle=False) as z:
             return cls(
-                z["packed"], _shape3(z["frame_shape"]), z["targets"], z["labels"],
+                z["packed"],
+                _shape3(z["frame_shape"]),
+                z["targets"],
+                z["labels"],
                 json.loads(str(z["meta"])),
             )
 
@@ -310,8 +328,9 @@ def mnist_dvs_spec(dt_us: int = 10_000) -> BinSpec:
     return dataclasses.replace(MNIST_DVS, dt_us=int(dt_us))
 
 
-def bin_recording(events_arr: np.ndarray, spec: BinSpec, duration_us: int = 2_000_000,
-                  t0: int | None = None) -> np.ndarray:
+def bin_recording(
+    events_arr: np.ndarray, spec: BinSpec, duration_us: int = 2_000_000, t0: int | None = None
+) -> np.ndarray:
     """Bin one recording's events with ``spec`` over ``[t0, t0 + duration_us)`` -> uint8 [T, C, H, W].
 
     ``t0`` defaults to the first event's timestamp (recordings start when the digit appears).
@@ -319,8 +338,9 @@ def bin_recording(events_arr: np.ndarray, spec: BinSpec, duration_us: int = 2_00
     n_bins = int(duration_us // spec.dt_us)
     if t0 is None:
         t0 = int(events_arr["t"][0]) if len(events_arr) else 0
-    return bin_events(events_arr, spec.roi, spec.dt_us, t0, n_bins, polarity=spec.polarity, mode=spec.mode,
-                      pool=spec.pool)
+    return bin_events(
+        events_arr, spec.roi, spec.dt_us, t0, n_bins, polarity=spec.polarity, mode=spec.mode, pool=spec.pool
+    )
 
 
 def prototype_images(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -340,9 +360,15 @@ def prototype_images(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def load_mnist_dvs(
-    root: str | Path, split: str = "train", dt_us: int = 10_000, duration_us: int = 2_000_000,
-    scale: int = 4, prototypes: np.ndarray | None = None, cache_dir: str | Path | None = None,
-    progress: bool = True, limit: int | None = None,
+    root: str | Path,
+    split: str = "train",
+    dt_us: int = 10_000,
+    duration_us: int = 2_000_000,
+    scale: int = 4,
+    prototypes: np.ndarray | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    limit: int | None = None,
 ) -> FrameSet:
     """Real MNIST-DVS recordings of ``split`` binned with the MNIST_DVS preset, cached.
 
@@ -358,9 +384,16 @@ def load_mnist_dvs(
     if prototypes is None:
         prototypes = prototype_images(*load_mnist_split(None, "train"))
     meta = {
-        "kind": "mnist-dvs", "root": str(Path(root).resolve()), "split": split, "scale": scale,
-        "dt_us": int(dt_us), "duration_us": int(duration_us), "roi": list(spec.roi),
-        "polarity": spec.polarity, "mode": spec.mode, "files": [str(r[0].name) for r in recs],
+        "kind": "mnist-dvs",
+        "root": str(Path(root).resolve()),
+        "split": split,
+        "scale": scale,
+        "dt_us": int(dt_us),
+        "duration_us": int(duration_us),
+        "roi": list(spec.roi),
+        "polarity": spec.polarity,
+        "mode": spec.mode,
+        "files": [str(r[0].name) for r in recs],
     }
     cache = Path(cache_dir or default_cache_dir()) / f"mnist-dvs-{split}-{cache_key(meta)}.npz"
     if cache.is_file():
@@ -380,10 +413,18 @@ def load_mnist_dvs(
 
 
 def simulate_mnist_dvs_set(
-    images: np.ndarray, labels: np.ndarray, target: str = "source", dt_us: int = 10_000,
-    duration_us: int = 2_000_000, seed: int = 0, cache_dir: str | Path | None = None,
-    progress: bool = True, simulate_kwargs: dict | None = None, tag: str = "",
-    simulate: Callable | None = None, workers: int = 1,
+    images: np.ndarray,
+    labels: np.ndarray,
+    target: str = "source",
+    dt_us: int = 10_000,
+    duration_us: int = 2_000_000,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    simulate_kwargs: dict | None = None,
+    tag: str = "",
+    simulate: Callable | None = None,
+    workers: int = 1,
 ) -> FrameSet:
     """Simulated MNIST-DVS: ``events.simulate_mnist_dvs`` on each digit, binned like the real data.
 
@@ -393,15 +434,35 @@ def simulate_mnist_dvs_set(
     ``workers``, the number of processes that simulate). Cached as npz (one file per ``dt_us``;
     :func:`simulate_mnist_dvs_sets` fills the caches of several bin widths from one simulation).
     """
-    return simulate_mnist_dvs_sets(images, labels, [dt_us], target, duration_us, seed, cache_dir, progress,
-                                   simulate_kwargs, tag, simulate, workers)[int(dt_us)]
+    return simulate_mnist_dvs_sets(
+        images,
+        labels,
+        [dt_us],
+        target,
+        duration_us,
+        seed,
+        cache_dir,
+        progress,
+        simulate_kwargs,
+        tag,
+        simulate,
+        workers,
+    )[int(dt_us)]
 
 
 def simulate_mnist_dvs_sets(
-    images: np.ndarray, labels: np.ndarray, dts_us: Sequence[int], target: str = "source",
-    duration_us: int = 2_000_000, seed: int = 0, cache_dir: str | Path | None = None,
-    progress: bool = True, simulate_kwargs: dict | None = None, tag: str = "",
-    simulate: Callable | None = None, workers: int = 1,
+    images: np.ndarray,
+    labels: np.ndarray,
+    dts_us: Sequence[int],
+    target: str = "source",
+    duration_us: int = 2_000_000,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    simulate_kwargs: dict | None = None,
+    tag: str = "",
+    simulate: Callable | None = None,
+    workers: int = 1,
 ) -> dict[int, FrameSet]:
     """:func:`simulate_mnist_dvs_set` for several bin widths ``dts_us`` at once: ``{dt_us: FrameSet}``.
 
@@ -422,9 +483,17 @@ def simulate_mnist_dvs_sets(
     for dt in dts:
         spec = specs[dt] = mnist_dvs_spec(dt)
         metas[dt] = {
-            "kind": "simulated-mnist-dvs", "images_sha": digest, "n": int(len(images)), "seed": int(seed),
-            "dt_us": int(dt), "duration_us": int(duration_us), "roi": list(spec.roi),
-            "polarity": spec.polarity, "mode": spec.mode, "simulate_kwargs": kw, "tag": tag,
+            "kind": "simulated-mnist-dvs",
+            "images_sha": digest,
+            "n": int(len(images)),
+            "seed": int(seed),
+            "dt_us": int(dt),
+            "duration_us": int(duration_us),
+            "roi": list(spec.roi),
+            "polarity": spec.polarity,
+            "mode": spec.mode,
+            "simulate_kwargs": kw,
+            "tag": tag,
             "simulator": _simulator_fingerprint(sim),
         }
         caches[dt] = Path(cache_dir or default_cache_dir()) / f"sim-mnist-dvs-{cache_key(metas[dt])}.npz"
@@ -433,8 +502,10 @@ def simulate_mnist_dvs_sets(
     missing = [dt for dt in dts if dt not in out]
     if missing:
         job = _SimJob(sim, [specs[dt] for dt in missing], duration_us, seed, kw)
-        packed = [np.zeros((len(images), int(duration_us // dt), _packed_width(specs[dt])), dtype=np.uint8)
-                  for dt in missing]
+        packed = [
+            np.zeros((len(images), int(duration_us // dt), _packed_width(specs[dt])), dtype=np.uint8)
+            for dt in missing
+        ]
         desc = f"simulating MNIST-DVS {tag or ''} (dt " + ", ".join(f"{d / 1000:g}" for d in missing) + " ms)"
         if workers > 1:
             import multiprocessing as mp
@@ -449,15 +520,22 @@ def simulate_mnist_dvs_sets(
                 for k, row in enumerate(job((i, images[i]))):
                     packed[k][i] = row
         for k, dt in enumerate(missing):
-            fs = FrameSet(packed[k], specs[dt].shape, np.ascontiguousarray(images), labels.astype(np.int64),
-                          metas[dt])
+            fs = FrameSet(
+                packed[k], specs[dt].shape, np.ascontiguousarray(images), labels.astype(np.int64), metas[dt]
+            )
             fs.save(caches[dt])
             out[dt] = fs
     for dt, fs in out.items():
         if target == "prototype":
             protos = prototype_images(images, labels)
-            out[dt] = FrameSet(fs.packed, fs.frame_shape, protos[fs.labels], fs.labels,
-                               {**fs.meta, "target": target}, fs.crop_T)
+            out[dt] = FrameSet(
+                fs.packed,
+                fs.frame_shape,
+                protos[fs.labels],
+                fs.labels,
+                {**fs.meta, "target": target},
+                fs.crop_T,
+            )
         else:
             fs.meta = {**fs.meta, "target": target}
     return out
@@ -473,7 +551,10 @@ def _simulator_fingerprint(sim: Callable[..., Any]) -> str:
     try:
         from events.simulate import MnistDvsConfig
 
-        return hashlib.sha256(repr(MnistDvsConfig()).encode()).hexdigest()[:12] + f":{getattr(sim, '__name__', '?')}"
+        return (
+            hashlib.sha256(repr(MnistDvsConfig()).encode()).hexdigest()[:12]
+            + f":{getattr(sim, '__name__', '?')}"
+        )
     except ImportError:
         return getattr(sim, "__name__", "?")
 
@@ -481,8 +562,9 @@ def _simulator_fingerprint(sim: Callable[..., Any]) -> str:
 class _SimJob:
     """Simulate digit ``i`` once and bin it with each of ``specs`` (a picklable callable for multiprocessing)."""
 
-    def __init__(self, sim: Callable[..., Any], specs: list[BinSpec], duration_us: int, seed: int,
-                 kw: dict[str, Any]) -> None:
+    def __init__(
+        self, sim: Callable[..., Any], specs: list[BinSpec], duration_us: int, seed: int, kw: dict[str, Any]
+    ) -> None:
         self.sim, self.specs, self.duration_us, self.seed, self.kw = sim, specs, duration_us, seed, kw
 
     def __call__(self, item: tuple[int, np.ndarray]) -> list[np.ndarray]:
@@ -492,9 +574,11 @@ class _SimJob:
         return [pack_frames(bin_recording(ev_arr, spec, self.duration_us, t0=0)) for spec in self.specs]
 
 
-def batches(n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True) -> Iterator[torch.Tensor]:
+def batches(
+    n: int, batch_size: int, generator: torch.Generator, drop_last: bool = True
+) -> Iterator[torch.Tensor]:
     """Shuffled index batches over ``range(n)`` for one epoch, drawn from ``generator``."""
     perm = torch.randperm(n, generator=generator)
     stop = n - (n % batch_size) if drop_last else n
     for i in range(0, stop, batch_size):
-        yield perm[i:i + batch_size]
+        yield perm[i : i + batch_size]

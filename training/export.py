@@ -39,12 +39,22 @@ def store(nat: Naturalizer, dst: Path, weights: str, meta: dict[str, Any]) -> Pa
         save_checkpoint(dst, nat.to("cpu"), meta.get("training"), meta.get("metrics"), prov, quantize=weights)
     else:
         dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[weights]
-        save_checkpoint(dst, copy.deepcopy(nat).to("cpu").to(dt), meta.get("training"), meta.get("metrics"), prov)
+        save_checkpoint(
+            dst, copy.deepcopy(nat).to("cpu").to(dt), meta.get("training"), meta.get("metrics"), prov
+        )
     return dst
 
 
-def export(src: str | Path, dst: str | Path, weights: str = "int4", title: str | None = None, notes: str = "",
-           limit: int | None = None, data: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+def export(
+    src: str | Path,
+    dst: str | Path,
+    weights: str = "int4",
+    title: str | None = None,
+    notes: str = "",
+    limit: int | None = None,
+    data: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Store ``src`` as ``dst`` with ``weights``, evaluate the stored model, write its model card."""
     src, dst = Path(src), Path(dst)
     nat, meta = load_checkpoint(src)
@@ -53,7 +63,9 @@ def export(src: str | Path, dst: str | Path, weights: str = "int4", title: str |
     keep = {k: v for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     cfg_path = dst / "config.json"
     m = json.loads(cfg_path.read_text())
-    before = {k: m["metrics"][k] for k in ("judge_accuracy", "mse", "ssim", "spike_rate", "n") if k in m["metrics"]}
+    before = {
+        k: m["metrics"][k] for k in ("judge_accuracy", "mse", "ssim", "spike_rate", "n") if k in m["metrics"]
+    }
     m["metrics"] = {**m["metrics"], **keep, "source_eval": before, "stored_weights": weights}
     tmp = cfg_path.with_suffix(".tmp")
     tmp.write_text(json.dumps(m, indent=2) + "\n")
@@ -61,8 +73,13 @@ def export(src: str | Path, dst: str | Path, weights: str = "int4", title: str |
     write_model_card(dst, title, notes)
     for f in dst.iterdir():
         os.chmod(f, 0o644)
-    return {"checkpoint": str(dst), "weights": weights, "stored": keep, "source": before,
-            "bytes": sum(f.stat().st_size for f in dst.iterdir() if f.is_file())}
+    return {
+        "checkpoint": str(dst),
+        "weights": weights,
+        "stored": keep,
+        "source": before,
+        "bytes": sum(f.stat().st_size for f in dst.iterdir() if f.is_file()),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

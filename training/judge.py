@@ -84,9 +84,7 @@ def random_affine(x: torch.Tensor, cfg: JudgeConfig, generator: torch.Generator)
     sh = u(-1, 1) * cfg.max_shear
     tx, ty = (u(-1, 1) * cfg.max_shift_px * 2 / h for _ in range(2))
     cos, sin = torch.cos(ang) / sc, torch.sin(ang) / sc
-    theta = torch.stack(
-        [torch.stack([cos, -sin + sh, tx], 1), torch.stack([sin, cos, ty], 1)], 1
-    ).to(x.dtype)
+    theta = torch.stack([torch.stack([cos, -sin + sh, tx], 1), torch.stack([sin, cos, ty], 1)], 1).to(x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -98,7 +96,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> t
     dev = next(model.parameters()).device
     out = []
     for i in range(0, images.shape[0], batch_size):
-        out.append(model(to_judge_input(images[i:i + batch_size].to(dev))).argmax(1).cpu())
+        out.append(model(to_judge_input(images[i : i + batch_size].to(dev))).argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
 
@@ -108,8 +106,12 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
 
 
 def train_judge(
-    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-    cfg: JudgeConfig, on_epoch: Callable[[int, float, float], None] | None = None,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    test_y: torch.Tensor,
+    cfg: JudgeConfig,
+    on_epoch: Callable[[int, float, float], None] | None = None,
     progress: bool = True,
 ) -> tuple[LeNet5, dict]:
     """Train LeNet-5 with Adam + one-cycle LR and random affine augmentation; returns (model, metrics).
@@ -133,7 +135,7 @@ def train_judge(
         perm = torch.randperm(len(train_x), generator=g)
         tot = 0.0
         for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            idx = perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]
             xb = random_affine(x_all[idx], cfg, g)
             loss = F.cross_entropy(model(xb), train_y[idx])
             opt.zero_grad(set_to_none=True)
@@ -156,8 +158,10 @@ def train_judge(
     seconds = time.perf_counter() - t0
     metrics = {
         "test_accuracy": history[-1]["test_accuracy"] if history else float("nan"),
-        "n_train": int(len(train_x)), "n_test": int(len(test_x)),
-        "train_seconds": round(seconds, 1), "history": history,
+        "n_train": int(len(train_x)),
+        "n_test": int(len(test_x)),
+        "train_seconds": round(seconds, 1),
+        "history": history,
     }
     return model, metrics
 
@@ -182,11 +186,19 @@ def save_judge(out_dir: str | Path, model: LeNet5, cfg: JudgeConfig, metrics: di
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".judge-", dir=out_dir.parent))
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-              str(tmp / "weights.safetensors"))
-    config = {"format": JUDGE_FORMAT, "architecture": "lenet5", "widths": model.widths,
-              "input": "[B, 1, 32, 32], 28x28 digits in [0, 1] zero-padded by 2",
-              "training": asdict(cfg), "metrics": metrics, "provenance": provenance}
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        str(tmp / "weights.safetensors"),
+    )
+    config = {
+        "format": JUDGE_FORMAT,
+        "architecture": "lenet5",
+        "widths": model.widths,
+        "input": "[B, 1, 32, 32], 28x28 digits in [0, 1] zero-padded by 2",
+        "training": asdict(cfg),
+        "metrics": metrics,
+        "provenance": provenance,
+    }
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (tmp / "README.md").write_text(judge_model_card(cfg, metrics, provenance))
     # mkdtemp makes a private (0700) folder; a shipped checkpoint is world-readable.
@@ -220,7 +232,9 @@ def default_judge_dir() -> Path:
 
 def judge_model_card(cfg: JudgeConfig, metrics: dict, provenance: dict) -> str:
     hist = metrics.get("history", [])
-    curve = "\n".join(f"| {h['epoch']} | {h['train_loss']:.4f} | {100 * h['test_accuracy']:.2f} % |" for h in hist)
+    curve = "\n".join(
+        f"| {h['epoch']} | {h['train_loss']:.4f} | {100 * h['test_accuracy']:.2f} % |" for h in hist
+    )
     return f"""# Judge: LeNet-5 on MNIST
 
 Scores naturalized images: the judge's accuracy on reconstructions of the 10,000 MNIST test
@@ -228,17 +242,17 @@ digits is the headline metric of every VDIB evaluation (as in the paper, Table 1
 
 - **Architecture**: LeNet-5 with ReLU and max-pooling: conv5x5(6) - pool2 - conv5x5(16) - pool2 -
   fc120 - fc84 - fc10; input 28x28 in [0, 1] zero-padded to 32x32 (no normalisation).
-- **Data**: {provenance.get('train_files', '?')} ({metrics['n_train']} training digits);
-  test on {provenance.get('test_files', '?')} ({metrics['n_test']} digits).
+- **Data**: {provenance.get("train_files", "?")} ({metrics["n_train"]} training digits);
+  test on {provenance.get("test_files", "?")} ({metrics["n_test"]} digits).
 - **Training**: AdamW (lr {cfg.lr}, weight decay {cfg.weight_decay}), one-cycle schedule,
   batch {cfg.batch_size}, {cfg.epochs} epochs, seed {cfg.seed}; augmentation: random rotation
   up to ±{cfg.max_rotate_deg}°, shift up to ±{cfg.max_shift_px} px, scale ±{100 * cfg.scale_range:.0f} %,
   shear up to {cfg.max_shear}.
-- **Metric**: test accuracy **{100 * metrics['test_accuracy']:.2f} %** on the 10,000 official test digits.
-- **Training time**: {metrics['train_seconds']} s on {provenance.get('hardware', '?')}.
+- **Metric**: test accuracy **{100 * metrics["test_accuracy"]:.2f} %** on the 10,000 official test digits.
+- **Training time**: {metrics["train_seconds"]} s on {provenance.get("hardware", "?")}.
 - **Files**: `weights.safetensors` (float32), `config.json` (architecture, training config,
   metrics, provenance). Load with `training.judge.load_judge(dir)`.
-- **Reproduce**: `{provenance.get('command', 'vdib train-judge')}`
+- **Reproduce**: `{provenance.get("command", "vdib train-judge")}`
 
 | epoch | train loss | test accuracy |
 |---|---|---|
@@ -257,5 +271,11 @@ def load_mnist_tensors(
         return torch.from_numpy(a.reshape(len(a), -1).astype(np.float32) / 255.0)
 
     d = data_dir or default_mnist_dir()
-    return (f(tr[0]), torch.from_numpy(tr[1]), f(te[0]), torch.from_numpy(te[1]),
-            find_mnist_files(d, "train")[0].name, find_mnist_files(d, "test")[0].name)
+    return (
+        f(tr[0]),
+        torch.from_numpy(tr[1]),
+        f(te[0]),
+        torch.from_numpy(te[1]),
+        find_mnist_files(d, "train")[0].name,
+        find_mnist_files(d, "test")[0].name,
+    )

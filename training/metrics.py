@@ -20,7 +20,9 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return (g[:, None] * g[None, :]).float()
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+def ssim(
+    a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, size: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
     r"""Per-image SSIM (Wang et al. 2004) of images ``[B, H, W]`` in [0, data_range].
 
     :math:`\mathrm{SSIM} = \frac{(2\mu_a\mu_b + C_1)(2\sigma_{ab} + C_2)}{(\mu_a^2 + \mu_b^2 + C_1)
@@ -49,8 +51,11 @@ class MetricsLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after_step is not None and path.is_file():
             # on resume, drop records written after the checkpoint so the log has no duplicates
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= truncate_after_step]
+            keep = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= truncate_after_step
+            ]
             path.write_text("".join(ln + "\n" for ln in keep))
         self._f = path.open("a")
 
@@ -124,7 +129,9 @@ def plot_run(run_dir: Path) -> list[Path]:
         if keys:
             fig, ax = _figure()
             for k in keys:
-                ax.plot([r["examples"] for r in evals], [r.get(k, math.nan) for r in evals], marker="o", label=k)
+                ax.plot(
+                    [r["examples"] for r in evals], [r.get(k, math.nan) for r in evals], marker="o", label=k
+                )
             ax.set_xlabel("training examples")
             out.append(_finish(fig, ax, run_dir / "eval.png"))
     return out

@@ -46,11 +46,24 @@ class BlobConfig:
 
 
 def build_blob_model(cfg: BlobConfig) -> Naturalizer:
-    enc = EncoderConfig(n_inputs=20, hidden=(), n_readout=cfg.n_readout, tau_e=cfg.tau_e,
-                        n_basis=min(8, cfg.tau_e), prior_rate=cfg.prior_rate)
-    nc = NaturalizerConfig(encoder=enc, decoder="linear", tau_d=cfg.tau_d, image_shape=(210,),
-                           input_shape=(1, 1, 20), dt_us=1, output="logits",
-                           preprocessing={"kind": "blobs", "lag": cfg.lag})
+    enc = EncoderConfig(
+        n_inputs=20,
+        hidden=(),
+        n_readout=cfg.n_readout,
+        tau_e=cfg.tau_e,
+        n_basis=min(8, cfg.tau_e),
+        prior_rate=cfg.prior_rate,
+    )
+    nc = NaturalizerConfig(
+        encoder=enc,
+        decoder="linear",
+        tau_d=cfg.tau_d,
+        image_shape=(210,),
+        input_shape=(1, 1, 20),
+        dt_us=1,
+        output="logits",
+        preprocessing={"kind": "blobs", "lag": cfg.lag},
+    )
     return Naturalizer(nc)
 
 
@@ -66,9 +79,11 @@ def evaluate_blobs(nat: Naturalizer, cfg: BlobConfig, seed: int = 12345) -> dict
     pats = class_patterns()
     pred_pattern = p @ pats
     true_pattern = pats[y[:, 0]]
-    return {"accuracy": float((logits.argmax(-1) == y[:, 0]).float().mean()),
-            "mse": float(((pred_pattern - true_pattern) ** 2).mean()),
-            "spike_rate": float(spikes.mean())}
+    return {
+        "accuracy": float((logits.argmax(-1) == y[:, 0]).float().mean()),
+        "mse": float(((pred_pattern - true_pattern) ** 2).mean()),
+        "spike_rate": float(spikes.mean()),
+    }
 
 
 def train_blobs(cfg: BlobConfig, progress: bool = False) -> tuple[Naturalizer, dict[str, Any]]:
@@ -86,6 +101,12 @@ def train_blobs(cfg: BlobConfig, progress: bool = False) -> tuple[Naturalizer, d
         x, y = drifting_blobs(cfg.T, cfg.batch_size, cfg.lag, rng=rng)
         last = rule.train_step(x, y, g)
     res: dict[str, Any] = dict(evaluate_blobs(nat, cfg))
-    res.update({"train_seconds": round(time.perf_counter() - t0, 1), "examples": steps * cfg.batch_size,
-                "train_readout_rate": last.get("readout_rate"), "config": asdict(cfg)})
+    res.update(
+        {
+            "train_seconds": round(time.perf_counter() - t0, 1),
+            "examples": steps * cfg.batch_size,
+            "train_readout_rate": last.get("readout_rate"),
+            "config": asdict(cfg),
+        }
+    )
     return nat, res

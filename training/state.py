@@ -25,7 +25,9 @@ _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
 
 
-def flatten_state(obj: Any, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "s") -> tuple[Any, dict]:
+def flatten_state(
+    obj: Any, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "s"
+) -> tuple[Any, dict]:
     """Split a nested structure into a JSON skeleton and a flat ``{name: tensor}`` dict.
 
     Tensors become ``{"__tensor__": name}``; dict keys are kept with their Python type recorded
@@ -84,7 +86,9 @@ def rng_state(np_rng: np.random.Generator | None, generators: dict[str, torch.Ge
     return st
 
 
-def set_rng_state(st: dict, np_rng: np.random.Generator | None, generators: dict[str, torch.Generator]) -> None:
+def set_rng_state(
+    st: dict, np_rng: np.random.Generator | None, generators: dict[str, torch.Generator]
+) -> None:
     torch.set_rng_state(st["torch"])
     for k, g in generators.items():
         g.set_state(st["generators"][k])

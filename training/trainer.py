@@ -126,29 +126,65 @@ def build_datasets(cfg: TrainingConfig, progress: bool = True) -> Datasets:
         te = D.load_mnist_split(d.dir or None, "test", lim_te)
         mtrain = D.MnistSpikes(D.ImageSet.from_uint8(*tr), d.encoding, d.T)
         mtest = D.MnistSpikes(D.ImageSet.from_uint8(*te), d.encoding, d.T)
-        return Datasets(mtrain, mtest, 784, (1, 28, 28), d.T, {"train_items": len(mtrain), "test_items": len(mtest)})
+        return Datasets(
+            mtrain, mtest, 784, (1, 28, 28), d.T, {"train_items": len(mtrain), "test_items": len(mtest)}
+        )
     if d.kind == "simulated-mnist-dvs":
         mdir = d.mnist_dir or d.dir or None
         tr = D.load_mnist_split(mdir, "train", lim_tr)
         te = D.load_mnist_split(mdir, "test", lim_te)
         cache = d.cache_dir or None
-        train = D.simulate_mnist_dvs_set(*tr, target=d.target, dt_us=d.dt_us, duration_us=d.duration_us, seed=0,
-                                         cache_dir=cache, progress=progress, simulate_kwargs=d.simulate, tag="train",
-                                         workers=d.workers)
+        train = D.simulate_mnist_dvs_set(
+            *tr,
+            target=d.target,
+            dt_us=d.dt_us,
+            duration_us=d.duration_us,
+            seed=0,
+            cache_dir=cache,
+            progress=progress,
+            simulate_kwargs=d.simulate,
+            tag="train",
+            workers=d.workers,
+        )
         # tests always score against the exact source digit
-        test = D.simulate_mnist_dvs_set(*te, target="source", dt_us=d.dt_us, duration_us=d.duration_us,
-                                        seed=10_000_000, cache_dir=cache, progress=progress,
-                                        simulate_kwargs=d.simulate, tag="test", workers=d.workers)
+        test = D.simulate_mnist_dvs_set(
+            *te,
+            target="source",
+            dt_us=d.dt_us,
+            duration_us=d.duration_us,
+            seed=10_000_000,
+            cache_dir=cache,
+            progress=progress,
+            simulate_kwargs=d.simulate,
+            tag="test",
+            workers=d.workers,
+        )
     elif d.kind == "mnist-dvs":
         protos = D.prototype_images(*D.load_mnist_split(d.mnist_dir or None, "train"))
-        train, test = (D.load_mnist_dvs(d.dir, split, d.dt_us, d.duration_us, prototypes=protos,
-                                        cache_dir=d.cache_dir or None, progress=progress, limit=lim)
-                       for split, lim in (("train", lim_tr), ("test", lim_te)))
+        train, test = (
+            D.load_mnist_dvs(
+                d.dir,
+                split,
+                d.dt_us,
+                d.duration_us,
+                prototypes=protos,
+                cache_dir=d.cache_dir or None,
+                progress=progress,
+                limit=lim,
+            )
+            for split, lim in (("train", lim_tr), ("test", lim_te))
+        )
     else:
         raise ValueError(f"data.kind {d.kind!r} is trained with training.predictive (blobs)")
     train.crop_T = d.crop_T
-    return Datasets(train, test, train.n_inputs, train.frame_shape, train.T,
-                    {"train_items": len(train), "test_items": len(test)})
+    return Datasets(
+        train,
+        test,
+        train.n_inputs,
+        train.frame_shape,
+        train.T,
+        {"train_items": len(train), "test_items": len(test)},
+    )
 
 
 def preprocessing_of(cfg: TrainingConfig, ds: Datasets) -> dict[str, Any]:
@@ -161,7 +197,7 @@ def preprocessing_of(cfg: TrainingConfig, ds: Datasets) -> dict[str, Any]:
         "kind": d.kind,
         "roi": list(spec.roi),
         "roi_convention": "events top-left convention (x right, y down; jAER x mirrored as in "
-                          "events.MNIST_DVS): ROI(48, 54, 26, 26) on a 128x128 DVS128 sensor",
+        "events.MNIST_DVS): ROI(48, 54, 26, 26) on a 128x128 DVS128 sensor",
         "sensor": [128, 128],
         "dt_us": int(d.dt_us),
         "duration_us": int(d.duration_us),
@@ -180,20 +216,34 @@ def build_naturalizer(cfg: TrainingConfig, ds: Datasets) -> Naturalizer:
     """A fresh :class:`model.Naturalizer` for the config and data."""
     m = cfg.model
     enc = EncoderConfig(
-        n_inputs=ds.n_inputs, hidden=tuple(m.hidden), n_readout=m.n_readout, tau_e=m.tau_e,
-        n_basis=m.n_basis, fb_memory=m.fb_memory, prior_rate=m.prior_rate,
+        n_inputs=ds.n_inputs,
+        hidden=tuple(m.hidden),
+        n_readout=m.n_readout,
+        tau_e=m.tau_e,
+        n_basis=m.n_basis,
+        fb_memory=m.fb_memory,
+        prior_rate=m.prior_rate,
     )
     d = cfg.data
     nc = NaturalizerConfig(
-        encoder=enc, decoder=m.decoder, tau_d=m.tau_d, image_shape=(28, 28), input_shape=ds.input_shape,
-        dt_us=int(d.dt_us) if d.kind != "mnist" else 1, polarity="split", mode="presence",
-        preprocessing=preprocessing_of(cfg, ds), decoder_options=dict(m.decoder_options),
+        encoder=enc,
+        decoder=m.decoder,
+        tau_d=m.tau_d,
+        image_shape=(28, 28),
+        input_shape=ds.input_shape,
+        dt_us=int(d.dt_us) if d.kind != "mnist" else 1,
+        polarity="split",
+        mode="presence",
+        preprocessing=preprocessing_of(cfg, ds),
+        decoder_options=dict(m.decoder_options),
     )
     init = "random" if m.hidden_init == "calibrated" else m.hidden_init
     return Naturalizer(nc, hidden_init=init, hidden_init_scale=m.hidden_init_scale)
 
 
-def init_hidden(cfg: TrainingConfig, nat: Naturalizer, ds: Datasets, device: torch.device) -> dict[str, float]:
+def init_hidden(
+    cfg: TrainingConfig, nat: Naturalizer, ds: Datasets, device: torch.device
+) -> dict[str, float]:
     """Apply ``model.hidden_init``: "zero"/"random" (done by the model) or "calibrated".
 
     "calibrated" bisects the random-init scale until ``model.hidden_active`` (default 0.15) of
@@ -238,7 +288,7 @@ def global_batch_indices(n: int, batch: int, seed: int, step: int) -> torch.Tens
     perm = _epoch_perm(n, seed, epoch)
     if n < batch:  # tiny datasets: wrap around
         perm = perm.repeat(math.ceil(batch / n))
-    return perm[k * batch:(k + 1) * batch]
+    return perm[k * batch : (k + 1) * batch]
 
 
 def _slice(dist: Dist, b: int) -> slice:
@@ -253,8 +303,9 @@ def _rule_step(rule: Any, x: torch.Tensor, target: torch.Tensor, uniforms: torch
     return rule.train_step(x, target, uniforms=uniforms)
 
 
-def evaluate_now(nat: torch.nn.Module, ds: Any, judge: Any, limit: int, batch_size: int, seed: int,
-                 device: torch.device) -> dict:
+def evaluate_now(
+    nat: torch.nn.Module, ds: Any, judge: Any, limit: int, batch_size: int, seed: int, device: torch.device
+) -> dict:
     res = evaluate_model(nat, ds, judge, limit or None, batch_size, seed, device)
     res.pop("judge_accuracy_per_class", None)
     res["eval_seconds"] = res.pop("seconds")  # "seconds" in metrics.jsonl is training time
@@ -310,7 +361,9 @@ def train(cfg: TrainingConfig, resume: bool = False, progress: bool = True) -> d
     ckpt_every = max(1, round(t_cfg.checkpoint_every / B))
     bar = None
     if progress and dist.is_main:
-        bar = tqdm(total=total_steps, initial=step, desc=f"train {run_dir.name}", unit="step", mininterval=1.0)
+        bar = tqdm(
+            total=total_steps, initial=step, desc=f"train {run_dir.name}", unit="step", mininterval=1.0
+        )
     sl = _slice(dist, B)
     t_start = time.perf_counter()
     acc: dict[str, float] = {}
@@ -322,11 +375,24 @@ def train(cfg: TrainingConfig, resume: bool = False, progress: bool = True) -> d
     def checkpoint() -> None:
         if not dist.is_main:
             return
+
         def write(tmp: Path) -> None:
-            save_checkpoint(tmp, nat, training_config=cfg.to_dict(), metrics={"step": step, "examples": step * B},
-                            provenance={"run_dir": str(run_dir)})
-            save_train_state(tmp, {"step": step, "elapsed": elapsed(), "rule": rule.state_dict(),
-                                   "rng": rng_state(None, {"sampling": gen})})
+            save_checkpoint(
+                tmp,
+                nat,
+                training_config=cfg.to_dict(),
+                metrics={"step": step, "examples": step * B},
+                provenance={"run_dir": str(run_dir)},
+            )
+            save_train_state(
+                tmp,
+                {
+                    "step": step,
+                    "elapsed": elapsed(),
+                    "rule": rule.state_dict(),
+                    "rng": rng_state(None, {"sampling": gen}),
+                },
+            )
 
         save_training_checkpoint(run_dir, step, write, keep=int(r.keep_checkpoints))
 
@@ -347,43 +413,76 @@ def train(cfg: TrainingConfig, resume: bool = False, progress: bool = True) -> d
         if bar is not None:
             bar.update(1)
             if step % 5 == 0:
-                bar.set_postfix(loss=f"{stats.get('decoder_loss', float('nan')):.1f}",
-                                rate=f"{stats.get('readout_rate', float('nan')):.3f}")
+                bar.set_postfix(
+                    loss=f"{stats.get('decoder_loss', float('nan')):.1f}",
+                    rate=f"{stats.get('readout_rate', float('nan')):.3f}",
+                )
         if log is not None and (step % t_cfg.log_every == 0 or step == total_steps):
-            log.write({"kind": "train", "step": step, "examples": step * B, "seconds": round(elapsed(), 2),
-                       **{k: v / n_acc for k, v in acc.items()}})
+            log.write(
+                {
+                    "kind": "train",
+                    "step": step,
+                    "examples": step * B,
+                    "seconds": round(elapsed(), 2),
+                    **{k: v / n_acc for k, v in acc.items()},
+                }
+            )
             acc, n_acc = {}, 0
         if step % eval_every == 0 and step < total_steps and log is not None:
             res = evaluate_now(nat, ds.test, judge, cfg.eval.limit, cfg.eval.batch_size, seed, device)
-            log.write({"kind": "eval", "step": step, "examples": step * B, "seconds": round(elapsed(), 2), **res})
+            log.write(
+                {"kind": "eval", "step": step, "examples": step * B, "seconds": round(elapsed(), 2), **res}
+            )
             if bar is not None:
-                bar.write(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, float)))
+                bar.write(
+                    f"step {step}: "
+                    + ", ".join(f"{k}={v:.4f}" for k, v in res.items() if isinstance(v, float))
+                )
         if step % ckpt_every == 0 and step < total_steps:
             checkpoint()
         if (t_cfg.max_seconds and elapsed() > t_cfg.max_seconds) or (
-                t_cfg.stop_after_steps and step - first_step >= t_cfg.stop_after_steps):
+            t_cfg.stop_after_steps and step - first_step >= t_cfg.stop_after_steps
+        ):
             stopped_early = step < total_steps
             break
     if bar is not None:
         bar.close()
     checkpoint()
-    summary: dict[str, Any] = {"steps": step, "examples": step * B, "train_seconds": round(elapsed(), 1),
-                               "stopped_early": stopped_early, "world_size": dist.world, "device": str(device)}
+    summary: dict[str, Any] = {
+        "steps": step,
+        "examples": step * B,
+        "train_seconds": round(elapsed(), 1),
+        "stopped_early": stopped_early,
+        "world_size": dist.world,
+        "device": str(device),
+    }
     if log is not None:  # the main rank
         res = evaluate_now(nat, ds.test, judge, cfg.eval.final_limit, cfg.eval.batch_size, seed, device)
         summary["final_eval"] = res
-        log.write({"kind": "eval", "step": step, "examples": step * B, "seconds": round(elapsed(), 2),
-                   "final": True, **res})
+        log.write(
+            {
+                "kind": "eval",
+                "step": step,
+                "examples": step * B,
+                "seconds": round(elapsed(), 2),
+                "final": True,
+                **res,
+            }
+        )
         log.close()
         save_dir = Path(r.save) if r.save else run_dir / "final"
-        prov = {"run_dir": str(run_dir), "hardware": hardware_string(), "data": ds.info,
-                "command": cfg.run.command, **init_info}
+        prov = {
+            "run_dir": str(run_dir),
+            "hardware": hardware_string(),
+            "data": ds.info,
+            "command": cfg.run.command,
+            **init_info,
+        }
         metrics = {**res, **{k: v for k, v in summary.items() if k != "final_eval"}}
         if r.save_dtype != "float32":
             # evaluate what is shipped: the weights as stored (e.g. float16 halves the size)
             nat = cast_weights(nat, r.save_dtype)
-            res = evaluate_now(nat, ds.test, judge, cfg.eval.final_limit, cfg.eval.batch_size, seed,
-                               device)
+            res = evaluate_now(nat, ds.test, judge, cfg.eval.final_limit, cfg.eval.batch_size, seed, device)
             summary["final_eval"] = metrics["stored_weights_eval"] = res
             metrics.update(res)
         export_checkpoint(save_dir, nat, cfg, metrics, prov, r.save_dtype)
@@ -414,19 +513,35 @@ def cast_weights(nat: Naturalizer, dtype: str) -> Naturalizer:
     return out
 
 
-def export_checkpoint(save_dir: Path, nat: Naturalizer, cfg: TrainingConfig, metrics: dict[str, Any],
-                      provenance: dict[str, Any],
-                      dtype: str = "float32") -> Path:
+def export_checkpoint(
+    save_dir: Path,
+    nat: Naturalizer,
+    cfg: TrainingConfig,
+    metrics: dict[str, Any],
+    provenance: dict[str, Any],
+    dtype: str = "float32",
+) -> Path:
     """``model.save_checkpoint`` with the weights stored as ``dtype`` (loading casts them back), plus
     the model card; files are world-readable."""
     if dtype in ("int4", "int8"):
-        save_checkpoint(save_dir, copy.deepcopy(nat).to("cpu"), training_config=cfg.to_dict(), metrics=metrics,
-                        provenance={**provenance, "weights_dtype": dtype}, quantize=dtype)
+        save_checkpoint(
+            save_dir,
+            copy.deepcopy(nat).to("cpu"),
+            training_config=cfg.to_dict(),
+            metrics=metrics,
+            provenance={**provenance, "weights_dtype": dtype},
+            quantize=dtype,
+        )
     else:
         dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
         stored = copy.deepcopy(nat).to("cpu").to(dt) if dt != torch.float32 else nat
-        save_checkpoint(save_dir, stored, training_config=cfg.to_dict(), metrics=metrics,
-                        provenance={**provenance, "weights_dtype": dtype})
+        save_checkpoint(
+            save_dir,
+            stored,
+            training_config=cfg.to_dict(),
+            metrics=metrics,
+            provenance={**provenance, "weights_dtype": dtype},
+        )
     write_model_card(save_dir, cfg.run.title or None, cfg.run.notes)
     for f in Path(save_dir).iterdir():
         os.chmod(f, 0o644)

@@ -16,7 +16,17 @@ from ..loss import KLReduction, LossKind, decoder_loss
 from ..naturalizer import Naturalizer, sliding_windows
 from ..rollout import HiddenRollout
 
-__all__ = ["MATMUL_DTYPES", "HiddenInit", "KLReduction", "MatmulDtype", "Rule", "TargetSteps", "init_hidden", "flatten_input", "hidden_stats"]
+__all__ = [
+    "MATMUL_DTYPES",
+    "HiddenInit",
+    "KLReduction",
+    "MatmulDtype",
+    "Rule",
+    "TargetSteps",
+    "init_hidden",
+    "flatten_input",
+    "hidden_stats",
+]
 
 #: ``matmul_dtype`` option names.
 MatmulDtype = Literal["float32", "bfloat16"]
@@ -121,22 +131,36 @@ class Rule:
         return flat.view(T, R).sum(0)
 
     def train_step(
-        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+        self,
+        x: Tensor,
+        target: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        uniforms: Tensor | None = None,
     ) -> dict[str, float]:
         raise NotImplementedError
 
     def evaluate(
-        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+        self,
+        x: Tensor,
+        target: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        uniforms: Tensor | None = None,
     ) -> dict[str, float]:
         raise NotImplementedError
 
     @staticmethod
-    def _uniforms(shape: torch.Size, like: Tensor, generator: torch.Generator | None, given: Tensor | None) -> Tensor:
+    def _uniforms(
+        shape: torch.Size, like: Tensor, generator: torch.Generator | None, given: Tensor | None
+    ) -> Tensor:
         """The readout noise ``[T, R, N_Y]``: ``given`` (checked) or one ``torch.rand`` draw."""
         if given is None:
             return torch.rand(shape, generator=generator, dtype=like.dtype, device=like.device)
         if tuple(given.shape) != tuple(shape):
-            raise ValueError(f"uniforms must have shape {tuple(shape)} (T, B * n_samples, N_Y), got {tuple(given.shape)}")
+            raise ValueError(
+                f"uniforms must have shape {tuple(shape)} (T, B * n_samples, N_Y), got {tuple(given.shape)}"
+            )
         return given.to(device=like.device, dtype=like.dtype)
 
     def state_dict(self) -> dict[str, Any]:
@@ -144,4 +168,3 @@ class Rule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
-

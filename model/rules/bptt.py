@@ -47,7 +47,9 @@ class BPTTOptions:
         if self.target_steps not in ("last", "all"):
             raise ValueError(f"target_steps must be 'last' or 'all', got {self.target_steps!r}")
         if self.matmul_dtype not in MATMUL_DTYPES:
-            raise ValueError(f"matmul_dtype must be one of {sorted(MATMUL_DTYPES)}, got {self.matmul_dtype!r}")
+            raise ValueError(
+                f"matmul_dtype must be one of {sorted(MATMUL_DTYPES)}, got {self.matmul_dtype!r}"
+            )
         if self.hidden_init not in (None, "zero", "random"):
             raise ValueError(f"hidden_init must be None, 'zero' or 'random', got {self.hidden_init!r}")
 
@@ -88,8 +90,12 @@ class BPTTRule(Rule):
         kl = analytic_kl(u, nat.config.encoder.prior_rate, o.kl_reduction)
         return roll, y, u, ld, kl
 
-    def _stats(self, roll: HiddenRollout, y: Tensor, u: Tensor, ld: Tensor, kl: Tensor, t0: float) -> dict[str, float]:
-        le = sampled_kl(y.detach(), u.detach(), self.naturalizer.config.encoder.prior_rate, self.opts.kl_reduction)
+    def _stats(
+        self, roll: HiddenRollout, y: Tensor, u: Tensor, ld: Tensor, kl: Tensor, t0: float
+    ) -> dict[str, float]:
+        le = sampled_kl(
+            y.detach(), u.detach(), self.naturalizer.config.encoder.prior_rate, self.opts.kl_reduction
+        )
         stats = {
             "loss": float((ld + self.opts.beta * kl).mean()),
             "decoder_loss": float(ld.mean()),
@@ -103,14 +109,24 @@ class BPTTRule(Rule):
 
     @torch.no_grad()
     def evaluate(
-        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+        self,
+        x: Tensor,
+        target: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        uniforms: Tensor | None = None,
     ) -> dict[str, float]:
         t0 = time.perf_counter()
         roll, y, u, ld, kl = self._forward(x, target, generator, False, uniforms)
         return self._stats(roll, y, u, ld, kl, t0)
 
     def train_step(
-        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+        self,
+        x: Tensor,
+        target: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        uniforms: Tensor | None = None,
     ) -> dict[str, float]:
         t0 = time.perf_counter()
         roll, y, u, ld, kl = self._forward(x, target, generator, True, uniforms)
@@ -140,4 +156,3 @@ class BPTTRule(Rule):
         self.naturalizer.load_state_dict(state["model"])
         self.opt.load_state_dict(copy.deepcopy(state["opt"]))
         self.steps = int(state["steps"])
-

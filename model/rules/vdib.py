@@ -120,7 +120,9 @@ def encoder_gradients(
         sg = torch.sigmoid(scale * roll.u[li])
         h = (eb @ b_mat.t()) * (scale * sg * (1 - sg))  # L_t * Theta'(U_t), [T, B, H]
         H = layer.out_features
-        grads[f"hidden.{li}.weight"] = mm(h.reshape(T * B, H).t(), roll.p[li].reshape(T * B, -1), matmul_dtype)
+        grads[f"hidden.{li}.weight"] = mm(
+            h.reshape(T * B, H).t(), roll.p[li].reshape(T * B, -1), matmul_dtype
+        )
         grads[f"hidden.{li}.bias"] = h.sum((0, 1))
     return grads
 
@@ -138,7 +140,7 @@ def per_row_gradients(
     """Unweighted per-row eligibilities :math:`g_r` for the rows ``rows`` -> ``{name: [n, *shape]}``."""
     T = y.shape[0]
     ny = y.shape[2]
-    e = (y[:, rows] - torch.sigmoid(u[:, rows]))  # [T, n, N_Y]
+    e = y[:, rows] - torch.sigmoid(u[:, rows])  # [T, n, N_Y]
     b_idx = rows // n_samples
     n = rows.numel()
     out: dict[str, Tensor] = {
@@ -157,7 +159,6 @@ def per_row_gradients(
         out[f"hidden.{li}.weight"] = torch.bmm(h.permute(1, 2, 0), roll.p[li][:, b_idx].permute(1, 0, 2))
         out[f"hidden.{li}.bias"] = h.sum(0)
     return out
-
 
 
 @dataclass
@@ -193,7 +194,9 @@ class VDIBOptions:
         if self.target_steps not in ("last", "all"):
             raise ValueError(f"target_steps must be 'last' or 'all', got {self.target_steps!r}")
         if self.matmul_dtype not in MATMUL_DTYPES:
-            raise ValueError(f"matmul_dtype must be one of {sorted(MATMUL_DTYPES)}, got {self.matmul_dtype!r}")
+            raise ValueError(
+                f"matmul_dtype must be one of {sorted(MATMUL_DTYPES)}, got {self.matmul_dtype!r}"
+            )
         if self.hidden_init not in (None, "zero", "random"):
             raise ValueError(f"hidden_init must be None, 'zero' or 'random', got {self.hidden_init!r}")
 
@@ -214,7 +217,9 @@ class VDIBRule(Rule):
         ny = naturalizer.config.encoder.n_readout
         dev = enc.readout_bias.device
         self.dfa = [
-            (torch.randn(layer.out_features, ny, generator=g) * (o.dfa_scale / math.sqrt(ny))).to(dev, enc.readout_bias.dtype)
+            (torch.randn(layer.out_features, ny, generator=g) * (o.dfa_scale / math.sqrt(ny))).to(
+                dev, enc.readout_bias.dtype
+            )
             for layer in enc.layers
         ]
         self.enc_params = dict(enc.named_parameters())
@@ -231,7 +236,12 @@ class VDIBRule(Rule):
 
     # -- the rollout shared by train_step and evaluate
     def _rollout(
-        self, x: Tensor, target: Tensor, generator: torch.Generator | None, n_samples: int, given: Tensor | None = None
+        self,
+        x: Tensor,
+        target: Tensor,
+        generator: torch.Generator | None,
+        n_samples: int,
+        given: Tensor | None = None,
     ) -> tuple[HiddenRollout, Tensor, Tensor, Tensor, Tensor, Tensor, int]:
         nat = self.naturalizer
         enc = nat.encoder
@@ -264,7 +274,12 @@ class VDIBRule(Rule):
 
     @torch.no_grad()
     def evaluate(
-        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+        self,
+        x: Tensor,
+        target: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        uniforms: Tensor | None = None,
     ) -> dict[str, float]:
         """Losses and rates of one batch without any update (one readout sample per input)."""
         t0 = time.perf_counter()
@@ -272,7 +287,12 @@ class VDIBRule(Rule):
         return self._stats(roll, y, ld, le, t0)
 
     def train_step(
-        self, x: Tensor, target: Tensor, generator: torch.Generator | None = None, *, uniforms: Tensor | None = None
+        self,
+        x: Tensor,
+        target: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        uniforms: Tensor | None = None,
     ) -> dict[str, float]:
         """One update on a batch: ``x [T, B, C, H, W]`` or ``[T, B, N]``; ``target [B, ...]``.
 
@@ -313,7 +333,9 @@ class VDIBRule(Rule):
                     self.baseline_ma = o.baseline_decay * self.baseline_ma + (1 - o.baseline_decay) * mean_ls
                 base_value = float(base.mean())
                 w = (ls - base) / R
-                grads = encoder_gradients(enc, roll, y, u, fb, w, self.dfa, n_samples=K, matmul_dtype=self._mm)
+                grads = encoder_gradients(
+                    enc, roll, y, u, fb, w, self.dfa, n_samples=K, matmul_dtype=self._mm
+                )
             names = list(grads)
             reduced = self._reduce_mean([grads[n] for n in names])
             if o.grad_clip is not None:
@@ -348,7 +370,12 @@ class VDIBRule(Rule):
             for n, gr in g.items():
                 lw = lr_.view(-1, *([1] * (gr.dim() - 1)))
                 g2 = gr * gr
-                for acc, val in ((s_gl, (gr * lw).sum(0)), (s_g, gr.sum(0)), (s_g2, g2.sum(0)), (s_g2l, (g2 * lw).sum(0))):
+                for acc, val in (
+                    (s_gl, (gr * lw).sum(0)),
+                    (s_g, gr.sum(0)),
+                    (s_g2, g2.sum(0)),
+                    (s_g2l, (g2 * lw).sum(0)),
+                ):
                     acc[n] = acc[n] + val if n in acc else val
         names = list(s_g2)
         stats = self._reduce_mean([s_g2[n] / R for n in names] + [s_g2l[n] / R for n in names])

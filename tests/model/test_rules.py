@@ -24,8 +24,17 @@ from model.testing import drifting_blobs, random_spike_frames, tiny_naturalizer
 
 
 def _tiny64(hidden=(6, 5), n_in=8, ny=4, seed=0):
-    nat = tiny_naturalizer(input_shape=(1, 2, n_in // 2), hidden=hidden, n_readout=ny, tau_d=3, tau_e=4,
-                           n_basis=3, seed=seed, readout_bias=0.0, hidden_init_scale=4.0).double()
+    nat = tiny_naturalizer(
+        input_shape=(1, 2, n_in // 2),
+        hidden=hidden,
+        n_readout=ny,
+        tau_d=3,
+        tau_e=4,
+        n_basis=3,
+        seed=seed,
+        readout_bias=0.0,
+        hidden_init_scale=4.0,
+    ).double()
     return nat
 
 
@@ -93,10 +102,13 @@ def test_readout_score_function_equals_autograd_of_log_likelihood():
     for t in range(9):
         z, hidden = enc.hidden_step(x[t], st.hidden)
         lag = F.lag_weights(enc.readout_ff_weight, enc.ff_kernel.flip(0))
-        _, ro, u_t = F.srm_readout_step(z.detach(), st.readout, lag, enc.readout_fb_weight,
-                                        enc.readout_bias, enc.fb_kernel, uni[t])
+        _, ro, u_t = F.srm_readout_step(
+            z.detach(), st.readout, lag, enc.readout_fb_weight, enc.readout_bias, enc.fb_kernel, uni[t]
+        )
         yt = y[t]
-        logp = logp + (yt * torch.nn.functional.logsigmoid(u_t) + (1 - yt) * torch.nn.functional.logsigmoid(-u_t)).sum(1)
+        logp = logp + (
+            yt * torch.nn.functional.logsigmoid(u_t) + (1 - yt) * torch.nn.functional.logsigmoid(-u_t)
+        ).sum(1)
         # condition on the drawn y (the score function conditions on the sample)
         ro = F.SRMState(ro.pending, torch.cat((st.readout.fb_hist[:, 1:], yt.unsqueeze(1)), 1))
         st = type(st)(hidden, ro)
@@ -108,7 +120,9 @@ def test_readout_score_function_equals_autograd_of_log_likelihood():
 def test_hidden_eprop_one_step_hand_computed():
     torch.manual_seed(0)
     cfg = EncoderConfig(n_inputs=3, hidden=(2,), n_readout=2, tau_e=1, n_basis=1, fb_memory=1)
-    nat = Naturalizer(NaturalizerConfig(encoder=cfg, decoder="linear", tau_d=1, image_shape=(2,), input_shape=(1, 1, 3)))
+    nat = Naturalizer(
+        NaturalizerConfig(encoder=cfg, decoder="linear", tau_d=1, image_shape=(2,), input_shape=(1, 1, 3))
+    )
     nat = nat.double()
     enc = nat.encoder
     with torch.no_grad():
@@ -138,7 +152,10 @@ def test_vectorised_gradients_equal_per_sample_per_step_reference():
     uni = torch.rand(15, 3, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     w = torch.tensor([0.5, -1.0, 0.25], dtype=torch.float64)
     g = torch.Generator().manual_seed(9)
-    dfa = [torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)]
+    dfa = [
+        torch.randn(6, 4, generator=g, dtype=torch.float64),
+        torch.randn(5, 4, generator=g, dtype=torch.float64),
+    ]
     ref, y_ref, u_ref = reference_encoder_gradients(enc, x, uni, w, dfa)
     with torch.no_grad():
         roll = hidden_rollout(enc, x)
@@ -190,8 +207,15 @@ def test_every_parameter_gets_a_finite_update(baseline, k):
 
 
 def test_bptt_every_parameter_gets_a_finite_gradient():
-    nat = tiny_naturalizer(input_shape=(1, 4, 4), hidden=(12, 8), n_readout=6, tau_d=4, image_shape=(4, 4),
-                           decoder="mlp", decoder_options={"hidden": 10})
+    nat = tiny_naturalizer(
+        input_shape=(1, 4, 4),
+        hidden=(12, 8),
+        n_readout=6,
+        tau_d=4,
+        image_shape=(4, 4),
+        decoder="mlp",
+        decoder_options={"hidden": 10},
+    )
     rule = build_rule("vdib-bptt", nat, lr=1e-2)
     x = random_spike_frames(12, (5, 1, 4, 4), rate=0.3, seed=0)
     roll, y, u, ld, kl = rule._forward(x, torch.rand(5, 4, 4), torch.Generator().manual_seed(0), True)
@@ -248,13 +272,18 @@ def _blob_batch(step, batch=16, T=20):
     return x, x[-1]  # target: the last frame's blob positions
 
 
-@pytest.mark.parametrize("rule_name,opts", [("vdib", {"baseline": "loo", "n_samples": 2, "lr": 3e-3}),
-                                            ("vdib-bptt", {"lr": 3e-3})])
+@pytest.mark.parametrize(
+    "rule_name,opts", [("vdib", {"baseline": "loo", "n_samples": 2, "lr": 3e-3}), ("vdib-bptt", {"lr": 3e-3})]
+)
 def test_tiny_model_on_drifting_blobs_lowers_its_loss(rule_name, opts):
     torch.manual_seed(0)
-    cfg = NaturalizerConfig(encoder=EncoderConfig(n_inputs=20, hidden=(), n_readout=10, tau_e=5, n_basis=3,
-                                                  prior_rate=0.2),
-                            decoder="linear", tau_d=5, image_shape=(20,), input_shape=(1, 1, 20))
+    cfg = NaturalizerConfig(
+        encoder=EncoderConfig(n_inputs=20, hidden=(), n_readout=10, tau_e=5, n_basis=3, prior_rate=0.2),
+        decoder="linear",
+        tau_d=5,
+        image_shape=(20,),
+        input_shape=(1, 1, 20),
+    )
     nat = Naturalizer(cfg)
     rule = build_rule(rule_name, nat, **opts)
     g = torch.Generator().manual_seed(0)
@@ -273,7 +302,9 @@ def test_tiny_model_on_drifting_blobs_lowers_its_loss(rule_name, opts):
 
 @pytest.mark.parametrize("rule_name", ["vdib", "vdib-bptt"])
 def test_all_steps_targets_and_class_logits(rule_name):
-    nat = tiny_naturalizer(input_shape=(1, 4, 4), hidden=(10,), n_readout=6, tau_d=3, image_shape=(5,), output="logits")
+    nat = tiny_naturalizer(
+        input_shape=(1, 4, 4), hidden=(10,), n_readout=6, tau_d=3, image_shape=(5,), output="logits"
+    )
     opts = {"n_samples": 2} if rule_name == "vdib" else {}
     rule = build_rule(rule_name, nat, target_steps="all", **opts)
     x = random_spike_frames(7, (4, 1, 4, 4), rate=0.3, seed=0)
@@ -293,11 +324,16 @@ def _routing_batch(g, B=16, T=10):
     return x, cls.float().view(B, 1)
 
 
-@pytest.mark.parametrize("rule_name,opts,hidden", [("vdib", {"baseline": "loo", "n_samples": 4}, ()),
-                                                   ("vdib", {"baseline": "moving-average", "n_samples": 1}, ()),
-                                                   ("vdib-bptt", {}, ()),
-                                                   ("vdib", {"baseline": "loo", "n_samples": 4}, (16,)),
-                                                   ("vdib-bptt", {}, (16,))])
+@pytest.mark.parametrize(
+    "rule_name,opts,hidden",
+    [
+        ("vdib", {"baseline": "loo", "n_samples": 4}, ()),
+        ("vdib", {"baseline": "moving-average", "n_samples": 1}, ()),
+        ("vdib-bptt", {}, ()),
+        ("vdib", {"baseline": "loo", "n_samples": 4}, (16,)),
+        ("vdib-bptt", {}, (16,)),
+    ],
+)
 def test_encoder_alone_learns_to_route_classes_through_a_fixed_decoder(rule_name, opts, hidden):
     """Only the encoder can lower this loss: the decoder is frozen (readout 0 minus readout 1 counts).
 
@@ -305,8 +341,13 @@ def test_encoder_alone_learns_to_route_classes_through_a_fixed_decoder(rule_name
     the task is solved only if the hidden learning (e-prop + DFA, or BPTT) works.
     """
     torch.manual_seed(0)
-    cfg = NaturalizerConfig(encoder=EncoderConfig(n_inputs=8, hidden=hidden, n_readout=2, tau_e=3, n_basis=2, prior_rate=0.5),
-                            decoder="rate-linear", tau_d=5, image_shape=(1,), input_shape=(1, 1, 8))
+    cfg = NaturalizerConfig(
+        encoder=EncoderConfig(n_inputs=8, hidden=hidden, n_readout=2, tau_e=3, n_basis=2, prior_rate=0.5),
+        decoder="rate-linear",
+        tau_d=5,
+        image_shape=(1,),
+        input_shape=(1, 1, 8),
+    )
     nat = Naturalizer(cfg)
     with torch.no_grad():
         nat.decoder.fc.weight.copy_(torch.tensor([[1.0, -1.0]]))
@@ -350,7 +391,9 @@ def test_given_uniforms_equal_generator_draws(rule_name, opts):
 
 def test_per_parameter_baseline_update_matches_per_sample_computation():
     nat = _tiny64()
-    rule = build_rule("vdib", nat, baseline="per-parameter", n_samples=1, per_parameter_chunk=2, baseline_decay=0.5)
+    rule = build_rule(
+        "vdib", nat, baseline="per-parameter", n_samples=1, per_parameter_chunk=2, baseline_decay=0.5
+    )
     enc = nat.encoder
     x = random_spike_frames(9, (3, 8), rate=0.4, seed=1).double()
     uni = torch.rand(9, 3, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)

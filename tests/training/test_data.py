@@ -34,8 +34,13 @@ def test_rate_encoding_mean_and_seed():
 def test_frameset_roundtrip(tmp_path):
     rng = np.random.default_rng(0)
     frames = (rng.random((5, 7, 2, 26, 26)) < 0.1).astype(np.uint8)
-    fs = data.FrameSet(data.pack_frames(frames), (2, 26, 26),
-                       rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), np.arange(5), {"k": 1})
+    fs = data.FrameSet(
+        data.pack_frames(frames),
+        (2, 26, 26),
+        rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+        np.arange(5),
+        {"k": 1},
+    )
     np.testing.assert_array_equal(fs.frames(np.arange(5)), frames)
     fs.save(tmp_path / "f.npz")
     fs2 = data.FrameSet.load(tmp_path / "f.npz")
@@ -63,8 +68,12 @@ def test_mnist_files_at_hand(shared_mnist):
 
 
 def test_standard_names_win(tmp_path):
-    for name in ("train10k-images-idx3-ubyte", "train10k-labels-idx1-ubyte",
-                 "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+    for name in (
+        "train10k-images-idx3-ubyte",
+        "train10k-labels-idx1-ubyte",
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+    ):
         (tmp_path / name).write_bytes(b"")
     assert data.find_mnist_files(tmp_path, "train")[0].name == "train-images-idx3-ubyte.gz"
     with pytest.raises(data.DatasetError):
@@ -84,13 +93,14 @@ def test_scan_mnist_dvs_layout(tmp_path):
 def test_frameset_crop_windows_are_contiguous():
     rng = np.random.default_rng(1)
     frames = (rng.random((3, 20, 2, 4, 4)) < 0.3).astype(np.uint8)
-    fs = data.FrameSet(data.pack_frames(frames), (2, 4, 4), np.zeros((3, 28, 28), np.uint8), np.arange(3), {},
-                       crop_T=5)
+    fs = data.FrameSet(
+        data.pack_frames(frames), (2, 4, 4), np.zeros((3, 28, 28), np.uint8), np.arange(3), {}, crop_T=5
+    )
     x, _, _ = fs.batch(np.arange(3), torch.Generator().manual_seed(0))
     assert x.shape == (5, 3, 32)
     for b in range(3):
         seq = x[:, b].numpy().reshape(5, 2, 4, 4)
-        starts = [s for s in range(16) if (frames[b, s:s + 5] == seq).all()]
+        starts = [s for s in range(16) if (frames[b, s : s + 5] == seq).all()]
         assert starts  # the window is some contiguous run of the recording
 
 
@@ -116,7 +126,9 @@ def test_simulated_set_targets_cache_and_workers(tmp_path, shared_mnist):
     assert len(src) == 20 and src.T == 40 and src.frame_shape == (2, 26, 26)
     np.testing.assert_array_equal(src.targets, imgs)
     assert len(list(tmp_path.glob("*.npz"))) == 1
-    again = data.simulate_mnist_dvs_set(imgs, labs, "source", workers=2, **{**kw, "cache_dir": tmp_path / "w"})
+    again = data.simulate_mnist_dvs_set(
+        imgs, labs, "source", workers=2, **{**kw, "cache_dir": tmp_path / "w"}
+    )
     np.testing.assert_array_equal(again.packed, src.packed)  # independent of the number of workers
     proto = data.simulate_mnist_dvs_set(imgs, labs, "prototype", **kw)  # served from the cache
     np.testing.assert_array_equal(proto.packed, src.packed)

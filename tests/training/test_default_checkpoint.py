@@ -50,7 +50,9 @@ def test_evaluate_on_real_recordings_plots_the_decoding_over_time(shared_events,
     from training.evaluate import evaluate_checkpoint
 
     _load()
-    res = evaluate_checkpoint(DEFAULT, data=shared_events / "aedat2", out_dir=tmp_path, progress=False, device="cpu")
+    res = evaluate_checkpoint(
+        DEFAULT, data=shared_events / "aedat2", out_dir=tmp_path, progress=False, device="cpu"
+    )
     assert res["n"] >= 1 and res["judge_accuracy"] == 1.0  # the recordings at hand are 0s
     dot = json.loads((tmp_path / "summary.json").read_text())["decoded_over_time"]
     assert dot["recording"] == "mnist_0_scale04_0001.aedat"

@@ -38,19 +38,27 @@ def test_overrides_keep_the_time_spans():
 def test_sets_simulate_once_and_match_the_single_dt_caches(tmp_path, shared_mnist):
     imgs, labs = data.load_mnist_split(shared_mnist, "train", limit=6)
     calls: list[int] = []
-    sets = data.simulate_mnist_dvs_sets(imgs, labs, [10_000, 25_000, 50_000], cache_dir=tmp_path, progress=False,
-                                        simulate=_counting_sim(calls))
+    sets = data.simulate_mnist_dvs_sets(
+        imgs,
+        labs,
+        [10_000, 25_000, 50_000],
+        cache_dir=tmp_path,
+        progress=False,
+        simulate=_counting_sim(calls),
+    )
     assert sorted(calls) == list(range(6))  # each digit simulated once for the three bin widths
     assert [sets[d].T for d in (10_000, 25_000, 50_000)] == [200, 80, 40]
     assert len(list(tmp_path.glob("*.npz"))) == 3
     for dt in (10_000, 50_000):  # the single-dt function reads the same cache files (no new simulation)
-        one = data.simulate_mnist_dvs_set(imgs, labs, "source", dt, cache_dir=tmp_path, progress=False,
-                                          simulate=_counting_sim(calls))
+        one = data.simulate_mnist_dvs_set(
+            imgs, labs, "source", dt, cache_dir=tmp_path, progress=False, simulate=_counting_sim(calls)
+        )
         np.testing.assert_array_equal(one.packed, sets[dt].packed)
     assert len(calls) == 6
     # and a single-dt simulation into a fresh cache bins exactly the same frames
-    fresh = data.simulate_mnist_dvs_set(imgs, labs, "source", 25_000, cache_dir=tmp_path / "b", progress=False,
-                                        simulate=_counting_sim([]))
+    fresh = data.simulate_mnist_dvs_set(
+        imgs, labs, "source", 25_000, cache_dir=tmp_path / "b", progress=False, simulate=_counting_sim([])
+    )
     np.testing.assert_array_equal(fresh.packed, sets[25_000].packed)
     # events in 10 ms bins -> present in the 50 ms bin that holds them
     f10, f50 = sets[10_000].frames(0), sets[50_000].frames(0)
@@ -62,9 +70,20 @@ def test_dvs_dt_writes_one_row_per_dt(tmp_path, shared_mnist):
 
     out = tmp_path / "out"
     logs: list[str] = []
-    res = dvs_dt_study([25, 50], tmp_path / "runs", out, train_digits=16, test_digits=8, examples=64,
-                       extra=[f'data.cache_dir="{tmp_path / "cache"}"', "run.threads=1"], workers=1, jobs=1,
-                       real_dir=REAL_MNIST_DVS, progress=False, log=logs.append)
+    res = dvs_dt_study(
+        [25, 50],
+        tmp_path / "runs",
+        out,
+        train_digits=16,
+        test_digits=8,
+        examples=64,
+        extra=[f'data.cache_dir="{tmp_path / "cache"}"', "run.threads=1"],
+        workers=1,
+        jobs=1,
+        real_dir=REAL_MNIST_DVS,
+        progress=False,
+        log=logs.append,
+    )
     saved = json.loads((out / "dvs-dt.json").read_text())
     assert (out / "dvs-dt.md").is_file() and (out / "dvs-dt.png").stat().st_size > 0
     rows = saved["rows"]
@@ -79,9 +98,20 @@ def test_dvs_dt_writes_one_row_per_dt(tmp_path, shared_mnist):
     assert saved["simulation"]["train"]["digits"] == 16 and res["rows"] == rows
     assert any("simulation done" in m for m in logs) and any("wrote" in m for m in logs)
     # a second call reuses the finished cells (no training)
-    again = dvs_dt_study([25, 50], tmp_path / "runs", out, train_digits=16, test_digits=8, examples=64,
-                         extra=[f'data.cache_dir="{tmp_path / "cache"}"', "run.threads=1"], workers=1, jobs=1,
-                         real_dir=None, progress=False, log=logs.append)
+    again = dvs_dt_study(
+        [25, 50],
+        tmp_path / "runs",
+        out,
+        train_digits=16,
+        test_digits=8,
+        examples=64,
+        extra=[f'data.cache_dir="{tmp_path / "cache"}"', "run.threads=1"],
+        workers=1,
+        jobs=1,
+        real_dir=None,
+        progress=False,
+        log=logs.append,
+    )
     assert all(t["reused"] for t in again["training"])
     cell = json.loads((tmp_path / "runs" / "dt25ms" / "cell.json").read_text())
     assert cell == {"study": "dvs-dt", "cell": "dt25ms", "dt_us": 25000, "crop_T": 24, "tau_d": 12}

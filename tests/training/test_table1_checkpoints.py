@@ -22,7 +22,9 @@ def test_table1_checkpoint_is_small_and_described(cell):
     enc, dec, _ = cell.split("-", 2)
     assert nat.config.decoder == {"time": "mlp", "rate": "rate-mlp"}[dec]
     assert nat.config.preprocessing["encoding"] == enc and nat.config.tau_d == 30
-    assert meta["training"]["train"]["examples"] == 200_000 and meta["training"]["rule"]["name"] == "vdib-bptt"
+    assert (
+        meta["training"]["train"]["examples"] == 200_000 and meta["training"]["rule"]["name"] == "vdib-bptt"
+    )
     assert meta["metrics"]["stored_weights"] == "int4" and meta["metrics"]["n"] == 10_000
     assert meta["metrics"]["judge_accuracy"] > 0.96
     # the stored model was re-measured: within a point of the full-precision run
@@ -51,8 +53,24 @@ def test_vdib_export_restores_with_other_weights_and_remeasures(shared_mnist, tm
     if not (src / "config.json").is_file():
         pytest.skip(f"{src} not shipped")
     dst = tmp_path / "int8"
-    assert vdib_cli.main(["export", str(src), str(dst), "--weights", "int8", "--limit", "100",
-                          "--data", str(shared_mnist), "--title", "re-stored"]) == 0
+    assert (
+        vdib_cli.main(
+            [
+                "export",
+                str(src),
+                str(dst),
+                "--weights",
+                "int8",
+                "--limit",
+                "100",
+                "--data",
+                str(shared_mnist),
+                "--title",
+                "re-stored",
+            ]
+        )
+        == 0
+    )
     meta = _json.loads((dst / "config.json").read_text())
     assert meta["metrics"]["stored_weights"] == "int8" and meta["metrics"]["n"] == 100
     assert meta["metrics"]["source_eval"]["n"] == 10_000  # the source's numbers are kept beside

@@ -9,8 +9,21 @@ def _line(cell, acc, examples, **extra):
     """A cell record as `vdib table1` appends it: identity fields, then results (the name is for people)."""
     enc, dec, rest = cell.split("-", 2)
     rule, seed = rest.rsplit("-s", 1)
-    return json.dumps({"cell": cell, "encoding": enc, "decoding": dec, "rule": rule, "seed": int(seed),
-                       "examples": examples, "judge_accuracy": acc, **extra}) + "\n"
+    return (
+        json.dumps(
+            {
+                "cell": cell,
+                "encoding": enc,
+                "decoding": dec,
+                "rule": rule,
+                "seed": int(seed),
+                "examples": examples,
+                "judge_accuracy": acc,
+                **extra,
+            }
+        )
+        + "\n"
+    )
 
 
 def test_time_vs_rate_averages_seeds_and_pairs_cells(tmp_path):
@@ -18,13 +31,16 @@ def test_time_vs_rate_averages_seeds_and_pairs_cells(tmp_path):
 
     cells = tmp_path / "cells.jsonl"
     cells.write_text(
-        _line("ttfs-time-vdib-s0", 0.90, 200000) + _line("ttfs-time-vdib-s1", 0.92, 200000)
-        + _line("ttfs-rate-vdib-s0", 0.95, 200000) + _line("ttfs-rate-vdib-s1", 0.93, 200000)
+        _line("ttfs-time-vdib-s0", 0.90, 200000)
+        + _line("ttfs-time-vdib-s1", 0.92, 200000)
+        + _line("ttfs-rate-vdib-s0", 0.95, 200000)
+        + _line("ttfs-rate-vdib-s1", 0.93, 200000)
         + _line("rate-time-vdib-bptt-s0", 0.80, 8000)  # no rate partner: gap unknown
     )
     tau = tmp_path / "tau.jsonl"
     tau.write_text(
-        _line("ttfs-time-vdib-bptt-s0", 0.96, 80000, tau_d=5) + _line("ttfs-rate-vdib-bptt-s0", 0.97, 80000, tau_d=5)
+        _line("ttfs-time-vdib-bptt-s0", 0.96, 80000, tau_d=5)
+        + _line("ttfs-rate-vdib-bptt-s0", 0.97, 80000, tau_d=5)
         + _line("ttfs-rate-vdib-bptt-s0", 0.970, 80000, tau_d=30)
         + _line("ttfs-time-vdib-bptt-s0", 0.975, 80000, tau_d=30, parameter_matched=True)
     )
@@ -53,8 +69,12 @@ def test_time_vs_rate_groups_by_variant_and_needs_cell_fields(tmp_path):
 
     cells = tmp_path / "cells.jsonl"
     rec = {"encoding": "rate", "rule": "vdib", "seed": 0, "examples": 10}
-    cells.write_text("".join(json.dumps({**rec, "decoding": d, "variant": "vdib-lr", "judge_accuracy": a}) + "\n"
-                             for d, a in (("time", 0.5), ("rate", 0.4))))
+    cells.write_text(
+        "".join(
+            json.dumps({**rec, "decoding": d, "variant": "vdib-lr", "judge_accuracy": a}) + "\n"
+            for d, a in (("time", 0.5), ("rate", 0.4))
+        )
+    )
     res = time_vs_rate(cells, tmp_path / "out")
     assert [(r["rule"], round(r["time_minus_rate"], 6)) for r in res["budget"]] == [("vdib-lr", 10.0)]
     cells.write_text(json.dumps({"cell": "rate-time-vdib-s0", "examples": 10, "judge_accuracy": 0.5}) + "\n")

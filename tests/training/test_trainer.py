@@ -16,11 +16,23 @@ from training.trainer import build_datasets, build_naturalizer, init_hidden, par
 
 def tiny_cfg(run_dir, **over):
     items = [
-        f'run.dir="{run_dir}"', "data.train_limit=64", "data.test_limit=32", "data.T=8",
-        "model.hidden=[24]", "model.n_readout=12", "model.tau_d=6", "model.decoder=\"mlp\"",
-        "model.decoder_options={hidden = 32}", "train.batch_size=8", "train.examples=64",
-        "train.log_every=2", "train.eval_every=1000000", "train.checkpoint_every=1000000",
-        "eval.limit=16", "eval.final_limit=16", "run.threads=1",
+        f'run.dir="{run_dir}"',
+        "data.train_limit=64",
+        "data.test_limit=32",
+        "data.T=8",
+        "model.hidden=[24]",
+        "model.n_readout=12",
+        "model.tau_d=6",
+        'model.decoder="mlp"',
+        "model.decoder_options={hidden = 32}",
+        "train.batch_size=8",
+        "train.examples=64",
+        "train.log_every=2",
+        "train.eval_every=1000000",
+        "train.checkpoint_every=1000000",
+        "eval.limit=16",
+        "eval.final_limit=16",
+        "run.threads=1",
     ]
     items += [f"{k}={v}" for k, v in over.items()]
     return C.load_config(None, items)
@@ -69,9 +81,12 @@ def test_resume_is_exact(tmp_path, rule):
     _mnist_or_skip()
     from model import load_checkpoint
 
-    full = train(tiny_cfg(tmp_path / "a", **{"rule.name": f'"{rule}"', "data.encoding": '"rate"'}), progress=False)
-    cfg_b = tiny_cfg(tmp_path / "b", **{"rule.name": f'"{rule}"', "data.encoding": '"rate"',
-                                        "train.stop_after_steps": 3})
+    full = train(
+        tiny_cfg(tmp_path / "a", **{"rule.name": f'"{rule}"', "data.encoding": '"rate"'}), progress=False
+    )
+    cfg_b = tiny_cfg(
+        tmp_path / "b", **{"rule.name": f'"{rule}"', "data.encoding": '"rate"', "train.stop_after_steps": 3}
+    )
     part = train(cfg_b, progress=False)
     assert part["stopped_early"] and part["steps"] == 3
     cfg_b.train.stop_after_steps = 0
@@ -95,8 +110,13 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, cfg: C.TrainingConfig) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     train(cfg, progress=False)
     # train() has finished, written its checkpoint and destroyed the process group; about 1 in 25

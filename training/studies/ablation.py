@@ -17,22 +17,50 @@ from .table1 import cell_config
 
 __all__ = ["ABLATION", "ablation"]
 
-ABLATION: list[tuple[str, list[str]]] = [  # (variant, config overrides) switched on in turn, from the authors' rule
-    ("authors: per-parameter baseline, K=1, zero hidden init, SGD",
-     ['rule.options={baseline = "per-parameter", n_samples = 1, encoder_optimizer = "sgd"}',
-      'model.hidden_init="zero"']),
-    ("+ leave-one-out baseline over K=2 readout samples",
-     ['rule.options={baseline = "loo", n_samples = 2, encoder_optimizer = "sgd"}', 'model.hidden_init="zero"']),
-    ("+ calibrated random hidden init (15 % of hidden spikes on)",
-     ['rule.options={baseline = "loo", n_samples = 2, encoder_optimizer = "sgd"}', 'model.hidden_init="calibrated"']),
-    ("+ Adam for the encoder (the `vdib` defaults)",
-     ['rule.options={baseline = "loo", n_samples = 2, encoder_optimizer = "adam"}', 'model.hidden_init="calibrated"']),
+ABLATION: list[
+    tuple[str, list[str]]
+] = [  # (variant, config overrides) switched on in turn, from the authors' rule
+    (
+        "authors: per-parameter baseline, K=1, zero hidden init, SGD",
+        [
+            'rule.options={baseline = "per-parameter", n_samples = 1, encoder_optimizer = "sgd"}',
+            'model.hidden_init="zero"',
+        ],
+    ),
+    (
+        "+ leave-one-out baseline over K=2 readout samples",
+        [
+            'rule.options={baseline = "loo", n_samples = 2, encoder_optimizer = "sgd"}',
+            'model.hidden_init="zero"',
+        ],
+    ),
+    (
+        "+ calibrated random hidden init (15 % of hidden spikes on)",
+        [
+            'rule.options={baseline = "loo", n_samples = 2, encoder_optimizer = "sgd"}',
+            'model.hidden_init="calibrated"',
+        ],
+    ),
+    (
+        "+ Adam for the encoder (the `vdib` defaults)",
+        [
+            'rule.options={baseline = "loo", n_samples = 2, encoder_optimizer = "adam"}',
+            'model.hidden_init="calibrated"',
+        ],
+    ),
 ]
 
 
-def ablation(root: Path, out: Path, examples: int, encoding: Literal["rate", "ttfs"] = "ttfs",
-             decoding: Literal["time", "rate"] = "time", seed: int = 0, train_limit: int = 0,
-             progress: bool = False) -> list[dict[str, Any]]:
+def ablation(
+    root: Path,
+    out: Path,
+    examples: int,
+    encoding: Literal["rate", "ttfs"] = "ttfs",
+    decoding: Literal["time", "rate"] = "time",
+    seed: int = 0,
+    train_limit: int = 0,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
     """Train the variants in turn (resuming partial cells); rewrites ``out/ablation.{json,md}`` after each."""
     rows = []
     info = {"encoding": encoding, "decoding": decoding, "examples": examples, "seed": seed}
@@ -44,8 +72,15 @@ def ablation(root: Path, out: Path, examples: int, encoding: Literal["rate", "tt
         write_cell(run_dir, {**cell.to_dict(), "study": "ablation", "description": variant})
         s = train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress)
         fe = s["final_eval"]
-        rows.append({"variant": variant, "judge_accuracy": fe.get("judge_accuracy"), "mse": fe.get("mse"),
-                     "spike_rate": fe.get("spike_rate"), "train_seconds": s["train_seconds"],
-                     "examples": s["examples"]})
+        rows.append(
+            {
+                "variant": variant,
+                "judge_accuracy": fe.get("judge_accuracy"),
+                "mse": fe.get("mse"),
+                "spike_rate": fe.get("spike_rate"),
+                "train_seconds": s["train_seconds"],
+                "examples": s["examples"],
+            }
+        )
         report.write_ablation(rows, info, out)
     return rows

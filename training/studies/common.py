@@ -84,8 +84,14 @@ class GridCell:
             raise CellError(f"cell record with encoding {enc!r} / decoding {dec!r}")
         if not isinstance(rule, str) or not isinstance(seed, int) or isinstance(seed, bool):
             raise CellError(f"cell record with rule {rule!r} / seed {seed!r}")
-        return cls(cast(Encoding, enc), cast(Decoding, dec), rule, seed, str(d.get("variant", "")),
-                   tuple(str(o) for o in d.get("overrides", ())))
+        return cls(
+            cast(Encoding, enc),
+            cast(Decoding, dec),
+            rule,
+            seed,
+            str(d.get("variant", "")),
+            tuple(str(o) for o in d.get("overrides", ())),
+        )
 
 
 def write_json(path: Path, obj: Any) -> Path:

@@ -27,8 +27,10 @@ __all__ = ["BASE", "DECODER", "PAPER", "cell_config", "collect", "run_cell"]
 BASE = REPO / "configs" / "table1" / "base.toml"
 #: The paper's Table 1 (LeNet accuracy on decoded test images, MLP decoder): (mean, std) in %.
 PAPER: dict[tuple[str, str], tuple[float, float]] = {
-    ("rate", "rate"): (60.50, 0.32), ("rate", "time"): (91.32, 0.27),
-    ("ttfs", "rate"): (86.43, 0.84), ("ttfs", "time"): (92.82, 0.25),
+    ("rate", "rate"): (60.50, 0.32),
+    ("rate", "time"): (91.32, 0.27),
+    ("ttfs", "rate"): (86.43, 0.84),
+    ("ttfs", "time"): (92.82, 0.25),
 }
 #: Decoding -> decoder: time decoding reads the τ_d readout frames, rate decoding their mean.
 DECODER = {"time": "mlp", "rate": "rate-mlp"}
@@ -37,13 +39,22 @@ DECODER = {"time": "mlp", "rate": "rate-mlp"}
 def cell_config(root: Path, cell: GridCell, examples: int, train_limit: int) -> TrainingConfig:
     """The resolved training config of one cell (``configs/table1/base.toml`` + the cell's settings)."""
     run_dir = root / cell.name
-    over = [f'run.dir="{run_dir}"', f"run.seed={cell.seed}", f'data.encoding="{cell.encoding}"',
-            f'model.decoder="{DECODER[cell.decoding]}"', f'rule.name="{cell.rule}"', f"train.examples={examples}",
-            f"data.train_limit={train_limit}", *cell.overrides]
+    over = [
+        f'run.dir="{run_dir}"',
+        f"run.seed={cell.seed}",
+        f'data.encoding="{cell.encoding}"',
+        f'model.decoder="{DECODER[cell.decoding]}"',
+        f'rule.name="{cell.rule}"',
+        f"train.examples={examples}",
+        f"data.train_limit={train_limit}",
+        *cell.overrides,
+    ]
     return load_config(BASE, over)
 
 
-def run_cell(root: Path, cell: GridCell, examples: int, train_limit: int = 0, progress: bool = False) -> dict[str, Any]:
+def run_cell(
+    root: Path, cell: GridCell, examples: int, train_limit: int = 0, progress: bool = False
+) -> dict[str, Any]:
     """Train one cell (resuming when its run directory holds a checkpoint); returns its record:
     the cell's identity, its resolved τ_d / decoder options, and the final metrics (also appended
     to ``root/cells.jsonl``)."""
@@ -52,9 +63,14 @@ def run_cell(root: Path, cell: GridCell, examples: int, train_limit: int = 0, pr
     write_cell(run_dir, cell.to_dict())
     s = train(cfg, resume=latest_checkpoint(run_dir) is not None, progress=progress)
     fe = s.get("final_eval", {})
-    record = {**cell.to_dict(), "tau_d": cfg.model.tau_d, "decoder_options": dict(cfg.model.decoder_options),
-              "examples": s["examples"], "train_seconds": s["train_seconds"],
-              **{k: v for k, v in fe.items() if isinstance(v, float)}}
+    record = {
+        **cell.to_dict(),
+        "tau_d": cfg.model.tau_d,
+        "decoder_options": dict(cfg.model.decoder_options),
+        "examples": s["examples"],
+        "train_seconds": s["train_seconds"],
+        **{k: v for k, v in fe.items() if isinstance(v, float)},
+    }
     append_jsonl(root / "cells.jsonl", record)
     return record
 
@@ -70,25 +86,41 @@ def collect(root: Path, out: Path) -> dict[str, Any]:
         cell = GridCell.from_dict(rec)
         meta = json.loads(cfg_path.read_text())
         m = meta["metrics"]
-        cells.setdefault((cell.encoding, cell.decoding, cell.label), []).append({
-            "seed": cell.seed, "judge_accuracy": m.get("judge_accuracy"), "mse": m.get("mse"),
-            "ssim": m.get("ssim"), "spike_rate": m.get("spike_rate"), "examples": m.get("examples"),
-            "train_seconds": m.get("train_seconds"), "n_test": m.get("n"),
-            "train_items": meta.get("provenance", {}).get("data", {}).get("train_items"),
-        })
+        cells.setdefault((cell.encoding, cell.decoding, cell.label), []).append(
+            {
+                "seed": cell.seed,
+                "judge_accuracy": m.get("judge_accuracy"),
+                "mse": m.get("mse"),
+                "ssim": m.get("ssim"),
+                "spike_rate": m.get("spike_rate"),
+                "examples": m.get("examples"),
+                "train_seconds": m.get("train_seconds"),
+                "n_test": m.get("n"),
+                "train_items": meta.get("provenance", {}).get("data", {}).get("train_items"),
+            }
+        )
     rows = []
     for (enc, dec, rule), runs in sorted(cells.items()):
         runs.sort(key=lambda r: r["seed"])
         acc = np.array([r["judge_accuracy"] for r in runs], dtype=float) * 100
-        rows.append({
-            "encoding": enc, "decoding": dec, "rule": rule, "seeds": [r["seed"] for r in runs],
-            "judge_accuracy_mean": float(acc.mean()),
-            "judge_accuracy_std": float(acc.std()) if len(acc) > 1 else None,
-            "mse": float(np.mean([r["mse"] for r in runs])), "ssim": float(np.mean([r["ssim"] for r in runs])),
-            "spike_rate": float(np.mean([r["spike_rate"] for r in runs])),
-            "examples": runs[0]["examples"], "train_items": runs[0]["train_items"], "n_test": runs[0]["n_test"],
-            "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
-            "paper": PAPER.get((enc, dec)), "runs": runs,
-        })
+        rows.append(
+            {
+                "encoding": enc,
+                "decoding": dec,
+                "rule": rule,
+                "seeds": [r["seed"] for r in runs],
+                "judge_accuracy_mean": float(acc.mean()),
+                "judge_accuracy_std": float(acc.std()) if len(acc) > 1 else None,
+                "mse": float(np.mean([r["mse"] for r in runs])),
+                "ssim": float(np.mean([r["ssim"] for r in runs])),
+                "spike_rate": float(np.mean([r["spike_rate"] for r in runs])),
+                "examples": runs[0]["examples"],
+                "train_items": runs[0]["train_items"],
+                "n_test": runs[0]["n_test"],
+                "train_seconds": float(np.mean([r["train_seconds"] for r in runs])),
+                "paper": PAPER.get((enc, dec)),
+                "runs": runs,
+            }
+        )
     report.write_table1(rows, {f"{k[0]}/{k[1]}": v for k, v in PAPER.items()}, out)
     return {"rows": rows}

@@ -30,14 +30,22 @@ def pairs(records: list[Record], key: Callable[[Record], tuple[Any, ...]]) -> li
     for r in records:
         cell = GridCell.from_dict(r)
         by.setdefault((cell.encoding, cell.label, *key(r)), {}).setdefault(cell.decoding, []).append(
-            100 * float(r["judge_accuracy"]))
+            100 * float(r["judge_accuracy"])
+        )
     rows = []
     for k, v in sorted(by.items()):
-        row: Record = {"encoding": k[0], "rule": k[1], "key": list(k[2:]), "seeds": min(len(x) for x in v.values())}
+        row: Record = {
+            "encoding": k[0],
+            "rule": k[1],
+            "key": list(k[2:]),
+            "seeds": min(len(x) for x in v.values()),
+        }
         for dec in ("time", "rate"):
             row[dec] = float(np.mean(v[dec])) if dec in v else None
             row[dec + "_std"] = float(np.std(v[dec])) if dec in v and len(v[dec]) > 1 else None
-        row["time_minus_rate"] = row["time"] - row["rate"] if row["time"] is not None and row["rate"] is not None else None
+        row["time_minus_rate"] = (
+            row["time"] - row["rate"] if row["time"] is not None and row["rate"] is not None else None
+        )
         rows.append(row)
     return rows
 
@@ -46,8 +54,9 @@ def _tau_key(r: Record) -> tuple[int, bool, int]:
     return int(r["tau_d"]), bool(r.get("parameter_matched", False)), int(r["examples"])
 
 
-def time_vs_rate(cells_jsonl: Path, out: Path, tau_jsonl: Path | None = None,
-                 extra_jsonl: list[Path] | None = None) -> dict[str, list[Record]]:
+def time_vs_rate(
+    cells_jsonl: Path, out: Path, tau_jsonl: Path | None = None, extra_jsonl: list[Path] | None = None
+) -> dict[str, list[Record]]:
     """Matched time/rate decoding pairs; writes ``out/time_vs_rate.{md,json,png}``.
 
     ``cells_jsonl`` (+ ``extra_jsonl``): finished Table 1 cells (several seeds of a cell are
@@ -58,7 +67,9 @@ def time_vs_rate(cells_jsonl: Path, out: Path, tau_jsonl: Path | None = None,
     recs = read_jsonl([cells_jsonl, *(extra_jsonl or [])])
     budget = pairs(recs, lambda r: (int(r["examples"]),))
     taus = pairs(read_jsonl([tau_jsonl]), _tau_key) if tau_jsonl else []
-    rate_of = {(r["encoding"], r["rule"], r["key"][0], r["key"][2]): r["rate"] for r in taus if r["rate"] is not None}
+    rate_of = {
+        (r["encoding"], r["rule"], r["key"][0], r["key"][2]): r["rate"] for r in taus if r["rate"] is not None
+    }
     for r in taus:
         tau, _, n = r["key"]
         rate = r["rate"] if r["rate"] is not None else rate_of.get((r["encoding"], r["rule"], tau, n))

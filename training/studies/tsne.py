@@ -31,14 +31,15 @@ def tsne_embedding(path: Path, n: int = 1000, data: Path | None = None, seed: in
     g = torch.Generator().manual_seed(seed)
     x, _, lab = ds.batch(torch.arange(min(n, len(ds))), g)
     _, y = reconstruct(nat, x, g, return_spikes=True)
-    feats = y[-nat.config.tau_d:].permute(1, 0, 2).reshape(y.shape[1], -1).numpy()
+    feats = y[-nat.config.tau_d :].permute(1, 0, 2).reshape(y.shape[1], -1).numpy()
     z = PCA(min(50, feats.shape[1], feats.shape[0]), random_state=seed).fit_transform(feats)
     emb = TSNE(2, random_state=seed, init="pca", perplexity=30).fit_transform(z)
     return {"embedding": emb, "labels": lab.numpy(), "silhouette": float(silhouette_score(emb, lab.numpy()))}
 
 
-def tsne_figure(checkpoints: list[tuple[str, Path]], out_png: Path, n: int = 1000, data: Path | None = None,
-                seed: int = 0) -> dict[str, float]:
+def tsne_figure(
+    checkpoints: list[tuple[str, Path]], out_png: Path, n: int = 1000, data: Path | None = None, seed: int = 0
+) -> dict[str, float]:
     """One panel per ``(label, checkpoint)``; writes ``out_png``; returns each model's silhouette score."""
     panels = [{"label": label, **tsne_embedding(path, n, data, seed)} for label, path in checkpoints]
     report.plot_tsne(panels, out_png)
