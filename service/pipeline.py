@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -55,6 +55,10 @@ class RunOptions:
     max_frames: int | None = None
     #: called between chunks of work; raises to stop it (an upload's CPU budget, a client that left)
     check: Callable[[], None] | None = None
+    #: scene models: the images at these times (µs, the recording's clock) instead of every emit-th bin
+    timestamps: tuple[int, ...] | None = None
+    max_output_pixels: int | None = None  # frames x H x W of the answer
+    max_bins: int | None = None  # bins the timestamps may reach past the first event
 
 
 @dataclass
@@ -69,7 +73,14 @@ class RunResult:
 
 
 def naturalize(entry: ModelEntry, events: np.ndarray, opts: RunOptions) -> RunResult:
-    """Run one recording's events (sorted by ``t``) through ``entry``; see the module docstring."""
+    """Run one recording's events (sorted by ``t``) through ``entry``; see the module docstring.
+    Scene models (any sensor) run in :func:`service.scene_engine.run_scene` by the same rules."""
+    if entry.family == "scene":
+        from .scene_engine import SceneEntry, run_scene
+
+        return run_scene(cast(SceneEntry, entry), events, opts)
+    if opts.timestamps is not None:
+        raise ValueError("timestamps are served by scene-family models")
     from events import Binner, BinSpec
     from model.batching import decode_segments
 

@@ -182,11 +182,12 @@ def ready_message(session: Any, start: StartMessage, limits: dict[str, Any]) -> 
     entry, engine = session.entry, session.engine
     return json.dumps({
         "type": "ready", "protocol": PROTOCOL_VERSION, "session": session.id, "model": entry.name,
+        "model_reason": session.model_reason, "family": entry.family,
         "roi": list(session.roi), "pool": session.pool, "dt_us": session.dt_us,
         "emit": session.emit if session.emit is not None else "last",
-        "input_shape": list(entry.input_shape), "image_shape": list(engine.image_shape),
+        "input_shape": list(session.spec.shape), "image_shape": list(engine.image_shape),
         "n_readout": engine.n_readout, "tau_d": engine.tau_d, "format": start.format,
-        "spikes": start.spikes, "inputs": start.inputs, "seed": start.seed, "limits": limits,
+        "spikes": session.want_spikes, "inputs": start.inputs, "seed": start.seed, "limits": limits,
     })
 
 

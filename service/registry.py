@@ -11,7 +11,7 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .engines import Engine, build_engine
 from .settings import Settings
@@ -25,6 +25,10 @@ MAX_COORD = 1 << 16
 
 class UnknownModelError(KeyError):
     """No model of that name is loaded (HTTP 404 / close code 1003); ``args[0]`` says which are."""
+
+
+class NoDefaultModelError(UnknownModelError):
+    """A request names no model and none is loaded for its sensor (HTTP 422 / close code 1003)."""
 
 
 class RoiError(ValueError):
@@ -44,11 +48,28 @@ class ModelEntry:
     polarity: str
     mode: str
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    #: "digits" (a fixed input region, e.g. mnist-dvs) or "scene" (any sensor: service/scene_engine.py)
+    family: ClassVar[str] = "digits"
+
+    def engine_for(self, input_shape: tuple[int, ...]) -> Engine:
+        """The engine that steps ``input_shape`` frames (a digit model has one input shape)."""
+        return self.engine
+
+    def warmup_sensor(self) -> tuple[int, int]:
+        """A sensor ``(width, height)`` to warm the model up with."""
+        return self.input_shape[2], self.input_shape[1]
+
+    def declares_sensor(self, width: int, height: int) -> bool:
+        """Whether the checkpoint declares this sensor (``preprocessing.sensor``, e.g. 128x128 for
+        mnist-dvs): the default-model rule gives it such recordings."""
+        sensor = self.preprocessing.get("sensor")
+        return isinstance(sensor, list | tuple) and list(sensor) == [width, height]
 
     def describe(self) -> dict[str, Any]:
         """JSON description for ``/v1/models``."""
         return {
             "name": self.name,
+            "family": self.family,
             "input_shape": list(self.input_shape),
             "image_shape": list(self.engine.image_shape),
             "n_readout": self.engine.n_readout,
@@ -125,6 +146,7 @@ class ModelRegistry:
         self.errors: dict[str, str] = {}
         self.skipped: list[str] = []  # checkpoints of another kind (e.g. the LeNet judge)
         self.default: str | None = None
+        self.override: str | None = None  # settings.default_model: every request naming no model
         self.checkpoints_dir: Path | None = None
 
     @classmethod
@@ -152,6 +174,7 @@ class ModelRegistry:
         if not reg.models and not reg.errors:
             reg.errors["*"] = "no checkpoint (a sub-directory with config.json) in the checkpoints directory"
         if settings.default_model is not None:
+            reg.override = settings.default_model
             if settings.default_model in reg.models:
                 reg.default = settings.default_model
             else:
@@ -197,6 +220,35 @@ class ModelRegistry:
             return False, reasons
         return True, "ok"
 
+    def pick(self, name: str | None, width: int, height: int) -> tuple[ModelEntry, str]:
+        """The model for a request with a ``width x height`` sensor, and why (README, "Which model"):
+
+        1. the model the request names;
+        2. else ``settings.default_model`` when set;
+        3. else the model whose checkpoint declares this sensor (``mnist-dvs``: the 128x128 DVS128
+           of MNIST-DVS; ``mnist-dvs`` first when several do);
+        4. else the general-scene model ``scenes`` (else the first scene-family model by name);
+        5. else none: :class:`NoDefaultModelError` (a digit model never gets another sensor's
+           recording by default).
+        """
+        if name:
+            return self.get(name), "named in the request"
+        if self.override is not None:
+            return self.get(self.override), "the service's default_model setting"
+        w, h = int(width), int(height)
+        declared = sorted(n for n, e in self.models.items() if e.declares_sensor(w, h))
+        if declared:
+            n = "mnist-dvs" if "mnist-dvs" in declared else declared[0]
+            return self.models[n], f"default for a {w}x{h} sensor: the model whose checkpoint declares it"
+        scenes = sorted(n for n, e in self.models.items() if e.family == "scene")
+        if scenes:
+            n = "scenes" if "scenes" in scenes else scenes[0]
+            return self.models[n], f"default for a {w}x{h} sensor: the general-scene model (any sensor)"
+        known = ", ".join(sorted(self.models)) or "none"
+        raise NoDefaultModelError(
+            f"no model is loaded for a {w}x{h} sensor by default (loaded: {known}; none declares this sensor "
+            "and no general-scene model is loaded): name one with model=")
+
     def get(self, name: str | None) -> ModelEntry:
         """The named model (or the default); :class:`UnknownModelError` with a message when absent."""
         key = name or self.default
@@ -230,6 +282,10 @@ def load_entry(path: Path, settings: Settings) -> ModelEntry:
         torch.set_num_threads(settings.torch_threads)
     naturalizer, meta = load_checkpoint(path)
     cfg = naturalizer.config
+    if getattr(cfg, "family", None) == "scene":  # the general-scene model: any sensor
+        from .scene_engine import load_scene_entry
+
+        return load_scene_entry(path, settings, naturalizer, meta)
     shape = tuple(int(v) for v in cfg.input_shape)
     if len(shape) != 3 or min(shape) <= 0 or max(shape) > MAX_COORD:
         raise ValueError(f"input_shape {list(cfg.input_shape)} must be three positive sizes (C, H, W)")

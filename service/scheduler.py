@@ -36,7 +36,7 @@ log = logging.getLogger("vdib.service")
 
 
 def engine_input_shape(s: Session) -> tuple[int, ...]:
-    return tuple(s.entry.input_shape)
+    return tuple(s.spec.shape)
 
 
 def _failure(kind: str) -> Outgoing:
@@ -126,14 +126,16 @@ class Scheduler:
         from events import EVENT_DTYPE
 
         sessions = []
+        width, height = entry.warmup_sensor()
         for seed in range(4):
-            roi, pool = entry.resolve_roi(entry.input_shape[2], entry.input_shape[1], "centre")
-            sessions.append(Session(entry, roi, pool, entry.dt_us, 2, seed, spikes=True, inputs=True, fmt="binary",
-                                    encoding="packed", t0_us=None, max_gap_us=10 * entry.dt_us, out_queue_frames=4))
+            roi, pool = entry.resolve_roi(width, height, "centre")
+            sessions.append(Session(entry, roi, pool, entry.dt_us, 2, seed, spikes=entry.family != "scene",
+                                    inputs=True, fmt="binary", encoding="packed", t0_us=None,
+                                    max_gap_us=10 * entry.dt_us, out_queue_frames=4))
         ev = np.zeros(200, EVENT_DTYPE)
         ev["t"] = np.arange(200) * (entry.dt_us // 20)
-        ev["x"] = np.arange(200) % entry.input_shape[2]
-        ev["y"] = np.arange(200) % entry.input_shape[1]
+        ev["x"] = np.arange(200) % width
+        ev["y"] = np.arange(200) % height
         ev["p"] = np.arange(200) % 2
         for s in sessions:
             s.push_events(ev)
@@ -349,6 +351,7 @@ class Scheduler:
         s.since_emit.clear()
         s.input_acc = None
         n = s.engine.n_readout
+        n = n if n <= 0xFFFF else 0  # the header's 16 bits (a scene stream's K*h*w readouts; it sends no spikes)
         packed = (pack_spikes(spikes) if spikes is not None else b"") if s.want_spikes else None
         rows = 0 if spikes is None else len(spikes)
         encode = frame_json if s.format == "json" else encode_frame

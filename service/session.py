@@ -29,6 +29,7 @@ from .protocol import (
     CLOSE_INVALID,
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN,
     CLOSE_UNSUPPORTED,
     EVENT_HEADER,
     EVENT_MAGIC,
@@ -46,6 +47,8 @@ BIN, EMIT_NOW, END = 0, 1, 2
 
 #: Steps of uniforms a session draws at once (see :meth:`Session.draw_uniforms`).
 UNIFORM_BLOCK = 32
+#: ... and at most this many numbers per block (a scene stream draws K*h*w per step).
+UNIFORM_VALUES = 1 << 16
 #: Spike rows one frame carries at most (uint16 in the frame header): the latest ones.
 MAX_SPIKE_ROWS = 0xFFFF
 
@@ -150,8 +153,9 @@ class Session:
     ) -> None:
         self.id = f"s{next(_ids)}"
         self.entry = entry
-        self.engine = entry.engine
         self.spec = BinSpec(roi, dt_us, entry.polarity, entry.mode, pool)
+        self.engine = entry.engine_for(self.spec.shape)  # a scene model's engine for this sensor size
+        self.model_reason = ""  # why the stream got its model (the ready message says it)
         self.roi, self.pool, self.dt_us = roi, pool, dt_us
         self.binner = Binner(self.spec, t0_us, max(max_gap_us, dt_us))
         self.max_pending_bins = max_pending_bins
@@ -300,7 +304,8 @@ class Session:
         u = self._uniforms
         i = self._u_next
         if u is None or i >= len(u):
-            u = self._uniforms = stream_uniforms(self.generator, UNIFORM_BLOCK, self.engine.n_readout)
+            n = self.engine.n_readout
+            u = self._uniforms = stream_uniforms(self.generator, max(1, min(UNIFORM_BLOCK, UNIFORM_VALUES // n)), n)
             i = 0
         self._u_next = i + 1
         return u[i : i + 1]
@@ -370,10 +375,12 @@ class Session:
 
 def start_session(start: StartMessage, registry: Any, settings: Any) -> Session:
     """The session a validated start message asks for (the model, ROI, bin width and emit
-    rule it resolves to); :class:`ProtocolError` when it cannot be served: 1003 unknown model or
-    unusable ROI, 1008 ``dt_us`` below ``min_dt_us``, 1007 ``t0_us`` out of range."""
+    rule it resolves to); :class:`ProtocolError` when it cannot be served: 1003 unknown model, no
+    default model for the sensor or unusable ROI, 1008 ``dt_us`` below ``min_dt_us``, 1007 ``t0_us``
+    out of range, 1013 the open scene streams' pixels at ``max_scene_pixels``. A scene model's
+    stream carries no spike rows (``spikes`` is off; the ready message says so)."""
     try:
-        entry = registry.get(start.model)
+        entry, reason = registry.pick(start.model, start.sensor.width, start.sensor.height)
     except UnknownModelError as exc:
         raise ProtocolError(CLOSE_UNSUPPORTED, exc.args[0]) from None
     try:
@@ -385,11 +392,22 @@ def start_session(start: StartMessage, registry: Any, settings: Any) -> Session:
         raise ProtocolError(CLOSE_POLICY, f"dt_us {dt} is below the service's min_dt_us of {settings.min_dt_us}")
     if start.t0_us is not None and abs(start.t0_us) > MAX_T_US:
         raise ProtocolError(CLOSE_INVALID, f"t0_us must be within +-{MAX_T_US}")
-    return Session(
-        entry, roi, pool, dt, parse_emit(start.emit, dt), start.seed, spikes=start.spikes, inputs=start.inputs,
+    scene = entry.family == "scene"
+    session = Session(
+        entry, roi, pool, dt, parse_emit(start.emit, dt), start.seed, spikes=start.spikes and not scene,
+        inputs=start.inputs,
         fmt=start.format, encoding=start.encoding, t0_us=start.t0_us, max_gap_us=settings.max_gap_us,
         out_queue_frames=settings.out_queue_frames, max_pending_bins=settings.max_pending_bins,
         max_message_events=settings.max_message_events,
         max_message_decoded_bytes=settings.max_message_decoded_bytes,
         max_aedat4_buffer=settings.max_message_bytes * 4,
     )
+    session.model_reason = reason
+    if scene:
+        from .scene_engine import CapacityError
+
+        try:
+            entry.admit(session)
+        except CapacityError as exc:
+            raise ProtocolError(CLOSE_TRY_AGAIN, str(exc)) from None
+    return session

@@ -23,7 +23,9 @@ class Settings(BaseSettings):
 
     # --- models and engines ---------------------------------------------------------------
     checkpoints_dir: Path = Field(DEFAULT_CHECKPOINTS, description="each sub-directory with a config.json is a model")
-    default_model: str | None = Field(None, description="model used when a request names none (default: 'mnist-dvs' if present, else the first by name)")
+    default_model: str | None = Field(
+        None, description="model for every request that names none; unset: by the recording's sensor (the model "
+        "whose checkpoint declares that sensor, e.g. mnist-dvs for 128x128, else the scene model 'scenes')")
     engine: Literal["torch", "onnx"] = "torch"
     device: str = Field("auto", description="'auto' (cuda when present), 'cpu' or 'cuda[:n]'")
     torch_threads: int = Field(0, description="torch intra-op threads; 0 keeps torch's default")
@@ -45,6 +47,14 @@ class Settings(BaseSettings):
         1_000_000, description="bins one upload may step, counted from the event times before any binning "
         "(silences longer than max_gap_us are not stepped and not counted)")
     max_upload_cpu_s: float = Field(120.0, description="CPU seconds one upload may use to decode, bin and run")
+    max_output_pixels: int = Field(
+        1 << 26, description="pixels of all frames of one upload's answer (frames x H x W; scene models answer "
+        "at the sensor's resolution)")
+    max_timestamps: int = Field(1000, ge=1, description="timestamps one upload may name (timestamps=...)")
+    max_sensor_pixels: int = Field(
+        1280 * 720, description="sensor (or ROI) area a scene model runs at, per upload or stream (422 / 1003)")
+    max_scene_pixels: int = Field(
+        1 << 23, description="sensor pixels of all open scene-model streams together (1013 beyond)")
     max_concurrent_uploads: int = Field(
         2, ge=1, description="uploads read and run at the same time; more are answered 503 with Retry-After")
     body_timeout_s: float = Field(60.0, description="time to receive a whole request body (408 after it)")

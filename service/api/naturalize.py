@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncGenerator
 from typing import Annotated, Any, Literal
@@ -17,7 +18,7 @@ from ..deps import AuthDep, MetricsDep, RegistryDep, SettingsDep, UploadSlotDep,
 from ..guard import Budget, estimate_bins
 from ..pipeline import RunOptions, naturalize
 from ..protocol import encode_events, parse_emit
-from ..registry import ModelEntry, RoiError, UnknownModelError
+from ..registry import ModelEntry, NoDefaultModelError, RoiError, UnknownModelError
 from ..render import UPLOAD_MEDIA, upload_body
 from ..settings import Settings
 
@@ -113,6 +114,37 @@ def _entry(registry: Any, name: str | None) -> ModelEntry:
         raise HTTPException(status.HTTP_404_NOT_FOUND, exc.args[0]) from None
 
 
+def _pick(registry: Any, name: str | None, rec: Any) -> tuple[ModelEntry, str]:
+    """The model for this recording (the default-model rule, ``ModelRegistry.pick``) and why."""
+    try:
+        return registry.pick(name, rec.width, rec.height)  # type: ignore[no-any-return]
+    except NoDefaultModelError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, exc.args[0]) from None
+    except UnknownModelError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, exc.args[0]) from None
+
+
+#: largest |time| a timestamp may name (bin arithmetic stays inside int64)
+MAX_TIMESTAMP_US = 1 << 62
+
+
+def parse_timestamps(text: str | None, limit: int) -> tuple[int, ...] | None:
+    """``timestamps=t1,t2,...`` (integer µs on the recording's clock, at most ``limit``); 422 else."""
+    if text is None:
+        return None
+    if text.count(",") >= limit:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"timestamps names more than {limit} times (max_timestamps)")
+    try:
+        times = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            "timestamps must be comma-separated integers (microseconds)") from None
+    if any(abs(t) > MAX_TIMESTAMP_US for t in times):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"timestamps must lie within +-{MAX_TIMESTAMP_US}")
+    return times
+
+
 def parse_roi(roi: str | None) -> Any:
     if roi is None or roi in ("default", "centre", "center", "full"):
         return roi
@@ -153,7 +185,7 @@ async def naturalize_upload(
     settings: SettingsDep,
     registry: RegistryDep,
     metrics: MetricsDep,
-    model: Annotated[str | None, Query(description="model name (default: the service's default)")] = None,
+    model: Annotated[str | None, Query(description="model name (default: by the recording's sensor, see docs/service.md)")] = None,
     roi: Annotated[str | None, Query(description="'x,y,w,h', 'centre', 'full' or 'default'")] = None,
     dt_us: Annotated[int | None, Query(gt=0, le=10_000_000, description="bin width (default: the model's)")] = None,
     emit: Annotated[str | None, Query(description="a frame every k bins, or 'last' (default: ~30 frames/s)")] = None,
@@ -162,16 +194,33 @@ async def naturalize_upload(
     format: Literal["json", "png", "gif", "npz"] = "json",
     inputs: Annotated[bool, Query(description="json: add the event image of each frame")] = False,
     filename: Annotated[str | None, Query(description="raw body: a file name hinting the format")] = None,
+    timestamps: Annotated[str | None, Query(
+        description="scene models: comma-separated times (us, the recording's clock); the images at exactly "
+                    "those times instead of every emit-th bin")] = None,
 ) -> Response:
     """Naturalize an uploaded event file (raw body or multipart) into frames."""
-    entry = _entry(registry, model)
+    if model:
+        _entry(registry, model)  # an unknown name: 404 before the body is read
+    else:
+        _entry(registry, None)  # nothing loaded: 503 before the body; the model follows the sensor
     t = time.perf_counter()
     data, name = await read_upload(request, settings)
     rec = await run_in_threadpool(read_recording, data, filename or name, settings)
     t_read = time.perf_counter() - t
     metrics.upload_events.inc(len(rec.events))
+    entry, reason = _pick(registry, model, rec)
+    stamps = parse_timestamps(timestamps, settings.max_timestamps)
     budget = Budget(settings.max_upload_cpu_s)
     opts = _run_options(entry, rec, settings, roi, dt_us, emit, format, spikes == "bitpacked", seed, inputs, budget)
+    if entry.family == "scene":  # full-resolution frames, no spike raster (docs/service.md)
+        if stamps is not None and opts.dt_us != entry.dt_us:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                f"timestamps run at the model's dt_us ({entry.dt_us}), not {opts.dt_us}")
+        opts = dataclasses.replace(opts, spikes=False, timestamps=stamps, max_output_pixels=settings.max_output_pixels,
+                                   max_bins=settings.max_upload_bins)
+    elif stamps is not None:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"timestamps are served by scene-family models; {entry.name!r} is a {entry.family} model")
     # checked before any binning: the bins the recording would step (then CPU seconds, as it runs)
     bins = await run_in_threadpool(estimate_bins, rec.events["t"], opts.dt_us, max(settings.max_gap_us, opts.dt_us))
     if bins > settings.max_upload_bins:
@@ -181,14 +230,18 @@ async def naturalize_upload(
         res = await run_budgeted(request, budget, naturalize, entry, rec.events, opts)
     except EventLimitError as exc:
         raise HTTPException(_413, str(exc)) from exc
-    head = {"model": entry.name, "sensor": {"width": rec.width, "height": rec.height}, "file_format": rec.format,
-            "roi": list(opts.roi), "pool": opts.pool, "dt_us": opts.dt_us, "emit": opts.emit or "last", "seed": seed,
-            "image_shape": list(entry.engine.image_shape)}
+    engine = entry.engine_for((entry.input_shape[0], opts.roi.height // opts.pool, opts.roi.width // opts.pool))
+    head = {"model": entry.name, "model_reason": reason, "sensor": {"width": rec.width, "height": rec.height},
+            "file_format": rec.format, "roi": list(opts.roi), "pool": opts.pool, "dt_us": opts.dt_us,
+            "emit": opts.emit or "last", "seed": seed, "image_shape": list(engine.image_shape)}
+    if stamps is not None:
+        head["timestamps_us"] = list(stamps)
     frame_ms = (opts.emit or 1) * opts.dt_us / 1000.0
     # PNG/GIF/npz encoding of up to max_frames frames costs real CPU: off the event loop
-    body, headers = await run_in_threadpool(upload_body, format, res, head, frame_ms, entry.engine.n_readout,
+    body, headers = await run_in_threadpool(upload_body, format, res, head, frame_ms, engine.n_readout,
                                             {"read": t_read})
-    headers |= {"X-Events": str(len(rec.events)), "X-Bins": str(res.stats["bins"])}
+    headers |= {"X-Events": str(len(rec.events)), "X-Bins": str(res.stats["bins"]), "X-VDIB-Model": entry.name,
+                "X-VDIB-Model-Reason": reason}
     return Response(body, media_type=UPLOAD_MEDIA[format], headers=headers)
 
 

@@ -77,7 +77,7 @@ def test_time_amplification_is_refused_before_the_work(checkpoints_dir, mnist_dv
         # dt_us below the floor: refused at the start message / as a query
         with c.websocket_connect("/v1/stream") as ws:
             _expect_close(ws, [start_msg(dt_us=1)], 1008, "min_dt_us")
-        r = c.post("/v1/naturalize", content=b"t,x,y,p\n0,1,1,1\n1000000,1,1,1\n", params={"filename": "a.csv", "dt_us": 1})
+        r = c.post("/v1/naturalize", content=b"t,x,y,p\n0,1,1,1\n1000000,1,1,1\n", params={"filename": "a.csv", "dt_us": 1, "model": "tiny"})
         assert r.status_code == 422 and "min_dt_us" in r.json()["detail"]
         # events just under max_gap_us apart: ~99 bins each, 20 of them pass max_pending_bins at once
         t = [i * 990_000 for i in range(20)]
@@ -87,7 +87,7 @@ def test_time_amplification_is_refused_before_the_work(checkpoints_dir, mnist_dv
             _expect_close(ws, [encode_events(_events(t))], 1008, "bins")
         # an upload whose event times span more bins than max_upload_bins: 413 before binning
         csv = "t,x,y,p\n" + "".join(f"{v},60,60,1\n" for v in t)
-        r = c.post("/v1/naturalize", content=csv.encode(), params={"filename": "a.csv"})
+        r = c.post("/v1/naturalize", content=csv.encode(), params={"filename": "a.csv", "model": "tiny"})
         assert r.status_code == 413 and "bins" in r.json()["detail"]
         _other_stream_works(c, mnist_dvs_events[:2000])
 
@@ -445,7 +445,7 @@ def test_bad_input_is_4xx_or_1003_1007_never_500_1011(client, mnist_dvs_bytes, s
     r = client.post("/v1/naturalize", content=mnist_dvs_bytes, params={"roi": "65500,0,52,52"})
     assert r.status_code == 422 and "coordinate" in r.json()["detail"]
     with client.websocket_connect("/v1/stream") as ws:
-        _expect_close(ws, [start_msg(sensor={"width": 65536, "height": 65536}, roi=[65500, 0, 52, 52])], 1003)
+        _expect_close(ws, [start_msg(sensor={"width": 65536, "height": 65536}, roi=[65500, 0, 52, 52], model="tiny")], 1003)
     with client.websocket_connect("/v1/stream") as ws:
         _expect_close(ws, [start_msg(t0_us=2**63 - 1)], 1007, "t0_us")
     with client.websocket_connect("/v1/stream") as ws:
@@ -453,7 +453,7 @@ def test_bad_input_is_4xx_or_1003_1007_never_500_1011(client, mnist_dvs_bytes, s
     # an AEDAT 4 stream cut inside its 12-byte magic is a stream like any other
     data = (shared_events / "aedat4" / "tonic_sample.aedat4").read_bytes()
     with client.websocket_connect("/v1/stream") as ws:
-        ws.send_text(json.dumps(start_msg(sensor={"width": 320, "height": 240}, emit=3)))
+        ws.send_text(json.dumps(start_msg(sensor={"width": 320, "height": 240}, emit=3, model="tiny")))
         assert json.loads(ws.receive_text())["type"] == "ready"
         for a, b in ((0, 5), (5, 11), (11, 40_000), (40_000, len(data))):
             ws.send_bytes(data[a:b])

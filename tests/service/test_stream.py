@@ -157,9 +157,9 @@ def test_gap_resets_and_late_events(client):
 
 def test_aedat4_bytes_stream_equals_upload(client, shared_events):
     data = (shared_events / "aedat4" / "tonic_sample.aedat4").read_bytes()
-    ref = _upload(client, data, seed=5, emit=3)
+    ref = _upload(client, data, seed=5, emit=3, model="tiny")  # a 320x240 sensor: the digit model by name
     with client.websocket_connect("/v1/stream") as ws:
-        ws.send_text(json.dumps(start_msg(sensor={"width": 320, "height": 240}, seed=5, emit=3)))
+        ws.send_text(json.dumps(start_msg(sensor={"width": 320, "height": 240}, seed=5, emit=3, model="tiny")))
         assert json.loads(ws.receive_text())["type"] == "ready"
         for a in range(0, len(data), 65_537):  # pieces that split packets and the header
             ws.send_bytes(data[a : a + 65_537])

@@ -90,7 +90,7 @@ def test_png_gif_npz(client, mnist_dvs_bytes):
 def test_other_formats_and_sensors(client, shared_events, fmt_file):
     sub, name = fmt_file
     data = (shared_events / sub / name).read_bytes()
-    r = client.post(f"/v1/naturalize?emit=last&filename={name}", content=data)
+    r = client.post(f"/v1/naturalize?emit=last&model=tiny&filename={name}", content=data)  # digit model by name
     assert r.status_code == 200, r.text
     j = r.json()
     assert j["stats"]["events"] > 0 and len(j["frames"]) == 1
