@@ -177,9 +177,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import ConfigError
     from .trainer import load_config, train
 
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        raise SystemExit(f"vdib train: {exc}") from None
     if args.run_dir is not None:
         cfg.run.dir = str(args.run_dir)
     if not cfg.run.command:

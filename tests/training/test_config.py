@@ -96,3 +96,20 @@ def test_assignment_is_validated_and_copy_with_applies_overrides():
 def test_shipped_configs_load(path):
     cfg = C.load_config(path)
     assert cfg.train.examples >= 1
+
+
+def test_vdib_train_reports_a_bad_config_without_a_traceback(tmp_path):
+    import vdib_cli
+
+    with pytest.raises(SystemExit, match=r"vdib train: data.encoding: .*'poisson'"):
+        vdib_cli.main(
+            [
+                "train",
+                str(REPO / "configs" / "table1" / "base.toml"),
+                "--set",
+                "data.encoding=poisson",
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+    assert not (tmp_path / "run").exists()
