@@ -205,7 +205,7 @@ def test_dv_network_source(live_server, shared_events):
     def run_cli():
         r = subprocess.run(
             [sys.executable, str(REPO / "vdib_cli.py"), "stream", "--dv", f"tcp://127.0.0.1:{port}", "--url",
-             live_server.ws, "--emit", "1", "--max-seconds", "3"],
+             live_server.ws, "--emit", "1", "--max-seconds", "3", "--model", "tiny"],  # a 320x240 DVXplorer
             capture_output=True, text=True, timeout=120, cwd=REPO,
         )
         result["r"] = r
