@@ -362,6 +362,8 @@ async def a_idle_connections(port: int) -> dict[str, Any]:
             closed += data == b""
         except TimeoutError:
             pass
+        except ConnectionError:
+            closed += 1
         ww.close()
     return {"attempted": 200, "refused_or_reset": refused + closed, "legit_client_got": legit}
 
@@ -429,6 +431,23 @@ ATTACKS: dict[str, Callable[[int], Awaitable[dict[str, Any]]]] = {
 
 
 # ---------------------------------------------------------------------------- driver
+async def _drain(server: Server, n_streams: int, limit: float) -> float | None:
+    """Seconds until the server holds no more streams than the background's (None: not within
+    ``limit``): a server that is behind still holds the attack's streams that ended normally."""
+    import httpx
+
+    t = time.perf_counter()
+    async with httpx.AsyncClient() as c:
+        while time.perf_counter() - t < limit:
+            try:
+                if (await c.get(server.http + "/readyz", timeout=10)).json()["streams"] <= n_streams:
+                    return round(time.perf_counter() - t, 1)
+            except (httpx.HTTPError, ValueError, KeyError):
+                pass
+            await asyncio.sleep(0.5)
+    return None
+
+
 async def _sample(server: Server, peak: list[float]) -> None:
     while True:
         peak.append(server.rss_mb())
@@ -454,6 +473,7 @@ async def run(server: Server, names: list[str], n_streams: int, settle: float) -
         except Exception as exc:  # noqa: BLE001 - record and go on with the next attack
             outcome = {"error": f"{type(exc).__name__}: {exc}"}
         t1 = perf()
+        drained = await _drain(server, n_streams, 90.0)  # the attack's streams gone (or 90 s passed)
         sampler.cancel()
         await asyncio.sleep(settle)
         t_after = perf()
@@ -463,7 +483,7 @@ async def run(server: Server, names: list[str], n_streams: int, settle: float) -
         p_during, n_during = bg.p99(t0, t1)
         p_after, n_after = bg.p99(t_after, perf())
         row = {
-            "attack": name, "seconds": round(t1 - t0, 2), "outcome": outcome,
+            "attack": name, "seconds": round(t1 - t0, 2), "outcome": outcome, "drain_s": drained,
             "rss_mb": {"before": round(rss0, 1), "peak": round(max(peak), 1), "after": round(rss1, 1)},
             "rss_returned": bool(rss1 <= rss0 * (1 + RSS_TOLERANCE)),
             "p99_ms": {"before": p_before, "during": p_during, "after": p_after},
@@ -489,8 +509,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         + ", ".join(f"`{k}={v}`" for k, v in SERVER_ENV.items()) + ".", "",
         f"Targets: other streams' p99 < {P99_TARGET_MS:g} ms before/during/after; RSS after within "
         f"{RSS_TOLERANCE:.0%} of before.", "",
-        "| attack | s | outcome | RSS MB before / peak / after | returned | p99 ms before / during / after | p99 ok | load |",
-        "|---|---|---|---|---|---|---|---|",
+        "| attack | s | outcome | drained after s | RSS MB before / peak / after | returned | p99 ms before / during / after | p99 ok | load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v: Any) -> str:
@@ -501,7 +521,8 @@ def write_md(res: dict[str, Any], path: Path) -> None:
             continue
         o = json.dumps(r["outcome"]).replace("|", "/")
         rss, p = r["rss_mb"], r["p99_ms"]
-        lines.append(f"| {r['attack']} | {r['seconds']} | `{o}` | {rss['before']} / {rss['peak']} / {rss['after']} | "
+        lines.append(f"| {r['attack']} | {r['seconds']} | `{o}` | {r.get('drain_s', '-')} | "
+                     f"{rss['before']} / {rss['peak']} / {rss['after']} | "
                      f"{'yes' if r['rss_returned'] else '**no**'} | {f(p['before'])} / {f(p['during'])} / "
                      f"{f(p['after'])} | {'yes' if r['p99_ok'] else '**no**'} | {r.get('load_avg_1min', '-')} |")
     bg = [r for r in res["attacks"] if "background" in r]

@@ -87,7 +87,7 @@ async def upload_slot(request: Request) -> AsyncIterator[None]:
         yield
     finally:
         state.uploads_running -= 1
-        state.scheduler.trimmer.request()  # an upload's memory back to the OS (at most every 30 s)
+        state.scheduler.trimmer.request()  # an upload's memory back to the OS (at most every 10 s)
 
 
 async def run_budgeted(request: Request, budget: Budget, fn: Callable[..., T], *args: Any) -> T:

@@ -281,11 +281,11 @@ def install_log_redaction() -> None:
 # ---------------------------------------------------------------------------- memory
 class MemoryTrimmer:
     """Gives freed heap memory back to the OS (glibc ``malloc_trim``) after streams close or
-    uploads end, at most once per ``interval_s``, in a worker thread. Python frees a closed
+    uploads end, at most once per ``interval_s`` (10 s), in a worker thread. Python frees a closed
     session at once, but glibc keeps the pages of its arenas (one per thread that allocated);
     without a trim the RSS after a burst of streams stays a few percent above its start."""
 
-    def __init__(self, interval_s: float = 30.0) -> None:
+    def __init__(self, interval_s: float = 10.0) -> None:
         self.interval_s = interval_s
         self._last = float("-inf")
         self._running = False

@@ -112,7 +112,7 @@ class Scheduler:
     def remove(self, session: Session) -> None:
         session.closed = True
         self.sessions.pop(session.id, None)
-        self.trimmer.request()  # the closed stream's memory back to the OS (at most every 30 s)
+        self.trimmer.request()  # the closed stream's memory back to the OS (at most every 10 s)
 
     def notify(self) -> None:
         """Wake the loop: some session has new work."""
