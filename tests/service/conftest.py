@@ -139,11 +139,13 @@ class LiveServer:
         self.thread.start()
         import time
 
-        for _ in range(400):
-            if self.server.started:
+        # wait on the server's state; the bound (3 min) only catches a hung start: model warm-up
+        # with a cold numba cache on a loaded 2-core machine can take well over 10 s
+        for _ in range(7200):
+            if self.server.started or not self.thread.is_alive():
                 break
             time.sleep(0.025)
-        else:
+        if not self.server.started:
             raise RuntimeError("uvicorn did not start")
 
     @property
