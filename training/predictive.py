@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ class BlobConfig:
     tau_d: int = 5
     n_readout: int = 10
     seed: int = 0
-    rule: str = "vdib"
+    rule: Literal["vdib", "vdib-bptt"] = "vdib"
     rule_options: dict[str, Any] | None = None
 
 
