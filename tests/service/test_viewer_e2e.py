@@ -44,6 +44,18 @@ def browser(tmp_path):
 TIMEOUT = 180.0
 
 
+@pytest.fixture(scope="module")
+def live_server(settings):
+    """The conftest's live server with long start/idle timeouts: on a loaded machine the page or
+    the first stream of a fresh checkout (which compiles the binning kernels) can be seconds
+    late, and the stream timeouts are not what these tests check."""
+    from tests.service.conftest import LiveServer
+
+    srv = LiveServer(settings.model_copy(update={"start_timeout_s": TIMEOUT, "idle_timeout_s": TIMEOUT}))
+    yield srv
+    srv.stop()
+
+
 def _wait(fn, timeout=TIMEOUT, every=0.1, drv=None):
     end = time.time() + timeout
     while time.time() < end:
@@ -118,6 +130,36 @@ def test_viewer_live_replay_and_upload(browser, live_server, mnist_dvs_path, tmp
     assert drv.execute_script("return window.vdib.frames") == 74
     assert _lit_pixels(drv, "recon") > 20 and _lit_pixels(drv, "events") > 20
     drv.save_screenshot(str(shots / "viewer_upload.png"))
+
+
+#: page script: every image decode takes 50 ms longer, so frame handlers are still awaiting when
+#: the server's "end" message and the close arrive (the order that used to lose the final status)
+SLOW_DECODE = """
+const orig = window.createImageBitmap.bind(window);
+window.createImageBitmap = (blob) => new Promise((r) => setTimeout(r, 50)).then(() => orig(blob));
+"""
+
+
+def test_final_status_survives_slow_frame_drawing(browser, live_server, mnist_dvs_path):
+    """Regression (issue 12): with image decoding slower than the stream, every frame handler
+    still resumes after the close arrived; the page must end on the close status, with every
+    frame drawn and nothing after it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    drv = browser
+    drv.get(live_server.http + "/")
+    _wait(lambda: len(drv.find_elements(By.CSS_SELECTOR, "#model option")) > 0)
+    drv.execute_script(SLOW_DECODE)
+    drv.find_element(By.ID, "file").send_keys(str(mnist_dvs_path))
+    Select(drv.find_element(By.ID, "speed")).select_by_visible_text("4")
+    drv.find_element(By.ID, "replay").click()
+    _wait(lambda: drv.execute_script("return window.vdib.phase") == "closed", drv=drv)
+    vdib = drv.execute_script("return window.vdib")
+    assert vdib["closeCode"] == 1000 and vdib["frames"] > 0
+    assert int(drv.find_element(By.ID, "recon").get_attribute("data-drawn")) == vdib["frames"]
+    assert drv.find_element(By.ID, "status").text.splitlines()[-1] == "closed (1000)"
+    assert drv.find_element(By.ID, "error").text == ""
 
 
 def test_viewer_shows_server_errors(browser, live_server, tmp_path):
