@@ -144,6 +144,23 @@ def test_closed_sessions_are_freed_without_the_cycle_collector(client, mnist_dvs
             print([type(r) for r in gc.get_referrers(ref())])
 
 
+# ---------------------------------------------------------------------------- 3. amplification through space
+def test_huge_sensor_upload_stays_small(client):
+    """A few-byte CSV whose events make a 16384 x 16384 sensor, roi=full: pooled to the model's
+    input without tables of the ROI's area (tracemalloc sees numpy's allocations)."""
+    import tracemalloc
+
+    csv = b"t,x,y,p\n0,0,0,1\n10,16383,16383,0\n20,8000,8000,1\n"
+    tracemalloc.start()
+    try:
+        r = client.post("/v1/naturalize", content=csv, params={"filename": "a.csv", "roi": "full", "model": "tiny"})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 200, r.text
+    assert r.json()["pool"] == 16384 // 26 and peak < 64 * 1024 * 1024, peak
+
+
 # ---------------------------------------------------------------------------- 4. cross-stream failure
 TICK_STEPS = ["prepare", "step", "record", "window", "decode", "encode"]
 
