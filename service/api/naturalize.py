@@ -231,7 +231,7 @@ async def naturalize_upload(
     except EventLimitError as exc:
         raise HTTPException(_413, str(exc)) from exc
     engine = entry.engine_for((entry.input_shape[0], opts.roi.height // opts.pool, opts.roi.width // opts.pool))
-    head = {"model": entry.name, "model_reason": reason, "sensor": {"width": rec.width, "height": rec.height},
+    head = {"model": entry.name, "model_reason": reason, "family": entry.family, "sensor": {"width": rec.width, "height": rec.height},
             "file_format": rec.format, "roi": list(opts.roi), "pool": opts.pool, "dt_us": opts.dt_us,
             "emit": opts.emit or "last", "seed": seed, "image_shape": list(engine.image_shape)}
     if stamps is not None:

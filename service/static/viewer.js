@@ -22,24 +22,42 @@ async function loadModels() {
     const j = await r.json();
     const sel = $("model");
     sel.innerHTML = "";
+    // "auto": no model in the request, so the service picks by the recording's sensor (docs/service.md)
+    const auto = document.createElement("option");
+    auto.value = ""; auto.textContent = "auto (by the recording's sensor)"; auto.selected = true;
+    sel.appendChild(auto);
     for (const m of j.models || []) {
       const o = document.createElement("option");
-      o.value = m.name; o.textContent = m.name + (m.name === j.default ? " (default)" : "");
-      if (m.name === j.default) o.selected = true;
+      o.value = m.name; o.textContent = m.name + (m.family ? " (" + m.family + ")" : "");
       sel.appendChild(o);
     }
   } catch (e) { setError("models: " + e); }
 }
 
+// Images are drawn at their native resolution (a DAVIS346 frame on a 346x260 canvas), small ones
+// (a 28x28 digit, a 26x26 crop) enlarged by a whole factor to about 280 pixels.
+function nativeScale(w, h) { return Math.max(1, Math.floor(280 / Math.max(w, h))); }
+
 async function drawPng(canvasId, bytes) {
   const bmp = await createImageBitmap(new Blob([bytes], { type: "image/png" }));
   const c = $(canvasId), ctx = c.getContext("2d");
+  const s = nativeScale(bmp.width, bmp.height);
+  if (c.width !== bmp.width * s || c.height !== bmp.height * s) { c.width = bmp.width * s; c.height = bmp.height * s; }
+  c.dataset.size = bmp.width + "x" + bmp.height;
   ctx.imageSmoothingEnabled = false;
   ctx.clearRect(0, 0, c.width, c.height);
-  const s = Math.min(c.width / bmp.width, c.height / bmp.height);
-  const w = bmp.width * s, h = bmp.height * s;
-  ctx.drawImage(bmp, (c.width - w) / 2, (c.height - h) / 2, w, h);
+  ctx.drawImage(bmp, 0, 0, c.width, c.height);
   c.dataset.drawn = String(Number(c.dataset.drawn || 0) + 1);
+}
+
+// which model the service gave the recording, and why (the default-model rule)
+function showModel(m) {
+  state.model = m.model; state.family = m.family || null;
+  const shape = m.image_shape ? m.image_shape[1] + "x" + m.image_shape[0] : "?";
+  $("model-info").textContent = `model ${m.model}${m.family ? " (" + m.family + ")" : ""}: ${m.model_reason || ""}` +
+    `; images ${shape}`;
+  $("recon-title").textContent = "reconstruction " + shape;
+  $("raster-panel").classList.toggle("hidden", !m.spikes);
 }
 
 // rows: array of Uint8Array(n) with 0/1; appended as columns, scrolling left.
@@ -84,13 +102,14 @@ async function upload() {
   stop(); setError("");
   state.ws = null; state.frames = 0; state.raster = []; state.t0 = performance.now(); state.phase = "uploading";
   setStatus("uploading " + f.name + " …");
-  const q = new URLSearchParams({ model: $("model").value, seed: $("seed").value, inputs: "true",
-                                  spikes: "bitpacked", filename: f.name });
+  const q = new URLSearchParams({ seed: $("seed").value, inputs: "true", spikes: "bitpacked", filename: f.name });
+  if ($("model").value) q.set("model", $("model").value);
   const r = await fetch("/v1/naturalize?" + q, { method: "POST", body: f, headers: authHeaders() });
   if (!r.ok) {
     setError(`${r.status}: ${(await r.json().catch(() => ({}))).detail || r.statusText}`); state.phase = "done"; return;
   }
   const j = await r.json();
+  showModel({ ...j, spikes: !!j.spikes, family: j.family });
   const raster = j.spikes ? unpackBits(b64bytes(j.spikes.data), j.spikes.rows, j.spikes.n_readout) : [];
   const n = j.spikes ? j.spikes.n_readout : 0;
   let i = 0, prevBin = -1;
@@ -157,8 +176,10 @@ async function replay() {
   state.ws = ws; state.frames = 0; state.raster = []; state.stats = null; state.running = true;
   state.sent = 0; state.packets = bounds.length - 1;
   $("stop").disabled = false;
-  ws.onopen = () => ws.send(JSON.stringify({ type: "start", protocol: 1, model: $("model").value,
-    sensor: { width, height }, seed: Number($("seed").value), spikes: true, inputs: true, format: "binary" }));
+  const start = { type: "start", protocol: 1, sensor: { width, height }, seed: Number($("seed").value),
+                  spikes: true, inputs: true, format: "binary" };
+  if ($("model").value) start.model = $("model").value;
+  ws.onopen = () => ws.send(JSON.stringify(start));
   // Messages are handled strictly in arrival order on one promise chain: a frame's handler awaits
   // image decoding, and without the chain a later "end" message or the close event would run in
   // between, after which the frame's handler would overwrite the final status. The close handler
@@ -169,7 +190,9 @@ async function replay() {
     if (!mine()) return;
     if (typeof ev.data === "string") {
       const m = JSON.parse(ev.data);
-      if (m.type === "ready") { state.nReadout = m.n_readout; state.t0 = performance.now(); state.phase = "streaming"; send(0); }
+      if (m.type === "ready") {
+        state.nReadout = m.n_readout; state.t0 = performance.now(); state.phase = "streaming"; showModel(m); send(0);
+      }
       else if (m.type === "stats" || m.type === "end") { state.stats = m; showStatus(m.type === "end" ? "stream ended" : "streaming"); }
       else if (m.type === "error") setError(`closed ${m.code}: ${m.message}`);
       return;

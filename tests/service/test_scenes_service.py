@@ -361,3 +361,80 @@ def test_frame_header_fields_fit(client: TestClient) -> None:
 
     assert raw and all(FRAME_HEADER.unpack_from(b)[-1] == 0 for b in raw)
     assert decode_frame(raw[-1]).image().shape == (720, 1280)
+
+
+# ---------------------------------------------------------------------------- viewer
+def _browser(tmp_path: Path):
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.skip("Debian chromium / chromium-driver not installed")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,800"):
+        opts.add_argument(flag)
+    drv = webdriver.Chrome(service=Service(executable_path=driver), options=opts)
+    drv.set_page_load_timeout(30)
+    return drv
+
+
+def _wait_phase(drv, phases: tuple[str, ...], timeout: float = 300.0) -> None:
+    import time
+
+    end = time.time() + timeout  # bounds a hung page only; every wait is on the page's state
+    while time.time() < end:
+        if drv.execute_script("return window.vdib.phase") in phases:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"page stuck: {drv.execute_script('return window.vdib')!r}")
+
+
+@pytest.mark.parametrize("parts, size", [(DAVIS346, "346x260"), (DAVIS240, "240x180")])
+def test_viewer_shows_events_and_reconstruction_at_native_resolution(settings: Settings, tmp_path: Path,
+                                                                    parts: tuple[str, ...], size: str) -> None:
+    """Live replay and upload of a real DAVIS recording with the model left on "auto": both
+    canvases at the sensor's resolution, side by side, the raster hidden (a scene model sends
+    none), the model and the rule's reason shown. Screenshots: $VDIB_SCREENSHOT_DIR or tmp."""
+    import os
+
+    from selenium.webdriver.common.by import By
+
+    from tests.service.conftest import LiveServer
+
+    path = shared_data_path(*parts)
+    srv = LiveServer(settings.model_copy(update={"start_timeout_s": 300, "idle_timeout_s": 300}))
+    drv = _browser(tmp_path)
+    shots = Path(os.environ.get("VDIB_SCREENSHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    name = path.stem.split("_")[1] if "_" in path.stem else path.stem
+    try:
+        drv.get(srv.http + "/")
+        _wait_phase(drv, ("idle",))
+        drv.find_element(By.ID, "file").send_keys(str(path))
+        drv.find_element(By.ID, "replay").click()
+        _wait_phase(drv, ("closed",))
+        vdib = drv.execute_script("return window.vdib")
+        assert vdib["closeCode"] == 1000 and vdib["frames"] > 0 and vdib["model"] == "scenes", vdib
+        for cid in ("events", "recon"):
+            canvas = drv.find_element(By.ID, cid)
+            assert canvas.get_attribute("data-size") == size  # the image's own size, drawn 1:1
+            assert f'{canvas.get_attribute("width")}x{canvas.get_attribute("height")}' == size
+        assert not drv.find_element(By.ID, "raster-panel").is_displayed()
+        assert "general-scene" in drv.find_element(By.ID, "model-info").text
+        assert drv.find_element(By.ID, "error").text == ""
+        drv.save_screenshot(str(shots / f"viewer_scenes_{name}_live.png"))
+        drv.find_element(By.ID, "upload").click()
+        _wait_phase(drv, ("done",))
+        assert drv.find_element(By.ID, "error").text == ""
+        assert drv.find_element(By.ID, "recon").get_attribute("data-size") == size
+        drv.save_screenshot(str(shots / f"viewer_scenes_{name}_upload.png"))
+    finally:
+        drv.quit()
+        srv.stop()
