@@ -125,7 +125,9 @@ class StreamEngine(Protocol):
     n_inputs: int
     n_readout: int
     tau_d: int
-    image_shape: tuple[int, ...]
+
+    @property
+    def image_shape(self) -> tuple[int, ...]: ...
 
     def fresh_state(self) -> Any: ...
 

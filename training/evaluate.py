@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 import events
+from model.batching import TorchStreams, decode_segments
 from model.checkpoint import load_checkpoint
 from model.naturalizer import Naturalizer
 
@@ -180,7 +181,7 @@ def judge_label(images: np.ndarray | torch.Tensor, judge: torch.nn.Module) -> li
 
 
 @torch.no_grad()
-def decode_recording(naturalizer: torch.nn.Module, source: str | Path, seed: int = 0,
+def decode_recording(naturalizer: Naturalizer, source: str | Path, seed: int = 0,
                      every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode an event recording with a naturalizer as the service does (online, from its start).
 
@@ -190,9 +191,6 @@ def decode_recording(naturalizer: torch.nn.Module, source: str | Path, seed: int
     generator seeded ``seed``. Returns ``(final_image [28, 28], images [k, 28, 28])`` where
     ``images`` holds the decodings after every ``every`` steps (empty when ``every`` = 0).
     """
-    import events
-    from model.batching import TorchStreams, decode_segments
-
     cfg = naturalizer.config
     pre = cfg.preprocessing
     rec = events.read(source)
