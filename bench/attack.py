@@ -353,7 +353,8 @@ async def a_idle_connections(port: int) -> dict[str, Any]:
     h = await asyncio.wait_for(r.readexactly(2), 10)
     n = h[1] & 0x7F
     n = int.from_bytes(await r.readexactly(2), "big") if n == 126 else n
-    legit = json.loads(await r.readexactly(n))["type"]
+    obj = json.loads(await r.readexactly(n))
+    legit = obj["type"] if obj["type"] == "ready" else f"{obj['type']} {obj.get('code')}: {obj.get('message')}"
     w.close()
     closed = 0
     for rr, ww in conns:

@@ -289,6 +289,7 @@ class MemoryTrimmer:
         self.interval_s = interval_s
         self._last = float("-inf")
         self._running = False
+        self._pending = False  # a trailing trim is scheduled
         self.trims = 0
         self._trim: Any = None
         try:
@@ -301,15 +302,24 @@ class MemoryTrimmer:
             self._trim = None
 
     def request(self) -> None:
-        """Trim soon (call from the event loop); a no-op without glibc or within the interval."""
-        now = time.monotonic()
-        if self._trim is None or self._running or now - self._last < self.interval_s:
+        """Trim soon (call from the event loop): now, or at the end of the interval when the last
+        trim was less than ``interval_s`` ago (one trailing trim); a no-op without glibc."""
+        if self._trim is None or self._running or self._pending:
             return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._running, self._last = True, now
+        wait = self._last + self.interval_s - time.monotonic()
+        self._pending = True
+        if wait > 0:
+            loop.call_later(wait, self._start, loop)
+        else:
+            self._start(loop)
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._pending = False
+        self._running, self._last = True, time.monotonic()
         loop.run_in_executor(None, self._run)
 
     def _run(self) -> None:

@@ -558,3 +558,15 @@ def test_memory_trimmer_runs_at_most_once_per_interval():
     if t._trim is None:
         pytest.skip("no glibc malloc_trim")
     assert asyncio.run(go(t)) == 1
+
+    async def trailing(t: MemoryTrimmer) -> int:
+        t.request()
+        while t._running:
+            await asyncio.sleep(0.01)
+        for _ in range(5):  # within the interval: one trailing trim at its end
+            t.request()
+        while t._pending or t._running:
+            await asyncio.sleep(0.01)
+        return t.trims
+
+    assert asyncio.run(trailing(MemoryTrimmer(interval_s=0.2))) == 2
