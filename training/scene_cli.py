@@ -39,6 +39,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
 
+    tr = sub.add_parser(
+        "train",
+        help="train the scene model (vdib-bptt) on simulated scenes from bundled images",
+        description="Simulated clips (training.scene_data) are generated into a cache by worker processes "
+                    "while the trainer samples random crops from them; checkpoints best/last/final under --out.",
+    )
+    tr.add_argument("--out", default="runs/scenes")
+    tr.add_argument("--cache-dir", default="runs/scene-cache")
+    tr.add_argument("--minutes", type=float, default=100.0, help="optimisation budget (wall clock)")
+    tr.add_argument("--batch", type=int, default=8)
+    tr.add_argument("--workers", type=int, default=1, help="simulator processes filling the clip cache")
+    tr.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .scene_train import main as train_main
+
+    return train_main(["--out", args.out, "--cache-dir", args.cache_dir, "--minutes", str(args.minutes),
+                       "--batch", str(args.batch), "--workers", str(args.workers), "--threads", str(args.threads),
+                       "--seed", str(args.seed)])
+
 
 def _method_order() -> tuple[str, ...]:
     return ("vdib", "mid-gray", "direct", "hpf", "pienet", "pienet-lite")
