@@ -348,8 +348,9 @@ async def a_idle_connections(port: int) -> dict[str, Any]:
     r, w = await asyncio.open_connection("127.0.0.1", port)
     key = base64.b64encode(os.urandom(16)).decode()
     w.write((f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode() + masked(1, START))
+             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
     await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+    w.write(masked(1, START))  # after the 101 (RFC 6455 4.1: no frames before the server's answer)
     h = await asyncio.wait_for(r.readexactly(2), 10)
     n = h[1] & 0x7F
     n = int.from_bytes(await r.readexactly(2), "big") if n == 126 else n
@@ -376,7 +377,7 @@ async def a_slowloris(port: int) -> dict[str, Any]:
     opened: list[asyncio.StreamWriter] = []
     readers: list[asyncio.StreamReader] = []
 
-    async def trickle(prefix: bytes, data: bytes, per_s: float, seconds: float) -> None:
+    async def trickle(prefix: bytes, data: bytes, per_s: float, seconds: float, after_101: bytes = b"") -> None:
         try:
             r, w = await open_attacker(port)
         except OSError:
@@ -384,6 +385,12 @@ async def a_slowloris(port: int) -> dict[str, Any]:
         opened.append(w)
         readers.append(r)
         w.write(prefix)
+        if after_101:  # a websocket: the start message once upgraded, then the trickled frame
+            try:
+                await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                return
+            w.write(after_101)
         t = time.perf_counter()
         i = 0
         step = max(1, int(per_s / 10))
@@ -398,11 +405,11 @@ async def a_slowloris(port: int) -> dict[str, Any]:
     body_prefix = b"POST /v1/naturalize HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
     key = base64.b64encode(os.urandom(16)).decode()
     ws_prefix = (f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode() + masked(1, START)
+                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
     big = masked(2, packet(list(range(0, 80_000))))  # ~1 MB frame
     tasks = [trickle(hdr[:5], hdr[5:], 10, 12) for _ in range(60)]
     tasks += [trickle(body_prefix, b"x" * 100_000, 10, 12) for _ in range(40)]
-    tasks += [trickle(ws_prefix, big, 6000, 12) for _ in range(4)]
+    tasks += [trickle(ws_prefix, big, 6000, 12, masked(1, START)) for _ in range(4)]
     await asyncio.gather(*tasks)
     still_open = 0
     for r, w in zip(readers, opened, strict=True):
