@@ -372,18 +372,21 @@ async def a_idle_connections(port: int) -> dict[str, Any]:
 
 async def a_slowloris(port: int) -> dict[str, Any]:
     """60 connections sending request headers, 40 sending a body, at 1 byte per second, and 4
-    websocket connections trickling a 1 MB binary frame at ~6 kB/s; how many are still open
-    after 12 s."""
+    websocket connections trickling a 1 MB binary frame at ~6 kB/s; how many of each are still
+    open after 12 s (a websocket message must complete within idle_timeout_s: 20 s here)."""
     opened: list[asyncio.StreamWriter] = []
     readers: list[asyncio.StreamReader] = []
+    kinds: list[str] = []
 
-    async def trickle(prefix: bytes, data: bytes, per_s: float, seconds: float, after_101: bytes = b"") -> None:
+    async def trickle(kind: str, prefix: bytes, data: bytes, per_s: float, seconds: float,
+                      after_101: bytes = b"") -> None:
         try:
             r, w = await open_attacker(port)
         except OSError:
             return
         opened.append(w)
         readers.append(r)
+        kinds.append(kind)
         w.write(prefix)
         if after_101:  # a websocket: the start message once upgraded, then the trickled frame
             try:
@@ -407,21 +410,24 @@ async def a_slowloris(port: int) -> dict[str, Any]:
     ws_prefix = (f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
     big = masked(2, packet(list(range(0, 80_000))))  # ~1 MB frame
-    tasks = [trickle(hdr[:5], hdr[5:], 10, 12) for _ in range(60)]
-    tasks += [trickle(body_prefix, b"x" * 100_000, 10, 12) for _ in range(40)]
-    tasks += [trickle(ws_prefix, big, 6000, 12, masked(1, START)) for _ in range(4)]
+    tasks = [trickle("headers", hdr[:5], hdr[5:], 10, 12) for _ in range(60)]
+    tasks += [trickle("body", body_prefix, b"x" * 100_000, 10, 12) for _ in range(40)]
+    tasks += [trickle("ws_frame", ws_prefix, big, 6000, 12, masked(1, START)) for _ in range(4)]
     await asyncio.gather(*tasks)
-    still_open = 0
-    for r, w in zip(readers, opened, strict=True):
+    still_open = {"headers": 0, "body": 0, "ws_frame": 0}
+    answers: list[str] = []
+    for r, w, kind in zip(readers, opened, kinds, strict=True):
         try:
             data = await asyncio.wait_for(r.read(1 << 16), 0.05)
-            still_open += data != b"" and not r.at_eof()
+            if data.startswith(b"HTTP/1.1 4"):
+                answers.append(data[9:12].decode())
+            still_open[kind] += data != b"" and not r.at_eof()
         except TimeoutError:
-            still_open += 1
+            still_open[kind] += 1
         except ConnectionError:
             pass
         w.close()
-    return {"connections": len(opened), "still_open_after_12s": still_open}
+    return {"connections": len(opened), "still_open_after_12s": still_open, "http_answers": count(answers)}
 
 
 ATTACKS: dict[str, Callable[[int], Awaitable[dict[str, Any]]]] = {
