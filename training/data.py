@@ -13,21 +13,25 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import events
 from events.binning import MNIST_DVS, BinSpec, bin_events
 from events.mnist_idx import load_mnist
+from events.simulate import MnistDvsConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+_Item = TypeVar("_Item")
 
 # Standard names first (the full 60k set when a user has it), then the 10k subset at hand.
 _MNIST_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
@@ -291,11 +295,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("VDIB_CACHE", REPO_ROOT / "runs" / "cache"))
 
 
-def _progress(it: Iterator | Sequence, total: int, desc: str, enabled: bool):
+def _progress(it: Iterable[_Item], total: int, desc: str, enabled: bool) -> Iterable[_Item]:
     if not enabled:
         return it
-    from tqdm.auto import tqdm
-
     return tqdm(it, total=total, desc=desc, unit="rec", mininterval=2.0)
 
 
@@ -508,8 +510,6 @@ def simulate_mnist_dvs_sets(
         ]
         desc = f"simulating MNIST-DVS {tag or ''} (dt " + ", ".join(f"{d / 1000:g}" for d in missing) + " ms)"
         if workers > 1:
-            import multiprocessing as mp
-
             with mp.get_context("fork").Pool(workers) as pool:
                 it = pool.imap(job, ((i, images[i]) for i in range(len(images))), chunksize=16)
                 for i, rows in enumerate(_progress(it, len(images), desc, progress)):
@@ -548,15 +548,9 @@ def _packed_width(spec: BinSpec) -> int:
 
 def _simulator_fingerprint(sim: Callable[..., Any]) -> str:
     """Hash of the simulator's default configuration, so a changed simulator misses the cache."""
-    try:
-        from events.simulate import MnistDvsConfig
-
-        return (
-            hashlib.sha256(repr(MnistDvsConfig()).encode()).hexdigest()[:12]
-            + f":{getattr(sim, '__name__', '?')}"
-        )
-    except ImportError:
-        return getattr(sim, "__name__", "?")
+    return (
+        hashlib.sha256(repr(MnistDvsConfig()).encode()).hexdigest()[:12] + f":{getattr(sim, '__name__', '?')}"
+    )
 
 
 class _SimJob:
