@@ -312,3 +312,32 @@ def test_not_ready_service_refuses_streams(tmp_path):
                 ws.receive_text()
                 ws.receive_text()
         assert exc.value.code == 1013
+
+
+def test_session_queues_a_silence_as_one_run_and_checks_the_budget_first(client):
+    """A silence shorter than max_gap_us is stepped bin by bin, but queued as one item (no frame
+    per empty bin); a message that would pass max_pending_bins is refused before binning."""
+    from events import EVENT_DTYPE
+    from service.protocol import CLOSE_POLICY, ProtocolError
+    from service.session import BIN, Session
+
+    entry = client.app.state.registry.get(None)
+    roi, pool = entry.resolve_roi(26, 26, "centre")
+
+    def session(max_pending: int) -> Session:
+        return Session(entry, roi, pool, 1_000, 2, 0, spikes=False, inputs=False, fmt="binary", encoding="auto",
+                       t0_us=None, max_gap_us=10_000_000, out_queue_frames=4, max_pending_bins=max_pending)
+
+    ev = np.zeros(3, EVENT_DTYPE)
+    ev["t"] = [0, 100, 5_000_000]  # 4999 empty bins between bin 0 and bin 5000
+    ev["x"], ev["y"], ev["p"] = 3, 4, 1
+    s = session(10_000)
+    n, segs = s.bin_message(encode_events(ev))
+    assert n == 3 and s.queue(segs) == 5000 and s.pending.bins == 5000 and len(s.pending) == 2
+    first, second, third = s.pending.popleft(), s.pending.popleft(), s.pending.popleft()
+    assert first.kind == BIN and first.frame.sum() == 1 and first.bin_end_us == 1_000  # presence
+    assert second.frame.sum() == 0 and (second.bin_end_us, third.bin_end_us) == (2_000, 3_000)
+    assert s.pending.bins == 4997 and len(s.pending) == 1  # the rest of the run: still one item
+    with pytest.raises(ProtocolError) as exc:
+        session(1_000).bin_message(encode_events(ev))
+    assert exc.value.code == CLOSE_POLICY and "bins waiting" in exc.value.message

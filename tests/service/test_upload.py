@@ -227,3 +227,24 @@ def test_npz_upload_json_parses(client):
     assert zipfile.is_zipfile(io.BytesIO(buf.getvalue()))
     j = client.post("/v1/naturalize?emit=1", content=buf.getvalue()).json()
     assert j["stats"]["bins"] == 3 and json.dumps(j)
+
+
+def test_a_huge_declared_sensor_costs_its_sides_not_its_area(client):
+    """Issue 10, amplification through space: a 60-byte CSV declaring a 16384 x 16384 sensor with
+    roi=full is pooled to the model input; binning it allocates tables sized by the sensor's
+    sides (never its area: that was 8.9 GB) and keeps at most TABLE_CACHE_BYTES of them."""
+    import tracemalloc
+
+    from events import binning
+
+    csv = b"# width 16384 height 16384\nt,x,y,p\n0,1,1,1\n20000,16000,16000,0\n"
+    tracemalloc.start()
+    try:
+        r = client.post("/v1/naturalize", content=csv, params={"filename": "big.csv", "roi": "full", "model": "tiny"})
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 200, r.text
+    assert r.json()["pool"] == 630 and r.json()["stats"]["bins"] == 3
+    assert peak < 64 << 20, peak
+    assert binning._TABLES.nbytes <= binning.TABLE_CACHE_BYTES
