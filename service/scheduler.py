@@ -73,6 +73,11 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdib-tick")
+        # Scene-model streams (tens of ms of convolutions per step, which release the GIL) tick in
+        # a thread of their own, so they never stall the event loop or the digit streams' ticks;
+        # a session is in at most one tick at a time (``_busy``: its tick has not come back yet).
+        self._scene_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vdib-scene")
+        self._busy: set[str] = set()
         self._cursor = 0  # round-robin start when more than max_batch sessions are due
         self.fault: Callable[[str, list[Session]], None] | None = None  # tests: see _probe
         self.trimmer = MemoryTrimmer()
@@ -95,6 +100,7 @@ class Scheduler:
                 pass
             self._task = None
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._scene_pool.shutdown(wait=False, cancel_futures=True)
 
     def acquire_slot(self, limit: int) -> bool:
         """Take one of ``limit`` stream slots; False when all are taken."""
@@ -168,6 +174,14 @@ class Scheduler:
                 work = self._collect()
                 if not work:
                     break
+                offloaded = [w for w in work if w[0].entry.family == "scene"]
+                if offloaded:
+                    work = [w for w in work if w[0].entry.family != "scene"]
+                    self._tick_off_loop(loop, offloaded)
+                    del offloaded
+                    if not work:
+                        await asyncio.sleep(0)
+                        continue
                 try:
                     if self.inline:
                         results = self._tick(work)
@@ -182,6 +196,29 @@ class Scheduler:
                 self._update_rate()
                 await asyncio.sleep(0)  # let socket reads and sends run between ticks
 
+    def _tick_off_loop(self, loop: asyncio.AbstractEventLoop, work: list[tuple[Session, Pending]]) -> None:
+        """Run ``work``'s tick in the scene thread; its results are delivered on the loop when it
+        is done, and its sessions are not collected again before that."""
+        ids = [s.id for s, _ in work]
+        self._busy.update(ids)
+        fut = loop.run_in_executor(self._scene_pool, self._tick, work)
+
+        def done(f: asyncio.Future[list[tuple[Session, Outgoing]]]) -> None:
+            self._busy.difference_update(ids)
+            if f.cancelled():
+                return
+            exc = f.exception()
+            if exc is not None:
+                log.error("scheduler tick (scene streams) failed: %s: %s", type(exc).__name__, exc)
+                results = [(s, _failure(type(exc).__name__)) for s, _ in work]
+            else:
+                results = f.result()
+            work.clear()  # no session stays referenced by this callback
+            self._deliver(results)
+            self._wake.set()
+
+        fut.add_done_callback(done)
+
     def _deliver(self, results: list[tuple[Session, Outgoing]]) -> None:
         for s, msg in results:
             if msg.close_code == 1011:
@@ -193,7 +230,8 @@ class Scheduler:
                 self.sessions.pop(s.id, None)
 
     def _collect(self) -> list[tuple[Session, Pending]]:
-        due = [s for s in self.sessions.values() if s.pending and not s.closed]
+        busy = self._busy
+        due = [s for s in self.sessions.values() if s.pending and not s.closed and (not busy or s.id not in busy)]
         if not due:
             return []
         if len(due) > self.max_batch:

@@ -307,6 +307,45 @@ def test_two_streams_of_different_sizes_at_once(client: TestClient, davis_rec) -
         assert [f.image().tobytes() for f in out["frames"]] == [f.image().tobytes() for f in ref]
 
 
+def test_a_parked_scene_tick_never_stalls_digit_streams(client: TestClient, davis_rec) -> None:
+    """Scene streams tick in a thread of their own: while a scene tick is held inside its encoder
+    step, a whole MNIST-DVS stream on the digit model runs from start to close."""
+    import threading
+
+    import events
+
+    sched = client.app.state.scheduler
+    gate, parked, timed_out = threading.Event(), threading.Event(), []
+
+    def hold_scene_steps(step: str, sessions: list) -> None:
+        if step == "step" and any(s.entry.family == "scene" for s in sessions) and not gate.is_set():
+            parked.set()
+            if not gate.wait(30):  # inline on the event loop, nothing could release it
+                timed_out.append(True)
+
+    digits = events.read(shared_data_path(*MNIST_DVS))
+    packets = _packets(davis_rec.events)
+    sched.fault = hold_scene_steps
+    try:
+        with client.websocket_connect("/v1/stream") as ws:
+            ws.send_text(json.dumps(start_msg(sensor={"width": 346, "height": 260}, emit=1)))
+            assert json.loads(ws.receive_text())["model"] == "scenes"
+            ws.send_bytes(packets[0])
+            ws.send_bytes(packets[1])  # completes the first bin
+            assert parked.wait(60)
+            out = _stream(client, digits, emit=3)
+            assert out["code"] == 1000 and out["ready"]["model"] == "mnist-dvs" and len(out["frames"]) == 74
+            gate.set()
+            for p in packets[2:]:
+                ws.send_bytes(p)
+            ws.send_text(json.dumps({"type": "end"}))
+            scene = collect(ws)
+        assert not timed_out and scene["code"] == 1000 and len(scene["frames"]) == len(packets)
+    finally:
+        sched.fault = None
+        gate.set()
+
+
 def test_scene_stream_limits(ckpts: Path) -> None:
     from service.app import create_app
 
