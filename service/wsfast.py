@@ -28,6 +28,9 @@ from websockets.protocol import State
 from .guard import GuardedWebSocketProtocol
 
 _BINARY_FIN = 0x82  # FIN bit + opcode 2, RSV bits clear
+#: queued messages at which reading the socket pauses (uvicorn's receive() resumes it once the
+#: app has emptied the queue): a client that sends faster than the app takes stays bounded
+_QUEUE_PAUSE = 64
 
 
 class FastWebSocketProtocol(GuardedWebSocketProtocol):
@@ -97,6 +100,11 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
             if b0 == _BINARY_FIN and self.conn.state is State.OPEN and not self.close_sent:
                 mask = buf[i + h : i + h + 4]
                 self.queue.put_nowait({"type": "websocket.receive", "bytes": apply_mask(buf[i + h + 4 : end], mask)})
+                if not self.read_paused and self.queue.qsize() >= _QUEUE_PAUSE:
+                    # backpressure like the library's (which pauses after every message): stop
+                    # reading the socket until the app has taken the queued messages
+                    self.read_paused = True
+                    self.transport.pause_reading()
             else:
                 frame = buf[i:end]
                 opcode = b0 & 0x0F

@@ -446,6 +446,9 @@ def test_wsfast_reassembles_trickled_frames_in_place():
             self.queue = asyncio.Queue()
             self.close_sent = False
             self.conn = type("C", (), {"state": State.OPEN})()
+            self.read_paused = False
+            self.paused = 0
+            self.transport = type("T", (), {"pause_reading": lambda _t: setattr(self, "paused", self.paused + 1)})()
 
     for step in (1, 7, 1000):
         p = P()
@@ -454,7 +457,12 @@ def test_wsfast_reassembles_trickled_frames_in_place():
             p.data_received(frame[a : a + step])
             assert id(p._buf) == buf_id
         msg = p.queue.get_nowait()
-        assert msg["bytes"] == payload and p.queue.empty() and not p._buf
+        assert msg["bytes"] == payload and p.queue.empty() and not p._buf and not p.paused
+    # a flood of small frames in one read: the socket stops being read once 64 wait (backpressure)
+    small = bytes([0x82, 0x80 | 3]) + mask + bytes(b ^ mask[i] for i, b in enumerate(b"abc"))
+    p = P()
+    p.data_received(small * 200)
+    assert p.read_paused and p.paused == 1 and p.queue.qsize() == 200  # the rest of that read only
 
 
 # ---------------------------------------------------------------------------- 10. bad input, not 500/1011
