@@ -131,34 +131,25 @@ def build_datasets(cfg: TrainingConfig, progress: bool = True) -> Datasets:
         )
     if d.kind == "simulated-mnist-dvs":
         mdir = d.mnist_dir or d.dir or None
-        tr = D.load_mnist_split(mdir, "train", lim_tr)
-        te = D.load_mnist_split(mdir, "test", lim_te)
-        cache = d.cache_dir or None
-        train = D.simulate_mnist_dvs_set(
-            *tr,
-            target=d.target,
-            dt_us=d.dt_us,
-            duration_us=d.duration_us,
-            seed=0,
-            cache_dir=cache,
-            progress=progress,
-            simulate_kwargs=d.simulate,
-            tag="train",
-            workers=d.workers,
-        )
-        # tests always score against the exact source digit
-        test = D.simulate_mnist_dvs_set(
-            *te,
-            target="source",
-            dt_us=d.dt_us,
-            duration_us=d.duration_us,
-            seed=10_000_000,
-            cache_dir=cache,
-            progress=progress,
-            simulate_kwargs=d.simulate,
-            tag="test",
-            workers=d.workers,
-        )
+
+        def simulated(split: str, limit: int | None, target: str, seed: int) -> D.FrameSet:
+            images, labels = D.load_mnist_split(mdir, split, limit)
+            return D.simulate_mnist_dvs_set(
+                images,
+                labels,
+                target,
+                d.dt_us,
+                d.duration_us,
+                seed,
+                d.cache_dir or None,
+                progress,
+                d.simulate,
+                split,
+                workers=d.workers,
+            )
+
+        train = simulated("train", lim_tr, d.target, 0)
+        test = simulated("test", lim_te, "source", 10_000_000)  # tests score against the exact source digit
     elif d.kind == "mnist-dvs":
         protos = D.prototype_images(*D.load_mnist_split(d.mnist_dir or None, "train"))
         train, test = (

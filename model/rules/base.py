@@ -17,6 +17,7 @@ from ..naturalizer import Naturalizer, sliding_windows
 from ..rollout import HiddenRollout
 
 __all__ = [
+    "check_common_options",
     "MATMUL_DTYPES",
     "HiddenInit",
     "KLReduction",
@@ -36,6 +37,16 @@ HiddenInit = Literal["zero", "random"]
 TargetSteps = Literal["last", "all"]
 #: ``matmul_dtype`` option -> the dtype the big GEMM operands are cast to (None: as given).
 MATMUL_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def check_common_options(target_steps: str, matmul_dtype: str, hidden_init: str | None) -> None:
+    """Check the options every rule has (called by each rule's options dataclass)."""
+    if target_steps not in ("last", "all"):
+        raise ValueError(f"target_steps must be 'last' or 'all', got {target_steps!r}")
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise ValueError(f"matmul_dtype must be one of {sorted(MATMUL_DTYPES)}, got {matmul_dtype!r}")
+    if hidden_init not in (None, "zero", "random"):
+        raise ValueError(f"hidden_init must be None, 'zero' or 'random', got {hidden_init!r}")
 
 
 def flatten_input(nat: Naturalizer, x: Tensor) -> Tensor:

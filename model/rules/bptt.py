@@ -21,6 +21,7 @@ from .base import (
     MatmulDtype,
     Rule,
     TargetSteps,
+    check_common_options,
     flatten_input,
     hidden_stats,
     init_hidden,
@@ -44,14 +45,7 @@ class BPTTOptions:
     n_samples: int = 1
 
     def __post_init__(self) -> None:
-        if self.target_steps not in ("last", "all"):
-            raise ValueError(f"target_steps must be 'last' or 'all', got {self.target_steps!r}")
-        if self.matmul_dtype not in MATMUL_DTYPES:
-            raise ValueError(
-                f"matmul_dtype must be one of {sorted(MATMUL_DTYPES)}, got {self.matmul_dtype!r}"
-            )
-        if self.hidden_init not in (None, "zero", "random"):
-            raise ValueError(f"hidden_init must be None, 'zero' or 'random', got {self.hidden_init!r}")
+        check_common_options(self.target_steps, self.matmul_dtype, self.hidden_init)
 
 
 class BPTTRule(Rule):
