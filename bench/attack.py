@@ -155,8 +155,8 @@ class Background:
 
 
 # ---------------------------------------------------------------------------- attacker helpers
-async def open_attacker(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", port, local_addr=(ATTACKER, 0))
+async def open_attacker(port: int, addr: str = ATTACKER) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(addr, 0))
 
 
 def masked(opcode: int, payload: bytes) -> bytes:
@@ -371,17 +371,20 @@ async def a_idle_connections(port: int) -> dict[str, Any]:
 
 
 async def a_slowloris(port: int) -> dict[str, Any]:
-    """60 connections sending request headers, 40 sending a body, at 1 byte per second, and 4
+    """60 connections sending request headers, 40 sending a body, at 10 bytes per second, and 4
     websocket connections trickling a 1 MB binary frame at ~6 kB/s; how many of each are still
     open after 12 s (a websocket message must complete within idle_timeout_s: 20 s here)."""
     opened: list[asyncio.StreamWriter] = []
     readers: list[asyncio.StreamReader] = []
     kinds: list[str] = []
 
+    # one source address per kind, each under the per-client limit (that limit has its own attack)
+    addrs = {"headers": "127.0.0.3", "body": "127.0.0.4", "ws_frame": "127.0.0.5"}
+
     async def trickle(kind: str, prefix: bytes, data: bytes, per_s: float, seconds: float,
                       after_101: bytes = b"") -> None:
         try:
-            r, w = await open_attacker(port)
+            r, w = await open_attacker(port, addrs[kind])
         except OSError:
             return
         opened.append(w)
