@@ -28,6 +28,7 @@ set of weights serves every sensor size; what depends on the size is the state o
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import weakref
@@ -175,7 +176,7 @@ class SizedSceneEngine(Engine):
                 parts.append(batch)
             else:
                 idx = torch.tensor(rows, dtype=torch.long, device=self.device)
-                parts.append(map_state(batch, lambda t, idx=idx: t.index_select(0, idx)))
+                parts.append(map_state(batch, functools.partial(torch.index_select, dim=0, index=idx)))
         return parts[0] if len(parts) == 1 else stack_states(parts)
 
     def unstack(self, state: State, n: int) -> list[State]:

@@ -90,6 +90,35 @@ def _scene_net(client: TestClient):
     return client.app.state.registry.models["scenes"].engine.net
 
 
+# ---------------------------------------------------------------------------- engine
+def test_sized_engine_rows_step_like_single_streams() -> None:
+    """Rows of a batched state, gathered in any order, step as each stream alone would."""
+    from model.batching import stream_uniforms
+    from service.scene_engine import SceneEngine
+
+    eng = SceneEngine(small_scene(), "cpu").for_input((2, 21, 30))
+    assert eng.n_readout == 3 * 11 * 15 and eng.image_shape == (21, 30)
+    assert SceneEngine.for_input(eng.model, (2, 21, 30)) is eng  # one engine per size while used
+    rng = np.random.default_rng(0)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    single = [eng.fresh_batch() for _ in range(3)]
+    batch = eng.stack([eng.init_state() for _ in range(3)])
+    rows = eng.unstack(batch, 3)
+    for t in range(4):
+        x = (rng.random((3, eng.n_inputs)) < 0.1).astype(np.float32) * 3
+        u = [stream_uniforms(g, 1, eng.n_readout) for g in gens]
+        order = [2, 0, 1] if t % 2 else [1, 2, 0]
+        y, st = eng.step(x[order], eng.stack([rows[i] for i in order]), np.concatenate([u[i] for i in order]))
+        back = eng.unstack(st, 3)
+        for j, i in enumerate(order):
+            rows[i] = back[j]
+            y1, single[i] = eng.step(x[i : i + 1], single[i], u[i])
+            assert np.array_equal(y[j], y1[0])
+    for i in range(3):
+        w = eng.stack([rows[i]]).window.reshape(1, eng.tau_d, -1).numpy()
+        assert np.array_equal(eng.decode(w), eng.decode_state(single[i]))
+
+
 # ---------------------------------------------------------------------------- uploads
 def test_davis346_upload_full_resolution_in_every_format(client: TestClient, davis: Path, davis_rec) -> None:
     data = davis.read_bytes()
@@ -305,6 +334,36 @@ def test_two_streams_of_different_sizes_at_once(client: TestClient, davis_rec) -
         assert out["code"] == 1000
         assert all(f.image().shape == (r.height, r.width) for f in out["frames"])
         assert [f.image().tobytes() for f in out["frames"]] == [f.image().tobytes() for f in ref]
+
+
+def test_equal_sized_streams_batch_without_touching_each_other(client: TestClient, davis_rec) -> None:
+    """Two DAVIS346 streams (different seeds, one ending early) stepped in shared ticks: each
+    stream's frames equal its frames alone, bit for bit."""
+    import events
+
+    short = events.Recording(davis_rec.events[davis_rec.events["t"] < davis_rec.events["t"][0] + 60_000],
+                             346, 260, "aedat4", {})
+    recs, seeds = [davis_rec, short], [21, 22]
+    alone = [[f.image().tobytes() for f in _stream(client, r, seed=sd, emit=1)["frames"]]
+             for r, sd in zip(recs, seeds, strict=True)]
+    packets = [_packets(r.events) for r in recs]
+    steps_before = client.app.state.scheduler.steps
+    with client.websocket_connect("/v1/stream") as a, client.websocket_connect("/v1/stream") as b:
+        wss = [a, b]
+        for ws, sd in zip(wss, seeds, strict=True):
+            ws.send_text(json.dumps(start_msg(sensor={"width": 346, "height": 260}, seed=sd, emit=1)))
+            json.loads(ws.receive_text())
+        for k in range(len(packets[0])):
+            for ws, ps in zip(wss, packets, strict=True):
+                if k < len(ps):
+                    ws.send_bytes(ps[k])
+            if k == len(packets[1]) - 1:
+                b.send_text(json.dumps({"type": "end"}))
+        a.send_text(json.dumps({"type": "end"}))
+        outs = [collect(ws) for ws in wss]
+    assert client.app.state.scheduler.steps - steps_before == sum(len(x) for x in alone)
+    for out, ref in zip(outs, alone, strict=True):
+        assert out["code"] == 1000 and [f.image().tobytes() for f in out["frames"]] == ref
 
 
 def test_a_parked_scene_tick_never_stalls_digit_streams(client: TestClient, davis_rec) -> None:
