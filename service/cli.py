@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoints", default=None, help="checkpoints directory (default: the shipped checkpoints/)")
     p.add_argument("--engine", choices=("torch", "onnx"), default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
-    p.add_argument("--model", default=None, help="default model name")
+    p.add_argument("--model", default=None,
+                   help="model for every request that names none (default: chosen by the recording's sensor)")
     p.add_argument("--log-level", default="info")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads per process (default 1: per-step GEMMs are small; 0 = torch's default)")
