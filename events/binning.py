@@ -508,7 +508,8 @@ def stream_bins(
 
     Completed bins go to ``outk`` (row 0: first bin index, row 1: reset, row 2: 0 for a frame,
     which is copied into ``out[j]``, else the length of a run of bins without events, which is
-    never materialized), at most ``outk.shape[1]`` entries per call. Returns ``(entries, next
+    never materialized; row 3: the end time of the (first) bin), at most ``outk.shape[1]``
+    entries per call. Returns ``(entries, next
     event, status)``: status 0, -1 (``check`` and a polarity other than 0/1: nothing done) or
     -2 (completing the next bins would pass ``budget`` bins in this call; stopped before).
     The state is consistent at every return, so a call resumes where the previous one stopped."""
@@ -555,6 +556,7 @@ def stream_bins(
             outk[0, n_out] = st[2]
             outk[1, n_out] = st[5]
             outk[2, n_out] = 0
+            outk[3, n_out] = st[0] + (st[2] + 1) * dt
             n_out += 1
             used += 1
             st[3] = 0
@@ -572,6 +574,7 @@ def stream_bins(
             outk[0, n_out] = st[2]
             outk[1, n_out] = st[5]
             outk[2, n_out] = k - st[2]
+            outk[3, n_out] = st[0] + (st[2] + 1) * dt
             n_out += 1
             used += k - st[2]
             st[5] = 0
@@ -680,7 +683,10 @@ class Binner:
         self._kernel = kernel(stream_bins) if _jit.enabled() else None
         cap = max(1, min(64, _OUT_BYTES // self._stride))
         self._out = np.zeros((cap, self._stride), dtype=np.uint8)
-        self._outk = np.zeros((3, cap), dtype=np.int64)
+        self._outk = np.zeros((4, cap), dtype=np.int64)
+        self._out_flat = self._out.reshape(-1)
+        self._shapes = [(m, *self._inner_shape) for m in range(cap + 1)]
+        self._is_signed = spec.polarity == "signed"
         self._no_frames = np.zeros((0, *spec.shape), dtype=spec.dtype)
         self.bins_emitted = 0
         self.events_in = 0
@@ -701,11 +707,11 @@ class Binner:
     # -- emitting ----------------------------------------------------------------------------
     def _frames(self, out: list[BinSegment], flat: np.ndarray, k_first: int, n: int, reset: bool) -> None:
         """Emit ``n`` frames (the first ``n * stride`` cells of ``flat``, copied) as bins ``k_first...``."""
-        frames = flat[: n * self._stride].reshape(n, *self._inner_shape).copy()
-        if self.spec.polarity == "signed":
-            frames = _signed(frames)
-        t0 = int(self._st[_T0])
-        ends = t0 + (np.arange(k_first, k_first + n, dtype=np.int64) + 1) * self._dt
+        frames = flat[: n * self._stride].reshape(self._shapes[n] if n < len(self._shapes) else (n, *self._inner_shape))
+        frames = _signed(frames) if self._is_signed else frames.copy()
+        t0, dt = int(self._st[_T0]), self._dt
+        # bin ends from Python ints: a few numpy calls would cost more than the whole bin
+        ends = np.array([t0 + (k + 1) * dt for k in range(k_first, k_first + n)], dtype=np.int64)
         out.append(BinSegment(frames, ends, reset))
         self.bins_emitted += n
 
@@ -716,7 +722,7 @@ class Binner:
 
     def _take(self, out: list[BinSegment], m: int) -> int:
         """Turn the compiled loop's ``m`` entries into segments; the number of bins."""
-        ks, resets, runs = self._outk[:, :m].tolist()
+        ks, resets, runs = self._outk[:3, :m].tolist()
         bins = 0
         j = 0
         while j < m:
@@ -728,7 +734,7 @@ class Binner:
             j2 = j + 1
             while j2 < m and not runs[j2] and not resets[j2]:
                 j2 += 1
-            self._frames(out, self._out[j:j2].reshape(-1), ks[j], j2 - j, resets[j] != 0)
+            self._frames(out, self._out_flat[j * self._stride :], ks[j], j2 - j, resets[j] != 0)
             bins += j2 - j
             j = j2
         return bins
@@ -780,7 +786,13 @@ class Binner:
             if status == -1:
                 self.events_in -= n
                 raise EventFormatError("event polarity must be 0 or 1")
-            if m:
+            if m == 1 and self._outk[2, 0] == 0 and not self._is_signed:
+                # the common case of a live stream: one complete bin (what _take does, inlined)
+                out.append(BinSegment(self._out[:1].reshape(self._shapes[1]).copy(), self._outk[3, :1].copy(),
+                                      self._outk[1, 0] != 0))
+                self.bins_emitted += 1
+                used += 1
+            elif m:
                 used += self._take(out, m)
             if status == -2:
                 raise EventLimitError(f"the events complete more than max_bins={max_bins} bins")

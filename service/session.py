@@ -281,18 +281,23 @@ class Session:
         if not segments:
             return 0
         now = time.perf_counter()
+        pending = self.pending
+        append = super(BinQueue, pending).append  # deque's own append; the bins are counted once below
         n = 0
-        append = self.pending.append
         for seg in segments:
             if seg.empty:
-                append(Pending(BIN, self.pending.zero, int(seg.bin_end_us[0]), seg.reset, now, seg.empty))
+                append(Pending(BIN, pending.zero, int(seg.bin_end_us[0]), seg.reset, now, seg.empty))
                 n += seg.empty
-                continue
-            reset = seg.reset
-            for f, e in zip(seg.frames, seg.bin_end_us.tolist(), strict=True):
-                append(Pending(BIN, f, e, reset, now))
-                reset = False
-            n += len(seg.frames)
+            elif len(seg.frames) == 1:  # a live stream's usual packet: one complete bin
+                append(Pending(BIN, seg.frames[0], int(seg.bin_end_us[0]), seg.reset, now))
+                n += 1
+            else:
+                reset = seg.reset
+                for f, e in zip(seg.frames, seg.bin_end_us.tolist(), strict=True):
+                    append(Pending(BIN, f, e, reset, now))
+                    reset = False
+                n += len(seg.frames)
+        pending.bins += n
         return n
 
     # ------------------------------------------------------------------ model side (worker)
