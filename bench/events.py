@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             b = Binner(s, max_gap_us=None)
             k = 0
             for i in range(0, len(ev), c):
-                k += sum(len(seg.frames) for seg in b.push(ev[i : i + c]))
-            return k + sum(len(seg.frames) for seg in b.flush())
+                k += sum(seg.n_bins for seg in b.push(ev[i : i + c]))
+            return k + sum(seg.n_bins for seg in b.flush())
 
         dt, k = best(stream, args.repeat)
         binning.append({"case": f"Binner.push, chunks of {chunk:,} events", "mev_s": round(len(ev) / dt / 1e6, 1),
