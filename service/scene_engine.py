@@ -18,6 +18,8 @@ set of weights serves every sensor size; what depends on the size is the state o
   batch rows independently: a stream's spikes never depend on its neighbours, tested bit for
   bit); on the CPU the decoder runs one stream at a time (no faster batched there, and a
   batched convolution may round differently in the last bit).
+* :class:`SceneOnnxEngine` / :class:`SizedSceneOnnxEngine`: the same on onnxruntime
+  (``VDIB_ENGINE=onnx``; :mod:`model.scene_onnx`'s graphs, dynamic batch and size).
 * :class:`SceneEntry`: the registry entry (ROI policy: the whole sensor, or an explicit region,
   never pooled; sensor areas over ``max_sensor_pixels`` refused; the pixels of open scene
   streams bounded by ``max_scene_pixels``).
@@ -29,6 +31,7 @@ set of weights serves every sensor size; what depends on the size is the state o
 from __future__ import annotations
 
 import functools
+import tempfile
 import threading
 import time
 import weakref
@@ -224,6 +227,100 @@ class SizedSceneEngine(Engine):
         return {"engine": self.name, "device": self.device, "input": [self.in_channels, self.height, self.width]}
 
 
+class SceneOnnxEngine(SceneEngine):
+    """A :class:`SceneEngine` whose steps and decodes run in onnxruntime (``VDIB_ENGINE=onnx``):
+    the two graphs of :func:`model.scene_onnx.export_scene_onnx` (dynamic batch, height and
+    width), exported to a temporary directory at load time. The torch model stays for
+    ``timestamps`` (:func:`model.scene.reconstruct_events`)."""
+
+    name = "onnx"
+
+    def __init__(self, net: SceneNaturalizer, device: str = "auto", threads: int = 1) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - onnxruntime is a dependency
+            raise EngineError(f"onnxruntime is not installed: {exc}") from exc
+        from model.scene_onnx import SceneOnnxEngine as Runner
+        from model.scene_onnx import export_scene_onnx
+
+        super().__init__(net, "cpu")
+        want_cuda = device in ("auto", "cuda") or device.startswith("cuda")
+        use_cuda = want_cuda and "CUDAExecutionProvider" in ort.get_available_providers()
+        if device.startswith("cuda") and not use_cuda:
+            raise EngineError("device 'cuda' asked for but onnxruntime has no CUDAExecutionProvider")
+        self._tmp = tempfile.TemporaryDirectory(prefix="vdib-scene-onnx-")
+        export_scene_onnx(self.net, self._tmp.name)
+        self.runner = Runner(self._tmp.name, device="cuda" if use_cuda else "cpu", threads=threads)
+        self.onnx_device = "cuda" if use_cuda else "cpu"
+
+    def for_input(self, shape: tuple[int, ...]) -> SizedSceneEngine:
+        c, h, w = (int(v) for v in shape)
+        if c != self.config.in_channels or h < 1 or w < 1:
+            raise EngineError(f"input {c}x{h}x{w} cannot feed a scene model of {self.config.in_channels} channels")
+        with self._lock:
+            eng = self._sized.get((c, h, w))
+            if eng is None:
+                eng = SizedSceneOnnxEngine(self, h, w)
+                self._sized[(c, h, w)] = eng
+            return eng
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": self.name, "device": self.onnx_device,
+                "providers": list(self.runner.step_session.get_providers())}
+
+
+class SizedSceneOnnxEngine(SizedSceneEngine):
+    """:class:`SizedSceneEngine` on onnxruntime: states are lists of float32 arrays (the
+    runner's ``state_names`` order, the window last), rows gathered with numpy."""
+
+    name = "onnx"
+
+    def __init__(self, model: SceneOnnxEngine, height: int, width: int) -> None:
+        super().__init__(model, height, width)
+        self.runner = model.runner
+        self.device = model.onnx_device
+        self.decode_batch = 1 if self.device == "cpu" else 1 << 30
+        self._fresh_list: list[np.ndarray] | None = None
+
+    def fresh_batch(self) -> Any:
+        if self._fresh_list is None:
+            self._fresh_list = self.runner.init_state(1, self.height, self.width)
+        return self._fresh_list
+
+    def stack(self, states: list[State]) -> State:
+        parts = []
+        for batch, rows in _group_rows(states):
+            n = batch[0].shape[0]
+            if rows == list(range(n)):
+                parts.append(batch)
+            else:
+                idx = np.asarray(rows)
+                parts.append([a[idx] for a in batch])
+        if len(parts) == 1:
+            return parts[0]
+        return [np.concatenate(arrays, axis=0) for arrays in zip(*parts, strict=True)]
+
+    def step(self, x: np.ndarray, state: State, uniforms: np.ndarray) -> tuple[np.ndarray, State]:
+        b = x.shape[0]
+        xs = np.ascontiguousarray(x, dtype=np.float32).reshape(b, self.in_channels, self.height, self.width)
+        un = np.ascontiguousarray(uniforms, dtype=np.float32).reshape(b, *self.spike_shape)
+        y, _, nxt = self.runner.step(xs, state, un)
+        return np.asarray(y).astype(np.uint8).reshape(b, -1), nxt
+
+    def decode(self, windows: np.ndarray) -> np.ndarray:
+        b = windows.shape[0]
+        return self._decode_np(np.asarray(windows, dtype=np.float32).reshape(b, self.tau_d, *self.spike_shape))
+
+    def decode_state(self, state: Any) -> np.ndarray:
+        return self._decode_np(state[-1])
+
+    def _decode_np(self, w: np.ndarray) -> np.ndarray:
+        outs = [self.runner.decode(w[a : a + self.decode_batch], self.height, self.width)
+                for a in range(0, w.shape[0], self.decode_batch)]
+        img = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+
+
 @dataclass
 class SceneEntry(ModelEntry):
     """A scene checkpoint in the registry: any sensor, at its full resolution (module docstring)."""
@@ -297,12 +394,11 @@ class SceneEntry(ModelEntry):
 
 
 def load_scene_entry(path: Path, settings: Settings, net: SceneNaturalizer, meta: dict[str, Any]) -> SceneEntry:
-    """The registry entry of a loaded scene checkpoint (the torch engine; ``engine="onnx"``
-    serves scene models with torch too: their onnxruntime graphs are not wired here yet)."""
+    """The registry entry of a loaded scene checkpoint, on the ``settings.engine`` engine."""
     cfg = net.config
     if not 0 < int(cfg.dt_us) <= 10_000_000:
         raise ValueError(f"dt_us {cfg.dt_us} must be in 1 .. 10000000")
-    engine = SceneEngine(net, settings.device)
+    engine = SceneOnnxEngine(net, settings.device) if settings.engine == "onnx" else SceneEngine(net, settings.device)
     if settings.warmup:
         engine.warmup()
     return SceneEntry(

@@ -405,6 +405,24 @@ def test_a_parked_scene_tick_never_stalls_digit_streams(client: TestClient, davi
         gate.set()
 
 
+def test_onnx_engine_serves_scenes_like_torch(ckpts: Path, client: TestClient, davis: Path, davis_rec) -> None:
+    """VDIB_ENGINE=onnx: the scene model's exported graphs at the full sensor; a stream equals its
+    upload exactly and the torch engine's frames up to float rounding (a rare flipped spike)."""
+    from service.app import create_app
+
+    ref = _stream(client, davis_rec, seed=4, emit=2)["frames"]
+    s = Settings(checkpoints_dir=ckpts, engine="onnx", warmup=False, _env_file=None)
+    with TestClient(create_app(s)) as c:
+        assert {m["name"]: m["engine"] for m in c.get("/v1/models").json()["models"]}["scenes"] == "onnx"
+        out = _stream(c, davis_rec, seed=4, emit=2)
+        j = c.post("/v1/naturalize?seed=4&emit=2", content=davis.read_bytes()).json()
+    assert out["code"] == 1000 and [f.bin_end_us for f in out["frames"]] == [f.bin_end_us for f in ref]
+    assert [_b64png(x["image"]).tobytes() for x in j["frames"]] == [f.image().tobytes() for f in out["frames"]]
+    diff = np.stack([np.abs(a.image().astype(int) - b.image().astype(int)) for a, b in zip(out["frames"], ref,
+                                                                                           strict=True)])
+    assert diff.shape[1:] == (260, 346) and diff.mean() < 0.5, (diff.mean(), diff.max())
+
+
 def test_scene_stream_limits(ckpts: Path) -> None:
     from service.app import create_app
 
