@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import weakref
 from collections.abc import Callable
@@ -272,30 +273,16 @@ class Scheduler:
         def fail(s: Session, exc: BaseException, step: str) -> None:
             failed.setdefault(id(s), (s, type(exc).__name__, f"{type(exc).__name__}: {exc}"[:300] + f" (in {step})"))
 
-        def each(step: str, rows: list[Any], fn: Callable[[Any], Any]) -> list[tuple[Any, Any]]:
-            """``fn(row)`` for every row of a stream that has not failed; a failing row fails its stream."""
-            done = []
-            probe = self.fault
-            for row in rows:
-                s = row[0]
-                if failed and id(s) in failed:
-                    continue
-                try:
-                    if probe is not None:
-                        probe(step, [s])
-                    done.append((row, fn(row)))
-                except Exception as exc:  # noqa: BLE001 - this stream only
-                    fail(s, exc, step)
-            return done
-
         def batched(step: str, rows: list[Any], fn: Callable[[list[Any]], Any]) -> list[tuple[list[Any], Any]]:
             """``fn(rows)`` at once; when it fails, ``fn([row])`` for each row: the rows whose
             stream fails alone fail, the others go on in batches of one (this tick only)."""
-            rows = [r for r in rows if id(r[0]) not in failed]
+            if failed:
+                rows = [r for r in rows if id(r[0]) not in failed]
             if not rows:
                 return []
             try:
-                self._probe(step, [r[0] for r in rows])
+                if probe is not None:
+                    probe(step, [r[0] for r in rows])
                 return [(rows, fn(rows))]
             except Exception as exc:  # noqa: BLE001 - find the stream that causes it
                 if len(rows) == 1:
@@ -304,27 +291,36 @@ class Scheduler:
             done = []  # one at a time (a loop, not recursion: a recursive closure is a reference cycle)
             for r in rows:
                 try:
-                    self._probe(step, [r[0]])
+                    if probe is not None:
+                        probe(step, [r[0]])
                     done.append(([r], fn([r])))
                 except Exception as exc:  # noqa: BLE001 - this stream only
                     fail(r[0], exc, step)
             return done
 
-        steps = [(s, it) for s, it in items if it.kind == BIN]
+        # Per-stream steps are plain loops with a try per row (no call per row: this is the
+        # scheduler's hot path, ~100 rows per tick).
+        probe = self.fault
         emit: list[tuple[Session, float]] = []
-        if steps:
-            n_in = int(np.prod(engine_input_shape(steps[0][0])))
-
-            def prepare(row: tuple[Session, Pending]) -> tuple[np.ndarray, np.ndarray]:
-                s, it = row
+        prepared: list[tuple[Session, Pending, np.ndarray, np.ndarray]] = []
+        n_in = 0
+        for s, it in items:
+            if it.kind != BIN:
+                continue
+            try:
+                if probe is not None:
+                    probe("prepare", [s])
                 if it.reset:
                     s.reset_model_state()
                 x = it.frame.reshape(-1)  # type: ignore[union-attr]
+                if not n_in:
+                    n_in = math.prod(engine_input_shape(s))
                 if x.shape[0] != n_in:
                     raise ValueError(f"frame of {x.shape[0]} inputs for a model of {n_in}")
-                return x, s.draw_uniforms()
-
-            prepared = [(s, it, x, u) for (s, it), (x, u) in each("prepare", steps, prepare)]
+                prepared.append((s, it, x, s.draw_uniforms()))
+            except Exception as exc:  # noqa: BLE001 - this stream only
+                fail(s, exc, "prepare")
+        if prepared:
             prepared.sort(key=lambda r: engine.order_key(r[0].state))
 
             def step_rows(rows: list[Any]) -> tuple[np.ndarray, list[Any]]:
@@ -333,19 +329,21 @@ class Scheduler:
                 y, state = engine.step(x, engine.stack([r[0].state for r in rows]), u)
                 return y, engine.unstack(state, len(rows))
 
-            def record(rec: tuple[Session, Pending, Any, np.ndarray, int]) -> bool:
-                s, it, st, yi, c = rec
-                s.state = st
-                return s.record_step(yi, it.frame, it.bin_end_us, c)  # type: ignore[arg-type]
-
             n_stepped = 0
             for rows, (y, states) in batched("step", prepared, step_rows):
                 counts = y.sum(axis=1, dtype=np.int64).tolist()  # one reduction for the batch
-                recs = [(r[0], r[1], st, yi, c) for r, st, yi, c in zip(rows, states, y, counts, strict=True)]
-                for rec, due in each("record", recs, record):
+                for (s, it, _, _), st, yi, c in zip(rows, states, y, counts, strict=True):
+                    try:
+                        if probe is not None:
+                            probe("record", [s])
+                        s.state = st
+                        due = s.record_step(yi, it.frame, it.bin_end_us, c)  # type: ignore[arg-type]
+                    except Exception as exc:  # noqa: BLE001 - this stream only
+                        fail(s, exc, "record")
+                        continue
                     n_stepped += 1
                     if due:
-                        emit.append((rec[0], rec[1].t_ready))
+                        emit.append((s, it.t_ready))
             if n_stepped:
                 self.steps += n_stepped
                 self.metrics.steps.inc(n_stepped)
@@ -354,15 +352,28 @@ class Scheduler:
             if it.kind == EMIT_NOW and s.steps > s.last_emit_step and id(s) not in failed:
                 emit.append((s, it.t_ready))
         if emit:
-            wrows = [(s, t, w) for (s, t), w in each("window", emit, lambda e: e[0].window())]
+            wrows = []
+            for s, t in emit:
+                if failed and id(s) in failed:
+                    continue
+                try:
+                    if probe is not None:
+                        probe("window", [s])
+                    wrows.append((s, t, s.window()))
+                except Exception as exc:  # noqa: BLE001 - this stream only
+                    fail(s, exc, "window")
 
             def decode_rows(rows: list[Any]) -> np.ndarray:
                 return to_uint8(engine.decode(np.stack([r[2] for r in rows])))  # one conversion per call
 
             for rows, images in batched("decode", wrows, decode_rows):
-                enc = [(r[0], r[1], img) for r, img in zip(rows, images, strict=True)]
-                for row, msg in each("encode", enc, lambda e: self._frame_message(e[0], e[2], e[1])):
-                    out.append((row[0], msg))
+                for (s, t, _), img in zip(rows, images, strict=True):
+                    try:
+                        if probe is not None:
+                            probe("encode", [s])
+                        out.append((s, self._frame_message(s, img, t)))
+                    except Exception as exc:  # noqa: BLE001 - this stream only
+                        fail(s, exc, "encode")
         for s, it in items:
             if it.kind == END and id(s) not in failed:
                 out.append((s, Outgoing(_end_message(s), False, close_code=1000)))
