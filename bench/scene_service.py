@@ -43,17 +43,17 @@ def _median_ms(fn, n: int) -> tuple[float, float]:
     return statistics.median(ts), statistics.median(cs)
 
 
-def bench_engine(ckpt: Path, repeats: int, n: int) -> dict:
+def bench_engine(ckpt: Path, repeats: int, n: int, kind: str = "torch") -> dict:
     import numpy as np
     import torch
 
     import events
     from model import load_checkpoint
     from model.batching import stream_uniforms
-    from service.scene_engine import SceneEngine
+    from service.scene_engine import SceneEngine, SceneOnnxEngine
 
     net, _ = load_checkpoint(ckpt)
-    eng = SceneEngine(net, "cpu").for_input((2, 260, 346))
+    eng = (SceneOnnxEngine(net, "cpu") if kind == "onnx" else SceneEngine(net, "cpu")).for_input((2, 260, 346))
     rec = events.read(DATA / "aedat4" / "evlib_davis346_trimmed.aedat4")
     x = events.bin_events(rec.events, events.ROI.full(346, 260), 10_000, int(rec.events["t"][0]), None,
                           polarity="split", mode="count").reshape(-1, eng.n_inputs).astype(np.float32)
@@ -151,12 +151,13 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": str(args.checkpoint.relative_to(ROOT) if args.checkpoint.is_relative_to(ROOT) else args.checkpoint),
         "threads": threads, "load_average_before": os.getloadavg(),
         "engine": bench_engine(args.checkpoint, args.repeats, args.steps),
+        "engine_onnx": bench_engine(args.checkpoint, args.repeats, args.steps, "onnx"),
     }
     res["service"] = bench_service(args.checkpoint)
     res["load_average_after"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
-    e, s = res["engine"], res["service"]
+    e, s, o = res["engine"], res["service"], res["engine_onnx"]
     md = [
         "# Scene model as served (bench/scene_service.py)", "",
         f"Checkpoint `{res['checkpoint']}`, {threads} torch thread(s), load average "
@@ -167,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         f"| encoder step, 346x260, batch 4 (per stream) | {e['step_ms_per_stream_batch4']:.1f} ms wall, "
         f"{e['step_cpu_ms_per_stream_batch4']:.1f} ms CPU |",
         f"| decoder (one frame), 346x260 | {e['decode_ms']:.1f} ms wall, {e['decode_cpu_ms']:.1f} ms CPU |",
+        f"| onnx engine: step / decode, 346x260, batch 1 | {o['step_ms_batch1']:.1f} / {o['decode_ms']:.1f} ms wall, "
+        f"{o['step_cpu_ms_per_stream_batch1']:.1f} / {o['decode_cpu_ms']:.1f} ms CPU |",
         f"| per 10 ms bin at emit 3 (one stream) | {e['ms_per_bin_emit3']:.1f} ms wall, {e['cpu_ms_per_bin_emit3']:.1f} ms "
         "CPU (real time on one core: <= 10) |",
         f"| websocket stream, {s['sensor'][0]}x{s['sensor'][1]} ({s['recording']}), all sent at once | "
