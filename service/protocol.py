@@ -187,7 +187,8 @@ def ready_message(session: Any, start: StartMessage, limits: dict[str, Any]) -> 
         "emit": session.emit if session.emit is not None else "last",
         "input_shape": list(session.spec.shape), "image_shape": list(engine.image_shape),
         "n_readout": engine.n_readout, "tau_d": engine.tau_d, "format": start.format,
-        "spikes": session.want_spikes, "inputs": start.inputs, "seed": start.seed, "limits": limits,
+        "spikes": session.want_spikes, "inputs": start.inputs, "seed": start.seed,
+        "limits": {**limits, "max_pending_bins": session.max_pending_bins or limits.get("max_pending_bins")},
     })
 
 

@@ -408,6 +408,9 @@ def start_session(start: StartMessage, registry: Any, settings: Any) -> Session:
         max_aedat4_buffer=settings.max_message_bytes * 4,
     )
     session.model_reason = reason
+    # the waiting bins hold a frame each: a full-sensor stream may queue fewer of them
+    frame_bytes = int(np.prod(session.spec.shape)) * np.dtype(session.spec.dtype).itemsize
+    session.max_pending_bins = min(settings.max_pending_bins, max(16, settings.max_pending_bytes // frame_bytes))
     if scene:
         from .scene_engine import CapacityError
 

@@ -93,6 +93,9 @@ class Settings(BaseSettings):
         "and binned in a worker thread instead of on the event loop")
     out_queue_frames: int = 32  # per-stream outgoing queue; beyond it frames are dropped
     max_pending_bins: int = 20_000  # complete bins waiting for the scheduler, per stream
+    max_pending_bytes: int = Field(
+        32 * 1024 * 1024, description="bytes of the complete bins waiting per stream: a stream's max_pending_bins is "
+        "at most this over one bin's frame (a 346x260 scene stream: 186 bins; a 26x26 one keeps max_pending_bins)")
     stats_interval_s: float = 1.0
     ws_fast_path: bool = Field(
         True, description="parse the streams' binary websocket frames in service.wsfast instead of the websockets "

@@ -169,7 +169,8 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
     timeout = settings.idle_timeout_s
     watch = _Watchdog(loop, timeout, me)
     receive, notify = ws.receive, scheduler.notify
-    max_bytes, max_pending = settings.max_message_bytes, settings.max_pending_bins
+    max_bytes = settings.max_message_bytes
+    max_pending = s.max_pending_bins if s.max_pending_bins is not None else settings.max_pending_bins
     offload = settings.offload_bytes
     now = loop.time()
     messages = TokenBucket(settings.message_rate_per_s, settings.message_burst, now)

@@ -452,6 +452,28 @@ def test_scene_stream_limits(ckpts: Path) -> None:
             assert collect(ws3)["code"] == 1000
 
 
+def test_waiting_full_sensor_bins_are_bounded_in_bytes(ckpts: Path, client: TestClient, davis_rec) -> None:
+    """A full-sensor frame is ~180 KB (346x260): the bins a stream may queue follow
+    max_pending_bytes (here 20 bins), and a message completing more is refused (1008)."""
+    from service.app import create_app
+    from service.protocol import encode_events
+
+    s = Settings(checkpoints_dir=ckpts, max_pending_bytes=20 * 2 * 346 * 260, warmup=False, _env_file=None)
+    with TestClient(create_app(s)) as c:
+        with c.websocket_connect("/v1/stream") as ws:
+            ws.send_text(json.dumps(start_msg(sensor={"width": 346, "height": 260})))
+            ready = json.loads(ws.receive_text())
+            assert ready["limits"]["max_pending_bins"] == 20
+            ev = davis_rec.events.copy()
+            ev["t"][-1] = ev["t"][0] + 300_000  # the last event 30 bins on
+            ws.send_bytes(encode_events(ev))
+            out = collect(ws)
+        assert out["code"] == 1008 and "limit 20" in out["messages"][-1]["message"]
+    with client.websocket_connect("/v1/stream") as ws:  # by default a digit stream keeps max_pending_bins
+        ws.send_text(json.dumps(start_msg()))
+        assert json.loads(ws.receive_text())["limits"]["max_pending_bins"] == Settings(_env_file=None).max_pending_bins
+
+
 def test_frame_header_fields_fit(client: TestClient) -> None:
     """A scene stream's readout count (K*h*w) does not fit the header's 16 bits: it says 0."""
     from events import EVENT_DTYPE
