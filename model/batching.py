@@ -209,9 +209,8 @@ class TorchStreams:
             idx = np.flatnonzero(flat.view(bool) if flat.dtype == np.uint8 else flat)
             if len(idx) <= SPARSE_DECODE_DENSITY * flat.size:
                 vals = flat.reshape(-1)[idx]
-                weights = None if np.all(vals == 1) else torch.from_numpy(vals.astype(np.float32))
                 with torch.inference_mode():
-                    img = self.sparse.decode_nonzero(torch.from_numpy(idx), weights, b)
+                    img = self.sparse.decode_nonzero(idx, None if np.all(vals == 1) else vals, b)
                     return img.clamp_(0.0, 1.0).numpy().reshape(b, *self.image_shape)
         with torch.inference_mode():
             wt = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device, self.decoder_dtype)

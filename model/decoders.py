@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -129,20 +130,24 @@ class SparseWindowDecoder:
     def __init__(self, decoder: Decoder, first: nn.Linear, first_t: _SparseFirstLayer, rest: Callable[[Tensor], Tensor]):
         self.decoder, self.first, self._first_t, self.rest = decoder, first, first_t, rest
 
-    @torch.no_grad()
-    def decode_nonzero(self, idx: Tensor, values: Tensor | None, batch: int) -> Tensor:
+    def decode_nonzero(self, idx: np.ndarray, values: np.ndarray | None, batch: int) -> Tensor:
         """Outputs ``[batch, out_features]`` of the windows ``[batch, tau_d, n_readout]`` whose
-        non-zero entries are at the flat positions ``idx`` (int64, ascending, as
-        ``flatnonzero`` of the ``[batch, tau_d * n_readout]`` windows) with ``values`` there
-        (None: all 1, spikes)."""
+        non-zero entries are at the flat positions ``idx`` (int64, ascending: ``np.flatnonzero``
+        of the ``[batch, tau_d * n_readout]`` windows) with ``values`` there (None: all 1, spikes).
+        Inference only (no autograd graph is built); index arithmetic in numpy (cheaper than
+        torch's for these sizes)."""
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return self.decode_nonzero(idx, values, batch)
         n = self.decoder.window * self.decoder.n_readout
-        offsets = torch.searchsorted(idx, torch.arange(batch, dtype=idx.dtype, device=idx.device) * n)
-        h = F.embedding_bag(idx % n, self._first_t.transposed(self.first), offsets, mode="sum",
-                            per_sample_weights=values)
+        offsets = torch.from_numpy(np.searchsorted(idx, np.arange(batch, dtype=np.int64) * n))
+        weights = None if values is None else torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+        h = F.embedding_bag(torch.from_numpy(idx % n), self._first_t.transposed(self.first), offsets, mode="sum",
+                            per_sample_weights=weights)
         if self.first.bias is not None:
             h += self.first.bias
         out = self.rest(h)
-        return torch.sigmoid(out) if self.decoder.output == "image" else out
+        return out.sigmoid_() if self.decoder.output == "image" else out
 
 
 DECODERS: dict[str, Callable[..., Decoder]] = {}
