@@ -1,9 +1,12 @@
-"""One websocket stream's state: binner, encoder state, decoder ring buffer, generator, queues.
+"""One websocket stream's state: binner, encoder state, decoder ring buffer, generator, queues,
+and the start handshake that creates it (:func:`start_session`).
 
-Everything a stream owns lives here (DESIGN.md: no per-stream state anywhere else). The event
-loop thread touches the ingress side (``binner``, ``pending``, ``out``); the scheduler's worker
-thread touches the model side (``state``, ``ring``, ``generator``) of the sessions in its batch
-only, and never concurrently with another tick.
+Everything a stream owns lives here (DESIGN.md: no per-stream state anywhere else); what it
+computes is done by ``events`` (decoding, binning) and ``model`` (through the entry's engine).
+The event loop touches the ingress side (``pending``, ``out``) and runs the scheduler's ticks,
+which touch the model side (``state``, ``ring``, ``generator``); :meth:`Session.bin_message`
+(``binner`` and the AEDAT 4 decoder only) may run in a worker thread for a large or AEDAT 4
+message, while the stream's receive loop awaits it.
 """
 
 from __future__ import annotations
