@@ -76,6 +76,8 @@ class StreamSummary:
         parts = [f"{self.events_sent} events sent", f"{len(self.frames)} frames in {self.wall_s:.2f} s ({fps:.1f} frames/s)",
                  f"dropped {last.get('dropped_frames', 0)}", f"late events {last.get('late_events', 0)}",
                  f"close code {self.close_code}"]
+        if self.ready is not None:  # which model the service gave the stream, and why
+            parts.append(f"model {self.ready.get('model')} ({self.ready.get('model_reason') or 'named'})")
         if self.error:
             parts.append(f"error {self.error.get('code')}: {self.error.get('message')}")
         return ", ".join(parts)
