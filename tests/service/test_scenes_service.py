@@ -173,6 +173,22 @@ def test_timestamps_give_the_named_count_as_reconstruct_events(client: TestClien
     assert [f["bin_end_us"] for f in j["frames"]] == times and j["frames"][-1]["bin"] == -1
 
 
+def test_images_at_the_aps_frame_times(client: TestClient, davis: Path) -> None:
+    """The use case of timestamps: the DAVIS346 file's own APS frames (read with dv-processing),
+    one reconstruction per frame time, to compare with the frame camera."""
+    dv = pytest.importorskip("dv_processing")
+    cam = dv.io.MonoCameraRecording(str(davis))
+    times, aps = [], []
+    while (f := cam.getNextFrame()) is not None:
+        times.append(int(f.timestamp))
+        aps.append(np.asarray(f.image).shape[:2])
+    assert len(times) == 4 and set(aps) == {(260, 346)}
+    r = client.post("/v1/naturalize?format=npz&timestamps=" + ",".join(map(str, times)), content=davis.read_bytes())
+    assert r.status_code == 200, r.text
+    z = np.load(io.BytesIO(r.content))
+    assert z["images"].shape == (4, 260, 346) and list(z["frame_end_us"]) == times
+
+
 @pytest.mark.parametrize("query, status, text", [
     ("timestamps=1,x", 422, "integers"),
     ("timestamps=" + ",".join(["1"] * 1001), 422, "max_timestamps"),
