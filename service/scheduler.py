@@ -10,8 +10,10 @@ that has some, groups the sessions by model, and per model
 4. runs one batched decoder call over the windows of the streams due to emit a frame,
 
 then hands the encoded frames to the sessions' bounded outgoing queues (never awaiting a
-client, so a slow client only loses its own frames). The tensor work runs in one worker thread
-so the event loop keeps reading sockets while a tick computes.
+client, so a slow client only loses its own frames). Ticks run on the event loop (a worker thread
+only added GIL hand-offs for the small digit models), except the ticks of scene-model streams
+(tens of ms of convolutions, which release the GIL): those run in a thread of their own, and a
+session waits for its tick to come back before it is collected again.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ and the start handshake that creates it (:func:`start_session`).
 Everything a stream owns lives here (DESIGN.md: no per-stream state anywhere else); what it
 computes is done by ``events`` (decoding, binning) and ``model`` (through the entry's engine).
 The event loop touches the ingress side (``pending``, ``out``) and runs the scheduler's ticks,
-which touch the model side (``state``, ``ring``, ``generator``); :meth:`Session.bin_message`
+which touch the model side (``state``, ``ring``, ``generator``; a scene-model stream's ticks run
+in the scheduler's scene thread, one tick of a session at a time); :meth:`Session.bin_message`
 (``binner`` and the AEDAT 4 decoder only) may run in a worker thread for a large or AEDAT 4
 message, while the stream's receive loop awaits it.
 """
