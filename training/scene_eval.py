@@ -658,8 +658,16 @@ class VdibScenes:
         return np.clip(np.asarray(out, dtype=np.float32), 0.0, 1.0)
 
     def info(self) -> dict[str, Any]:
-        return {"params": count_parameters(self.net), "checkpoint": str(self.checkpoint), "spiking": True,
-                "kind": "spiking conv encoder (VDIB) + ANN decoder"}
+        meta = self.meta if isinstance(self.meta, dict) else {}
+        metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+        try:
+            where = str(self.checkpoint.resolve().relative_to(REPO))
+        except ValueError:
+            where = str(self.checkpoint)
+        return {"params": count_parameters(self.net), "checkpoint": where, "spiking": True,
+                "kind": "spiking conv encoder (VDIB) + ANN decoder",
+                "checkpoint_step": metrics.get("step"), "checkpoint_created_utc": meta.get("created_utc"),
+                "weights_sha256": meta.get("weights_sha256"), "seed": self.seed}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -868,6 +876,13 @@ def markdown(report: dict[str, Any]) -> str:
                  "(torch's flop counter), not element-wise ops; SynOps are accumulates of spike-driven "
                  "layers (each input spike costs out_channels x k x k). Classical filters: O(events) "
                  "numba loops, no MACs counted.")
+    for m in methods:
+        info = report["methods"].get(m, {})
+        if info.get("checkpoint"):
+            lines.append("")
+            lines.append(f"{m}: checkpoint `{info['checkpoint']}` (training step {info.get('checkpoint_step')}, "
+                         f"created {info.get('checkpoint_created_utc')}, weights sha256 "
+                         f"{str(info.get('weights_sha256'))[:12]}), Bernoulli readout seed {info.get('seed')}.")
     if report.get("skipped"):
         lines.append("")
         for k, v in report["skipped"].items():
