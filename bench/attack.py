@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import functools
 import gc
 import json
 import os
@@ -124,7 +125,7 @@ class Background:
                 if obj["type"] == "error":
                     self.closed_codes.append(str(obj["code"]))
 
-            _, proto = await loop.create_connection(lambda f=on_frame: _RawStream(self.port, f, on_text),
+            _, proto = await loop.create_connection(functools.partial(_RawStream, self.port, on_frame, on_text),
                                                     "127.0.0.1", self.port)
             await asyncio.wait_for(proto.opened, 30)
             proto.transport.write(start)
