@@ -83,6 +83,11 @@ class Server:
                 return int(line.split()[1]) / 1024
         return float("nan")
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (user + system)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -485,6 +490,7 @@ async def run(server: Server, names: list[str], n_streams: int, settle: float) -
         peak = [server.rss_mb()]
 
         sampler = asyncio.create_task(_sample(server, peak))
+        c0 = server.cpu_s()
         t0 = perf()
         try:
             outcome = await asyncio.wait_for(ATTACKS[name](server.port), 120)
@@ -492,6 +498,7 @@ async def run(server: Server, names: list[str], n_streams: int, settle: float) -
             outcome = {"error": f"{type(exc).__name__}: {exc}"}
         t1 = perf()
         drained = await _drain(server, n_streams, 90.0)  # the attack's streams gone (or 90 s passed)
+        cpu = server.cpu_s() - c0  # the attack's cost to the server, the background's share included
         sampler.cancel()
         await asyncio.sleep(settle)
         t_after = perf()
@@ -502,6 +509,7 @@ async def run(server: Server, names: list[str], n_streams: int, settle: float) -
         p_after, n_after = bg.p99(t_after, perf())
         row = {
             "attack": name, "seconds": round(t1 - t0, 2), "outcome": outcome, "drain_s": drained,
+            "server_cpu_s": round(cpu, 2),
             "rss_mb": {"before": round(rss0, 1), "peak": round(max(peak), 1), "after": round(rss1, 1)},
             "rss_returned": bool(rss1 <= rss0 * (1 + RSS_TOLERANCE)),
             "p99_ms": {"before": p_before, "during": p_during, "after": p_after},
@@ -527,8 +535,9 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         + ", ".join(f"`{k}={v}`" for k, v in SERVER_ENV.items()) + ".", "",
         f"Targets: other streams' p99 < {P99_TARGET_MS:g} ms before/during/after; RSS after within "
         f"{RSS_TOLERANCE:.0%} of before.", "",
-        "| attack | s | outcome | drained after s | RSS MB before / peak / after | returned | p99 ms before / during / after | p99 ok | load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| attack | s | outcome | drained after s | server CPU s | RSS MB before / peak / after | returned | "
+        "p99 ms before / during / after | p99 ok | load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def f(v: Any) -> str:
@@ -539,7 +548,7 @@ def write_md(res: dict[str, Any], path: Path) -> None:
             continue
         o = json.dumps(r["outcome"]).replace("|", "/")
         rss, p = r["rss_mb"], r["p99_ms"]
-        lines.append(f"| {r['attack']} | {r['seconds']} | `{o}` | {r.get('drain_s', '-')} | "
+        lines.append(f"| {r['attack']} | {r['seconds']} | `{o}` | {r.get('drain_s', '-')} | {r.get('server_cpu_s', '-')} | "
                      f"{rss['before']} / {rss['peak']} / {rss['after']} | "
                      f"{'yes' if r['rss_returned'] else '**no**'} | {f(p['before'])} / {f(p['during'])} / "
                      f"{f(p['after'])} | {'yes' if r['p99_ok'] else '**no**'} | {r.get('load_avg_1min', '-')} |")
