@@ -156,12 +156,36 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
+#: Bytes one websocket message may have before the app has answered anything (its ``ready``):
+#: the start message is small, so a client that has not authenticated buffers no more than this
+#: per connection (over it: 1009 from the websocket layer).
+PRE_START_MAX_BYTES = 64 * 1024
+
+
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O websocket protocol that releases the per-client connection count of
-    the HTTP connection it was upgraded from when it closes."""
+    the HTTP connection it was upgraded from when it closes, and accepts messages of at most
+    :data:`PRE_START_MAX_BYTES` until the app sends its first message."""
 
     _vdib_peer: str | None = None
     _vdib_guard: _Guard | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._full_max = self.config.ws_max_size
+        self._answered = False
+        self.conn.max_message_size = min(PRE_START_MAX_BYTES, self._full_max)
+
+    def app_answered(self) -> None:
+        """The app sent its first message (the stream is authenticated and started): the full
+        message size from now on."""
+        self._answered = True
+        self.conn.max_message_size = self._full_max
+
+    async def send(self, message: Any) -> None:
+        if not self._answered and message["type"] == "websocket.send":
+            self.app_answered()
+        await super().send(message)
 
     def adopt(self, peer: str | None, guard: _Guard) -> None:
         self._vdib_peer, self._vdib_guard = peer, guard

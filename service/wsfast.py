@@ -45,7 +45,11 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
         self._buf = bytearray()
         self._need = 0  # bytes self._buf must hold before parsing again
         self._fast: bool | None = None  # None: not decided yet (before the handshake completes)
-        self._limit = self.config.ws_max_size
+        self._limit = self.conn.max_message_size or self.config.ws_max_size  # small until the app answers
+
+    def app_answered(self) -> None:
+        super().app_answered()
+        self._limit = self._full_max
 
     def data_received(self, data: bytes) -> None:
         if self._fast is None:
@@ -123,6 +127,8 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
         self._need = need
 
     async def send(self, message: Any) -> None:
+        if not self._answered and message["type"] == "websocket.send":
+            self.app_answered()
         if (message["type"] == "websocket.send" and self.handshake_complete and not self.close_sent
                 and not self.disconnected and self.initial_response is None and self.conn.state is State.OPEN
                 and not self.conn.extensions):

@@ -347,6 +347,34 @@ def test_unauthenticated_clients_take_no_session_slot(checkpoints_dir):
             del idle1, idle2
 
 
+def test_unauthenticated_connections_buffer_little(live, mnist_dvs_events):
+    """Until the stream has started (key checked, ready sent), a message may have 64 KiB: larger
+    ones are refused by the websocket layer (1009) before they are buffered; after it, the
+    configured max_message_bytes applies."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from service.guard import PRE_START_MAX_BYTES
+
+    with connect(live.ws, max_size=None) as ws:
+        ws.send(json.dumps({**start_msg(), "pad": "x" * PRE_START_MAX_BYTES}))
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=30)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    big = encode_events(mnist_dvs_events[:8000])  # ~104 kB, over the pre-start limit
+    assert len(big) > PRE_START_MAX_BYTES
+    with connect(live.ws, max_size=None) as ws:
+        ws.send(json.dumps(start_msg(emit=1)))
+        assert json.loads(ws.recv(timeout=30))["type"] == "ready"
+        ws.send(big)
+        ws.send(json.dumps({"type": "end"}))
+        frames = 0
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                frames += isinstance(ws.recv(timeout=30), bytes)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000 and frames > 0
+
+
 def test_start_message_timeout(checkpoints_dir):
     with make_client(Settings(checkpoints_dir=checkpoints_dir, start_timeout_s=0.2, _env_file=None)) as c:
         with c.websocket_connect("/v1/stream") as ws:
