@@ -57,7 +57,7 @@ class Server:
         env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", VDIB_TORCH_THREADS="1", **SERVER_ENV)
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "vdib_cli.py"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--checkpoints", str(checkpoints), "--log-level", "warning"],
+             "--checkpoints", str(checkpoints), "--log-level", "warning", "--workers", "1"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
         )
         import httpx
