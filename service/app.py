@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 except Exception as exc:  # noqa: BLE001 - a broken checkpoint must not stop the others
                     app.state.registry.fail(name, exc)
         app.state.scheduler.start()
+        metrics.workers_ready.set(1 if app.state.registry.ready[0] else 0)
         app.state.ingest_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vdib-ingest")
         # Everything loaded so far lives as long as the app: move it out of the collector's
         # generations so full collections (pauses of tens of ms with torch loaded) stay short.
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.scheduler.stop()
             app.state.ingest_pool.shutdown(wait=False, cancel_futures=True)
+            metrics.close()
 
     app = FastAPI(
         title="vdib",

@@ -9,8 +9,9 @@ import sys
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="run the naturalization service (HTTP + websocket + viewer)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default=os.environ.get("VDIB_HOST", "127.0.0.1"),
+                   help="address to bind (default 127.0.0.1 or $VDIB_HOST; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=_env_int("VDIB_PORT", 8000), help="port (default 8000 or $VDIB_PORT)")
     p.add_argument("--checkpoints", default=None, help="checkpoints directory (default: the shipped checkpoints/)")
     p.add_argument("--engine", choices=("torch", "onnx"), default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu or cuda")
@@ -19,8 +20,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-level", default="info")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="torch intra-op threads per process (default 1: per-step GEMMs are small; 0 = torch's default)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="server processes (each batches its own streams; uses more cores past the GIL)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="server processes on the port, each with its own models and streams (default: $VDIB_WORKERS, "
+                   "else the number of cores this process may use); metrics merged across them")
     p.set_defaults(func=_serve)
 
     s = subparsers.add_parser("stream", help="replay a recording (or a DV network stream) to a running service")
@@ -41,17 +43,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_stream)
 
 
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else default
+
+
 def _serve(args: argparse.Namespace) -> int:
-    import gc
-
     import uvicorn
-
-    # Streams allocate many short-lived objects: collect the young generation less often, so
-    # collections (and their pauses) are rarer; the process is ours alone.
-    gc.set_threshold(50_000, 20, 100)
 
     from .app import create_app
     from .settings import Settings
+    from .workers import default_workers, tune_gc
+    from .workers import run as run_workers
+
+    workers = args.workers if args.workers is not None else _env_int("VDIB_WORKERS", 0) or default_workers()
+    if workers < 1:
+        print("--workers must be at least 1", file=sys.stderr)
+        return 2
+    tune_gc()
 
     overrides: dict[str, object] = {"torch_threads": args.torch_threads}
     if args.checkpoints:
@@ -65,15 +74,13 @@ def _serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)  # type: ignore[arg-type]
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"vdib service: viewer at http://{host}:{args.port}/  (API docs at /docs, "
-          f"checkpoints {settings.checkpoints_dir}, engine {settings.engine}, workers {args.workers})", flush=True)
+          f"checkpoints {settings.checkpoints_dir}, engine {settings.engine}, workers {workers})", flush=True)
     from .app import uvicorn_options
 
     common = dict(host=args.host, port=args.port, log_level=args.log_level, **uvicorn_options(settings))
-    if args.workers > 1:
-        # worker processes build their app from the environment: pass the CLI choices through it
-        for key, value in overrides.items():
-            os.environ[f"VDIB_{key.upper()}"] = str(value)
-        uvicorn.run("service.app:create_app", factory=True, workers=args.workers, **common)  # type: ignore[arg-type]
+    if workers > 1:
+        # worker processes build their app from the environment: the CLI's choices go through it
+        run_workers(workers, {k: str(v) for k, v in overrides.items()}, **common)
     else:
         uvicorn.run(create_app(settings), **common)  # type: ignore[arg-type]
     return 0

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import MetricsDep, RegistryDep, SchedulerDep
 
@@ -12,9 +14,9 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz")
-async def healthz() -> dict[str, str]:
-    """Liveness: the process answers."""
-    return {"status": "ok"}
+async def healthz() -> dict[str, str | int]:
+    """Liveness: the process answers (``pid``: which worker process, under ``vdib serve --workers N``)."""
+    return {"status": "ok", "pid": os.getpid()}
 
 
 @router.get("/readyz")
@@ -37,5 +39,5 @@ async def readyz(registry: RegistryDep, scheduler: SchedulerDep) -> JSONResponse
 
 @router.get("/metrics")
 async def metrics(m: MetricsDep) -> Response:
-    """Prometheus text exposition."""
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text exposition (every worker's values merged under ``vdib serve --workers N``)."""
+    return Response(m.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from tests.service.conftest import make_client
 
 
 def test_healthz_readyz_models(client):
-    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/healthz").json() == {"status": "ok", "pid": os.getpid()}
     r = client.get("/readyz")
     assert r.status_code == 200
     body = r.json()
