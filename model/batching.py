@@ -195,7 +195,7 @@ class TorchStreams:
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
             ut = torch.from_numpy(np.ascontiguousarray(uniforms, dtype=np.float32)).to(self.device)
             ys = []
-            for x_t, u_t in zip(xt.split(1), ut.split(1), strict=True):
+            for x_t, u_t in zip(torch.split(xt, 1), torch.split(ut, 1), strict=True):
                 y, state = self.encoder.step(x_t, state, uniforms=u_t, event_driven=self.event_driven)
                 ys.append(y)
             out = torch.cat(ys) if ys else torch.zeros((0, self.n_readout), device=self.device)
@@ -211,11 +211,11 @@ class TorchStreams:
                 vals = flat.reshape(-1)[idx]
                 with torch.inference_mode():
                     img = self.sparse.decode_nonzero(idx, None if np.all(vals == 1) else vals, b)
-                    return img.clamp_(0.0, 1.0).numpy().reshape(b, *self.image_shape)
+                    return np.asarray(img.clamp_(0.0, 1.0).numpy()).reshape(b, *self.image_shape)
         with torch.inference_mode():
             wt = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device, self.decoder_dtype)
             img = self.decoder(wt).float().clamp_(0.0, 1.0)
-            return img.reshape(b, *self.image_shape).cpu().numpy()
+            return np.asarray(img.reshape(b, *self.image_shape).cpu().numpy())
 
 
 @dataclass

@@ -100,7 +100,7 @@ class _SparseFirstLayer:
     def __call__(self, layer: nn.Linear, x: Tensor) -> Tensor:
         w = layer.weight
         if (
-            torch.jit.is_tracing()
+            torch.jit.is_tracing()  # type: ignore[attr-defined, no-untyped-call]
             or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             or x.shape[0] > self.max_batch
             or x.device.type != "cpu"

@@ -14,7 +14,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from ..deps import bearer, key_ok
-from ..guard import TokenBucket
+from ..guard import STARTED, TokenBucket
 from ..protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL,
@@ -95,6 +95,7 @@ async def stream(ws: WebSocket) -> None:
         scheduler.add(session)
         metrics.streams_total.inc()
         metrics.active_streams.inc()
+        ws.scope[STARTED] = True  # authenticated and started: the websocket layer's full message size
         await ws.send_text(ready_message(session, start, settings.public_limits()))
         sender = asyncio.create_task(_sender(ws, session, metrics, settings.stats_interval_s))
         # The receive loop runs in a task of its own: a task resumes through its own coroutine
