@@ -156,16 +156,20 @@ class GuardedH11Protocol(H11Protocol):
         self.transport.close()
 
 
-#: Bytes one websocket message may have before the app has answered anything (its ``ready``):
-#: the start message is small, so a client that has not authenticated buffers no more than this
-#: per connection (over it: 1009 from the websocket layer).
+#: Bytes one websocket message may have until the app marks the connection started (the stream
+#: route sets ``scope[STARTED]`` once the key is checked, before its ``ready``): the start message
+#: is small, so a client that has not authenticated buffers no more than this per connection
+#: (over it: 1009 from the websocket layer).
 PRE_START_MAX_BYTES = 64 * 1024
+#: The scope key an app sets to lift :data:`PRE_START_MAX_BYTES` (then the configured size applies).
+STARTED = "vdib.started"
 
 
 class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O websocket protocol that releases the per-client connection count of
     the HTTP connection it was upgraded from when it closes, and accepts messages of at most
-    :data:`PRE_START_MAX_BYTES` until the app sends its first message."""
+    :data:`PRE_START_MAX_BYTES` until the app marks the connection started (``scope[STARTED]``,
+    seen when the app next sends)."""
 
     _vdib_peer: str | None = None
     _vdib_guard: _Guard | None = None
@@ -177,13 +181,12 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.conn.max_message_size = min(PRE_START_MAX_BYTES, self._full_max)
 
     def app_answered(self) -> None:
-        """The app sent its first message (the stream is authenticated and started): the full
-        message size from now on."""
+        """The app marked the stream started (authenticated): the full message size from now on."""
         self._answered = True
         self.conn.max_message_size = self._full_max
 
     async def send(self, message: Any) -> None:
-        if not self._answered and message["type"] == "websocket.send":
+        if not self._answered and self.scope.get(STARTED):
             self.app_answered()
         await super().send(message)
 

@@ -25,7 +25,7 @@ from typing import Any
 from websockets.frames import apply_mask
 from websockets.protocol import State
 
-from .guard import GuardedWebSocketProtocol
+from .guard import STARTED, GuardedWebSocketProtocol
 
 _BINARY_FIN = 0x82  # FIN bit + opcode 2, RSV bits clear
 #: queued messages at which reading the socket pauses (uvicorn's receive() resumes it once the
@@ -46,10 +46,33 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
         self._need = 0  # bytes self._buf must hold before parsing again
         self._fast: bool | None = None  # None: not decided yet (before the handshake completes)
         self._limit = self.conn.max_message_size or self.config.ws_max_size  # small until the app answers
+        self._holding = False  # a message went to the app before it answered: hold the rest unparsed
 
     def app_answered(self) -> None:
+        """The stream started: the full message size, and the bytes held since the start message
+        are parsed now (a client may send packets right after its start message)."""
         super().app_answered()
         self._limit = self._full_max
+        if self._holding:
+            self._holding = False
+            held = bytes(self._buf)
+            self._buf.clear()
+            self._need = 0
+            if held:
+                self.data_received(held)
+            if self.read_paused and self.queue.empty() and not self.transport.is_closing():
+                self.read_paused = False
+                self.transport.resume_reading()
+
+    def _hold(self, rest: bytes | memoryview) -> None:
+        """Keep ``rest`` unparsed and stop reading until the app answers (before that, a client
+        that has not authenticated gets one message and no more buffer than one read)."""
+        self._holding = True
+        self._buf += rest
+        self._need = 0
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         if self._fast is None:
@@ -61,6 +84,9 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
             self._fast = not self.conn.reader.buffer and not self.conn.extensions
         if not self._fast:
             super().data_received(data)
+            return
+        if self._holding:
+            self._hold(data)
             return
         if self._buf:
             self._buf += data
@@ -104,6 +130,9 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
             if b0 == _BINARY_FIN and self.conn.state is State.OPEN and not self.close_sent:
                 mask = buf[i + h : i + h + 4]
                 self.queue.put_nowait({"type": "websocket.receive", "bytes": apply_mask(buf[i + h + 4 : end], mask)})
+                if not self._answered:
+                    self._hold(memoryview(buf)[end:])
+                    return
                 if not self.read_paused and self.queue.qsize() >= _QUEUE_PAUSE:
                     # backpressure like the library's (which pauses after every message): stop
                     # reading the socket until the app has taken the queued messages
@@ -121,13 +150,16 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
                     self._fast = False
                     self._buf.clear()
                     return
+                if not self._answered and opcode == 1:
+                    self._hold(memoryview(buf)[end:])
+                    return
             i = end
         if i < n:
             self._buf += memoryview(buf)[i:]
         self._need = need
 
     async def send(self, message: Any) -> None:
-        if not self._answered and message["type"] == "websocket.send":
+        if not self._answered and self.scope.get(STARTED):
             self.app_answered()
         if (message["type"] == "websocket.send" and self.handshake_complete and not self.close_sent
                 and not self.disconnected and self.initial_response is None and self.conn.state is State.OPEN

@@ -375,6 +375,52 @@ def test_unauthenticated_connections_buffer_little(live, mnist_dvs_events):
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1000 and frames > 0
 
 
+def test_packets_sent_right_after_the_start_message(live, mnist_dvs_events):
+    """A client need not wait for ``ready``: what it sends after its start message is held
+    unparsed (the socket not read) until the stream has started, then taken at full size."""
+    import socket as _socket
+
+    from bench.service import ws_frame
+    from service.protocol import decode_frame
+
+    big = encode_events(mnist_dvs_events[:8000])  # ~104 kB: over the pre-start limit
+    sock = _socket.create_connection(("127.0.0.1", live.port))
+    sock.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    sock.settimeout(30)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(4096)
+    rest = head.split(b"\r\n\r\n", 1)[1]
+    # start, packets and end in one write: nothing waits for the ready
+    sock.sendall(ws_frame(1, json.dumps(start_msg(emit=1)).encode()) + ws_frame(2, big)
+                 + ws_frame(1, b'{"type": "end"}'))
+    data = rest
+    while True:
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    kinds, frames, code, i = [], 0, None, 0
+    while i + 2 <= len(data):
+        op, n, o = data[i] & 0x0F, data[i + 1] & 0x7F, 2
+        if n == 126:
+            n, o = int.from_bytes(data[i + 2 : i + 4], "big"), 4
+        elif n == 127:
+            n, o = int.from_bytes(data[i + 2 : i + 10], "big"), 10
+        payload = data[i + o : i + o + n]
+        i += o + n
+        if op == 1:
+            kinds.append(json.loads(payload)["type"])
+        elif op == 2:
+            decode_frame(payload)
+            frames += 1
+        elif op == 8:
+            code = int.from_bytes(payload[:2], "big")
+    assert kinds[0] == "ready" and "end" in kinds and frames > 0 and code == 1000, (kinds, frames, code)
+
+
 def test_start_message_timeout(checkpoints_dir):
     with make_client(Settings(checkpoints_dir=checkpoints_dir, start_timeout_s=0.2, _env_file=None)) as c:
         with c.websocket_connect("/v1/stream") as ws:
@@ -489,6 +535,8 @@ def test_wsfast_reassembles_trickled_frames_in_place():
             self.close_sent = False
             self.conn = type("C", (), {"state": State.OPEN})()
             self.read_paused = False
+            self._holding = False
+            self._answered = True  # a started stream
             self.paused = 0
             self.transport = type("T", (), {"pause_reading": lambda _t: setattr(self, "paused", self.paused + 1)})()
 
