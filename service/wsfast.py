@@ -47,6 +47,7 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
         self._fast: bool | None = None  # None: not decided yet (before the handshake completes)
         self._limit = self.conn.max_message_size or self.config.ws_max_size  # small until the app answers
         self._holding = False  # a message went to the app before it answered: hold the rest unparsed
+        self._parked = False  # bytes kept unparsed (and the socket not read) until the app takes messages
 
     def app_answered(self) -> None:
         """The stream started: the full message size, and the bytes held since the start message
@@ -55,24 +56,41 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
         self._limit = self._full_max
         if self._holding:
             self._holding = False
-            held = bytes(self._buf)
-            self._buf.clear()
-            self._need = 0
-            if held:
-                self.data_received(held)
-            if self.read_paused and self.queue.empty() and not self.transport.is_closing():
-                self.read_paused = False
-                self.transport.resume_reading()
+            self._unpark()
 
     def _hold(self, rest: bytes | memoryview) -> None:
         """Keep ``rest`` unparsed and stop reading until the app answers (before that, a client
         that has not authenticated gets one message and no more buffer than one read)."""
         self._holding = True
+        self._park(rest)
+
+    def _park(self, rest: bytes | memoryview) -> None:
+        """Keep ``rest`` unparsed and stop reading the socket: parsing resumes when the app has
+        taken the queued messages (:meth:`receive`). A flood of small frames is then parsed only
+        as fast as the app takes them, and not at all once the app has closed the stream."""
+        self._parked = True
         self._buf += rest
         self._need = 0
         if not self.read_paused:
             self.read_paused = True
             self.transport.pause_reading()
+
+    async def receive(self) -> Any:
+        message = await super().receive()
+        if self._parked and not self._holding and self.queue.qsize() < _QUEUE_PAUSE // 2 and not self.close_sent:
+            self._unpark()
+        return message
+
+    def _unpark(self) -> None:
+        self._parked = False
+        held = bytes(self._buf)
+        self._buf.clear()
+        self._need = 0
+        if held:
+            self.data_received(held)
+        if not self._parked and self.read_paused and self.queue.empty() and not self.transport.is_closing():
+            self.read_paused = False
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         if self._fast is None:
@@ -85,8 +103,8 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
         if not self._fast:
             super().data_received(data)
             return
-        if self._holding:
-            self._hold(data)
+        if self._parked:
+            self._park(data)
             return
         if self._buf:
             self._buf += data
@@ -133,11 +151,10 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
                 if not self._answered:
                     self._hold(memoryview(buf)[end:])
                     return
-                if not self.read_paused and self.queue.qsize() >= _QUEUE_PAUSE:
-                    # backpressure like the library's (which pauses after every message): stop
-                    # reading the socket until the app has taken the queued messages
-                    self.read_paused = True
-                    self.transport.pause_reading()
+                if self.queue.qsize() >= _QUEUE_PAUSE:
+                    # backpressure: neither parse nor read more until the app has taken messages
+                    self._park(memoryview(buf)[end:])
+                    return
             else:
                 frame = buf[i:end]
                 opcode = b0 & 0x0F
@@ -152,6 +169,9 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
                     return
                 if not self._answered and opcode == 1:
                     self._hold(memoryview(buf)[end:])
+                    return
+                if self.queue.qsize() >= _QUEUE_PAUSE:
+                    self._park(memoryview(buf)[end:])
                     return
             i = end
         if i < n:

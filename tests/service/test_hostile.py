@@ -536,9 +536,11 @@ def test_wsfast_reassembles_trickled_frames_in_place():
             self.conn = type("C", (), {"state": State.OPEN})()
             self.read_paused = False
             self._holding = False
+            self._parked = False
             self._answered = True  # a started stream
             self.paused = 0
-            self.transport = type("T", (), {"pause_reading": lambda _t: setattr(self, "paused", self.paused + 1)})()
+            self.transport = type("T", (), {"pause_reading": lambda _t: setattr(self, "paused", self.paused + 1),
+                                            "resume_reading": lambda _t: None, "is_closing": lambda _t: False})()
 
     for step in (1, 7, 1000):
         p = P()
@@ -548,11 +550,22 @@ def test_wsfast_reassembles_trickled_frames_in_place():
             assert id(p._buf) == buf_id
         msg = p.queue.get_nowait()
         assert msg["bytes"] == payload and p.queue.empty() and not p._buf and not p.paused
-    # a flood of small frames in one read: the socket stops being read once 64 wait (backpressure)
+    # a flood of small frames in one read: once 64 wait, neither parsing nor reading goes on
+    # (backpressure); the rest is parsed as the app takes messages, none once it has closed
     small = bytes([0x82, 0x80 | 3]) + mask + bytes(b ^ mask[i] for i, b in enumerate(b"abc"))
     p = P()
     p.data_received(small * 200)
-    assert p.read_paused and p.paused == 1 and p.queue.qsize() == 200  # the rest of that read only
+    assert p.read_paused and p._parked and p.queue.qsize() == 64 and len(p._buf) == 136 * len(small)
+    p.data_received(small * 10)  # read before the pause took effect: kept, not parsed
+    assert p.queue.qsize() == 64 and len(p._buf) == 146 * len(small)
+    taken = 0
+    while not p.queue.empty() or p._parked:
+        while not p.queue.empty():
+            assert p.queue.get_nowait()["bytes"] == b"abc"
+            taken += 1
+        if p._parked:
+            p._unpark()
+    assert taken == 210 and not p._buf
 
 
 # ---------------------------------------------------------------------------- 10. bad input, not 500/1011
