@@ -89,8 +89,8 @@ class Settings(BaseSettings):
         "average (1008 beyond; a 10 ms packet of a DVS128 takes ~5 us)")
     ingest_cpu_burst_s: float = Field(2.0, description="CPU seconds of decoding and binning a stream may spend at once")
     offload_bytes: int = Field(
-        64 * 1024, description="binary messages at least this large (and every AEDAT 4 message) are decoded "
-        "and binned in a worker thread instead of on the event loop")
+        16 * 1024, description="binary messages at least this large (~1200 events; a 10 ms DVS128 packet is "
+        "~1 kB), and every AEDAT 4 message, are decoded and binned in a worker thread, not on the event loop")
     out_queue_frames: int = 32  # per-stream outgoing queue; beyond it frames are dropped
     max_pending_bins: int = 20_000  # complete bins waiting for the scheduler, per stream
     max_pending_bytes: int = Field(
