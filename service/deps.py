@@ -80,7 +80,7 @@ async def upload_slot(request: Request) -> AsyncIterator[None]:
     if state.uploads_running >= limit:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE, f"{limit} uploads are running; try again shortly",
-            headers={"Retry-After": "1"},
+            headers={"Retry-After": "1", "Connection": "close"},  # close: the unread body is not drained
         )
     state.uploads_running += 1
     try:

@@ -56,7 +56,8 @@ async def _read_upload(request: Request, settings: Settings) -> tuple[bytes, str
     if length is not None:
         try:
             if int(length) > limit:
-                raise HTTPException(_413, f"Content-Length {length} exceeds the upload limit of {limit} bytes")
+                raise HTTPException(_413, f"Content-Length {length} exceeds the upload limit of {limit} bytes",
+                                    headers={"Connection": "close"})  # the body is not read (nor drained)
         except ValueError as exc:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid Content-Length") from exc
     ctype = request.headers.get("content-type", "")

@@ -323,7 +323,7 @@ def test_concurrent_uploads_are_bounded(checkpoints_dir, mnist_dvs_bytes):
         hold.sendall(b"POST /v1/naturalize HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\nabc")
         _wait(lambda: srv.app.state.uploads_running == 1, "the first upload holds the slot")
         r = httpx.post(srv.http + "/v1/naturalize", content=mnist_dvs_bytes, timeout=30)
-        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and r.headers["connection"] == "close"
         hold.close()
         _wait(lambda: srv.app.state.uploads_running == 0, "the slot is free again")
         r = httpx.post(srv.http + "/v1/naturalize", content=mnist_dvs_bytes, timeout=60)
