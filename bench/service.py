@@ -105,7 +105,11 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """CPU time of the server and its worker processes."""
-        total = 0
+        return sum(self.cpu_by_process().values())
+
+    def cpu_by_process(self) -> dict[int, float]:
+        """CPU seconds of the server process and of each of its worker processes, by pid."""
+        out: dict[int, float] = {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
             try:
                 pid = int(stat.parent.name)
@@ -113,8 +117,8 @@ class Server:
             except (OSError, ValueError):
                 continue
             if pid == self.proc.pid or int(fields[1]) == self.proc.pid:
-                total += int(fields[11]) + int(fields[12])
-        return total / os.sysconf("SC_CLK_TCK")
+                out[pid] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return out
 
     def metrics(self) -> dict[str, float]:
         import httpx
@@ -385,11 +389,17 @@ async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], dur
             heapq.heappush(heap, (base[i] + packets[j + 1][0], i, j + 1))
         else:
             tr.write(end_frame)
+    drained = True
     try:
         await asyncio.wait_for(asyncio.gather(*(c.closed for c in conns)), timeout=60)
+    except TimeoutError:  # the server fell more than a minute behind: this N fails, the run goes on
+        drained = False
+        for c in conns:
+            c.transport.abort()
     finally:
         gc.enable()
-    return {"lat_e2e": lat_e2e, "frames": frames, "stats": last_stats, "t_start": t_start, "timeline": timeline}
+    return {"lat_e2e": lat_e2e, "frames": frames, "stats": last_stats, "t_start": t_start, "timeline": timeline,
+            "drained": drained}
 
 
 def bench_streams(server: Server, n: int, warmup: float, window: float, phase: str = "spread") -> dict[str, Any]:
@@ -403,10 +413,12 @@ def bench_streams(server: Server, n: int, warmup: float, window: float, phase: s
         while "t_start" not in shared:  # connecting
             await asyncio.sleep(0.05)
         await asyncio.sleep(max(0.0, shared["t_start"] + warmup - time.perf_counter()))
-        m0, c0, w0, k0 = server.metrics(), server.cpu_seconds(), time.perf_counter(), time.process_time()
+        m0, c0, w0, k0 = server.metrics(), server.cpu_by_process(), time.perf_counter(), time.process_time()
         await asyncio.sleep(window)
-        m1, c1, w1, k1 = server.metrics(), server.cpu_seconds(), time.perf_counter(), time.process_time()
-        result.update(m0=m0, m1=m1, cpu=c1 - c0, wall=w1 - w0, client_cpu=k1 - k0, t0=w0, t1=w1)
+        m1, c1, w1, k1 = server.metrics(), server.cpu_by_process(), time.perf_counter(), time.process_time()
+        per_proc = {pid: c1[pid] - c0.get(pid, 0.0) for pid in c1}
+        result.update(m0=m0, m1=m1, cpu=sum(per_proc.values()), cpu_by_process=per_proc, wall=w1 - w0,
+                      client_cpu=k1 - k0, t0=w0, t1=w1)
         return await task
 
     out = asyncio.run(main())
@@ -417,7 +429,7 @@ def bench_streams(server: Server, n: int, warmup: float, window: float, phase: s
     e2e = np.concatenate([np.asarray(v[len(v) // 3 :]) for v in out["lat_e2e"] if v]) * 1e3
     dropped = sum(s.get("dropped_frames", 0) for s in out["stats"])
     late = sum(s.get("late_events", 0) for s in out["stats"])
-    one_worker = server.workers == 1
+    one_worker = True  # /metrics merges every worker's values (prometheus-client multiprocess mode)
     from service.session import LATENCY_EDGES_MS
 
     hists = window_hists(out["timeline"], result["t0"], result["t1"])
@@ -435,10 +447,14 @@ def bench_streams(server: Server, n: int, warmup: float, window: float, phase: s
         "mean_batch": steps_win / ticks if ticks and one_worker else None,
         "bins_all_streams": int(sum(s.get("bins", 0) for s in out["stats"])),
         "server_cpu_cores": result["cpu"] / result["wall"],
+        # per process, busiest first (the supervisor of several workers is the near-idle last one)
+        "server_cpu_cores_by_process": sorted((c / result["wall"] for c in result["cpu_by_process"].values()),
+                                              reverse=True),
         "server_cpu_ms_per_stream_s": 1e3 * result["cpu"] / result["wall"] / n,
         "client_cpu_ms_per_stream_s": 1e3 * result["client_cpu"] / result["wall"] / n,
         "dropped_frames": int(dropped),
         "late_events": int(late),
+        "drained": out["drained"],  # False: streams still unfinished a minute after their last packet
     }
 
 
@@ -503,6 +519,36 @@ def bench_tick_cpu(checkpoints: Path, engine: str, decoder_dtype: str, sizes: tu
     return [*rows, {"binner_push_ms_per_packet": times["binner"], "ingest_ms_per_packet": times["ingest"]}]
 
 
+# ---------------------------------------------------------------------------- calibration
+GEMM_SHAPE = (12800, 676, 800)
+
+
+def calibrate(checkpoints: Path, engine: str, decoder_dtype: str) -> dict[str, Any]:
+    """Same-run calibration, so that runs on different hosts (or under different load) compare:
+    the rate of a 12800x676x800 float32 GEMM on one torch thread (best of 5, CPU time) and the
+    scheduler's in-process tick at batch 1 (CPU time per tick), with the load average."""
+    import torch
+
+    torch.set_num_threads(1)
+    m, k, n = GEMM_SHAPE
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        c0 = time.process_time()
+        a @ b
+        best = min(best, time.process_time() - c0)
+    tick = bench_tick_cpu(checkpoints, engine, decoder_dtype, sizes=(1,), steps=200)[0]
+    return {"gemm_gflops": 2 * m * k * n / best / 1e9, "tick_cpu_ms_batch1": tick["tick_cpu_ms"],
+            "loadavg_1min": os.getloadavg()[0], "time": time.strftime("%H:%M:%S", time.gmtime())}
+
+
+def describe_calibration(c: dict[str, Any]) -> str:
+    return (f"GEMM {'x'.join(map(str, GEMM_SHAPE))} {c['gemm_gflops']:.0f} GFLOP/s (1 thread), tick at batch 1 "
+            f"{c['tick_cpu_ms_batch1']:.2f} ms CPU, load {c['loadavg_1min']:.1f} ({c['time']} UTC)")
+
+
 # ---------------------------------------------------------------------------- upload
 def bench_upload(server: Server, path: Path, n_events: int) -> dict[str, Any]:
     import httpx
@@ -563,17 +609,23 @@ def write_md(res: dict[str, Any], path: Path) -> None:
     for eng, r in res["engines"].items():
         lines += [f"## Engine: {eng}", "",
                   f"Largest N passing (p99 server < {LATENCY_TARGET_MS:.0f} ms, no drops, every smaller N passing too): **{r['max_streams']}** "
-                  f"(target >= {TARGET_STREAMS}).", "",
-                  "| streams | p50 / p99 server (ms) | p50 / p99 e2e (ms) | steps/s (of expected) | mean batch | server CPU (cores) | CPU ms per stream-second | dropped | load avg | pass |",
+                  f"(target >= {TARGET_STREAMS}); server processes: {r.get('workers', 1)}.", ""]
+        if r.get("calibration"):
+            lines += ["Same-run calibration (before / after this engine's streams): "
+                      + "; ".join(describe_calibration(c) for c in r["calibration"]) + ".", ""]
+        lines += ["| streams | p50 / p99 server (ms) | p50 / p99 e2e (ms) | steps/s (of expected) | mean batch | server CPU (cores) | CPU ms per stream-second | dropped | load avg | pass |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for s in r["streams"]:
+            by_proc = s.get("server_cpu_cores_by_process") or []
+            cores = f"{s['server_cpu_cores']:.2f}" + (
+                " (" + " + ".join(f"{c:.2f}" for c in by_proc) + ")" if len(by_proc) > 1 else "")
             def f(v: Any, d: int = 1) -> str:
                 return "-" if v is None else f"{v:.{d}f}"
             lines.append(
                 f"| {s['streams']} | {f(s['p50_frame_latency_ms'])} / {f(s['p99_frame_latency_ms'])} | "
                 f"{f(s['p50_end_to_end_ms'])} / {f(s['p99_end_to_end_ms'])} | "
                 + ("-" if s["steps_per_s"] is None else f"{s['steps_per_s']:.0f} ({s['steps_per_s'] / s['expected_steps_per_s']:.0%})")
-                + f" | {f(s['mean_batch'])} | {s['server_cpu_cores']:.2f} | {s['server_cpu_ms_per_stream_s']:.2f} | "
+                + f" | {f(s['mean_batch'])} | {cores} | {s['server_cpu_ms_per_stream_s']:.2f} | "
                 f"{s['dropped_frames']} | {s['loadavg_1min']:.1f} | {'yes' if s['pass'] else 'no'} |")
         u = r.get("upload")
         if u:
@@ -630,7 +682,10 @@ def main() -> int:
         for eng in args.engines.split(","):
             parts = eng.split("-")
             workers = next((int(x[1:]) for x in parts if x.startswith("w") and x[1:].isdigit()), 1)
-            server = Server(ckpt, parts[0], "bfloat16" if "bf16" in parts else "float32", workers)
+            dtype = "bfloat16" if "bf16" in parts else "float32"
+            cal_before = calibrate(ckpt, parts[0], dtype)
+            print(f"[{eng}] calibration: {describe_calibration(cal_before)}", flush=True)
+            server = Server(ckpt, parts[0], dtype, workers)
             rows = []
             best = 0
             failed: int | None = None  # the first N that failed: larger N do not count as passing
@@ -639,10 +694,12 @@ def main() -> int:
                     r = bench_streams(server, n, args.warmup, args.window, args.phase)
                     r["loadavg_1min"] = os.getloadavg()[0]
                     r["pass"] = (r["p99_frame_latency_ms"] is not None and r["p99_frame_latency_ms"] < LATENCY_TARGET_MS
-                                 and r["dropped_frames"] == 0)
+                                 and r["dropped_frames"] == 0 and r["drained"])
                     rows.append(r)
                     print(f"[{eng}] N={n}: p99 server {r['p99_frame_latency_ms']}, e2e {r['p99_end_to_end_ms']}, "
-                          f"cpu {r['server_cpu_cores']:.2f}, batch {r['mean_batch']}, steps {r['steps_per_s']}, "
+                          f"cpu {r['server_cpu_cores']:.2f} "
+                          f"({'+'.join(f'{c:.2f}' for c in r['server_cpu_cores_by_process'])}), "
+                          f"batch {r['mean_batch']}, steps {r['steps_per_s']}, "
                           f"dropped {r['dropped_frames']}, load {r['loadavg_1min']:.1f}", flush=True)
                     if r["pass"] and failed is None:
                         best = n
@@ -650,7 +707,7 @@ def main() -> int:
                         failed = failed or n
                         if not args.keep_going:
                             break
-                entry: dict[str, Any] = {"max_streams": best, "streams": rows}
+                entry: dict[str, Any] = {"max_streams": best, "streams": rows, "workers": workers}
                 if workers == 1:
                     entry["tick_cpu"] = bench_tick_cpu(ckpt, parts[0], "bfloat16" if "bf16" in parts else "float32",
                                                        phase=args.phase)
@@ -660,6 +717,10 @@ def main() -> int:
                 res["engines"][eng] = entry
             finally:
                 server.stop()
+            cal_after = calibrate(ckpt, parts[0], dtype)
+            print(f"[{eng}] calibration: {describe_calibration(cal_after)}", flush=True)
+            if eng in res["engines"]:
+                res["engines"][eng]["calibration"] = [cal_before, cal_after]
     out_json, out_md = Path(args.out + ".json"), Path(args.out + ".md")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(res, indent=2) + "\n")
