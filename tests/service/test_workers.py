@@ -52,7 +52,9 @@ class WorkersServer:
 
     def __init__(self, checkpoints: Path, workers: int) -> None:
         self.port = _free_port()
-        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+        # a fresh worker's first stream message may load (or compile) the numba kernels: more than the
+        # default 2 CPU s ingest burst on a loaded machine (the stream would close 1008)
+        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", VDIB_INGEST_CPU_BURST_S="60")
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.proc = subprocess.Popen(
             [sys.executable, str(REPO / "vdib_cli.py"), "serve", "--port", str(self.port), "--checkpoints",
