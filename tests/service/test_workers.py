@@ -189,3 +189,22 @@ def test_default_workers_is_the_usable_cores(monkeypatch):
         assert os.environ["PROMETHEUS_MULTIPROC_DIR"] == d and Path(d).is_dir()
     assert not Path(created[0]).exists() and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 
+
+
+def test_workers_keep_the_service_protocols():
+    """uvicorn pickles its config to each spawned worker: the websocket fast path and the guarded
+    h11 protocol (with their limits) must survive that."""
+    import pickle
+
+    import uvicorn
+
+    from service.app import uvicorn_options
+    from service.guard import GuardedH11Protocol
+    from service.settings import Settings
+    from service.wsfast import FastWebSocketProtocol
+
+    cfg = uvicorn.Config("service.workers:create_worker_app", factory=True, workers=2,
+                         **uvicorn_options(Settings(max_connections_per_client=7, _env_file=None)))  # type: ignore[call-arg]
+    got = pickle.loads(pickle.dumps(cfg))
+    assert got.ws is FastWebSocketProtocol
+    assert got.http.func is GuardedH11Protocol and got.http.keywords["limits"]["max_connections_per_client"] == 7
