@@ -301,6 +301,20 @@ def test_compose_up_for_real(tmp_path, torch_index, mnist_dvs_path, mnist_dvs_by
     assert r.returncode == 0, r.stderr
     uid, torch_line = r.stdout.split("\n")[:2]
     assert uid.strip() == "10001" and torch_line.split()[1] == "None", r.stdout
+    # the Dockerfile's CUDA check, run in the image: passes its torch, fails a torch reporting CUDA
+    lines = _dockerfile_lines()
+    check = lines[_index(lines, r"torch\.version\.cuda is None")].removeprefix("RUN ")
+    fake = tmp_path / "fake" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("class version:\n    cuda = '12.6'\n")
+    for d in (fake, fake.parent, tmp_path):
+        d.chmod(0o755)
+    (fake / "__init__.py").chmod(0o644)
+    r = _run(["docker", "run", "--rm", "-e", "TORCH=cpu", "vdib:latest", "sh", "-c", check], 600)
+    assert r.returncode == 0, r.stderr
+    r = _run(["docker", "run", "--rm", "-e", "TORCH=cpu", "-e", "PYTHONPATH=/fake", "-v", f"{fake.parent}:/fake:ro",
+              "vdib:latest", "sh", "-c", check], 600)
+    assert r.returncode != 0 and "CUDA torch build 12.6" in r.stderr
     try:
         r = _run([*compose, "up", "-d", "vdib"], 600, cwd=REPO, env=env)
         assert r.returncode == 0, r.stderr
