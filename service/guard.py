@@ -317,6 +317,7 @@ class MemoryTrimmer:
         self._last = float("-inf")
         self._running = False
         self._pending = False  # a trailing trim is scheduled
+        self._again = False  # requested during a trim: one more after it
         self.trims = 0
         self._trim: Any = None
         try:
@@ -330,8 +331,12 @@ class MemoryTrimmer:
 
     def request(self) -> None:
         """Trim soon (call from the event loop): now, or at the end of the interval when the last
-        trim was less than ``interval_s`` ago (one trailing trim); a no-op without glibc."""
-        if self._trim is None or self._running or self._pending:
+        trim was less than ``interval_s`` ago; a request during a trim gets one more trim after
+        it (memory freed meanwhile comes back too); a no-op without glibc."""
+        if self._trim is None or self._pending:
+            return
+        if self._running:
+            self._again = True
             return
         try:
             loop = asyncio.get_running_loop()
@@ -347,11 +352,14 @@ class MemoryTrimmer:
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._pending = False
         self._running, self._last = True, time.monotonic()
-        loop.run_in_executor(None, self._run)
+        loop.run_in_executor(None, self._run, loop)
 
-    def _run(self) -> None:
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             self._trim(0)
             self.trims += 1
         finally:
             self._running = False
+            if self._again:
+                self._again = False
+                loop.call_soon_threadsafe(self.request)

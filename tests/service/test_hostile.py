@@ -683,3 +683,13 @@ def test_memory_trimmer_runs_at_most_once_per_interval():
         return t.trims
 
     assert asyncio.run(trailing(MemoryTrimmer(interval_s=0.2))) == 2
+
+    async def during(t: MemoryTrimmer) -> int:
+        t.request()
+        t.request()  # while the first runs (or is about to): one more after it
+        await asyncio.sleep(0.05)
+        while t._pending or t._running or t._again:
+            await asyncio.sleep(0.01)
+        return t.trims
+
+    assert asyncio.run(during(MemoryTrimmer(interval_s=0.2))) == 2
