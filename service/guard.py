@@ -96,6 +96,7 @@ class GuardedH11Protocol(H11Protocol):
             self._guard.leave(self._peer)
             self._peer = None
         super().connection_lost(exc)
+        TRIMMER.request()  # a request body's buffers back to the OS (at most every 10 s)
 
     def handle_events(self) -> None:
         super().handle_events()
@@ -318,6 +319,7 @@ class MemoryTrimmer:
         self._running = False
         self._pending = False  # a trailing trim is scheduled
         self._again = False  # requested during a trim: one more after it
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.trims = 0
         self._trim: Any = None
         try:
@@ -333,6 +335,8 @@ class MemoryTrimmer:
         """Trim soon (call from the event loop): now, or at the end of the interval when the last
         trim was less than ``interval_s`` ago; a request during a trim gets one more trim after
         it (memory freed meanwhile comes back too); a no-op without glibc."""
+        if self._pending and self._loop is not None and self._loop.is_closed():
+            self._pending = self._running = False  # scheduled on a loop that is gone (tests)
         if self._trim is None or self._pending:
             return
         if self._running:
@@ -343,7 +347,7 @@ class MemoryTrimmer:
         except RuntimeError:
             return
         wait = self._last + self.interval_s - time.monotonic()
-        self._pending = True
+        self._pending, self._loop = True, loop
         if wait > 0:
             loop.call_later(wait, self._start, loop)
         else:
@@ -362,4 +366,9 @@ class MemoryTrimmer:
             self._running = False
             if self._again:
                 self._again = False
-                loop.call_soon_threadsafe(self.request)
+                if not loop.is_closed():
+                    loop.call_soon_threadsafe(self.request)
+
+
+#: The process's trimmer: streams closing, uploads ending and HTTP connections closing ask it.
+TRIMMER = MemoryTrimmer()

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .guard import MemoryTrimmer
+from .guard import TRIMMER
 from .protocol import encode_frame, frame_json
 from .render import event_rgb, pack_spikes, png_encode, png_rgb, to_uint8
 from .session import BIN, EMIT_NOW, END, Outgoing, Pending, Session
@@ -83,7 +83,7 @@ class Scheduler:
         self._busy: set[str] = set()
         self._cursor = 0  # round-robin start when more than max_batch sessions are due
         self.fault: Callable[[str, list[Session]], None] | None = None  # tests: see _probe
-        self.trimmer = MemoryTrimmer()
+        self.trimmer = TRIMMER  # one per process
         self.ticks = 0
         self.steps = 0
         self._rate_t = time.perf_counter()
