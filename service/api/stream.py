@@ -130,8 +130,12 @@ async def _close(scheduler: Any, metrics: Any, slot: bool, session: Session | No
     if sender is not None:
         if not sender.done():
             sender.cancel()
-        with contextlib.suppress(BaseException):
-            await sender  # also takes a finished sender's error (no "never retrieved" task)
+            await asyncio.wait({sender})
+        if not sender.cancelled():
+            # taken, not raised here: re-raised in this frame, the sender's error would get this
+            # frame in its traceback, and this frame holds the task that holds the error (a cycle
+            # keeping the session alive); never "exception was never retrieved" either
+            sender.exception()
 
 
 async def _ingest(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metrics: Any,
