@@ -240,8 +240,9 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
                 s.flush(end=True)
                 notify()
                 sender.remove_done_callback(stop_receiving)
-                with contextlib.suppress(Exception):
-                    await sender  # sends the remaining frames, the final stats, then closes with 1000
+                # the sender sends the remaining frames, the final stats, then closes with 1000;
+                # waited for without raising its error here (see _close: no traceback cycle)
+                await asyncio.wait({sender})
                 return
             elif kind == "ping":
                 if len(s.out) <= 2 * s.out_limit:  # a client that reads nothing gets no more pongs
