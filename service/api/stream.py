@@ -207,7 +207,17 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
                     raise ProtocolError(CLOSE_TOO_BIG, f"message of {len(data)} bytes exceeds {max_bytes}")
                 if s.offload(data, offload):
                     # decoding and binning that cost real CPU run off the event loop (bounded pool)
-                    n, segments, used = await loop.run_in_executor(pool, _bin_timed, s, data, time.thread_time)
+                    try:
+                        n, segments, used = await loop.run_in_executor(pool, _bin_timed, s, data, time.thread_time)
+                    except asyncio.CancelledError:
+                        # the same stops as around receive(): idle timeout, or the sender ended
+                        if watch.fired and me is not None:
+                            me.uncancel()
+                            raise ProtocolError(CLOSE_GOING_AWAY, f"idle for {timeout:g} s: stream timed out") from None
+                        if not sender.done() or me is None:
+                            raise
+                        me.uncancel()
+                        return
                 else:
                     n, segments, used = _bin_timed(s, data, time.perf_counter)
                 if charged_from is None:
