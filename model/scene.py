@@ -38,12 +38,15 @@ import torch.nn.functional as TF
 from torch import Tensor, nn
 
 from . import functional as F
+from .batching import map_state, stack_states  # generic over any state tuple
 
 __all__ = [
     "OnlineSceneNaturalizer",
     "SceneNaturalizer",
     "SceneNaturalizerConfig",
     "SceneState",
+    "map_state",
+    "stack_states",
     "reconstruct_events",
     "scene_cost",
 ]
@@ -120,25 +123,6 @@ class SceneState(NamedTuple):
     pending: Tensor  # [B, tau_e, K, h, w] feedforward potential owed to steps t .. t+tau_e-1
     fb_hist: Tensor  # [B, fb_memory, K, h, w] own spikes, oldest first
     window: Tensor  # [B, tau_d, K, h, w]
-
-
-def map_state(state: SceneState, fn: Callable[[Tensor], Tensor]) -> SceneState:
-    """Apply ``fn`` to every tensor of a state (e.g. select rows, move devices, clone)."""
-    return SceneState(
-        tuple(F.LIFState(*(fn(t) for t in s)) for s in state.hidden),
-        fn(state.pending), fn(state.fb_hist), fn(state.window),
-    )
-
-
-def stack_states(states: Sequence[SceneState]) -> SceneState:
-    """Concatenate batch-first states of equal spatial size along the batch."""
-    first = states[0]
-    return SceneState(
-        tuple(F.LIFState(*(torch.cat([s.hidden[i][j] for s in states]) for j in range(4)))
-              for i in range(len(first.hidden))),
-        torch.cat([s.pending for s in states]), torch.cat([s.fb_hist for s in states]),
-        torch.cat([s.window for s in states]),
-    )
 
 
 class _Decoder(nn.Module):
