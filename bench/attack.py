@@ -43,9 +43,14 @@ RSS_TOLERANCE = 0.10
 RSS_WAIT_S = 11.0
 #: the server's limits for this bench (small enough that every class reaches its limit quickly)
 SERVER_ENV = {
-    "VDIB_HEADER_TIMEOUT_S": "3", "VDIB_BODY_TIMEOUT_S": "5", "VDIB_START_TIMEOUT_S": "5",
-    "VDIB_MAX_CONNECTIONS_PER_CLIENT": "64", "VDIB_MAX_SESSIONS": "64", "VDIB_IDLE_TIMEOUT_S": "20",
-    "VDIB_MAX_CONCURRENT_UPLOADS": "2", "VDIB_STATS_INTERVAL_S": "1.0",
+    "VDIB_HEADER_TIMEOUT_S": "3",
+    "VDIB_BODY_TIMEOUT_S": "5",
+    "VDIB_START_TIMEOUT_S": "5",
+    "VDIB_MAX_CONNECTIONS_PER_CLIENT": "64",
+    "VDIB_MAX_SESSIONS": "64",
+    "VDIB_IDLE_TIMEOUT_S": "20",
+    "VDIB_MAX_CONCURRENT_UPLOADS": "2",
+    "VDIB_STATS_INTERVAL_S": "1.0",
 }
 
 
@@ -56,11 +61,29 @@ class Server:
         s.bind(("127.0.0.1", 0))
         self.port = s.getsockname()[1]
         s.close()
-        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", VDIB_TORCH_THREADS="1", **SERVER_ENV)
+        env = dict(
+            os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", VDIB_TORCH_THREADS="1", **SERVER_ENV
+        )
         self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "vdib_cli.py"), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--checkpoints", str(checkpoints), "--log-level", "warning", "--workers", "1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+            [
+                sys.executable,
+                str(REPO / "vdib_cli.py"),
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--checkpoints",
+                str(checkpoints),
+                "--log-level",
+                "warning",
+                "--workers",
+                "1",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
         )
         import httpx
 
@@ -118,22 +141,28 @@ class Background:
         loop = asyncio.get_running_loop()
         packets, _ = make_packets(loops=150)  # ~5 min of event time
         frames_pre = [ws_frame(2, pk) for _, pk in packets]
-        start = ws_frame(1, json.dumps({"type": "start", "sensor": {"width": 128, "height": 128}, "emit": 3}).encode())
+        start = ws_frame(
+            1, json.dumps({"type": "start", "sensor": {"width": 128, "height": 128}, "emit": 3}).encode()
+        )
         perf = time.perf_counter
         base = [0.0] * self.n
         conns = []
         for i in range(self.n):
+
             def on_frame(payload: bytes, i: int = i) -> None:
                 now = perf()
-                self.samples.append((now, now - (base[i] + int.from_bytes(payload[12:20], "little", signed=True) / 1e6)))
+                self.samples.append(
+                    (now, now - (base[i] + int.from_bytes(payload[12:20], "little", signed=True) / 1e6))
+                )
 
             def on_text(payload: bytes) -> None:
                 obj = json.loads(payload)
                 if obj["type"] == "error":
                     self.closed_codes.append(str(obj["code"]))
 
-            _, proto = await loop.create_connection(functools.partial(_RawStream, self.port, on_frame, on_text),
-                                                    "127.0.0.1", self.port)
+            _, proto = await loop.create_connection(
+                functools.partial(_RawStream, self.port, on_frame, on_text), "127.0.0.1", self.port
+            )
             await asyncio.wait_for(proto.opened, 30)
             proto.transport.write(start)
             conns.append(proto)
@@ -179,8 +208,12 @@ async def ws_attacker(port: int, messages: list[bytes], read_s: float = 10.0, pa
     except OSError as exc:
         return f"connect:{type(exc).__name__}"
     key = base64.b64encode(os.urandom(16)).decode()
-    w.write((f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    w.write(
+        (
+            f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     try:
         head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
         if b" 101 " not in head.split(b"\r\n")[0]:
@@ -218,8 +251,13 @@ async def http_attacker(port: int, method: str, path: str, body: bytes, headers:
     except OSError as exc:
         return f"connect:{type(exc).__name__}"
     try:
-        w.write((f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{headers}"
-                 "Connection: close\r\n\r\n").encode() + body)
+        w.write(
+            (
+                f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{headers}"
+                "Connection: close\r\n\r\n"
+            ).encode()
+            + body
+        )
         line = await asyncio.wait_for(r.readline(), 120)
         return line.split(b" ")[1].decode() if line else "closed"
     except (TimeoutError, ConnectionError, IndexError) as exc:
@@ -258,7 +296,9 @@ async def a_time_amplification(port: int) -> dict[str, Any]:
     csv = b"t,x,y,p\n0,1,1,1\n1000000,1,1,1\n"
     st = [await http_attacker(port, "POST", "/v1/naturalize?dt_us=1&filename=a.csv", csv) for _ in range(5)]
     long = ("t,x,y,p\n" + "".join(f"{i * 900_000},1,1,1\n" for i in range(3000))).encode()
-    st += [await http_attacker(port, "POST", "/v1/naturalize?dt_us=1000&filename=a.csv", long) for _ in range(5)]
+    st += [
+        await http_attacker(port, "POST", "/v1/naturalize?dt_us=1000&filename=a.csv", long) for _ in range(5)
+    ]
     return {"ws_close_codes": count(list(codes)), "http_status": count(st)}
 
 
@@ -288,11 +328,18 @@ async def a_space_amplification(port: int) -> dict[str, Any]:
 async def a_bad_input(port: int) -> dict[str, Any]:
     """Inputs that used to give 500 / 1011: ROI past uint16, t0_us out of range, deep JSON,
     AEDAT 4 cut inside its magic, junk uploads."""
-    roi = json.dumps({"type": "start", "sensor": {"width": 65536, "height": 65536}, "roi": [65500, 0, 52, 52]}).encode()
+    roi = json.dumps(
+        {"type": "start", "sensor": {"width": 65536, "height": 65536}, "roi": [65500, 0, 52, 52]}
+    ).encode()
     t0 = json.dumps({"type": "start", "sensor": {"width": 128, "height": 128}, "t0_us": 2**63 - 1}).encode()
     deep = b'{"type": "start", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-    codes = await asyncio.gather(*(ws_attacker(port, [masked(1, m)]) for m in (roi, t0, deep) for _ in range(5)))
-    st = [await http_attacker(port, "POST", "/v1/naturalize?roi=65500,0,52,52", os.urandom(4096)) for _ in range(5)]
+    codes = await asyncio.gather(
+        *(ws_attacker(port, [masked(1, m)]) for m in (roi, t0, deep) for _ in range(5))
+    )
+    st = [
+        await http_attacker(port, "POST", "/v1/naturalize?roi=65500,0,52,52", os.urandom(4096))
+        for _ in range(5)
+    ]
     st += [await http_attacker(port, "POST", "/v1/naturalize", os.urandom(200_000)) for _ in range(5)]
     return {"ws_close_codes": count(list(codes)), "http_status": count(st)}
 
@@ -306,8 +353,12 @@ async def a_ping_flood(port: int) -> dict[str, Any]:
 
 async def a_flush_flood(port: int) -> dict[str, Any]:
     flush = masked(1, b'{"type": "flush"}')
-    codes = await asyncio.gather(*(ws_attacker(port, [masked(1, START), masked(2, packet([0, 5000])), flush * 20_000])
-                                   for _ in range(5)))
+    codes = await asyncio.gather(
+        *(
+            ws_attacker(port, [masked(1, START), masked(2, packet([0, 5000])), flush * 20_000])
+            for _ in range(5)
+        )
+    )
     return {"ws_close_codes": count(list(codes))}
 
 
@@ -331,8 +382,9 @@ async def a_aedat4_bomb(port: int) -> dict[str, Any]:
 async def a_upload_flood(port: int) -> dict[str, Any]:
     """30 concurrent 4 MB junk-as-N-MNIST uploads."""
     junk = np.random.default_rng(0).integers(0, 256, 4_000_000, dtype=np.uint8).tobytes()
-    st = await asyncio.gather(*(http_attacker(port, "POST", "/v1/naturalize?filename=a.bin&format=npz", junk)
-                                for _ in range(30)))
+    st = await asyncio.gather(
+        *(http_attacker(port, "POST", "/v1/naturalize?filename=a.bin&format=npz", junk) for _ in range(30))
+    )
     return {"http_status": count(list(st))}
 
 
@@ -348,22 +400,32 @@ async def a_idle_connections(port: int) -> dict[str, Any]:
             refused += 1
             continue
         key = base64.b64encode(os.urandom(16)).decode()
-        w.write((f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        w.write(
+            (
+                f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         conns.append((r, w))
     await asyncio.sleep(1.0)
     # a legitimate client from 127.0.0.1
     r, w = await asyncio.open_connection("127.0.0.1", port)
     key = base64.b64encode(os.urandom(16)).decode()
-    w.write((f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-             f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    w.write(
+        (
+            f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
     await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
     w.write(masked(1, START))  # after the 101 (RFC 6455 4.1: no frames before the server's answer)
     h = await asyncio.wait_for(r.readexactly(2), 10)
     n = h[1] & 0x7F
     n = int.from_bytes(await r.readexactly(2), "big") if n == 126 else n
     obj = json.loads(await r.readexactly(n))
-    legit = obj["type"] if obj["type"] == "ready" else f"{obj['type']} {obj.get('code')}: {obj.get('message')}"
+    legit = (
+        obj["type"] if obj["type"] == "ready" else f"{obj['type']} {obj.get('code')}: {obj.get('message')}"
+    )
     w.close()
     closed = 0
     for rr, ww in conns:
@@ -389,8 +451,9 @@ async def a_slowloris(port: int) -> dict[str, Any]:
     # one source address per kind, each under the per-client limit (that limit has its own attack)
     addrs = {"headers": "127.0.0.3", "body": "127.0.0.4", "ws_frame": "127.0.0.5"}
 
-    async def trickle(kind: str, prefix: bytes, data: bytes, per_s: float, seconds: float,
-                      after_101: bytes = b"") -> None:
+    async def trickle(
+        kind: str, prefix: bytes, data: bytes, per_s: float, seconds: float, after_101: bytes = b""
+    ) -> None:
         try:
             r, w = await open_attacker(port, addrs[kind])
         except OSError:
@@ -418,8 +481,10 @@ async def a_slowloris(port: int) -> dict[str, Any]:
     hdr = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-A: " + b"a" * 10_000
     body_prefix = b"POST /v1/naturalize HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n"
     key = base64.b64encode(os.urandom(16)).decode()
-    ws_prefix = (f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode()
+    ws_prefix = (
+        f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
     big = masked(2, packet(list(range(0, 80_000))))  # ~1 MB frame
     tasks = [trickle("headers", hdr[:5], hdr[5:], 10, 12) for _ in range(60)]
     tasks += [trickle("body", body_prefix, b"x" * 100_000, 10, 12) for _ in range(40)]
@@ -512,7 +577,10 @@ async def run(server: Server, names: list[str], n_streams: int, settle: float) -
         p_during, n_during = bg.p99(t0, t1)
         p_after, n_after = bg.p99(t_after, perf())
         row = {
-            "attack": name, "seconds": round(t1 - t0, 2), "outcome": outcome, "drain_s": drained,
+            "attack": name,
+            "seconds": round(t1 - t0, 2),
+            "outcome": outcome,
+            "drain_s": drained,
             "server_cpu_s": round(cpu, 2),
             "rss_mb": {"before": round(rss0, 1), "peak": round(max(peak), 1), "after": round(rss1, 1)},
             "rss_returned": bool(rss1 <= rss0 * (1 + RSS_TOLERANCE)),
@@ -526,19 +594,30 @@ async def run(server: Server, names: list[str], n_streams: int, settle: float) -
         results.append(row)
     bg.stop = True
     await bg_task
-    results.append({"background": {"streams": n_streams, "error_closes": count(bg.closed_codes),
-                                   "frames": len(bg.samples)}})
+    results.append(
+        {
+            "background": {
+                "streams": n_streams,
+                "error_closes": count(bg.closed_codes),
+                "frames": len(bg.samples),
+            }
+        }
+    )
     return results
 
 
 def write_md(res: dict[str, Any], path: Path) -> None:
     lines = [
-        "# Hostile-client bench (`python -m bench.attack`)", "",
+        "# Hostile-client bench (`python -m bench.attack`)",
+        "",
         f"{res['date']}, {res['host']}; server `vdib serve` ({res['model']}), {res['streams']} normal streams "
         f"(MNIST-DVS in real time, emit 3) during every attack; attackers on {ATTACKER}. Server limits: "
-        + ", ".join(f"`{k}={v}`" for k, v in SERVER_ENV.items()) + ".", "",
+        + ", ".join(f"`{k}={v}`" for k, v in SERVER_ENV.items())
+        + ".",
+        "",
         f"Targets: other streams' p99 < {P99_TARGET_MS:g} ms before/during/after; RSS {RSS_WAIT_S:g} s after "
-        f"the attack within {RSS_TOLERANCE:.0%} of before.", "",
+        f"the attack within {RSS_TOLERANCE:.0%} of before.",
+        "",
         "| attack | s | outcome | drained after s | server CPU s | RSS MB before / peak / after | returned | "
         "p99 ms before / during / after | p99 ok | load |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -552,14 +631,19 @@ def write_md(res: dict[str, Any], path: Path) -> None:
             continue
         o = json.dumps(r["outcome"]).replace("|", "/")
         rss, p = r["rss_mb"], r["p99_ms"]
-        lines.append(f"| {r['attack']} | {r['seconds']} | `{o}` | {r.get('drain_s', '-')} | {r.get('server_cpu_s', '-')} | "
-                     f"{rss['before']} / {rss['peak']} / {rss['after']} | "
-                     f"{'yes' if r['rss_returned'] else '**no**'} | {f(p['before'])} / {f(p['during'])} / "
-                     f"{f(p['after'])} | {'yes' if r['p99_ok'] else '**no**'} | {r.get('load_avg_1min', '-')} |")
+        lines.append(
+            f"| {r['attack']} | {r['seconds']} | `{o}` | {r.get('drain_s', '-')} | {r.get('server_cpu_s', '-')} | "
+            f"{rss['before']} / {rss['peak']} / {rss['after']} | "
+            f"{'yes' if r['rss_returned'] else '**no**'} | {f(p['before'])} / {f(p['during'])} / "
+            f"{f(p['after'])} | {'yes' if r['p99_ok'] else '**no**'} | {r.get('load_avg_1min', '-')} |"
+        )
     bg = [r for r in res["attacks"] if "background" in r]
     if bg:
-        lines += ["", f"Background streams: {json.dumps(bg[0]['background'])} (error closes must be none; they "
-                      "answer the server's keep-alive pings, so they live past uvicorn's 20 s ping timeout)."]
+        lines += [
+            "",
+            f"Background streams: {json.dumps(bg[0]['background'])} (error closes must be none; they "
+            "answer the server's keep-alive pings, so they live past uvicorn's 20 s ping timeout).",
+        ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -580,10 +664,15 @@ def main() -> int:
     finally:
         gc.enable()
         err = server.stop()
-    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "host": f"{os.cpu_count()} cores",
-           "model": model, "streams": args.streams, "attacks": attacks,
-           "server_errors": [ln for ln in err.splitlines() if "ERROR" in ln or "Traceback" in ln][:50],
-           "server_stderr_tail": err.splitlines()[-200:]}
+    res = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "host": f"{os.cpu_count()} cores",
+        "model": model,
+        "streams": args.streams,
+        "attacks": attacks,
+        "server_errors": [ln for ln in err.splitlines() if "ERROR" in ln or "Traceback" in ln][:50],
+        "server_stderr_tail": err.splitlines()[-200:],
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))

@@ -57,7 +57,11 @@ def synthetic(n: int, width: int, height: int, seed: int = 0, span_us: int = 5_0
 
 def write_aedat2_dvs128(path: Path, ev: np.ndarray) -> None:
     """jAER AEDAT 2.0, DVS128 addresses (x mirrored, y bottom-up, polarity inverted)."""
-    addr = ((127 - ev["y"].astype(np.uint32)) << 8) | ((127 - ev["x"].astype(np.uint32)) << 1) | (1 - ev["p"].astype(np.uint32))
+    addr = (
+        ((127 - ev["y"].astype(np.uint32)) << 8)
+        | ((127 - ev["x"].astype(np.uint32)) << 1)
+        | (1 - ev["p"].astype(np.uint32))
+    )
     words = np.empty((len(ev), 2), ">u4")
     words[:, 0] = addr
     words[:, 1] = ev["t"].astype(np.uint32)
@@ -68,8 +72,12 @@ def write_aedat2_dvs128(path: Path, ev: np.ndarray) -> None:
 def write_aedat31(path: Path, ev: np.ndarray, packet: int = 8192) -> None:
     """AEDAT 3.1 polarity packets (coordinates as stored: top-left origin)."""
     header = b"#!AER-DAT3.1\r\n#Format: RAW\r\n#Source 1: DVS128\r\n#!END-HEADER\r\n"
-    data = ((ev["x"].astype(np.uint32) << 17) | (ev["y"].astype(np.uint32) << 2)
-            | (ev["p"].astype(np.uint32) << 1) | 1)
+    data = (
+        (ev["x"].astype(np.uint32) << 17)
+        | (ev["y"].astype(np.uint32) << 2)
+        | (ev["p"].astype(np.uint32) << 1)
+        | 1
+    )
     t = ev["t"]
     parts = [header]
     for s in range(0, len(ev), packet):
@@ -153,13 +161,18 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     binning: list[dict[str, Any]] = []
     print(f"generating {n:,} events ...", flush=True)
-    sets = {(128, 128): synthetic(n, 128, 128, 0), (346, 260): synthetic(n, 346, 260, 1),
-            (640, 480): synthetic(n, 640, 480, 2)}
+    sets = {
+        (128, 128): synthetic(n, 128, 128, 0),
+        (346, 260): synthetic(n, 346, 260, 1),
+        (640, 480): synthetic(n, 640, 480, 2),
+    }
 
     def bin_full(rec: Any) -> np.ndarray:
         # A model-input-sized grid: the full sensor pooled to about 64 px across.
         pool = max(1, max(rec.width, rec.height) // 64)
-        return bin_events(rec.events, ROI.full(rec.width, rec.height), 10_000, None, None, "split", "presence", pool)
+        return bin_events(
+            rec.events, ROI.full(rec.width, rec.height), 10_000, None, None, "split", "presence", pool
+        )
 
     with tempfile.TemporaryDirectory(prefix="vdib-bench-") as tmp:
         d = Path(tmp)
@@ -167,18 +180,41 @@ def main(argv: list[str] | None = None) -> int:
         plan: list[tuple[str, str, tuple[int, int], Callable[[Path, np.ndarray, int, int], None], dict]] = [
             ("aedat2", "f.aedat", (128, 128), lambda p, e, w, h: write_aedat2_dvs128(p, e), {}),
             ("aedat31", "f31.aedat", (128, 128), lambda p, e, w, h: write_aedat31(p, e), {}),
-            ("aedat4 (lz4)", "lz4.aedat4", (346, 260),
-             lambda p, e, w, h: events.write_aedat4(p, e, w, h, "lz4"),
-             {"aedat": read_aedat_pkg, "aedat_array": read_aedat_pkg_array, "faery": read_faery}),
-            ("aedat4 (zstd)", "zstd.aedat4", (346, 260),
-             lambda p, e, w, h: events.write_aedat4(p, e, w, h, "zstd"),
-             {"aedat": read_aedat_pkg, "aedat_array": read_aedat_pkg_array, "faery": read_faery}),
-            ("evt2", "f2.raw", (640, 480), lambda p, e, w, h: write_with_faery(p, e, w, h, version="evt2"),
-             {"faery": read_faery}),
-            ("evt3", "f3.raw", (640, 480), lambda p, e, w, h: write_with_faery(p, e, w, h, version="evt3"),
-             {"faery": read_faery}),
-            ("dat", "f.dat", (640, 480), lambda p, e, w, h: write_with_faery(p, e, w, h, version="dat2"),
-             {"faery": read_faery}),
+            (
+                "aedat4 (lz4)",
+                "lz4.aedat4",
+                (346, 260),
+                lambda p, e, w, h: events.write_aedat4(p, e, w, h, "lz4"),
+                {"aedat": read_aedat_pkg, "aedat_array": read_aedat_pkg_array, "faery": read_faery},
+            ),
+            (
+                "aedat4 (zstd)",
+                "zstd.aedat4",
+                (346, 260),
+                lambda p, e, w, h: events.write_aedat4(p, e, w, h, "zstd"),
+                {"aedat": read_aedat_pkg, "aedat_array": read_aedat_pkg_array, "faery": read_faery},
+            ),
+            (
+                "evt2",
+                "f2.raw",
+                (640, 480),
+                lambda p, e, w, h: write_with_faery(p, e, w, h, version="evt2"),
+                {"faery": read_faery},
+            ),
+            (
+                "evt3",
+                "f3.raw",
+                (640, 480),
+                lambda p, e, w, h: write_with_faery(p, e, w, h, version="evt3"),
+                {"faery": read_faery},
+            ),
+            (
+                "dat",
+                "f.dat",
+                (640, 480),
+                lambda p, e, w, h: write_with_faery(p, e, w, h, version="dat2"),
+                {"faery": read_faery},
+            ),
             ("npz", "f.npz", (346, 260), lambda p, e, w, h: events.write_npz(p, e, w, h), {}),
         ]
         for name, fname, size, writer, others in plan:
@@ -189,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:  # a writer we do not own failing must not stop the bench
                 print(f"  {name}: cannot write ({exc!r}); skipped", flush=True)
                 continue
-            print(f"  wrote {name}: {path.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - t0:.1f} s", flush=True)
+            print(
+                f"  wrote {name}: {path.stat().st_size / 1e6:.0f} MB in {time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
             files.append((name, path, size, others))
 
         for name, path, size, others in files:
@@ -198,18 +237,31 @@ def main(argv: list[str] | None = None) -> int:
                 dt, rec = best(lambda p=path: events.read(p), args.repeat)
             except events.EventFormatError as exc:  # report, do not stop the bench
                 print(f"  {name}: our reader failed: {exc}", flush=True)
-                rows.append({"format": name, "sensor": f"{size[0]}x{size[1]}", "events": len(src),
-                             "file_mb": round(path.stat().st_size / 1e6, 1), "identical": False,
-                             "read_mev_s": f"failed: {exc}", "read_bin_mev_s": "-"})
+                rows.append(
+                    {
+                        "format": name,
+                        "sensor": f"{size[0]}x{size[1]}",
+                        "events": len(src),
+                        "file_mb": round(path.stat().st_size / 1e6, 1),
+                        "identical": False,
+                        "read_mev_s": f"failed: {exc}",
+                        "read_bin_mev_s": "-",
+                    }
+                )
                 continue
             ok = len(rec.events) == len(src) and bool(np.array_equal(rec.events, src))
             del rec
             dtb, _ = best(lambda p=path: bin_full(events.read(p)), args.repeat)
             row: dict[str, Any] = {
-                "format": name, "sensor": f"{size[0]}x{size[1]}", "events": len(src),
-                "file_mb": round(path.stat().st_size / 1e6, 1), "identical": ok,
-                "read_mev_s": round(len(src) / dt / 1e6, 1), "read_bin_mev_s": round(len(src) / dtb / 1e6, 1),
-                "read_wall_s": round(WALL[-2], 3), "read_bin_wall_s": round(WALL[-1], 3),
+                "format": name,
+                "sensor": f"{size[0]}x{size[1]}",
+                "events": len(src),
+                "file_mb": round(path.stat().st_size / 1e6, 1),
+                "identical": ok,
+                "read_mev_s": round(len(src) / dt / 1e6, 1),
+                "read_bin_mev_s": round(len(src) / dtb / 1e6, 1),
+                "read_wall_s": round(WALL[-2], 3),
+                "read_bin_wall_s": round(WALL[-1], 3),
             }
             for lib, fn in others.items():
                 try:
@@ -230,8 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for label, kw in cases:
         dt, out = best(lambda k=kw: bin_events(ev, dt_us=10_000, t0=None, n_bins=None, **k), args.repeat)
-        binning.append({"case": label, "mev_s": round(len(ev) / dt / 1e6, 1), "shape": list(out.shape),
-                        "output_mb": round(out.nbytes / 1e6, 1)})
+        binning.append(
+            {
+                "case": label,
+                "mev_s": round(len(ev) / dt / 1e6, 1),
+                "shape": list(out.shape),
+                "output_mb": round(out.nbytes / 1e6, 1),
+            }
+        )
         print(f"  bin {label}: {binning[-1]['mev_s']} Mev/s", flush=True)
     for chunk in (1_000, 65_536):
         spec = BinSpec(ROI.full(346, 260), 10_000)
@@ -244,33 +302,56 @@ def main(argv: list[str] | None = None) -> int:
             return k + sum(seg.n_bins for seg in b.flush())
 
         dt, k = best(stream, args.repeat)
-        binning.append({"case": f"Binner.push, chunks of {chunk:,} events", "mev_s": round(len(ev) / dt / 1e6, 1),
-                        "shape": [k, *spec.shape], "output_mb": round(k * int(np.prod(spec.shape)) / 1e6, 1)})
+        binning.append(
+            {
+                "case": f"Binner.push, chunks of {chunk:,} events",
+                "mev_s": round(len(ev) / dt / 1e6, 1),
+                "shape": [k, *spec.shape],
+                "output_mb": round(k * int(np.prod(spec.shape)) / 1e6, 1),
+            }
+        )
         print(f"  {binning[-1]}", flush=True)
     mnist = sets[(128, 128)]
     dt, out = best(lambda: MNIST_DVS.bin(mnist), args.repeat)
-    binning.append({"case": "MNIST_DVS preset on 128x128", "mev_s": round(len(mnist) / dt / 1e6, 1),
-                    "shape": list(out.shape), "output_mb": round(out.nbytes / 1e6, 1)})
+    binning.append(
+        {
+            "case": "MNIST_DVS preset on 128x128",
+            "mev_s": round(len(mnist) / dt / 1e6, 1),
+            "shape": list(out.shape),
+            "output_mb": round(out.nbytes / 1e6, 1),
+        }
+    )
 
     by = {r["format"]: r for r in rows}
     checks = {}
     for f in ("aedat2", "aedat31"):
         if f in by:
             v = by[f]["read_mev_s"]
-            checks[f"{f} parse >= {TARGETS['parse_aedat2_31_mev_s']:.0f} Mev/s"] = isinstance(v, float) and v >= TARGETS["parse_aedat2_31_mev_s"]
+            checks[f"{f} parse >= {TARGETS['parse_aedat2_31_mev_s']:.0f} Mev/s"] = (
+                isinstance(v, float) and v >= TARGETS["parse_aedat2_31_mev_s"]
+            )
     for f in ("aedat4 (lz4)", "aedat4 (zstd)"):
         r = by.get(f)
         if r and isinstance(r.get("aedat_mev_s"), float) and isinstance(r["read_mev_s"], float):
-            checks[f"{f} within 10 % of aedat"] = r["read_mev_s"] >= TARGETS["aedat4_vs_aedat_pkg"] * r["aedat_mev_s"]
+            checks[f"{f} within 10 % of aedat"] = (
+                r["read_mev_s"] >= TARGETS["aedat4_vs_aedat_pkg"] * r["aedat_mev_s"]
+            )
     for b in binning:
         if "presence" in b["case"] or "preset" in b["case"]:
-            checks[f"binning {b['case']} >= {TARGETS['binning_mev_s']:.0f} Mev/s"] = b["mev_s"] >= TARGETS["binning_mev_s"]
+            checks[f"binning {b['case']} >= {TARGETS['binning_mev_s']:.0f} Mev/s"] = (
+                b["mev_s"] >= TARGETS["binning_mev_s"]
+            )
 
     info = {
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "python": sys.version.split()[0], "numpy": np.__version__, "machine": platform.machine(),
-        "cpu": _cpu(), "pinned_to_one_cpu": hasattr(os, "sched_setaffinity"),
-        "events": n, "repeat": args.repeat, "command": "python -m bench.events " + " ".join(argv or sys.argv[1:]),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "machine": platform.machine(),
+        "cpu": _cpu(),
+        "pinned_to_one_cpu": hasattr(os, "sched_setaffinity"),
+        "events": n,
+        "repeat": args.repeat,
+        "command": "python -m bench.events " + " ".join(argv or sys.argv[1:]),
     }
     result = {"info": info, "targets": TARGETS, "read": rows, "binning": binning, "checks": checks}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -316,7 +397,11 @@ def _markdown(r: dict[str, Any]) -> str:
             f"{row['read_mev_s']} | {row['read_bin_mev_s']} | {row.get('aedat_mev_s', '-')} | "
             f"{row.get('aedat_array_mev_s', '-')} | {row.get('faery_mev_s', '-')} |"
         )
-    lines += ["", "| binning (in memory, 5 s, 10 ms bins) | Mev/s | output [T, C, H, W] | output MB |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| binning (in memory, 5 s, 10 ms bins) | Mev/s | output [T, C, H, W] | output MB |",
+        "|---|---|---|---|",
+    ]
     for b in r["binning"]:
         lines.append(f"| {b['case']} | {b['mev_s']} | {b['shape']} | {b['output_mb']} |")
     lines += ["", "| target | met |", "|---|---|"]

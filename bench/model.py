@@ -58,7 +58,9 @@ def gemm_gflops(m: int, k: int, n: int, dtype: torch.dtype) -> float:
     return 2 * m * k * n / s / 1e9
 
 
-def make_model(n_in: int, hidden: tuple[int, ...], n_readout: int, tau_d: int, decoder: str, dec_hidden: int | None):
+def make_model(
+    n_in: int, hidden: tuple[int, ...], n_readout: int, tau_d: int, decoder: str, dec_hidden: int | None
+):
     side = int(round(n_in**0.5))
     cfg = NaturalizerConfig(
         encoder=EncoderConfig(n_inputs=n_in, hidden=hidden, n_readout=n_readout, prior_rate=0.1),
@@ -78,9 +80,15 @@ def bench_training(args, results: dict) -> None:
     target = torch.rand(B, 28, 28)
     configs = [
         ("vectorised, moving-average baseline, K=1, fp32", {"baseline": "moving-average", "n_samples": 1}),
-        ("vectorised, moving-average baseline, K=1, bf16 GEMMs", {"baseline": "moving-average", "n_samples": 1, "matmul_dtype": "bfloat16"}),
+        (
+            "vectorised, moving-average baseline, K=1, bf16 GEMMs",
+            {"baseline": "moving-average", "n_samples": 1, "matmul_dtype": "bfloat16"},
+        ),
         ("vectorised, loo baseline, K=2, fp32", {"baseline": "loo", "n_samples": 2}),
-        ("vectorised, per-parameter baseline (authors'), K=1, fp32", {"baseline": "per-parameter", "n_samples": 1}),
+        (
+            "vectorised, per-parameter baseline (authors'), K=1, fp32",
+            {"baseline": "per-parameter", "n_samples": 1},
+        ),
     ]
     if args.quick:
         configs = configs[:1]
@@ -106,7 +114,9 @@ def bench_training(args, results: dict) -> None:
         grads, y, _ = reference_encoder_gradients(enc, x[:, b : b + 1], uni[:, b : b + 1], torch.ones(1), dfa)
         window = sliding_windows(y[-args.tau_d :], args.tau_d)[-1]
         logits = ref_nat.decoder.logits(window)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target[b : b + 1].reshape(1, -1), reduction="sum")
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, target[b : b + 1].reshape(1, -1), reduction="sum"
+        )
         dec_opt.zero_grad()
         loss.backward()
         dec_opt.step()
@@ -128,15 +138,24 @@ def bench_training(args, results: dict) -> None:
     rows = []
     for (label, _), ts in zip(configs, times, strict=True):
         s = min(ts)
-        rows.append({"implementation": label, "seconds_per_batch": s, "samples_per_s": B / s, "measured_batches": len(ts)})
+        rows.append(
+            {
+                "implementation": label,
+                "seconds_per_batch": s,
+                "samples_per_s": B / s,
+                "measured_batches": len(ts),
+            }
+        )
         print(f"  {label}: {B / s:.1f} samples/s", flush=True)
     per_sample = min(ref_times)
-    rows.append({
-        "implementation": f"per-sample per-step reference (best of {len(ref_times)} samples, extrapolated)",
-        "seconds_per_batch": per_sample * B,
-        "samples_per_s": 1 / per_sample,
-        "measured_batches": 0,
-    })
+    rows.append(
+        {
+            "implementation": f"per-sample per-step reference (best of {len(ref_times)} samples, extrapolated)",
+            "seconds_per_batch": per_sample * B,
+            "samples_per_s": 1 / per_sample,
+            "measured_batches": 0,
+        }
+    )
     print(f"  reference: {1 / per_sample:.2f} samples/s", flush=True)
     base = rows[-1]["samples_per_s"]
     for r in rows:
@@ -166,7 +185,9 @@ def bench_streaming(args, results: dict) -> None:
         nat.eval()
         enc = nat.encoder
         # dense work per stream-step: hidden GEMMs + the readout's per-lag GEMM (tau_e * N_Y outputs)
-        flops = 2 * (sum(layer.in_features * layer.out_features for layer in enc.layers) + enc.lag_weight_t().numel())
+        flops = 2 * (
+            sum(layer.in_features * layer.out_features for layer in enc.layers) + enc.lag_weight_t().numel()
+        )
         tmp = tempfile.mkdtemp()
         export_onnx(nat, tmp)
         eng = OnnxEngine(tmp, threads=args.threads)
@@ -203,14 +224,16 @@ def bench_streaming(args, results: dict) -> None:
                 ("onnxruntime (dense)", s_ort),
             )
             for engine, s in timings:
-                out.append({
-                    "model": mname,
-                    "engine": engine,
-                    "batch": B,
-                    "us_per_step": s * 1e6,
-                    "us_per_stream_step": s * 1e6 / B,
-                    "gflops": flops * B / s / 1e9,
-                })
+                out.append(
+                    {
+                        "model": mname,
+                        "engine": engine,
+                        "batch": B,
+                        "us_per_step": s * 1e6,
+                        "us_per_stream_step": s * 1e6 / B,
+                        "gflops": flops * B / s / 1e9,
+                    }
+                )
                 print(f"  {mname} {engine} B={B}: {s * 1e6 / B:.1f} us/stream-step", flush=True)
     # decoders at batch 1 and 32 (tau_d = 30, 256 readouts)
     dec_rows = []
@@ -224,7 +247,15 @@ def bench_streaming(args, results: dict) -> None:
                     nat.decode(w)
 
             s = timeit(dec, args.min_time)
-            dec_rows.append({"decoder": dname if hidden is None else f"{dname} (hidden {hidden})", "tau_d": 30, "batch": B, "us_per_call": s * 1e6, "us_per_stream": s * 1e6 / B})
+            dec_rows.append(
+                {
+                    "decoder": dname if hidden is None else f"{dname} (hidden {hidden})",
+                    "tau_d": 30,
+                    "batch": B,
+                    "us_per_call": s * 1e6,
+                    "us_per_stream": s * 1e6 / B,
+                }
+            )
             print(f"  decoder {dname} B={B}: {s * 1e6:.0f} us", flush=True)
     results["streaming"] = out
     results["decoders"] = dec_rows
@@ -267,14 +298,28 @@ def write_md(results: dict, path: Path) -> None:
             "outer products every step, decoder Adam per sample), as the authors' code runs; it was "
             "timed on a few samples and extrapolated linearly to the batch (it has no batch effects)."
         )
-    lines += ["", "## Streaming step latency (one encoder step, uniforms given)", "",
-              "Inputs: 5 % of the 676 inputs active per step (MNIST-DVS: ~34). GFLOP/s counts the dense work, so "
-              "the event-driven rows (which skip inactive inputs) show an equivalent rate. `Encoder.step(..., event_driven="
-              "\"auto\")` (the default) takes the gather at batch <= 8 when <= 10 % of inputs are active.", "",
-              "| model | engine | batch | µs/step | µs per stream-step | GFLOP/s |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Streaming step latency (one encoder step, uniforms given)",
+        "",
+        "Inputs: 5 % of the 676 inputs active per step (MNIST-DVS: ~34). GFLOP/s counts the dense work, so "
+        "the event-driven rows (which skip inactive inputs) show an equivalent rate. `Encoder.step(..., event_driven="
+        '"auto")` (the default) takes the gather at batch <= 8 when <= 10 % of inputs are active.',
+        "",
+        "| model | engine | batch | µs/step | µs per stream-step | GFLOP/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results["streaming"]:
-        lines.append(f"| {r['model']} | {r['engine']} | {r['batch']} | {r['us_per_step']:.1f} | {r['us_per_stream_step']:.1f} | {r['gflops']:.1f} |")
-    lines += ["", "## Decoders (τ_d = 30, 256 readouts, eager torch)", "", "| decoder | batch | µs/call | µs per stream |", "|---|---|---|---|"]
+        lines.append(
+            f"| {r['model']} | {r['engine']} | {r['batch']} | {r['us_per_step']:.1f} | {r['us_per_stream_step']:.1f} | {r['gflops']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Decoders (τ_d = 30, 256 readouts, eager torch)",
+        "",
+        "| decoder | batch | µs/call | µs per stream |",
+        "|---|---|---|---|",
+    ]
     for r in results["decoders"]:
         lines.append(f"| {r['decoder']} | {r['batch']} | {r['us_per_call']:.0f} | {r['us_per_stream']:.1f} |")
     path.write_text("\n".join(lines) + "\n")
@@ -303,7 +348,8 @@ def main() -> int:
         "onnxruntime": onnxruntime.__version__,
         "threads": args.threads,
         "load_average_at_start": list(os.getloadavg()),
-        "command": f"OMP_NUM_THREADS={args.threads} .venv/bin/python bench/model.py" + (" --quick" if args.quick else ""),
+        "command": f"OMP_NUM_THREADS={args.threads} .venv/bin/python bench/model.py"
+        + (" --quick" if args.quick else ""),
     }
     print("GEMM roofline", flush=True)
     results["gemm"] = {

@@ -53,10 +53,23 @@ def bench_engine(ckpt: Path, repeats: int, n: int, kind: str = "torch") -> dict:
     from service.scene_engine import SceneEngine, SceneOnnxEngine
 
     net, _ = load_checkpoint(ckpt)
-    eng = (SceneOnnxEngine(net, "cpu") if kind == "onnx" else SceneEngine(net, "cpu")).for_input((2, 260, 346))
+    eng = (SceneOnnxEngine(net, "cpu") if kind == "onnx" else SceneEngine(net, "cpu")).for_input(
+        (2, 260, 346)
+    )
     rec = events.read(DATA / "aedat4" / "evlib_davis346_trimmed.aedat4")
-    x = events.bin_events(rec.events, events.ROI.full(346, 260), 10_000, int(rec.events["t"][0]), None,
-                          polarity="split", mode="count").reshape(-1, eng.n_inputs).astype(np.float32)
+    x = (
+        events.bin_events(
+            rec.events,
+            events.ROI.full(346, 260),
+            10_000,
+            int(rec.events["t"][0]),
+            None,
+            polarity="split",
+            mode="count",
+        )
+        .reshape(-1, eng.n_inputs)
+        .astype(np.float32)
+    )
     gen = torch.Generator().manual_seed(0)
     out: dict = {"sensor": [346, 260], "n_readout": eng.n_readout, "bins_in_clip": len(x)}
     for b in (1, 4):
@@ -106,8 +119,11 @@ def bench_service(ckpt: Path) -> dict:
             cuts = list(range(0, len(t_ev), 4096)) + [len(t_ev)]
             packets = [encode_events(rec.events[a:b]) for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
             with c.websocket_connect("/v1/stream") as ws:
-                ws.send_text(json.dumps({"type": "start", "sensor": {"width": rec.width, "height": rec.height},
-                                         "emit": 3}))
+                ws.send_text(
+                    json.dumps(
+                        {"type": "start", "sensor": {"width": rec.width, "height": rec.height}, "emit": 3}
+                    )
+                )
                 ready = json.loads(ws.receive_text())
                 t = time.perf_counter()
                 for p in packets:
@@ -128,10 +144,17 @@ def bench_service(ckpt: Path) -> dict:
             r = c.post("/v1/naturalize?emit=3", content=path.read_bytes())
             t_up = time.perf_counter() - t
     return {
-        "recording": path.name, "sensor": [rec.width, rec.height], "model": ready["model"],
-        "model_reason": ready["model_reason"], "bins": end.get("bins"), "frames": frames,
-        "frame_shape": list(img.shape), "stream_ms_per_bin": wall * 1e3 / max(1, end.get("bins") or 1),
-        "stream_frames_per_s": frames / wall, "upload_s": t_up, "upload_status": r.status_code,
+        "recording": path.name,
+        "sensor": [rec.width, rec.height],
+        "model": ready["model"],
+        "model_reason": ready["model_reason"],
+        "bins": end.get("bins"),
+        "frames": frames,
+        "frame_shape": list(img.shape),
+        "stream_ms_per_bin": wall * 1e3 / max(1, end.get("bins") or 1),
+        "stream_frames_per_s": frames / wall,
+        "upload_s": t_up,
+        "upload_status": r.status_code,
         "upload_ms_per_bin": t_up * 1e3 / max(1, r.json()["stats"]["bins"]),
     }
 
@@ -148,8 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
     torch.set_num_threads(threads)
     res = {
-        "checkpoint": str(args.checkpoint.relative_to(ROOT) if args.checkpoint.is_relative_to(ROOT) else args.checkpoint),
-        "threads": threads, "load_average_before": os.getloadavg(),
+        "checkpoint": str(
+            args.checkpoint.relative_to(ROOT) if args.checkpoint.is_relative_to(ROOT) else args.checkpoint
+        ),
+        "threads": threads,
+        "load_average_before": os.getloadavg(),
         "engine": bench_engine(args.checkpoint, args.repeats, args.steps),
         "engine_onnx": bench_engine(args.checkpoint, args.repeats, args.steps, "onnx"),
     }
@@ -159,11 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     args.out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
     e, s, o = res["engine"], res["service"], res["engine_onnx"]
     md = [
-        "# Scene model as served (bench/scene_service.py)", "",
+        "# Scene model as served (bench/scene_service.py)",
+        "",
         f"Checkpoint `{res['checkpoint']}`, {threads} torch thread(s), load average "
         f"{res['load_average_before'][0]:.1f} before / {res['load_average_after'][0]:.1f} after (2-core machine "
-        "shared with other jobs: pessimistic).", "",
-        "| what | value |", "|---|---|",
+        "shared with other jobs: pessimistic).",
+        "",
+        "| what | value |",
+        "|---|---|",
         f"| encoder step, 346x260, batch 1 | {e['step_ms_batch1']:.1f} ms wall, {e['step_cpu_ms_per_stream_batch1']:.1f} ms CPU |",
         f"| encoder step, 346x260, batch 4 (per stream) | {e['step_ms_per_stream_batch4']:.1f} ms wall, "
         f"{e['step_cpu_ms_per_stream_batch4']:.1f} ms CPU |",

@@ -64,27 +64,62 @@ def prepare_checkpoints(tmp: Path) -> tuple[Path, str]:
     from model import save_checkpoint
     from model.testing import tiny_naturalizer
 
-    nat = tiny_naturalizer(input_shape=(2, 26, 26), hidden=(256,), n_readout=256, tau_d=30, decoder="mlp",
-                           decoder_options={"hidden": 512}, readout_bias=-2.0,
-                           preprocessing={"roi": [48, 54, 26, 26], "sensor": [128, 128]})
+    nat = tiny_naturalizer(
+        input_shape=(2, 26, 26),
+        hidden=(256,),
+        n_readout=256,
+        tau_d=30,
+        decoder="mlp",
+        decoder_options={"hidden": 512},
+        readout_bias=-2.0,
+        preprocessing={"roi": [48, 54, 26, 26], "sensor": [128, 128]},
+    )
     save_checkpoint(tmp / "mnist-dvs", nat, {"note": "random weights, default architecture"}, {}, {})
-    return tmp, "random weights, architecture of configs/mnist-dvs-default.toml (2x26x26-256-256, mlp 512, tau_d 30)"
+    return (
+        tmp,
+        "random weights, architecture of configs/mnist-dvs-default.toml (2x26x26-256-256, mlp 512, tau_d 30)",
+    )
 
 
 class Server:
-    def __init__(self, checkpoints: Path, engine: str, decoder_dtype: str = "float32", workers: int = 1) -> None:
+    def __init__(
+        self, checkpoints: Path, engine: str, decoder_dtype: str = "float32", workers: int = 1
+    ) -> None:
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
         self.port = s.getsockname()[1]
         s.close()
-        env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", VDIB_TORCH_THREADS="1",
-                   VDIB_MAX_SESSIONS="2000", VDIB_STATS_INTERVAL_S="1.0", VDIB_IDLE_TIMEOUT_S="30",
-                   VDIB_DECODER_DTYPE=decoder_dtype)
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            OMP_WAIT_POLICY="PASSIVE",
+            VDIB_TORCH_THREADS="1",
+            VDIB_MAX_SESSIONS="2000",
+            VDIB_STATS_INTERVAL_S="1.0",
+            VDIB_IDLE_TIMEOUT_S="30",
+            VDIB_DECODER_DTYPE=decoder_dtype,
+        )
         self.workers = workers
         self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "vdib_cli.py"), "serve", "--port", str(self.port), "--checkpoints",
-             str(checkpoints), "--engine", engine, "--log-level", "warning", "--workers", str(workers)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+            [
+                sys.executable,
+                str(REPO / "vdib_cli.py"),
+                "serve",
+                "--port",
+                str(self.port),
+                "--checkpoints",
+                str(checkpoints),
+                "--engine",
+                engine,
+                "--log-level",
+                "warning",
+                "--workers",
+                str(workers),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            cwd=REPO,
         )
         import httpx
 
@@ -138,7 +173,9 @@ class Server:
             self.proc.kill()
 
 
-def window_hists(timeline: list[list[tuple[float, dict[str, Any]]]], t0: float, t1: float) -> list[np.ndarray]:
+def window_hists(
+    timeline: list[list[tuple[float, dict[str, Any]]]], t0: float, t1: float
+) -> list[np.ndarray]:
     """Per stream, the latency histogram of the frames sent between its last stats before ``t0``
     and its first stats after ``t1`` (cumulative histograms subtracted)."""
     out = []
@@ -265,8 +302,12 @@ class _RawStream(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         key = __import__("base64").b64encode(os.urandom(16)).decode()
-        transport.write((f"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\n"
-                         f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        transport.write(
+            (
+                f"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1:{self.port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
 
     def data_received(self, data: bytes) -> None:
         buf = self.buf + data if self.buf else data
@@ -314,13 +355,23 @@ class _RawStream(asyncio.Protocol):
             self.closed.set_result(None)
 
 
-async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], duration: float,
-                      shared: dict[str, Any] | None = None, phase: str = "spread") -> dict[str, Any]:
+async def run_streams(
+    port: int,
+    n: int,
+    packets: list[tuple[float, bytes]],
+    duration: float,
+    shared: dict[str, Any] | None = None,
+    phase: str = "spread",
+) -> dict[str, Any]:
     import heapq
 
     loop = asyncio.get_running_loop()
-    start_frame = ws_frame(1, json.dumps({"type": "start", "protocol": 1, "sensor": {"width": 128, "height": 128},
-                                          "emit": 3}).encode())
+    start_frame = ws_frame(
+        1,
+        json.dumps(
+            {"type": "start", "protocol": 1, "sensor": {"width": 128, "height": 128}, "emit": 3}
+        ).encode(),
+    )
     end_frame = ws_frame(1, json.dumps({"type": "end"}).encode())
     frames_pre = [ws_frame(2, pk) for _, pk in packets]  # every stream sends the same bytes
     lat_e2e: list[list[float]] = [[] for _ in range(n)]
@@ -337,6 +388,7 @@ async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], dur
         def f(payload: bytes) -> None:
             lat.append(perf() - (base[i] + int.from_bytes(payload[12:20], "little", signed=True) / 1e6))
             frames[i] += 1
+
         return f
 
     def on_text(i: int) -> Any:
@@ -347,11 +399,14 @@ async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], dur
             if obj["type"] in ("stats", "end"):
                 last_stats[i] = obj
                 timeline[i].append((perf(), obj))
+
         return f
 
     conns = []
     for i in range(n):
-        _, proto = await loop.create_connection(lambda i=i: _RawStream(port, on_frame(i), on_text(i)), "127.0.0.1", port)
+        _, proto = await loop.create_connection(
+            lambda i=i: _RawStream(port, on_frame(i), on_text(i)), "127.0.0.1", port
+        )
         await asyncio.wait_for(proto.opened, 30)
         proto.transport.write(start_frame)
         msg = await asyncio.wait_for(ready[i], 30)
@@ -398,11 +453,19 @@ async def run_streams(port: int, n: int, packets: list[tuple[float, bytes]], dur
             c.transport.abort()
     finally:
         gc.enable()
-    return {"lat_e2e": lat_e2e, "frames": frames, "stats": last_stats, "t_start": t_start, "timeline": timeline,
-            "drained": drained}
+    return {
+        "lat_e2e": lat_e2e,
+        "frames": frames,
+        "stats": last_stats,
+        "t_start": t_start,
+        "timeline": timeline,
+        "drained": drained,
+    }
 
 
-def bench_streams(server: Server, n: int, warmup: float, window: float, phase: str = "spread") -> dict[str, Any]:
+def bench_streams(
+    server: Server, n: int, warmup: float, window: float, phase: str = "spread"
+) -> dict[str, Any]:
     duration = warmup + window + 1.5
     packets, _ = make_packets(loops=int(duration / PERIOD_S) + 3)
     result: dict[str, Any] = {}
@@ -417,8 +480,16 @@ def bench_streams(server: Server, n: int, warmup: float, window: float, phase: s
         await asyncio.sleep(window)
         m1, c1, w1, k1 = server.metrics(), server.cpu_by_process(), time.perf_counter(), time.process_time()
         per_proc = {pid: c1[pid] - c0.get(pid, 0.0) for pid in c1}
-        result.update(m0=m0, m1=m1, cpu=sum(per_proc.values()), cpu_by_process=per_proc, wall=w1 - w0,
-                      client_cpu=k1 - k0, t0=w0, t1=w1)
+        result.update(
+            m0=m0,
+            m1=m1,
+            cpu=sum(per_proc.values()),
+            cpu_by_process=per_proc,
+            wall=w1 - w0,
+            client_cpu=k1 - k0,
+            t0=w0,
+            t1=w1,
+        )
         return await task
 
     out = asyncio.run(main())
@@ -448,8 +519,9 @@ def bench_streams(server: Server, n: int, warmup: float, window: float, phase: s
         "bins_all_streams": int(sum(s.get("bins", 0) for s in out["stats"])),
         "server_cpu_cores": result["cpu"] / result["wall"],
         # per process, busiest first (the supervisor of several workers is the near-idle last one)
-        "server_cpu_cores_by_process": sorted((c / result["wall"] for c in result["cpu_by_process"].values()),
-                                              reverse=True),
+        "server_cpu_cores_by_process": sorted(
+            (c / result["wall"] for c in result["cpu_by_process"].values()), reverse=True
+        ),
         "server_cpu_ms_per_stream_s": 1e3 * result["cpu"] / result["wall"] / n,
         "client_cpu_ms_per_stream_s": 1e3 * result["client_cpu"] / result["wall"] / n,
         "dropped_frames": int(dropped),
@@ -459,9 +531,14 @@ def bench_streams(server: Server, n: int, warmup: float, window: float, phase: s
 
 
 # ---------------------------------------------------------------------------- CPU cost model
-def bench_tick_cpu(checkpoints: Path, engine: str, decoder_dtype: str, sizes: tuple[int, ...] = (1, 10, 50, 100, 200),
-                   phase: str = "spread",
-                   steps: int = 60) -> list[dict[str, Any]]:
+def bench_tick_cpu(
+    checkpoints: Path,
+    engine: str,
+    decoder_dtype: str,
+    sizes: tuple[int, ...] = (1, 10, 50, 100, 200),
+    phase: str = "spread",
+    steps: int = 60,
+) -> list[dict[str, Any]]:
     """CPU time of the scheduler's work per stream-second, in process (no sockets): ticks of B
     streams stepping real MNIST-DVS bins, a frame every 3 bins, plus binning one 10 ms packet.
     CPU time (not wall time) so that other load on the machine matters less."""
@@ -476,16 +553,33 @@ def bench_tick_cpu(checkpoints: Path, engine: str, decoder_dtype: str, sizes: tu
     from service.settings import Settings
 
     torch.set_num_threads(1)
-    reg = ModelRegistry.load(Settings(checkpoints_dir=checkpoints, engine=engine, decoder_dtype=decoder_dtype,
-                                      _env_file=None))  # type: ignore[call-arg]
+    reg = ModelRegistry.load(
+        Settings(checkpoints_dir=checkpoints, engine=engine, decoder_dtype=decoder_dtype, _env_file=None)
+    )  # type: ignore[call-arg]
     entry = reg.get(None)
     ev = events.read(RECORDING).events
     roi, pool = entry.resolve_roi(128, 128)
     rows = []
     for b in sizes:
         sched = Scheduler(Metrics(), 4096)
-        sess = [Session(entry, roi, pool, 10_000, 3, i, spikes=False, inputs=False, fmt="binary", encoding="packed",
-                        t0_us=None, max_gap_us=1_000_000, out_queue_frames=32) for i in range(b)]
+        sess = [
+            Session(
+                entry,
+                roi,
+                pool,
+                10_000,
+                3,
+                i,
+                spikes=False,
+                inputs=False,
+                fmt="binary",
+                encoding="packed",
+                t0_us=None,
+                max_gap_us=1_000_000,
+                out_queue_frames=32,
+            )
+            for i in range(b)
+        ]
         frames = events.bin_events(ev, roi, 10_000, None, None, pool=pool)
         # spread: stream i is i/b of the way through the recording (its own events), and a third of
         # the streams emit a frame in each tick; sync: every stream steps the same frame
@@ -493,23 +587,49 @@ def bench_tick_cpu(checkpoints: Path, engine: str, decoder_dtype: str, sizes: tu
         for i, s in enumerate(sess):
             s.steps = i % 3 if phase == "spread" else 0
         for t in range(3):  # warm-up
-            sched._tick([(s, Pending(BIN, frames[(t + o) % len(frames)], (t + 1) * 10_000, False, 0.0))
-                         for s, o in zip(sess, off, strict=True)])
+            sched._tick(
+                [
+                    (s, Pending(BIN, frames[(t + o) % len(frames)], (t + 1) * 10_000, False, 0.0))
+                    for s, o in zip(sess, off, strict=True)
+                ]
+            )
         c0 = time.process_time()
         for t in range(steps):
-            sched._tick([(s, Pending(BIN, frames[(t + o) % len(frames)], (t + 1) * 10_000, False, 0.0))
-                         for s, o in zip(sess, off, strict=True)])
+            sched._tick(
+                [
+                    (s, Pending(BIN, frames[(t + o) % len(frames)], (t + 1) * 10_000, False, 0.0))
+                    for s, o in zip(sess, off, strict=True)
+                ]
+            )
         cpu = (time.process_time() - c0) / steps
         rows.append({"batch": b, "tick_cpu_ms": 1e3 * cpu, "cpu_ms_per_stream_s": 1e3 * cpu * 100 / b})
     from service.protocol import encode_events
 
     t0 = int(ev["t"][0])
-    packets = [encode_events(ev[(ev["t"] >= t0 + k * 10_000) & (ev["t"] < t0 + (k + 1) * 10_000)]) for k in range(200)]
+    packets = [
+        encode_events(ev[(ev["t"] >= t0 + k * 10_000) & (ev["t"] < t0 + (k + 1) * 10_000)])
+        for k in range(200)
+    ]
     times = {}
-    for name, push in (("binner", lambda s, p: s.push_events(decode_events(p))),
-                       ("ingest", lambda s, p: s.queue(s.bin_message(p)[1]))):
-        s = Session(entry, roi, pool, 10_000, 3, 0, spikes=False, inputs=False, fmt="binary", encoding="packed",
-                    t0_us=None, max_gap_us=1_000_000, out_queue_frames=32)
+    for name, push in (
+        ("binner", lambda s, p: s.push_events(decode_events(p))),
+        ("ingest", lambda s, p: s.queue(s.bin_message(p)[1])),
+    ):
+        s = Session(
+            entry,
+            roi,
+            pool,
+            10_000,
+            3,
+            0,
+            spikes=False,
+            inputs=False,
+            fmt="binary",
+            encoding="packed",
+            t0_us=None,
+            max_gap_us=1_000_000,
+            out_queue_frames=32,
+        )
         push(s, packets[0])  # first use: lazy imports, tables, cached kernels
         c0 = time.process_time()
         for p in packets[1:]:
@@ -540,13 +660,19 @@ def calibrate(checkpoints: Path, engine: str, decoder_dtype: str) -> dict[str, A
         a @ b
         best = min(best, time.process_time() - c0)
     tick = bench_tick_cpu(checkpoints, engine, decoder_dtype, sizes=(1,), steps=200)[0]
-    return {"gemm_gflops": 2 * m * k * n / best / 1e9, "tick_cpu_ms_batch1": tick["tick_cpu_ms"],
-            "loadavg_1min": os.getloadavg()[0], "time": time.strftime("%H:%M:%S", time.gmtime())}
+    return {
+        "gemm_gflops": 2 * m * k * n / best / 1e9,
+        "tick_cpu_ms_batch1": tick["tick_cpu_ms"],
+        "loadavg_1min": os.getloadavg()[0],
+        "time": time.strftime("%H:%M:%S", time.gmtime()),
+    }
 
 
 def describe_calibration(c: dict[str, Any]) -> str:
-    return (f"GEMM {'x'.join(map(str, GEMM_SHAPE))} {c['gemm_gflops']:.0f} GFLOP/s (1 thread), tick at batch 1 "
-            f"{c['tick_cpu_ms_batch1']:.2f} ms CPU, load {c['loadavg_1min']:.1f} ({c['time']} UTC)")
+    return (
+        f"GEMM {'x'.join(map(str, GEMM_SHAPE))} {c['gemm_gflops']:.0f} GFLOP/s (1 thread), tick at batch 1 "
+        f"{c['tick_cpu_ms_batch1']:.2f} ms CPU, load {c['loadavg_1min']:.1f} ({c['time']} UTC)"
+    )
 
 
 # ---------------------------------------------------------------------------- upload
@@ -555,9 +681,13 @@ def bench_upload(server: Server, path: Path, n_events: int) -> dict[str, Any]:
 
     data = path.read_bytes()
     t = time.perf_counter()
-    r = httpx.post(server.http + "/v1/naturalize", content=data, timeout=900,
-                   headers={"Content-Type": "application/octet-stream"},
-                   params={"emit": "last", "format": "json", "filename": path.name})
+    r = httpx.post(
+        server.http + "/v1/naturalize",
+        content=data,
+        timeout=900,
+        headers={"Content-Type": "application/octet-stream"},
+        params={"emit": "last", "format": "json", "filename": path.name},
+    )
     wall = time.perf_counter() - t
     r.raise_for_status()
     j = r.json()
@@ -607,61 +737,102 @@ def write_md(res: dict[str, Any], path: Path) -> None:
         "",
     ]
     for eng, r in res["engines"].items():
-        lines += [f"## Engine: {eng}", "",
-                  f"Largest N passing (p99 server < {LATENCY_TARGET_MS:.0f} ms, no drops, every smaller N passing too): **{r['max_streams']}** "
-                  f"(target >= {TARGET_STREAMS}); server processes: {r.get('workers', 1)}.", ""]
+        lines += [
+            f"## Engine: {eng}",
+            "",
+            f"Largest N passing (p99 server < {LATENCY_TARGET_MS:.0f} ms, no drops, every smaller N passing too): **{r['max_streams']}** "
+            f"(target >= {TARGET_STREAMS}); server processes: {r.get('workers', 1)}.",
+            "",
+        ]
         if r.get("calibration"):
-            lines += ["Same-run calibration (before / after this engine's streams): "
-                      + "; ".join(describe_calibration(c) for c in r["calibration"]) + ".", ""]
-        lines += ["| streams | p50 / p99 server (ms) | p50 / p99 e2e (ms) | steps/s (of expected) | mean batch | server CPU (cores) | CPU ms per stream-second | dropped | load avg | pass |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "Same-run calibration (before / after this engine's streams): "
+                + "; ".join(describe_calibration(c) for c in r["calibration"])
+                + ".",
+                "",
+            ]
+        lines += [
+            "| streams | p50 / p99 server (ms) | p50 / p99 e2e (ms) | steps/s (of expected) | mean batch | server CPU (cores) | CPU ms per stream-second | dropped | load avg | pass |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for s in r["streams"]:
             by_proc = s.get("server_cpu_cores_by_process") or []
             cores = f"{s['server_cpu_cores']:.2f}" + (
-                " (" + " + ".join(f"{c:.2f}" for c in by_proc) + ")" if len(by_proc) > 1 else "")
+                " (" + " + ".join(f"{c:.2f}" for c in by_proc) + ")" if len(by_proc) > 1 else ""
+            )
+
             def f(v: Any, d: int = 1) -> str:
                 return "-" if v is None else f"{v:.{d}f}"
+
             lines.append(
                 f"| {s['streams']} | {f(s['p50_frame_latency_ms'])} / {f(s['p99_frame_latency_ms'])} | "
                 f"{f(s['p50_end_to_end_ms'])} / {f(s['p99_end_to_end_ms'])} | "
-                + ("-" if s["steps_per_s"] is None else f"{s['steps_per_s']:.0f} ({s['steps_per_s'] / s['expected_steps_per_s']:.0%})")
+                + (
+                    "-"
+                    if s["steps_per_s"] is None
+                    else f"{s['steps_per_s']:.0f} ({s['steps_per_s'] / s['expected_steps_per_s']:.0%})"
+                )
                 + f" | {f(s['mean_batch'])} | {cores} | {s['server_cpu_ms_per_stream_s']:.2f} | "
-                f"{s['dropped_frames']} | {s['loadavg_1min']:.1f} | {'yes' if s['pass'] else 'no'} |")
+                f"{s['dropped_frames']} | {s['loadavg_1min']:.1f} | {'yes' if s['pass'] else 'no'} |"
+            )
         u = r.get("upload")
         if u:
             st = u["stages_s"]
-            lines += ["", f"Upload of a {u['events'] / 1e6:.0f}M-event AEDAT 4 file ({u['bytes'] / 1e6:.0f} MB, "
-                      f"{u['bins']} bins, emit=last): **{u['events_per_s'] / 1e6:.2f} M events/s** end to end "
-                      f"({u['seconds']:.1f} s; read {st['read']:.1f} s, bin {st['bin']:.1f} s, encode {st['encode']:.1f} s, "
-                      f"decode {st['decode']:.3f} s)."]
+            lines += [
+                "",
+                f"Upload of a {u['events'] / 1e6:.0f}M-event AEDAT 4 file ({u['bytes'] / 1e6:.0f} MB, "
+                f"{u['bins']} bins, emit=last): **{u['events_per_s'] / 1e6:.2f} M events/s** end to end "
+                f"({u['seconds']:.1f} s; read {st['read']:.1f} s, bin {st['bin']:.1f} s, encode {st['encode']:.1f} s, "
+                f"decode {st['decode']:.3f} s).",
+            ]
         tc = r.get("tick_cpu")
         if tc:
-            lines += ["", "Scheduler CPU cost (in process, no sockets; CPU time): "
-                      + ", ".join(f"batch {x['batch']}: {x['tick_cpu_ms']:.2f} ms per tick = {x['cpu_ms_per_stream_s']:.1f} ms "
-                                  "per stream-second" for x in tc if "batch" in x)
-                      + f"; one 10 ms packet into the session (check, bin, queue): {tc[-1].get('ingest_ms_per_packet', float('nan')):.3f} ms "
-                      f"(from a decoded event array: {tc[-1]['binner_push_ms_per_packet']:.3f} ms)."]
+            lines += [
+                "",
+                "Scheduler CPU cost (in process, no sockets; CPU time): "
+                + ", ".join(
+                    f"batch {x['batch']}: {x['tick_cpu_ms']:.2f} ms per tick = {x['cpu_ms_per_stream_s']:.1f} ms "
+                    "per stream-second"
+                    for x in tc
+                    if "batch" in x
+                )
+                + f"; one 10 ms packet into the session (check, bin, queue): {tc[-1].get('ingest_ms_per_packet', float('nan')):.3f} ms "
+                f"(from a decoded event array: {tc[-1]['binner_push_ms_per_packet']:.3f} ms).",
+            ]
         lines.append("")
     path.write_text("\n".join(lines) + "\n")
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--engines", default="torch,torch-bf16,onnx",
-                    help="torch (float32), torch-bf16 (bfloat16 decoder), onnx")
+    ap.add_argument(
+        "--engines",
+        default="torch,torch-bf16,onnx",
+        help="torch (float32), torch-bf16 (bfloat16 decoder), onnx",
+    )
     ap.add_argument("--streams", default="25,50,100,150,200,300")
     ap.add_argument("--warmup", type=float, default=2.0)
     ap.add_argument("--window", type=float, default=6.0)
     ap.add_argument("--upload-events", type=int, default=10_000_000)
     ap.add_argument("--no-upload", action="store_true")
-    ap.add_argument("--phase", choices=("spread", "sync"), default="spread",
-                    help="spread: stream i starts i/N of the way through the recording (independent cameras); "
-                    "sync: every stream replays it from the start at the same time (the batch's active inputs "
-                    "are one stream's, which flatters the encoder)")
-    ap.add_argument("--out", default=str(RESULTS / "service"),
-                    help="results path without suffix (writes .json and .md; default bench/results/service)")
-    ap.add_argument("--keep-going", action="store_true",
-                    help="measure every N of --streams (CPU per stream-second), not only up to the first failure")
+    ap.add_argument(
+        "--phase",
+        choices=("spread", "sync"),
+        default="spread",
+        help="spread: stream i starts i/N of the way through the recording (independent cameras); "
+        "sync: every stream replays it from the start at the same time (the batch's active inputs "
+        "are one stream's, which flatters the encoder)",
+    )
+    ap.add_argument(
+        "--out",
+        default=str(RESULTS / "service"),
+        help="results path without suffix (writes .json and .md; default bench/results/service)",
+    )
+    ap.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="measure every N of --streams (CPU per stream-second), not only up to the first failure",
+    )
     args = ap.parse_args()
     if not RECORDING.exists():
         print(f"recording not found: {RECORDING}", file=sys.stderr)
@@ -693,14 +864,21 @@ def main() -> int:
                 for n in (int(v) for v in args.streams.split(",")):
                     r = bench_streams(server, n, args.warmup, args.window, args.phase)
                     r["loadavg_1min"] = os.getloadavg()[0]
-                    r["pass"] = (r["p99_frame_latency_ms"] is not None and r["p99_frame_latency_ms"] < LATENCY_TARGET_MS
-                                 and r["dropped_frames"] == 0 and r["drained"])
+                    r["pass"] = (
+                        r["p99_frame_latency_ms"] is not None
+                        and r["p99_frame_latency_ms"] < LATENCY_TARGET_MS
+                        and r["dropped_frames"] == 0
+                        and r["drained"]
+                    )
                     rows.append(r)
-                    print(f"[{eng}] N={n}: p99 server {r['p99_frame_latency_ms']}, e2e {r['p99_end_to_end_ms']}, "
-                          f"cpu {r['server_cpu_cores']:.2f} "
-                          f"({'+'.join(f'{c:.2f}' for c in r['server_cpu_cores_by_process'])}), "
-                          f"batch {r['mean_batch']}, steps {r['steps_per_s']}, "
-                          f"dropped {r['dropped_frames']}, load {r['loadavg_1min']:.1f}", flush=True)
+                    print(
+                        f"[{eng}] N={n}: p99 server {r['p99_frame_latency_ms']}, e2e {r['p99_end_to_end_ms']}, "
+                        f"cpu {r['server_cpu_cores']:.2f} "
+                        f"({'+'.join(f'{c:.2f}' for c in r['server_cpu_cores_by_process'])}), "
+                        f"batch {r['mean_batch']}, steps {r['steps_per_s']}, "
+                        f"dropped {r['dropped_frames']}, load {r['loadavg_1min']:.1f}",
+                        flush=True,
+                    )
                     if r["pass"] and failed is None:
                         best = n
                     elif not r["pass"]:
@@ -709,8 +887,9 @@ def main() -> int:
                             break
                 entry: dict[str, Any] = {"max_streams": best, "streams": rows, "workers": workers}
                 if workers == 1:
-                    entry["tick_cpu"] = bench_tick_cpu(ckpt, parts[0], "bfloat16" if "bf16" in parts else "float32",
-                                                       phase=args.phase)
+                    entry["tick_cpu"] = bench_tick_cpu(
+                        ckpt, parts[0], "bfloat16" if "bf16" in parts else "float32", phase=args.phase
+                    )
                 if upload_file is not None:
                     entry["upload"] = bench_upload(server, upload_file, n_up)
                     print(f"[{eng}] upload: {entry['upload']['events_per_s'] / 1e6:.2f} Mev/s", flush=True)

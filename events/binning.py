@@ -31,7 +31,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 
@@ -129,9 +129,7 @@ class BinSpec:
 
     def bin(self, events: np.ndarray, t0: int | None = None, n_bins: int | None = None) -> np.ndarray:
         """``bin_events`` with this spec."""
-        return bin_events(
-            events, self.roi, self.dt_us, t0, n_bins, self.polarity, self.mode, self.pool
-        )
+        return bin_events(events, self.roi, self.dt_us, t0, n_bins, self.polarity, self.mode, self.pool)
 
 
 #: The VDIB authors' MNIST-DVS preprocessing (../shared/VDIB-REFERENCE.md): they read jAER
@@ -206,8 +204,19 @@ def _build_maps(roi: ROI, polarity: str, pool: int) -> tuple[np.ndarray, ...]:
 
 @register
 def accumulate_events(
-    flat: np.ndarray, t: np.ndarray, x: np.ndarray, y: np.ndarray, p: np.ndarray, xmap: np.ndarray,
-    ymap: np.ndarray, cbase: np.ndarray, t0: int, dt: int, n_bins: int, stride: int, count: bool,
+    flat: np.ndarray,
+    t: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    p: np.ndarray,
+    xmap: np.ndarray,
+    ymap: np.ndarray,
+    cbase: np.ndarray,
+    t0: int,
+    dt: int,
+    n_bins: int,
+    stride: int,
+    count: bool,
 ) -> Any:
     """Fused binning loop (compiled by numba): for each event, bin ``k = (t - t0) // dt`` and
     cell ``k * stride + cbase[p] + ymap[y] + xmap[x]``; presence sets it to 1, count adds 1
@@ -261,8 +270,16 @@ def signed_frames(split: np.ndarray, out: np.ndarray) -> None:
 
 
 def _fill_index(
-    events: np.ndarray, maps: tuple[np.ndarray, ...], stride: int, dt_us: int, t0: int, n_bins: int,
-    out: np.ndarray, tmp: np.ndarray, tmp2: np.ndarray, flags: np.ndarray,
+    events: np.ndarray,
+    maps: tuple[np.ndarray, ...],
+    stride: int,
+    dt_us: int,
+    t0: int,
+    n_bins: int,
+    out: np.ndarray,
+    tmp: np.ndarray,
+    tmp2: np.ndarray,
+    flags: np.ndarray,
 ) -> int:
     """Write the flat cell index of every event into ``out`` (``intp``, same length).
 
@@ -381,12 +398,20 @@ def _signed(split: np.ndarray) -> np.ndarray:
         return out
     d = split[:, 1:2].astype(np.int16) - split[:, 0:1]
     np.clip(d, -128, 127, out=d)
-    return d.astype(np.int8)
+    return cast(np.ndarray, d.astype(np.int8))
 
 
 def _accumulate(
-    flat: np.ndarray, events: np.ndarray, maps: tuple[np.ndarray, ...], stride: int, dt_us: int, t0: int,
-    n_bins: int, mode: str, fresh: bool = False, size: int | None = None,
+    flat: np.ndarray,
+    events: np.ndarray,
+    maps: tuple[np.ndarray, ...],
+    stride: int,
+    dt_us: int,
+    t0: int,
+    n_bins: int,
+    mode: str,
+    fresh: bool = False,
+    size: int | None = None,
 ) -> int:
     """Add ``events`` into ``flat`` (``n_bins * stride + 1`` uint8 cells, the last one trash):
     presence ORs, counts add with saturation at 255. ``fresh``: ``flat`` is all zeros. ``size``:
@@ -399,8 +424,23 @@ def _accumulate(
     k = kernel(accumulate_events, size)
     if k is not None and all(events.dtype[f].kind in "iub" for f in ("t", "x", "y", "p")):
         xmap, ymap, cbase = maps
-        return int(k(flat, events["t"], events["x"], events["y"], events["p"], xmap, ymap, cbase, t0, dt_us, n_bins,
-                     stride, mode == "count"))
+        return int(
+            k(
+                flat,
+                events["t"],
+                events["x"],
+                events["y"],
+                events["p"],
+                xmap,
+                ymap,
+                cbase,
+                t0,
+                dt_us,
+                n_bins,
+                stride,
+                mode == "count",
+            )
+        )
     m = min(n, _CHUNK)
     tmp, tmp2, flags = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64), np.empty(m, dtype=bool)
     if mode == "presence":
@@ -417,7 +457,10 @@ def _accumulate(
         idx = np.empty(n, dtype=np.intp)
         for s in range(0, n, _CHUNK):
             t_max = max(
-                t_max, _fill_index(events[s : s + _CHUNK], maps, stride, dt_us, t0, n_bins, idx[s:], tmp, tmp2, flags)
+                t_max,
+                _fill_index(
+                    events[s : s + _CHUNK], maps, stride, dt_us, t0, n_bins, idx[s:], tmp, tmp2, flags
+                ),
             )
         counts = np.bincount(idx, minlength=cells)
         np.minimum(counts, 255, out=counts)
@@ -450,8 +493,15 @@ def _accumulate(
 
 
 def _bin_split_or_merge(
-    events: np.ndarray, roi: ROI, dt_us: int, t0: int, n_bins: int | None, polarity: str, mode: str,
-    pool: int, shape: tuple[int, int, int],
+    events: np.ndarray,
+    roi: ROI,
+    dt_us: int,
+    t0: int,
+    n_bins: int | None,
+    polarity: str,
+    mode: str,
+    pool: int,
+    shape: tuple[int, int, int],
 ) -> np.ndarray:
     """``n_bins=None``: enough bins for the latest event. It is guessed from the last event (the
     latest for sorted events, which saves a pass over ``t``) and redone if an event was later."""
@@ -463,7 +513,9 @@ def _bin_split_or_merge(
     flat = np.zeros(n_bins * stride + 1, dtype=np.uint8)  # + the trash cell
     t_max = _accumulate(flat, events, maps, stride, dt_us, t0, n_bins, mode, fresh=True, size=len(events))
     if guess and t_max // dt_us + 1 != n_bins:
-        return _bin_split_or_merge(events, roi, dt_us, t0, max(t_max // dt_us + 1, 0), polarity, mode, pool, shape)
+        return _bin_split_or_merge(
+            events, roi, dt_us, t0, max(t_max // dt_us + 1, 0), polarity, mode, pool, shape
+        )
     return flat[:-1].reshape(n_bins, *shape)  # drop the trash cell (a view, no copy)
 
 
@@ -488,8 +540,24 @@ def count_bins(t: np.ndarray, dt_us: int, max_gap_us: int | None) -> int:
 # Binner state slots (int64): t0, t0 known, open bin index, open bin has events, latest kept t,
 # reset pending, late events, gaps; constants: dt, max gap (-1: none), count mode, stride, x/y
 # table lengths - 1, offsets of ymap and cbase in the concatenated tables.
-(_T0, _HAVE_T0, _K, _OPEN, _TMAX, _RESET, _LATE, _GAPS, _DT, _MAXGAP, _COUNT, _STRIDE, _NX, _NY, _YOFF,
- _COFF) = range(16)
+(
+    _T0,
+    _HAVE_T0,
+    _K,
+    _OPEN,
+    _TMAX,
+    _RESET,
+    _LATE,
+    _GAPS,
+    _DT,
+    _MAXGAP,
+    _COUNT,
+    _STRIDE,
+    _NX,
+    _NY,
+    _YOFF,
+    _COFF,
+) = range(16)
 #: bytes of one packed event record (EVENT_DTYPE: t int64, x uint16, y uint16, p uint8)
 RECORD_BYTES = EVENT_DTYPE.itemsize
 #: bytes of completed frames one compiled call may write before Python takes them
@@ -499,8 +567,17 @@ _NO_LIMIT = 1 << 62
 
 @register
 def stream_bins(
-    buf: np.ndarray, st: np.ndarray, acc: np.ndarray, tab: np.ndarray, out: np.ndarray, outk: np.ndarray,
-    base: int, n: int, start: int, check: bool, budget: int,
+    buf: np.ndarray,
+    st: np.ndarray,
+    acc: np.ndarray,
+    tab: np.ndarray,
+    out: np.ndarray,
+    outk: np.ndarray,
+    base: int,
+    n: int,
+    start: int,
+    check: bool,
+    budget: int,
 ) -> Any:
     """The streaming binner's loop (compiled by numba): packed records ``buf[base + 13*i ...]``
     (``EVENT_DTYPE`` bytes) for ``i = start .. n-1``, in arrival order, into the open frame
@@ -707,7 +784,9 @@ class Binner:
     # -- emitting ----------------------------------------------------------------------------
     def _frames(self, out: list[BinSegment], flat: np.ndarray, k_first: int, n: int, reset: bool) -> None:
         """Emit ``n`` frames (the first ``n * stride`` cells of ``flat``, copied) as bins ``k_first...``."""
-        frames = flat[: n * self._stride].reshape(self._shapes[n] if n < len(self._shapes) else (n, *self._inner_shape))
+        frames = flat[: n * self._stride].reshape(
+            self._shapes[n] if n < len(self._shapes) else (n, *self._inner_shape)
+        )
         frames = _signed(frames) if self._is_signed else frames.copy()
         t0, dt = int(self._st[_T0]), self._dt
         # bin ends from Python ints: a few numpy calls would cost more than the whole bin
@@ -760,8 +839,9 @@ class Binner:
             rec["p"] = np.where((p == 0) | (p == 1), p, 2)
         return self.push_packed(rec.view(np.uint8), 0, n, check=False, max_bins=max_bins)
 
-    def push_packed(self, buf: np.ndarray, offset: int, n: int, *, check: bool = True,
-                    max_bins: int | None = None) -> list[BinSegment]:
+    def push_packed(
+        self, buf: np.ndarray, offset: int, n: int, *, check: bool = True, max_bins: int | None = None
+    ) -> list[BinSegment]:
         """Bin ``n`` packed ``EVENT_DTYPE`` records (13 bytes each) starting at byte ``offset`` of
         the uint8 array ``buf`` (e.g. a websocket message) without copying them. ``check``: raise
         :class:`~events.EventFormatError` (and bin nothing) when a polarity is not 0 or 1.
@@ -781,15 +861,21 @@ class Binner:
         i = 0
         self.events_in += n
         while i < n:
-            m, i, status = self._kernel(buf, self._st, self._acc, self._tab, self._out, self._outk, offset, n, i,
-                                        check, budget - used)
+            m, i, status = self._kernel(
+                buf, self._st, self._acc, self._tab, self._out, self._outk, offset, n, i, check, budget - used
+            )
             if status == -1:
                 self.events_in -= n
                 raise EventFormatError("event polarity must be 0 or 1")
             if m == 1 and self._outk[2, 0] == 0 and not self._is_signed:
                 # the common case of a live stream: one complete bin (what _take does, inlined)
-                out.append(BinSegment(self._out[:1].reshape(self._shapes[1]).copy(), self._outk[3, :1].copy(),
-                                      self._outk[1, 0] != 0))
+                out.append(
+                    BinSegment(
+                        self._out[:1].reshape(self._shapes[1]).copy(),
+                        self._outk[3, :1].copy(),
+                        self._outk[1, 0] != 0,
+                    )
+                )
                 self.bins_emitted += 1
                 used += 1
             elif m:
@@ -868,8 +954,9 @@ class Binner:
             budget = self._advance_numpy(out, events[a:b], k[a:b], budget, max_bins)
         return out
 
-    def _advance_numpy(self, out: list[BinSegment], ev: np.ndarray, k: np.ndarray, budget: int,
-                       max_bins: int | None) -> int:
+    def _advance_numpy(
+        self, out: list[BinSegment], ev: np.ndarray, k: np.ndarray, budget: int, max_bins: int | None
+    ) -> int:
         """Bin ``ev`` (bins ``k``, non-decreasing, none before the open bin); emit the bins before
         the last one; frames only for bins with events (distinct bins are binned compactly)."""
         st = self._st
@@ -882,7 +969,9 @@ class Binner:
         compact = np.zeros(len(k), dtype=np.int64)  # index of each event's bin among uk
         compact[change] = 1
         np.cumsum(compact, out=compact)
-        ev2 = np.empty(len(ev), dtype=[("t", "<i8"), ("x", ev.dtype["x"]), ("y", ev.dtype["y"]), ("p", ev.dtype["p"])])
+        ev2 = np.empty(
+            len(ev), dtype=[("t", "<i8"), ("x", ev.dtype["x"]), ("y", ev.dtype["y"]), ("p", ev.dtype["p"])]
+        )
         ev2["t"] = compact * self._dt
         for f in ("x", "y", "p"):
             ev2[f] = ev[f]
@@ -913,4 +1002,4 @@ class Binner:
         self._acc[stride] = 0
         st[_OPEN] = 1
         st[_K] = uk[-1]
-        return budget - completed
+        return int(budget - completed)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,10 @@ TEXT_RGB = (230, 230, 230)
 LEGEND_H = 18
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ev = subparsers.add_parser("events", help="inspect, convert and render event recordings")
     sub = ev.add_subparsers(dest="events_command", metavar="SUBCOMMAND")
-    ev.set_defaults(func=lambda a: (ev.print_help(), 2)[1])
+    ev.set_defaults(func=_usage(ev))
 
     p = sub.add_parser("info", help="format, sensor, event count, duration, rates")
     p.add_argument("file")
@@ -44,8 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compression", default="lz4", choices=["lz4", "lz4_high", "zstd", "zstd_high", "none"])
     p.set_defaults(func=_convert)
 
-    p = sub.add_parser("render", help="accumulated event frames as PNG (grid) or GIF (animation), in the viewer's "
-                       "colours (on green, off red, both yellow) with a legend")
+    p = sub.add_parser(
+        "render",
+        help="accumulated event frames as PNG (grid) or GIF (animation), in the viewer's "
+        "colours (on green, off red, both yellow) with a legend",
+    )
     p.add_argument("file")
     p.add_argument("out", help="OUT.png or OUT.gif")
     p.add_argument("--format", default=None)
@@ -58,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     sim = subparsers.add_parser("simulate", help="simulate DVS recordings")
     ssub = sim.add_subparsers(dest="simulate_command", metavar="SUBCOMMAND")
-    sim.set_defaults(func=lambda a: (sim.print_help(), 2)[1])
+    sim.set_defaults(func=_usage(sim))
     p = ssub.add_parser("mnist-dvs", help="MNIST-DVS-like AEDAT 4 recordings from MNIST digits")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, required=True, help="number of recordings (per scale)")
@@ -67,7 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--start", type=int, default=0, help="first MNIST index")
     p.add_argument("--duration-s", type=float, default=2.0)
     p.add_argument(
-        "--mnist", default=None,
+        "--mnist",
+        default=None,
         help=f"MNIST images idx(.gz); labels beside it (default {DEFAULT_MNIST} when present)",
     )
     p.set_defaults(func=_simulate_mnist_dvs)
@@ -95,7 +100,7 @@ def _read(args: argparse.Namespace) -> Any:
     return events.read(args.file, format=args.format)
 
 
-def _guarded(fn):  # type: ignore[no-untyped-def]
+def _guarded(fn: Callable[[argparse.Namespace], int | None]) -> Callable[[argparse.Namespace], int]:
     """Map bad input to exit code 2 (and I/O problems to 1) without a traceback."""
 
     def run(args: argparse.Namespace) -> int:
@@ -209,8 +214,11 @@ def legend(width: int, roi: bool = False) -> Any:
     img = Image.new("RGB", (max(width, 1), LEGEND_H), BG_RGB)
     draw = ImageDraw.Draw(img)
     x = 4
-    items: list[tuple[tuple[int, int, int], str, bool]] = [(ON_RGB, "on", True), (OFF_RGB, "off", True),
-                                                           (BOTH_RGB, "on+off", True)]
+    items: list[tuple[tuple[int, int, int], str, bool]] = [
+        (ON_RGB, "on", True),
+        (OFF_RGB, "off", True),
+        (BOTH_RGB, "on+off", True),
+    ]
     if roi:
         items.append((ROI_RGB, "roi", False))
     for colour, label, filled in items:
@@ -311,9 +319,7 @@ def _render(args: argparse.Namespace) -> int:
         _with_legend(_frame(rec, s, e, scale, roi, f"{(s - t_origin) / 1e6:.3f} s"), roi is not None)
         for s, e in tqdm(wins, desc="render", unit="frame", disable=len(wins) < 50)
     ]
-    frames[0].save(
-        out, save_all=True, append_images=frames[1:], duration=max(20, int(args.dt_ms)), loop=0
-    )
+    frames[0].save(out, save_all=True, append_images=frames[1:], duration=max(20, int(args.dt_ms)), loop=0)
     print(f"wrote {out}: {len(frames)} frames of {args.dt_ms:g} ms")
     return 0
 
@@ -356,11 +362,18 @@ def _simulate_mnist_dvs(args: argparse.Namespace) -> int:
         rel = Path(str(digit)) / f"scale{scale:02d}" / f"mnist_{digit}_scale{scale:02d}_{k:04d}.aedat4"
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
         events.write_aedat4(out / rel, rec.events, rec.width, rec.height)
-        rows.append({
-            "path": rel.as_posix(), "digit": digit, "scale": scale, "mnist_index": i,
-            "mnist_file": images.name, "seed": args.seed, "events": len(rec.events),
-            "duration_s": args.duration_s,
-        })
+        rows.append(
+            {
+                "path": rel.as_posix(),
+                "digit": digit,
+                "scale": scale,
+                "mnist_index": i,
+                "mnist_file": images.name,
+                "seed": args.seed,
+                "events": len(rec.events),
+                "duration_s": args.duration_s,
+            }
+        )
     with index_path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
@@ -420,21 +433,42 @@ def _compare(args: argparse.Namespace) -> int:
             ev = sim.events
             ev = ev[ev["t"] <= int(dur * 1e6)]
             sims.append(recording_stats(ev, 128, 128))
-        row = {"file": Path(path).name, "scale": scale, "duration_s": dur, "real": real, "simulated": {
-            k: {"mean": float(np.mean([s[k] for s in sims])), "std": float(np.std([s[k] for s in sims]))}
-            for k, _, _ in _STAT_KEYS if k in real
-        }}
+        row = {
+            "file": Path(path).name,
+            "scale": scale,
+            "duration_s": dur,
+            "real": real,
+            "simulated": {
+                k: {"mean": float(np.mean([s[k] for s in sims])), "std": float(np.std([s[k] for s in sims]))}
+                for k, _, _ in _STAT_KEYS
+                if k in real
+            },
+        }
         result.append(row)
     if args.json:
         print(json.dumps(result))
         return 0
     digit = "all digits" if args.digit is None else f"digit {args.digit}"
     for row in result:
-        print(f"\n{row['file']} (scale {row['scale']}, {row['duration_s']:.2f} s) vs {args.n} simulated ({digit})\n")
+        print(
+            f"\n{row['file']} (scale {row['scale']}, {row['duration_s']:.2f} s) vs {args.n} simulated ({digit})\n"
+        )
         print("| statistic | real | simulated (mean +- std) |")
         print("|---|---|---|")
         for k, label, fmt in _STAT_KEYS:
             if k in row["simulated"]:
                 m = row["simulated"][k]
-                print(f"| {label} | {fmt.format(row['real'][k])} | {fmt.format(m['mean'])} +- {fmt.format(m['std'])} |")
+                print(
+                    f"| {label} | {fmt.format(row['real'][k])} | {fmt.format(m['mean'])} +- {fmt.format(m['std'])} |"
+                )
     return 0
+
+
+def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """A command that prints ``parser``'s help and fails (a group called without its sub-command)."""
+
+    def run(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    return run

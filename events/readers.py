@@ -13,12 +13,12 @@ import io
 import mmap
 import os
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from ._types import EventFormatError, EventLimitError, Recording
 from .formats._common import Limits
 
-Source = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes]
+Source = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes]
 
 #: Default input bound for paths (files are read whole).
 MAX_BYTES_PATH = 2 << 30
@@ -151,9 +151,13 @@ def _sniff_prophesee(head: bytes, hint: str | None) -> str:
     return "dat"
 
 
-def _limits(source_is_path: bool, max_bytes: int | None, max_events: int | None, max_decompressed: int | None) -> Limits:
+def _limits(
+    source_is_path: bool, max_bytes: int | None, max_events: int | None, max_decompressed: int | None
+) -> Limits:
     return Limits(
-        max_bytes=int(max_bytes if max_bytes is not None else (MAX_BYTES_PATH if source_is_path else MAX_BYTES_BUFFER)),
+        max_bytes=int(
+            max_bytes if max_bytes is not None else (MAX_BYTES_PATH if source_is_path else MAX_BYTES_BUFFER)
+        ),
         max_events=int(max_events if max_events is not None else MAX_EVENTS),
         max_decompressed=int(max_decompressed if max_decompressed is not None else MAX_DECOMPRESSED),
     )
@@ -207,20 +211,24 @@ def _load(source: Source, limits: Limits) -> tuple[Any, str | None, str]:
 def _parse(fmt: str, data: bytes, path: str | None, name: str, limits: Limits) -> Recording:
     if fmt in ("aedat1", "aedat2"):
         mod = importlib.import_module("events.formats.aedat2")
-        return mod.parse(data, limits=limits, version="1.0" if fmt == "aedat1" else "2.0", name=name)
+        return cast(
+            Recording, mod.parse(data, limits=limits, version="1.0" if fmt == "aedat1" else "2.0", name=name)
+        )
     if fmt in ("evt2", "evt3"):
         mod = importlib.import_module("events.formats.evt")
-        return mod.parse(data, limits=limits, version=fmt, name=name)
+        return cast(Recording, mod.parse(data, limits=limits, version=fmt, name=name))
     if fmt == "aedat4":
         mod = importlib.import_module("events.formats.aedat4")
-        return mod.parse(data, limits=limits, path=path, name=name)
+        return cast(Recording, mod.parse(data, limits=limits, path=path, name=name))
     if fmt in ("npy", "npz"):
         mod = importlib.import_module("events.formats.npy")
-        return mod.parse(data, limits=limits, kind=fmt, name=name)
+        return cast(Recording, mod.parse(data, limits=limits, kind=fmt, name=name))
     module = {"aedat31": "aedat31", "dat": "dat", "nmnist": "nmnist", "csv": "text", "es": "es"}.get(fmt)
     if module is None:
         raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    return importlib.import_module(f"events.formats.{module}").parse(data, limits=limits, name=name)
+    return cast(
+        Recording, importlib.import_module(f"events.formats.{module}").parse(data, limits=limits, name=name)
+    )
 
 
 def read(
@@ -251,7 +259,15 @@ def read(
         raise
     except (MemoryError, RecursionError) as exc:
         raise EventFormatError(f"{fmt}: input too large or too deeply nested to decode ({exc!r})") from exc
-    except (ValueError, IndexError, KeyError, TypeError, OverflowError, UnicodeError, io.UnsupportedOperation) as exc:
+    except (
+        ValueError,
+        IndexError,
+        KeyError,
+        TypeError,
+        OverflowError,
+        UnicodeError,
+        io.UnsupportedOperation,
+    ) as exc:
         # a parser bug or an unforeseen corruption: still the one error type, with the cause chained
         raise EventFormatError(f"{fmt}: malformed input ({type(exc).__name__}: {exc})") from exc
     finally:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -76,8 +76,15 @@ def _rng(seed: int | np.random.Generator | None) -> np.random.Generator:
 
 
 def _crossings(
-    n: np.ndarray, c: np.ndarray, level0: np.ndarray, la: np.ndarray,
-    lb: np.ndarray, ta: float, tb: float, t_last: np.ndarray, refractory: float,
+    n: np.ndarray,
+    c: np.ndarray,
+    level0: np.ndarray,
+    la: np.ndarray,
+    lb: np.ndarray,
+    ta: float,
+    tb: float,
+    t_last: np.ndarray,
+    refractory: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Times of the emitted crossings of ``n`` levels ``level0 + j*c`` (j = 1..n), per pixel.
 
@@ -136,8 +143,11 @@ def simulate(
     p = replace(params or DVSParams(), **overrides)
     rng = _rng(seed)
     it: Iterator[np.ndarray] = iter(frames)
-    ts: Iterator[float] = iter(np.asarray(timestamps_us, dtype=np.float64).tolist()
-                               if isinstance(timestamps_us, np.ndarray) else timestamps_us)
+    ts: Iterator[float] = iter(
+        np.asarray(timestamps_us, dtype=np.float64).tolist()
+        if isinstance(timestamps_us, np.ndarray)
+        else timestamps_us
+    )
     try:
         first = np.asarray(next(it), dtype=np.float64)
         t_prev = float(next(ts))
@@ -191,7 +201,9 @@ def simulate(
             sel = n >= 1
             if sel.any():
                 i, nn, cc = cand[sel], n[sel], c[sel]
-                rep, t, last = _crossings(nn, cc, ref[i], la[i], lb[i], t_prev, t_now, t_last[i], p.refractory_us)
+                rep, t, last = _crossings(
+                    nn, cc, ref[i], la[i], lb[i], t_prev, t_now, t_last[i], p.refractory_us
+                )
                 ref[i] += nn * cc
                 emitted = ~np.isnan(last)
                 t_last[i[emitted]] = last[emitted]
@@ -231,6 +243,7 @@ def simulate(
 
 # -- moving images --------------------------------------------------------------------------
 
+
 def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur (the lens), radius 3 sigma, edges extended."""
     if sigma <= 0:
@@ -245,7 +258,10 @@ def _blur(img: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def place_image(
-    image: np.ndarray, canvas_hw: tuple[int, int], centre_xy: tuple[float, float], zoom: float,
+    image: np.ndarray,
+    canvas_hw: tuple[int, int],
+    centre_xy: tuple[float, float],
+    zoom: float,
     background: float = 0.0,
 ) -> np.ndarray:
     """Draw ``image`` (values 0..1) on a canvas of ``background``, centred at sub-pixel
@@ -274,7 +290,7 @@ def place_image(
     bot = c + (d - c) * fu[None, :]
     val = top + (bot - top) * fv[:, None]
     val *= inside_v[:, None] & inside_u[None, :]
-    return background + (1.0 - background) * val
+    return cast(np.ndarray, background + (1.0 - background) * val)
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -283,7 +299,7 @@ def _erf(x: np.ndarray) -> np.ndarray:
     x = np.abs(x)
     t = 1.0 / (1.0 + 0.3275911 * x)
     poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    return sign * (1.0 - poly * np.exp(-x * x))
+    return cast(np.ndarray, sign * (1.0 - poly * np.exp(-x * x)))
 
 
 def _block_weights(n_out: int, n_in: int, centre: float, zoom: float, sigma: float) -> np.ndarray:
@@ -296,8 +312,12 @@ def _block_weights(n_out: int, n_in: int, centre: float, zoom: float, sigma: flo
 
 
 def render_blocks(
-    image: np.ndarray, canvas_hw: tuple[int, int], centre_xy: tuple[float, float], zoom: float,
-    background: float = 0.0, blur_px: float = 0.3,
+    image: np.ndarray,
+    canvas_hw: tuple[int, int],
+    centre_xy: tuple[float, float],
+    zoom: float,
+    background: float = 0.0,
+    blur_px: float = 0.3,
 ) -> np.ndarray:
     """A monitor showing ``image`` (0..1) magnified by pixel replication, seen through a lens.
 
@@ -311,7 +331,7 @@ def render_blocks(
     img = np.asarray(image, dtype=np.float64)
     wy = _block_weights(hc, img.shape[0], centre_xy[1], zoom, blur_px)
     wx = _block_weights(wc, img.shape[1], centre_xy[0], zoom, blur_px)
-    return background + (1.0 - background) * (wy @ img @ wx.T)
+    return cast(np.ndarray, background + (1.0 - background) * (wy @ img @ wx.T))
 
 
 def simulate_trajectory(
@@ -339,11 +359,14 @@ def simulate_trajectory(
     if centres.ndim != 2 or centres.shape[1] != 2 or len(centres) != len(ts):
         raise ValueError("centres_xy must be [N, 2] with one row per timestamp")
     img = np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
-    frames = (render_blocks(img, canvas_hw, (float(x), float(y)), zoom, background, blur_px) for x, y in centres)
+    frames = (
+        render_blocks(img, canvas_hw, (float(x), float(y)), zoom, background, blur_px) for x, y in centres
+    )
     return simulate(frames, ts, params, seed=seed, **overrides)
 
 
 # -- MNIST-DVS ------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class MnistDvsConfig:
@@ -376,8 +399,14 @@ class MnistDvsConfig:
     render: str = "blocks"  # "blocks": pixel-replicated digit, point-sampled; "bilinear": smooth
     # Tuned against the real recordings (docs/events-binning-sim.md).
     dvs: DVSParams = DVSParams(
-        threshold_on=0.32, threshold_off=0.32, threshold_sigma=0.05, refractory_us=1_000.0,
-        eps=0.02, lowpass_tau_us=8_000.0, noise_rate_hz=0.012, noise_on_fraction=0.8,
+        threshold_on=0.32,
+        threshold_off=0.32,
+        threshold_sigma=0.05,
+        refractory_us=1_000.0,
+        eps=0.02,
+        lowpass_tau_us=8_000.0,
+        noise_rate_hz=0.012,
+        noise_on_fraction=0.8,
     )
 
 
@@ -494,6 +523,7 @@ def simulate_mnist_dvs(
 
 # -- general scenes ---------------------------------------------------------------------------
 
+
 def _sample_bilinear(image: np.ndarray, sx: np.ndarray, sy: np.ndarray, boundary: str) -> np.ndarray:
     """Bilinear samples of ``image`` [h, w] at float coordinates; ``boundary`` "reflect" mirrors
     the image (endless texture), "zero" gives 0 outside."""
@@ -507,7 +537,7 @@ def _sample_bilinear(image: np.ndarray, sx: np.ndarray, sy: np.ndarray, boundary
         if boundary == "reflect":
             xx = np.abs((xx + w) % (2 * w) - w)  # period 2w mirror: ... 1 0 0 1 ... (edge repeated)
             yy = np.abs((yy + h) % (2 * h) - h)
-            return image[np.minimum(yy, h - 1), np.minimum(xx, w - 1)]
+            return cast(np.ndarray, image[np.minimum(yy, h - 1), np.minimum(xx, w - 1)])
         inside = (xx >= 0) & (xx < w) & (yy >= 0) & (yy < h)
         return np.where(inside, image[np.clip(yy, 0, h - 1), np.clip(xx, 0, w - 1)], 0.0)
 
@@ -516,7 +546,7 @@ def _sample_bilinear(image: np.ndarray, sx: np.ndarray, sy: np.ndarray, boundary
     c = take(y0 + 1, x0)
     d = take(y0 + 1, x0 + 1)
     top = a + (b - a) * fx
-    return top + (c + (d - c) * fx - top) * fy
+    return cast(np.ndarray, top + (c + (d - c) * fx - top) * fy)
 
 
 def warp_image(
@@ -534,8 +564,13 @@ def warp_image(
 
 
 def dead_leaves(
-    hw: tuple[int, int], seed: int | np.random.Generator | None = None, *,
-    r_min: float = 2.0, r_max: float | None = None, alpha: float = 3.0, textured: float = 0.4,
+    hw: tuple[int, int],
+    seed: int | np.random.Generator | None = None,
+    *,
+    r_min: float = 2.0,
+    r_max: float | None = None,
+    alpha: float = 3.0,
+    textured: float = 0.4,
 ) -> np.ndarray:
     """A dead-leaves image (Lee, Mumford & Huang 2001) ``[h, w]`` in [0, 1]: opaque discs of
     radius ``~ r^-alpha`` on ``[r_min, r_max]`` drop until the image is covered; the scale-
@@ -572,7 +607,7 @@ def dead_leaves(
             val = np.full(disc.shape, g)
         sub[disc] = val[disc]
     img[np.isnan(img)] = rng.uniform(0.0, 1.0)
-    return np.clip(img, 0.0, 1.0)
+    return cast(np.ndarray, np.clip(img, 0.0, 1.0))
 
 
 @dataclass(frozen=True)
@@ -645,8 +680,13 @@ def _similarity(cx: float, cy: float, angle: float, scale: float, ox: float, oy:
 class _SceneMotion:
     """A clip's deterministic render function ``t_us -> frame [H, W]`` plus its speed bound."""
 
-    def __init__(self, background: np.ndarray, objects: list[tuple[np.ndarray, np.ndarray]],
-                 cfg: SceneConfig, rng: np.random.Generator):
+    def __init__(
+        self,
+        background: np.ndarray,
+        objects: list[tuple[np.ndarray, np.ndarray]],
+        cfg: SceneConfig,
+        rng: np.random.Generator,
+    ):
         self.h, self.w = cfg.height, cfg.width
         self.bg = np.asarray(background, dtype=np.float64)
         bh, bw = self.bg.shape
@@ -672,8 +712,17 @@ class _SceneMotion:
             hd = rng.uniform(0, 2 * np.pi)
             w = math.radians(rng.uniform(-45, 45))
             start = np.array([rng.uniform(0, self.w), rng.uniform(0, self.h)])
-            self.objects.append((img, mask, scale, start, np.array([math.cos(hd), math.sin(hd)]) * v, w,
-                                 rng.uniform(0, 2 * np.pi)))
+            self.objects.append(
+                (
+                    img,
+                    mask,
+                    scale,
+                    start,
+                    np.array([math.cos(hd), math.sin(hd)]) * v,
+                    w,
+                    rng.uniform(0, 2 * np.pi),
+                )
+            )
             max_speed = max(max_speed, v + abs(w) * size)
         self.max_speed = max_speed
         self.lo = rng.uniform(0.0, 1.0 - cfg.contrast[1]) if cfg.contrast[1] < 1 else 0.0
@@ -686,7 +735,9 @@ class _SceneMotion:
         t = t_us * 1e-6
         ox, oy = self.origin
         c = self.cam_c + self.cam_v * t
-        m = _similarity(c[0], c[1], self.cam_angle + self.cam_w * t, self.cam_scale * math.exp(self.cam_z * t), ox, oy)
+        m = _similarity(
+            c[0], c[1], self.cam_angle + self.cam_w * t, self.cam_scale * math.exp(self.cam_z * t), ox, oy
+        )
         persp = np.array([[1.0, 0, 0], [0, 1.0, 0], [self.persp[0], self.persp[1], 1.0]])
         shift = np.array([[1.0, 0, -ox], [0, 1.0, -oy], [0, 0, 1.0]])
         unshift = np.array([[1.0, 0, ox], [0, 1.0, oy], [0, 0, 1.0]])
@@ -698,7 +749,7 @@ class _SceneMotion:
             alpha = np.clip(warp_image(mask, mo, (self.h, self.w), "zero"), 0.0, 1.0)
             obj = warp_image(img, mo, (self.h, self.w), "zero")
             frame = frame * (1 - alpha) + obj * alpha
-        return self.lo + self.span * np.clip(frame, 0.0, 1.0) ** self.gamma
+        return cast(np.ndarray, self.lo + self.span * np.clip(frame, 0.0, 1.0) ** self.gamma)
 
 
 def object_mask(hw: tuple[int, int], seed: int | np.random.Generator | None = None) -> np.ndarray:
@@ -719,7 +770,7 @@ def object_mask(hw: tuple[int, int], seed: int | np.random.Generator | None = No
         k = rng.integers(3, 7)
         r = 0.7 + 0.25 * np.sin(k * th + rng.uniform(0, 2 * np.pi))
         d = r - np.sqrt(u**2 + v**2)
-    return np.clip(0.5 + d * min(h, w) / 2, 0.0, 1.0)
+    return cast(np.ndarray, np.clip(0.5 + d * min(h, w) / 2, 0.0, 1.0))
 
 
 def simulate_scene(
@@ -748,7 +799,8 @@ def simulate_scene(
     c_on = _uniform(rng, cfg.threshold)
     ratio = math.exp(rng.uniform(-math.log(cfg.threshold_ratio), math.log(cfg.threshold_ratio)))
     dvs = DVSParams(
-        threshold_on=c_on, threshold_off=c_on * ratio,
+        threshold_on=c_on,
+        threshold_off=c_on * ratio,
         threshold_sigma=_uniform(rng, cfg.threshold_sigma),
         refractory_us=_uniform(rng, cfg.refractory_us),
         eps=_uniform(rng, cfg.eps),
@@ -766,8 +818,11 @@ def simulate_scene(
     if frame_times_us is None:
         frame_times_us = np.arange(10_000, duration_us + 1, 10_000, dtype=np.int64)
     ft = np.asarray(frame_times_us, dtype=np.int64)
-    frames = np.stack([motion(float(t)) for t in ft]).astype(np.float32) if len(ft) else \
-        np.zeros((0, cfg.height, cfg.width), np.float32)
+    frames = (
+        np.stack([motion(float(t)) for t in ft]).astype(np.float32)
+        if len(ft)
+        else np.zeros((0, cfg.height, cfg.width), np.float32)
+    )
     meta = {
         "simulator": "vdib events.simulate_scene",
         "duration_us": int(duration_us),
@@ -781,6 +836,7 @@ def simulate_scene(
 
 
 # -- statistics used to compare simulated and real recordings ---------------------------------
+
 
 def peak_rate(t: np.ndarray, window_us: int = 10_000) -> float:
     """Most events in any window ``[t0 + k*w, t0 + (k+1)*w)`` (``t0`` = earliest event), per second.

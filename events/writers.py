@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+from collections.abc import Callable
 from typing import IO
 
 import numpy as np
@@ -21,8 +22,14 @@ from ._types import EVENT_DTYPE
 
 _COMPRESSION = {"none": 0, "lz4": 1, "lz4_high": 2, "zstd": 3, "zstd_high": 4}
 #: the flatbuffer struct ``Event`` (8-byte aligned, 3 bytes of padding)
-_FB_EVENT = np.dtype({"names": ["t", "x", "y", "on"], "formats": ["<i8", "<i2", "<i2", "u1"],
-                      "offsets": [0, 8, 10, 12], "itemsize": 16})
+_FB_EVENT = np.dtype(
+    {
+        "names": ["t", "x", "y", "on"],
+        "formats": ["<i8", "<i2", "<i2", "u1"],
+        "offsets": [0, 8, 10, 12],
+        "itemsize": 16,
+    }
+)
 
 _DESCRIPTION = """<dv version="2.0">
     <node name="outInfo" path="/mainloop/Recorder/outInfo/">
@@ -83,7 +90,7 @@ def _event_packet(events: np.ndarray) -> bytes:
     return bytes(head) + body.tobytes()
 
 
-def _compressor(compression: str):
+def _compressor(compression: str) -> Callable[[bytes], bytes]:
     if compression in ("lz4", "lz4_high"):
         import lz4.frame
 
@@ -98,7 +105,7 @@ def _compressor(compression: str):
 
 
 def write_aedat4(
-    dest: str | os.PathLike | IO[bytes],
+    dest: str | os.PathLike[str] | IO[bytes],
     events: np.ndarray,
     width: int,
     height: int,
@@ -129,7 +136,10 @@ def write_aedat4(
         raise ValueError("packet_events must be positive")
     compress = _compressor(compression)
     desc = _DESCRIPTION.format(
-        compression=compression.upper().replace("_HIGH", "_HIGH"), width=int(width), height=int(height), source=source
+        compression=compression.upper().replace("_HIGH", "_HIGH"),
+        width=int(width),
+        height=int(height),
+        source=source,
     )
     header = _ioheader(_COMPRESSION[compression], desc)
     own = isinstance(dest, (str, os.PathLike))
@@ -147,7 +157,9 @@ def write_aedat4(
             f.close()
 
 
-def write_npz(dest: str | os.PathLike | IO[bytes], events: np.ndarray, width: int, height: int, **metadata: object) -> None:
+def write_npz(
+    dest: str | os.PathLike[str] | IO[bytes], events: np.ndarray, width: int, height: int, **metadata: object
+) -> None:
     """Write ``events`` plus ``width``/``height`` (and scalar metadata) to an uncompressed .npz.
 
     ``events.read`` reads it back (no pickle: the events array has a plain structured dtype).
@@ -155,8 +167,11 @@ def write_npz(dest: str | os.PathLike | IO[bytes], events: np.ndarray, width: in
     events = np.asarray(events)
     if events.dtype != EVENT_DTYPE:
         raise ValueError(f"events must have EVENT_DTYPE, not {events.dtype}")
-    arrays: dict[str, np.ndarray] = {"events": events, "width": np.asarray(np.int64(width)),
-                                     "height": np.asarray(np.int64(height))}
+    arrays: dict[str, np.ndarray] = {
+        "events": events,
+        "width": np.asarray(np.int64(width)),
+        "height": np.asarray(np.int64(height)),
+    }
     for k, v in metadata.items():
         arr = np.asarray(v)
         if arr.dtype == object:

@@ -154,9 +154,15 @@ class TorchStreams:
     [B, tau_d, n_readout]) -> [B, *image_shape]`` float32 in [0, 1].
     """
 
-    def __init__(self, naturalizer: Naturalizer, *, device: str | torch.device = "cpu",
-                 event_driven: EventDriven = "auto", decoder_dtype: torch.dtype = torch.float32,
-                 sparse_decode: bool = True) -> None:
+    def __init__(
+        self,
+        naturalizer: Naturalizer,
+        *,
+        device: str | torch.device = "cpu",
+        event_driven: EventDriven = "auto",
+        decoder_dtype: torch.dtype = torch.float32,
+        sparse_decode: bool = True,
+    ) -> None:
         import copy
 
         self.device = torch.device(device)
@@ -181,14 +187,18 @@ class TorchStreams:
         """A fresh batch-1 state (shared: states are never written in place)."""
         return self._fresh
 
-    def step(self, x: np.ndarray, state: EncoderState, uniforms: np.ndarray) -> tuple[np.ndarray, EncoderState]:
+    def step(
+        self, x: np.ndarray, state: EncoderState, uniforms: np.ndarray
+    ) -> tuple[np.ndarray, EncoderState]:
         with torch.inference_mode():
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
             ut = torch.from_numpy(np.ascontiguousarray(uniforms, dtype=np.float32)).to(self.device)
             y, state = self.encoder.step(xt, state, uniforms=ut, event_driven=self.event_driven)
             return y.to("cpu", torch.uint8).numpy(), state
 
-    def run_chunk(self, x: np.ndarray, uniforms: np.ndarray, state: EncoderState) -> tuple[np.ndarray, EncoderState]:
+    def run_chunk(
+        self, x: np.ndarray, uniforms: np.ndarray, state: EncoderState
+    ) -> tuple[np.ndarray, EncoderState]:
         """One stream over ``x [T, n_inputs]`` from the batch-1 ``state``: spikes ``[T, n_readout]``
         and the final state; equal to ``T`` calls of :meth:`step`."""
         with torch.inference_mode():
@@ -213,7 +223,9 @@ class TorchStreams:
                     img = self.sparse.decode_nonzero(idx, None if np.all(vals == 1) else vals, b)
                     return np.asarray(img.clamp_(0.0, 1.0).numpy()).reshape(b, *self.image_shape)
         with torch.inference_mode():
-            wt = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(self.device, self.decoder_dtype)
+            wt = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(
+                self.device, self.decoder_dtype
+            )
             img = self.decoder(wt).float().clamp_(0.0, 1.0)
             return np.asarray(img.reshape(b, *self.image_shape).cpu().numpy())
 
@@ -236,9 +248,18 @@ class DecodedRecording:
         return self.bin_end_us[self.frame_steps] if len(self.frame_steps) else np.zeros(0, np.int64)
 
 
-def decode_segments(engine: StreamEngine, segments: Iterable[Any], generator: torch.Generator, emit: int | None,
-                    *, dt_us: int, step_chunk: int = 4096, decode_batch: int = 1,
-                    keep_frames: bool = False, check: Callable[[], None] | None = None) -> DecodedRecording:
+def decode_segments(
+    engine: StreamEngine,
+    segments: Iterable[Any],
+    generator: torch.Generator,
+    emit: int | None,
+    *,
+    dt_us: int,
+    step_chunk: int = 4096,
+    decode_batch: int = 1,
+    keep_frames: bool = False,
+    check: Callable[[], None] | None = None,
+) -> DecodedRecording:
     """One recording through ``engine``: the bins of ``segments`` (``events.BinSegment``-like:
     ``frames``, ``bin_end_us``, ``reset``, ``empty``, ``n_bins``) stepped from a fresh state in
     order, then a frame decoded after every ``emit``-th step and the last (:func:`frame_steps`).
@@ -266,12 +287,20 @@ def decode_segments(engine: StreamEngine, segments: Iterable[Any], generator: to
             if check is not None:
                 check()
             m = min(step_chunk, k - a)
-            x = np.zeros((m, engine.n_inputs), np.float32) if seg.empty else seg.frames[a : a + m].reshape(m, -1)
+            x = (
+                np.zeros((m, engine.n_inputs), np.float32)
+                if seg.empty
+                else seg.frames[a : a + m].reshape(m, -1)
+            )
             y, state = engine.run_chunk(x, stream_uniforms(generator, m, engine.n_readout), state)
             spikes.append(y)
         t_enc += time.perf_counter() - t
         first = int(seg.bin_end_us[0])
-        ends.append(first + np.arange(k, dtype=np.int64) * dt_us if seg.empty else np.asarray(seg.bin_end_us, np.int64))
+        ends.append(
+            first + np.arange(k, dtype=np.int64) * dt_us
+            if seg.empty
+            else np.asarray(seg.bin_end_us, np.int64)
+        )
         starts.append(np.full(k, seg_start, dtype=np.int64))
         if keep_frames:
             frames.append(np.zeros((k, *seg.frames.shape[1:]), seg.frames.dtype) if seg.empty else seg.frames)
@@ -286,7 +315,8 @@ def decode_segments(engine: StreamEngine, segments: Iterable[Any], generator: to
         if check is not None and a % (64 * decode_batch) == 0:
             check()
         images[a : a + len(sel)] = engine.decode(windows_at(y_all, seg_of, sel, engine.tau_d)).reshape(
-            len(sel), *engine.image_shape)
+            len(sel), *engine.image_shape
+        )
     return DecodedRecording(
         spikes=y_all,
         bin_end_us=np.concatenate(ends) if ends else np.zeros(0, np.int64),

@@ -43,15 +43,30 @@ from .decoders import DECODERS
 from .naturalizer import Naturalizer, NaturalizerConfig
 from .scene import SceneNaturalizer, SceneNaturalizerConfig
 
-__all__ = ["CheckpointError", "FORMAT_VERSION", "QUANTIZE_SCHEMES", "save_checkpoint", "load_checkpoint", "code_version",
-           "quantize_int4", "dequantize_int4", "quantize_int8", "dequantize_int8"]
+__all__ = [
+    "CheckpointError",
+    "FORMAT_VERSION",
+    "QUANTIZE_SCHEMES",
+    "save_checkpoint",
+    "load_checkpoint",
+    "code_version",
+    "quantize_int4",
+    "dequantize_int4",
+    "quantize_int8",
+    "dequantize_int8",
+]
 
 FORMAT_VERSION = 1
 KIND = "vdib-naturalizer"
 WEIGHTS = "weights.safetensors"
 CONFIG = "config.json"
 _MAX_CONFIG_BYTES = 16 << 20
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
 QUANTIZE_SCHEMES = ("int4", "int8")
 _INT4_GROUP = 64
 _INT4_MIN_NUMEL = 1_000_000  # "int4": 2-D weights at least this large (the decoders' big layers) ...
@@ -113,7 +128,9 @@ def quantize_int4(w: torch.Tensor, group: int = _INT4_GROUP) -> tuple[torch.Tens
     the low nibble). Re-quantizing :func:`dequantize_int4`'s output gives the same codes and scales.
     """
     if w.ndim != 2 or w.shape[1] % group or group % 2:
-        raise ValueError(f"int4 needs a 2-D tensor whose row length is a multiple of an even group, got {tuple(w.shape)}")
+        raise ValueError(
+            f"int4 needs a 2-D tensor whose row length is a multiple of an even group, got {tuple(w.shape)}"
+        )
     g = w.detach().float().reshape(w.shape[0], -1, group)
     scale = (g.abs().amax(-1, keepdim=True) / 7).half().float()
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -150,8 +167,12 @@ def _quantization_plan(tensors: dict[str, torch.Tensor], scheme: str) -> dict[st
     for name, t in tensors.items():
         if not t.is_floating_point() or t.ndim < 2:
             continue
-        if (scheme == "int4" and t.ndim == 2 and t.numel() >= _INT4_MIN_NUMEL
-                and t.shape[1] % _INT4_GROUP == 0):
+        if (
+            scheme == "int4"
+            and t.ndim == 2
+            and t.numel() >= _INT4_MIN_NUMEL
+            and t.shape[1] % _INT4_GROUP == 0
+        ):
             plan[name] = {"scheme": "int4", "group": _INT4_GROUP}
         elif t.numel() >= _INT8_MIN_NUMEL:
             plan[name] = {"scheme": "int8"}
@@ -229,7 +250,9 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path}: top level must be a JSON object")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_path}: format_version {version!r} is not supported (this code reads {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"{cfg_path}: format_version {version!r} is not supported (this code reads {FORMAT_VERSION})"
+        )
     if meta.get("kind", KIND) != KIND:
         raise CheckpointError(f"{cfg_path}: kind {meta.get('kind')!r} is not {KIND!r}")
     for key in ("model", "tensors"):
@@ -238,8 +261,9 @@ def read_meta(directory: str | os.PathLike[str]) -> dict[str, Any]:
     return meta
 
 
-def _dequantize_all(tensors: dict[str, torch.Tensor], meta: dict[str, Any], manifest: dict[str, Any],
-                    w_path: Path) -> dict[str, torch.Tensor]:
+def _dequantize_all(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], manifest: dict[str, Any], w_path: Path
+) -> dict[str, torch.Tensor]:
     """Replace the stored codes + scales of every tensor under ``meta["quantization"]`` by floats."""
     plan = meta.get("quantization", {})
     if not isinstance(plan, dict):
@@ -252,30 +276,49 @@ def _dequantize_all(tensors: dict[str, torch.Tensor], meta: dict[str, Any], mani
         shape = [int(v) for v in spec.get("shape", [])] if isinstance(spec.get("shape"), list) else []
         dtype = _DTYPES.get(str(spec.get("dtype")))
         if dtype is None or not shape:
-            raise CheckpointError(f"{w_path.parent / CONFIG}: quantized tensor {name!r} needs a float dtype and a shape")
+            raise CheckpointError(
+                f"{w_path.parent / CONFIG}: quantized tensor {name!r} needs a float dtype and a shape"
+            )
         scheme = how.get("scheme")
         if scheme == "int4":
             group = how.get("group")
             codes, scale = out.pop(name + ".q4", None), out.pop(name + ".q4scale", None)
             if codes is None or scale is None:
                 raise CheckpointError(f"{w_path}: int4 tensor {name!r}: codes or scales missing")
-            ok = (isinstance(group, int) and group > 0 and group % 2 == 0 and len(shape) == 2
-                  and shape[1] % group == 0 and codes.dtype == torch.uint8 and scale.dtype == torch.float16
-                  and tuple(codes.shape) == (shape[0], shape[1] // 2)
-                  and tuple(scale.shape) == (shape[0], shape[1] // group))
+            ok = (
+                isinstance(group, int)
+                and group > 0
+                and group % 2 == 0
+                and len(shape) == 2
+                and shape[1] % group == 0
+                and codes.dtype == torch.uint8
+                and scale.dtype == torch.float16
+                and tuple(codes.shape) == (shape[0], shape[1] // 2)
+                and tuple(scale.shape) == (shape[0], shape[1] // group)
+            )
             if not ok:
-                raise CheckpointError(f"{w_path}: int4 tensor {name!r} is inconsistent with its shape {shape}")
+                raise CheckpointError(
+                    f"{w_path}: int4 tensor {name!r} is inconsistent with its shape {shape}"
+                )
             value = dequantize_int4(codes, scale)
         elif scheme == "int8":
             codes, scale = out.pop(name + ".q8", None), out.pop(name + ".q8scale", None)
             if codes is None or scale is None:
                 raise CheckpointError(f"{w_path}: int8 tensor {name!r}: codes or scales missing")
-            if not (codes.dtype == torch.int8 and scale.dtype == torch.float16 and list(codes.shape) == shape
-                    and tuple(scale.shape) == (shape[0],)):
-                raise CheckpointError(f"{w_path}: int8 tensor {name!r} is inconsistent with its shape {shape}")
+            if not (
+                codes.dtype == torch.int8
+                and scale.dtype == torch.float16
+                and list(codes.shape) == shape
+                and tuple(scale.shape) == (shape[0],)
+            ):
+                raise CheckpointError(
+                    f"{w_path}: int8 tensor {name!r} is inconsistent with its shape {shape}"
+                )
             value = dequantize_int8(codes, scale)
         else:
-            raise CheckpointError(f"{w_path.parent / CONFIG}: tensor {name!r}: unknown quantization scheme {scheme!r}")
+            raise CheckpointError(
+                f"{w_path.parent / CONFIG}: tensor {name!r}: unknown quantization scheme {scheme!r}"
+            )
         out[name] = value.to(dtype)
     return out
 
@@ -345,7 +388,9 @@ def load_checkpoint(
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        raise CheckpointError(f"{w_path}: tensor names differ from the model: missing {missing}, unexpected {extra}")
+        raise CheckpointError(
+            f"{w_path}: tensor names differ from the model: missing {missing}, unexpected {extra}"
+        )
     for name, ref in expected.items():
         t = tensors[name]
         spec = manifest.get(name)
@@ -357,7 +402,9 @@ def load_checkpoint(
                 f" (manifest {spec.get('shape')})"
             )
         if _dtype_name(t.dtype) != spec.get("dtype") or t.dtype not in _DTYPES.values():
-            raise CheckpointError(f"{w_path}: tensor {name!r} has dtype {t.dtype}, manifest says {spec.get('dtype')}")
+            raise CheckpointError(
+                f"{w_path}: tensor {name!r} has dtype {t.dtype}, manifest says {spec.get('dtype')}"
+            )
         if not torch.isfinite(t).all():
             raise CheckpointError(f"{w_path}: tensor {name!r} holds NaN or infinite values")
     try:

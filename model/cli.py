@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subparsers.add_parser("model", help="inspect, export and create model checkpoints")
     sub = p.add_subparsers(dest="model_command", metavar="ACTION")
 
@@ -29,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     tiny.add_argument("--decoder", default="linear")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_tiny)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    p.set_defaults(func=_usage(p))
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -44,7 +45,19 @@ def _info(args: argparse.Namespace) -> int:
         "encoder": sum(p.numel() for p in model.encoder.parameters()),
         "decoder": sum(p.numel() for p in model.decoder.parameters()),
     }
-    out: dict[str, object] = {k: meta[k] for k in ("format_version", "model", "training", "metrics", "provenance", "code_version", "created_utc") if k in meta}
+    out: dict[str, object] = {
+        k: meta[k]
+        for k in (
+            "format_version",
+            "model",
+            "training",
+            "metrics",
+            "provenance",
+            "code_version",
+            "created_utc",
+        )
+        if k in meta
+    }
     out["parameters"] = counts
     print(json.dumps(out, indent=2))
     return 0
@@ -107,3 +120,13 @@ def _tiny(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}")
     return 0
+
+
+def _usage(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """A command that prints ``parser``'s help and fails (a group called without its sub-command)."""
+
+    def run(args: argparse.Namespace) -> int:
+        parser.print_help()
+        return 2
+
+    return run

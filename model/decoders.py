@@ -21,7 +21,7 @@ Architectures follow VDIB-REFERENCE.md "Decoders":
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -43,7 +43,9 @@ class Decoder(nn.Module):
         if output not in ("image", "logits"):
             raise ValueError(f"output must be 'image' or 'logits', got {output!r}")
         if n_readout < 1 or window < 1 or out_features < 1:
-            raise ValueError(f"n_readout, window and out_features must be >= 1: {n_readout}, {window}, {out_features}")
+            raise ValueError(
+                f"n_readout, window and out_features must be >= 1: {n_readout}, {window}, {out_features}"
+            )
         self.n_readout = n_readout
         self.window = window
         self.out_features = out_features
@@ -100,16 +102,18 @@ class _SparseFirstLayer:
     def __call__(self, layer: nn.Linear, x: Tensor) -> Tensor:
         w = layer.weight
         if (
-            torch.jit.is_tracing()  # type: ignore[attr-defined, no-untyped-call]
+            torch.jit.is_tracing()
             or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
             or x.shape[0] > self.max_batch
             or x.device.type != "cpu"
         ):
-            return layer(x)
+            return cast(Tensor, layer(x))
         active = x.any(0).nonzero().squeeze(1)
         if active.numel() > self.max_density * x.shape[1]:
-            return layer(x)
-        return torch.addmm(layer.bias, x.index_select(1, active), self.transposed(layer).index_select(0, active))
+            return cast(Tensor, layer(x))
+        return torch.addmm(
+            layer.bias, x.index_select(1, active), self.transposed(layer).index_select(0, active)
+        )
 
 
 class SparseWindowDecoder:
@@ -127,7 +131,9 @@ class SparseWindowDecoder:
     result does not depend on the other rows. Built by :meth:`Decoder.sparse_form`.
     """
 
-    def __init__(self, decoder: Decoder, first: nn.Linear, first_t: _SparseFirstLayer, rest: Callable[[Tensor], Tensor]):
+    def __init__(
+        self, decoder: Decoder, first: nn.Linear, first_t: _SparseFirstLayer, rest: Callable[[Tensor], Tensor]
+    ):
         self.decoder, self.first, self._first_t, self.rest = decoder, first, first_t, rest
 
     def decode_nonzero(self, idx: np.ndarray, values: np.ndarray | None, batch: int) -> Tensor:
@@ -142,8 +148,13 @@ class SparseWindowDecoder:
         n = self.decoder.window * self.decoder.n_readout
         offsets = torch.from_numpy(np.searchsorted(idx, np.arange(batch, dtype=np.int64) * n))
         weights = None if values is None else torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
-        h = F.embedding_bag(torch.from_numpy(idx % n), self._first_t.transposed(self.first), offsets, mode="sum",
-                            per_sample_weights=weights)
+        h = F.embedding_bag(
+            torch.from_numpy(idx % n),
+            self._first_t.transposed(self.first),
+            offsets,
+            mode="sum",
+            per_sample_weights=weights,
+        )
         if self.first.bias is not None:
             h += self.first.bias
         out = self.rest(h)
@@ -192,7 +203,9 @@ class LinearDecoder(Decoder):
 
 @register_decoder("mlp")
 class MLPDecoder(Decoder):
-    def __init__(self, n_readout: int, window: int, out_features: int, output: str = "image", hidden: int | None = None):
+    def __init__(
+        self, n_readout: int, window: int, out_features: int, output: str = "image", hidden: int | None = None
+    ):
         super().__init__(n_readout, window, out_features, output)
         self.hidden_size = int(hidden) if hidden is not None else 128 * window
         self.fc1 = nn.Linear(n_readout * window, self.hidden_size)
@@ -200,7 +213,7 @@ class MLPDecoder(Decoder):
         self._sparse = _SparseFirstLayer()
 
     def features(self, window: Tensor) -> Tensor:
-        return self.fc2(torch.relu(self._sparse(self.fc1, window.flatten(1))))
+        return cast(Tensor, self.fc2(torch.relu(self._sparse(self.fc1, window.flatten(1)))))
 
     def sparse_form(self) -> SparseWindowDecoder | None:
         return SparseWindowDecoder(self, self.fc1, self._sparse, lambda h: self.fc2(torch.relu_(h)))
@@ -226,17 +239,19 @@ class _CNNStack(nn.Module):
         h = self.conv1(img.unsqueeze(1))
         h = torch.relu(self.conv2(h))
         h = torch.relu(self.conv3(h))
-        return self.fc2(torch.relu(self.fc1(h.flatten(1))))
+        return cast(Tensor, self.fc2(torch.relu(self.fc1(h.flatten(1)))))
 
 
 @register_decoder("cnn")
 class CNNDecoder(Decoder):
-    def __init__(self, n_readout: int, window: int, out_features: int, output: str = "image", hidden: int = 2048):
+    def __init__(
+        self, n_readout: int, window: int, out_features: int, output: str = "image", hidden: int = 2048
+    ):
         super().__init__(n_readout, window, out_features, output)
         self.net = _CNNStack(window, n_readout, out_features, hidden)
 
     def features(self, window: Tensor) -> Tensor:
-        return self.net(window)
+        return cast(Tensor, self.net(window))
 
 
 @register_decoder("rate-linear")
@@ -246,27 +261,31 @@ class RateLinearDecoder(Decoder):
         self.fc = nn.Linear(n_readout, out_features)
 
     def features(self, window: Tensor) -> Tensor:
-        return self.fc(window.sum(1))
+        return cast(Tensor, self.fc(window.sum(1)))
 
 
 @register_decoder("rate-mlp")
 class RateMLPDecoder(Decoder):
-    def __init__(self, n_readout: int, window: int, out_features: int, output: str = "image", hidden: int | None = None):
+    def __init__(
+        self, n_readout: int, window: int, out_features: int, output: str = "image", hidden: int | None = None
+    ):
         super().__init__(n_readout, window, out_features, output)
         self.hidden_size = int(hidden) if hidden is not None else 128 * window
         self.fc1 = nn.Linear(n_readout, self.hidden_size)
         self.fc2 = nn.Linear(self.hidden_size, out_features)
 
     def features(self, window: Tensor) -> Tensor:
-        return self.fc2(torch.relu(self.fc1(window.sum(1))))
+        return cast(Tensor, self.fc2(torch.relu(self.fc1(window.sum(1)))))
 
 
 @register_decoder("rate-cnn")
 class RateCNNDecoder(Decoder):
-    def __init__(self, n_readout: int, window: int, out_features: int, output: str = "image", hidden: int = 2048):
+    def __init__(
+        self, n_readout: int, window: int, out_features: int, output: str = "image", hidden: int = 2048
+    ):
         super().__init__(n_readout, window, out_features, output)
         self.net = _CNNStack(window, n_readout, out_features, hidden)
 
     def features(self, window: Tensor) -> Tensor:
         counts = window.sum(1, keepdim=True)
-        return self.net(counts.expand(-1, window.shape[1], -1))
+        return cast(Tensor, self.net(counts.expand(-1, window.shape[1], -1)))

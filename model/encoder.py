@@ -189,7 +189,9 @@ class Encoder(nn.Module):
     def _use_events(self, x: Tensor, mode: EventDriven = "auto") -> bool | str:
         if mode not in EVENT_DRIVEN_MODES:
             raise ValueError(f"event_driven must be one of {EVENT_DRIVEN_MODES}, got {mode!r}")
-        if mode == "never" or (torch.is_grad_enabled() and (self.readout_ff_weight.requires_grad or x.requires_grad)):
+        if mode == "never" or (
+            torch.is_grad_enabled() and (self.readout_ff_weight.requires_grad or x.requires_grad)
+        ):
             return False
         if mode == "always":
             return True
@@ -221,7 +223,12 @@ class Encoder(nn.Module):
         new: list[LIFState] = []
         for i, (layer, st) in enumerate(zip(self.layers, states, strict=True)):
             z, st2, _ = F.lif_step(
-                z, st, layer.weight, layer.bias, lif, weight_t=self.hidden_weight_t(i),
+                z,
+                st,
+                layer.weight,
+                layer.bias,
+                lif,
+                weight_t=self.hidden_weight_t(i),
                 event_driven=self._use_events(z, event_driven),
             )
             new.append(st2)
@@ -246,7 +253,9 @@ class Encoder(nn.Module):
         )
         return y, u, EncoderState(hidden, readout)
 
-    def draw_uniforms(self, batch: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype) -> Tensor:
+    def draw_uniforms(
+        self, batch: int, generator: torch.Generator | None, device: torch.device, dtype: torch.dtype
+    ) -> Tensor:
         """The single random draw of one step: ``torch.rand((batch, n_readout), generator=...)``."""
         return torch.rand((batch, self.config.n_readout), generator=generator, device=device, dtype=dtype)
 
@@ -292,8 +301,17 @@ class Encoder(nn.Module):
             state = self.init_state(x.shape[1], x.device, x.dtype if x.is_floating_point() else torch.float32)
         ys = []
         for t, x_t in enumerate(x.unbind(0)):
-            y, state = self.step(x_t, state, generator, uniforms=None if uniforms is None else uniforms[t],
-                                 event_driven=event_driven)
+            y, state = self.step(
+                x_t,
+                state,
+                generator,
+                uniforms=None if uniforms is None else uniforms[t],
+                event_driven=event_driven,
+            )
             ys.append(y)
-        y_all = torch.stack(ys) if ys else x.new_zeros((0, x.shape[1], self.config.n_readout), dtype=torch.float32)
+        y_all = (
+            torch.stack(ys)
+            if ys
+            else x.new_zeros((0, x.shape[1], self.config.n_readout), dtype=torch.float32)
+        )
         return (y_all, state) if return_state else y_all

@@ -43,7 +43,7 @@ history slot ``i``, which holds lag ``len - 1 - i``); :func:`history_kernel` mak
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -96,13 +96,13 @@ class _HeavisideSigmoid(torch.autograd.Function):
     """Forward ``[u > 0]``; backward the sigmoid surrogate ``s * sigma'(s * u)``."""
 
     @staticmethod
-    def forward(ctx, u: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, u: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(u)
         ctx.scale = scale
         return (u > 0).to(u.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         (u,) = ctx.saved_tensors
         sg = torch.sigmoid(ctx.scale * u)
         return grad * ctx.scale * sg * (1 - sg), None
@@ -111,7 +111,7 @@ class _HeavisideSigmoid(torch.autograd.Function):
 def heaviside_surrogate(u: Tensor, scale: float = 1.0) -> Tensor:
     """:math:`\\Theta(u) = [u > 0]` with the surrogate gradient :math:`s\\,\\sigma'(s u)`."""
     if torch.is_grad_enabled() and u.requires_grad:
-        return _HeavisideSigmoid.apply(u, scale)
+        return cast(Tensor, _HeavisideSigmoid.apply(u, scale))  # type: ignore[no-untyped-call]
     return (u > 0).to(u.dtype)
 
 
@@ -155,7 +155,9 @@ def input_current(x: Tensor, weight_t: Tensor, *, event_driven: bool | str = Fal
         vals = x[rows, cols]
         offsets = torch.searchsorted(rows, torch.arange(x.shape[0], device=x.device))
         weights = None if bool((vals == 1).all()) else vals.to(weight_t.dtype)
-        return torch.nn.functional.embedding_bag(cols, weight_t, offsets, mode="sum", per_sample_weights=weights)
+        return torch.nn.functional.embedding_bag(
+            cols, weight_t, offsets, mode="sum", per_sample_weights=weights
+        )
     active = x.any(0).nonzero().squeeze(1)
     return x.index_select(1, active) @ weight_t.index_select(0, active)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -110,7 +110,9 @@ def sliding_windows(y: Tensor, tau_d: int) -> Tensor:
 class Naturalizer(nn.Module):
     """The encoder SNN and the decoder ANN of one model (``.encoder``, ``.decoder``, ``.config``)."""
 
-    def __init__(self, config: NaturalizerConfig, *, hidden_init: str = "zero", hidden_init_scale: float = 1.0):
+    def __init__(
+        self, config: NaturalizerConfig, *, hidden_init: str = "zero", hidden_init_scale: float = 1.0
+    ):
         super().__init__()
         self.config = config
         self.encoder = Encoder(config.encoder, hidden_init=hidden_init, hidden_init_scale=hidden_init_scale)
@@ -129,12 +131,14 @@ class Naturalizer(nn.Module):
         if x.shape[-3:] == self.config.input_shape:
             x = x.flatten(-3)
         if x.shape[-1] != n:
-            raise ValueError(f"expected frames of shape {self.config.input_shape} or {n} values, got {tuple(x.shape)}")
+            raise ValueError(
+                f"expected frames of shape {self.config.input_shape} or {n} values, got {tuple(x.shape)}"
+            )
         return x.to(self.encoder.readout_bias.dtype)
 
     def decode(self, window: Tensor) -> Tensor:
         """``window [B, tau_d, n_readout] -> [B, *image_shape]``."""
-        return self.decoder(window).reshape(window.shape[0], *self.config.image_shape)
+        return cast(Tensor, self.decoder(window).reshape(window.shape[0], *self.config.image_shape))
 
     @torch.no_grad()
     def forward(
@@ -155,7 +159,6 @@ class Naturalizer(nn.Module):
         assert isinstance(y, Tensor)
         window = sliding_windows(y[-self.config.tau_d :], self.config.tau_d)[-1]
         return y, self.decode(window)
-
 
     @torch.no_grad()
     def reconstruct(
@@ -222,7 +225,9 @@ class OnlineNaturalizer:
         """Forget the past: zero encoder state and window (the generator keeps its position)."""
         cfg = self.naturalizer.config
         self.state: EncoderState = self.naturalizer.encoder.init_state(self.batch, self.device, self.dtype)
-        self._buf = torch.zeros(self.batch, cfg.tau_d, cfg.encoder.n_readout, device=self.device, dtype=self.dtype)
+        self._buf = torch.zeros(
+            self.batch, cfg.tau_d, cfg.encoder.n_readout, device=self.device, dtype=self.dtype
+        )
         self._head = 0
         self.steps = 0
 

@@ -19,7 +19,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -79,7 +79,9 @@ class _Decode(nn.Module):
         return self.naturalizer.decode(window)
 
 
-def export_onnx(naturalizer: Naturalizer, out_dir: str | os.PathLike[str], *, opset: int = OPSET) -> dict[str, Path]:
+def export_onnx(
+    naturalizer: Naturalizer, out_dir: str | os.PathLike[str], *, opset: int = OPSET
+) -> dict[str, Path]:
     """Export ``encoder_step.onnx``, ``decoder.onnx`` and ``onnx.json`` into ``out_dir`` (float32, CPU)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,11 +178,14 @@ class OnnxEngine:
     def step(
         self, x: np.ndarray, state: list[np.ndarray], uniforms: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[np.ndarray]]:
-        feeds = {"x": np.ascontiguousarray(x, dtype=np.float32), "uniforms": np.ascontiguousarray(uniforms, dtype=np.float32)}
+        feeds = {
+            "x": np.ascontiguousarray(x, dtype=np.float32),
+            "uniforms": np.ascontiguousarray(uniforms, dtype=np.float32),
+        }
         feeds.update({n: s for n, s in zip(self.state_names, state, strict=True)})
         outs = self.encoder.run(self._out_names, feeds)
         return outs[0], outs[1], outs[2], list(outs[3:])
 
     def decode(self, window: np.ndarray) -> np.ndarray:
         (img,) = self.decoder.run(["image"], {"window": np.ascontiguousarray(window, dtype=np.float32)})
-        return img
+        return cast(np.ndarray, img)

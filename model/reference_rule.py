@@ -37,13 +37,20 @@ def reference_encoder_gradients(
     us = torch.zeros_like(uniforms)
     tau = encoder.config.tau_e
     n_ro_in = encoder.config.readout_inputs
-    lag_t = F.lag_weights(encoder.readout_ff_weight, encoder.ff_kernel.flip(0))  # once per call, as a cache would
+    lag_t = F.lag_weights(
+        encoder.readout_ff_weight, encoder.ff_kernel.flip(0)
+    )  # once per call, as a cache would
     for b in range(B):
         acc = {n: torch.zeros_like(p) for n, p in params.items()}
         state = encoder.init_state(1, x.device, x.dtype)
         # presynaptic traces (e-prop eligibility, eq. 22) and the readout's input history (eq. 19)
-        pre = [(torch.zeros(1, layer.in_features, dtype=x.dtype), torch.zeros(1, layer.in_features, dtype=x.dtype))
-               for layer in encoder.layers]
+        pre = [
+            (
+                torch.zeros(1, layer.in_features, dtype=x.dtype),
+                torch.zeros(1, layer.in_features, dtype=x.dtype),
+            )
+            for layer in encoder.layers
+        ]
         hist = torch.zeros(tau, n_ro_in, dtype=x.dtype)
         for t in range(T):
             z = x[t, b : b + 1]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -111,7 +111,7 @@ class SceneNaturalizerConfig:
         unknown = set(d) - known - {"family"}
         if unknown:
             raise ValueError(f"unknown scene config keys: {sorted(unknown)}")
-        kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
+        kw: dict[str, Any] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in known}
         return cls(**kw)
 
 
@@ -161,7 +161,7 @@ class _Decoder(nn.Module):
         if self.stride > 1:
             y = TF.pixel_shuffle(y, self.stride)
         s = self.stride
-        return y[:, 0, : h * s, : w * s]
+        return cast(Tensor, y[:, 0, : h * s, : w * s])
 
 
 class SceneNaturalizer(nn.Module):
@@ -174,7 +174,9 @@ class SceneNaturalizer(nn.Module):
         convs = []
         c_in = cfg.in_channels
         for i, c in enumerate(cfg.hidden):
-            convs.append(nn.Conv2d(c_in, c, cfg.kernel, stride=cfg.stride if i == 0 else 1, padding=cfg.kernel // 2))
+            convs.append(
+                nn.Conv2d(c_in, c, cfg.kernel, stride=cfg.stride if i == 0 else 1, padding=cfg.kernel // 2)
+            )
             c_in = c
         self.hidden = nn.ModuleList(convs)
         k = cfg.readout_kernel
@@ -188,9 +190,10 @@ class SceneNaturalizer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for conv in self.hidden:
+        for conv in cast(list[nn.Conv2d], list(self.hidden)):
             nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
-            nn.init.constant_(conv.bias, -0.05)
+            if conv.bias is not None:
+                nn.init.constant_(conv.bias, -0.05)
         fan_in = self.readout_weight[..., 0].numel() // self.readout_weight.shape[0]
         bound = math.sqrt(6.0 / (fan_in + self.config.n_readout))
         nn.init.uniform_(self.readout_weight, -bound, bound)
@@ -207,8 +210,15 @@ class SceneNaturalizer(nn.Module):
         """Event counts (any dtype) -> the encoder's input :math:`\\log(1 + \\min(n, n_{max}))`."""
         return torch.log1p(x.float().clamp(0, self.config.input_clip))
 
-    def init_state(self, batch: int, height: int, width: int, device: torch.device | str | None = None,
-                   dtype: torch.dtype = torch.float32, spike_dtype: torch.dtype | None = None) -> SceneState:
+    def init_state(
+        self,
+        batch: int,
+        height: int,
+        width: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        spike_dtype: torch.dtype | None = None,
+    ) -> SceneState:
         """All-zero state for ``batch`` streams of a ``height x width`` sensor.
 
         ``spike_dtype`` is the dtype of the spike buffers (``fb_hist``, ``window``): ``dtype``
@@ -217,21 +227,32 @@ class SceneNaturalizer(nn.Module):
         """
         cfg = self.config
         h, w = cfg.spike_shape(height, width)
-        z = lambda *s: torch.zeros(batch, *s, device=device, dtype=dtype)  # noqa: E731
+
+        def z(*s: int) -> Tensor:
+            return torch.zeros(batch, *s, device=device, dtype=dtype)
+
         hidden = tuple(F.LIFState(z(c, h, w), z(c, h, w), z(c, h, w), z(c, h, w)) for c in cfg.hidden)
         k = cfg.n_readout
         sd = spike_dtype or dtype
-        return SceneState(hidden, z(cfg.tau_e, k, h, w),
-                          torch.zeros(batch, cfg.fb_memory, k, h, w, device=device, dtype=sd),
-                          torch.zeros(batch, cfg.tau_d, k, h, w, device=device, dtype=sd))
+        return SceneState(
+            hidden,
+            z(cfg.tau_e, k, h, w),
+            torch.zeros(batch, cfg.fb_memory, k, h, w, device=device, dtype=sd),
+            torch.zeros(batch, cfg.tau_d, k, h, w, device=device, dtype=sd),
+        )
 
     def draw_uniforms(self, state: SceneState, generator: torch.Generator | None) -> Tensor:
         """The one ``torch.rand`` draw of a step: ``[B, K, h, w]``."""
-        return torch.rand(state.window[:, 0].shape, generator=generator, device=state.window.device,
-                          dtype=state.pending.dtype)
+        return torch.rand(
+            state.window[:, 0].shape,
+            generator=generator,
+            device=state.window.device,
+            dtype=state.pending.dtype,
+        )
 
-    def step_detailed(self, x_t: Tensor, state: SceneState, uniforms: Tensor,
-                      lag_weight: Tensor | None = None) -> tuple[Tensor, Tensor, SceneState]:
+    def step_detailed(
+        self, x_t: Tensor, state: SceneState, uniforms: Tensor, lag_weight: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, SceneState]:
         """One bin: ``x_t [B, C_in, H, W]`` (prepared input) -> ``(y [B, K, h, w], u, state)``.
 
         In training (grad enabled) the spikes carry the straight-through gradient of
@@ -264,8 +285,14 @@ class SceneNaturalizer(nn.Module):
         window = torch.cat((state.window[:, 1:], y.unsqueeze(1).to(state.window.dtype)), 1)
         return y, u, SceneState(tuple(hidden), pending, fb_hist, window)
 
-    def step(self, x_t: Tensor, state: SceneState, generator: torch.Generator | None = None, *,
-             uniforms: Tensor | None = None) -> tuple[Tensor, SceneState]:
+    def step(
+        self,
+        x_t: Tensor,
+        state: SceneState,
+        generator: torch.Generator | None = None,
+        *,
+        uniforms: Tensor | None = None,
+    ) -> tuple[Tensor, SceneState]:
         """One bin of raw event counts ``[B, C_in, H, W]`` -> spikes ``[B, K, h, w]`` and the new
         state. Draws exactly one ``torch.rand((B, K, h, w), generator)`` unless ``uniforms``."""
         un = self.draw_uniforms(state, generator) if uniforms is None else uniforms
@@ -280,11 +307,17 @@ class SceneNaturalizer(nn.Module):
     def decode_logits(self, window: Tensor, height: int | None = None, width: int | None = None) -> Tensor:
         dtype = self.decoder.head.weight.dtype
         out = self.decoder(window.flatten(1, 2).to(dtype))
-        return out[:, : height or out.shape[1], : width or out.shape[2]]
+        return cast(Tensor, out[:, : height or out.shape[1], : width or out.shape[2]])
 
-    def forward(self, x: Tensor, generator: torch.Generator | None = None, *,
-                decode_steps: Sequence[int] | None = None, uniforms: Tensor | None = None,
-                state: SceneState | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self,
+        x: Tensor,
+        generator: torch.Generator | None = None,
+        *,
+        decode_steps: Sequence[int] | None = None,
+        uniforms: Tensor | None = None,
+        state: SceneState | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """A whole sequence ``x [T, B, C_in, H, W]`` (raw counts) -> ``(y [T, B, K, h, w],
         u [T, B, K, h, w], logits [S, B, H, W])`` with images decoded after each step in
         ``decode_steps`` (default: the last). Equals repeated :meth:`step` (same draws)."""
@@ -301,16 +334,25 @@ class SceneNaturalizer(nn.Module):
             us.append(u)
             if t in steps:
                 windows.append(st.window)
-        logits = self.decode_logits(torch.cat(windows), H, W).view(len(windows), B, H, W) if windows else \
-            x.new_zeros((0, B, H, W), dtype=torch.float32)
+        logits = (
+            self.decode_logits(torch.cat(windows), H, W).view(len(windows), B, H, W)
+            if windows
+            else x.new_zeros((0, B, H, W), dtype=torch.float32)
+        )
         return torch.stack(ys), torch.stack(us), logits
 
 
 class OnlineSceneNaturalizer:
     """One stream (or a batch of equal-size streams) stepped bin by bin; state held here."""
 
-    def __init__(self, net: SceneNaturalizer, height: int, width: int,
-                 generator: torch.Generator | None = None, batch: int = 1):
+    def __init__(
+        self,
+        net: SceneNaturalizer,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+        batch: int = 1,
+    ):
         self.net = net
         self.height, self.width = int(height), int(width)
         self.generator = generator
@@ -320,8 +362,9 @@ class OnlineSceneNaturalizer:
         self.steps = 0
 
     def reset(self) -> None:
-        self.state = self.net.init_state(self.batch, self.height, self.width, self.state.window.device,
-                                         spike_dtype=torch.uint8)
+        self.state = self.net.init_state(
+            self.batch, self.height, self.width, self.state.window.device, spike_dtype=torch.uint8
+        )
         self.steps = 0
 
     @torch.no_grad()
@@ -378,8 +421,9 @@ def reconstruct_events(
         times = np.asarray(timestamps_us, dtype=np.int64).reshape(-1)
         if len(times) and np.any(np.diff(times) < 0):
             order = np.argsort(times, kind="stable")
-            imgs, _ = reconstruct_events(net, ev, width, height, times[order], generator=generator,
-                                         t0_us=t0, progress=progress)
+            imgs, _ = reconstruct_events(
+                net, ev, width, height, times[order], generator=generator, t0_us=t0, progress=progress
+            )
             out = np.empty_like(imgs)
             out[order] = imgs
             return out, times
@@ -409,8 +453,9 @@ def reconstruct_events(
     return out, times
 
 
-def scene_cost(net: SceneNaturalizer, height: int, width: int, spikes_per_step: dict[str, float] | None = None
-               ) -> dict[str, float]:
+def scene_cost(
+    net: SceneNaturalizer, height: int, width: int, spikes_per_step: dict[str, float] | None = None
+) -> dict[str, float]:
     """Parameters and multiply-accumulates per bin (encoder) and per decoded image (decoder) for a
     ``height x width`` sensor; with measured ``spikes_per_step`` (``{"input": events, "hidden":
     spikes, "readout": spikes}``) also the synaptic operations (accumulates) of the event-driven

@@ -17,7 +17,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -67,7 +67,9 @@ class _Decode(nn.Module):
         return self.net.decode(window)
 
 
-def export_scene_onnx(net: SceneNaturalizer, out_dir: str | os.PathLike[str], *, opset: int = 17) -> dict[str, Path]:
+def export_scene_onnx(
+    net: SceneNaturalizer, out_dir: str | os.PathLike[str], *, opset: int = 17
+) -> dict[str, Path]:
     """Write the two graphs and ``scene_onnx.json`` into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -86,16 +88,34 @@ def export_scene_onnx(net: SceneNaturalizer, out_dir: str | os.PathLike[str], *,
         for n in [*names, "uniforms", "y", "u", *[f"next_{n}" for n in names]]:
             rank = 5 if n.split("next_")[-1] in ("pending", "fb_hist", "window") else 4
             dyn[n] = {0: "batch", rank - 2: "h", rank - 1: "w"}
-        torch.onnx.export(_Step(net), (x, *state, uni), str(out / "scene_step.onnx"), input_names=in_names,
-                          output_names=out_names, dynamic_axes=dyn, opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            _Step(net),
+            (x, *state, uni),
+            str(out / "scene_step.onnx"),
+            input_names=in_names,
+            output_names=out_names,
+            dynamic_axes=dyn,
+            opset_version=opset,
+            dynamo=False,
+        )
         window = torch.zeros(B, net.config.tau_d, net.config.n_readout, *net.config.spike_shape(H, W))
-        torch.onnx.export(_Decode(net), (window,), str(out / "scene_decoder.onnx"), input_names=["window"],
-                          output_names=["image"],
-                          dynamic_axes={"window": {0: "batch", 3: "h", 4: "w"}, "image": {0: "batch", 1: "H", 2: "W"}},
-                          opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            _Decode(net),
+            (window,),
+            str(out / "scene_decoder.onnx"),
+            input_names=["window"],
+            output_names=["image"],
+            dynamic_axes={"window": {0: "batch", 3: "h", 4: "w"}, "image": {0: "batch", 1: "H", 2: "W"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     meta = {"opset": opset, "state_names": names, "model": net.config.to_dict()}
     (out / "scene_onnx.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return {"step": out / "scene_step.onnx", "decoder": out / "scene_decoder.onnx", "meta": out / "scene_onnx.json"}
+    return {
+        "step": out / "scene_step.onnx",
+        "decoder": out / "scene_decoder.onnx",
+        "meta": out / "scene_onnx.json",
+    }
 
 
 class SceneOnnxEngine:
@@ -119,7 +139,11 @@ class SceneOnnxEngine:
         so.inter_op_num_threads = 1
         if device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+        providers = (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            if device == "cuda"
+            else ["CPUExecutionProvider"]
+        )
         self.step_session = ort.InferenceSession(str(d / "scene_step.onnx"), so, providers=providers)
         self.decode_session = ort.InferenceSession(str(d / "scene_decoder.onnx"), so, providers=providers)
         self._out_names = [o.name for o in self.step_session.get_outputs()]
@@ -130,17 +154,24 @@ class SceneOnnxEngine:
         shapes: list[tuple[int, ...]] = []
         for c in cfg.hidden:
             shapes += [(batch, c, h, w)] * 4
-        shapes += [(batch, cfg.tau_e, cfg.n_readout, h, w), (batch, cfg.fb_memory, cfg.n_readout, h, w),
-                   (batch, cfg.tau_d, cfg.n_readout, h, w)]
+        shapes += [
+            (batch, cfg.tau_e, cfg.n_readout, h, w),
+            (batch, cfg.fb_memory, cfg.n_readout, h, w),
+            (batch, cfg.tau_d, cfg.n_readout, h, w),
+        ]
         return [np.zeros(s, np.float32) for s in shapes]
 
-    def step(self, x: np.ndarray, state: list[np.ndarray], uniforms: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        feeds = {"x": np.ascontiguousarray(x, np.float32), "uniforms": np.ascontiguousarray(uniforms, np.float32)}
+    def step(
+        self, x: np.ndarray, state: list[np.ndarray], uniforms: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        feeds = {
+            "x": np.ascontiguousarray(x, np.float32),
+            "uniforms": np.ascontiguousarray(uniforms, np.float32),
+        }
         feeds.update(dict(zip(self.state_names, state, strict=True)))
         outs = self.step_session.run(self._out_names, feeds)
         return outs[0], outs[1], list(outs[2:])
 
     def decode(self, window: np.ndarray, height: int, width: int) -> np.ndarray:
         (img,) = self.decode_session.run(["image"], {"window": np.ascontiguousarray(window, np.float32)})
-        return img[:, :height, :width]
+        return cast(np.ndarray, img[:, :height, :width])

@@ -33,8 +33,11 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
     protocol of :mod:`service.wsfast` (``ws_fast_path``) or :class:`service.guard.GuardedWebSocketProtocol`."""
     from .guard import GuardedH11Protocol, GuardedWebSocketProtocol
 
-    limits = {"max_connections_per_client": settings.max_connections_per_client,
-              "header_timeout_s": settings.header_timeout_s, "body_timeout_s": settings.body_timeout_s}
+    limits = {
+        "max_connections_per_client": settings.max_connections_per_client,
+        "header_timeout_s": settings.header_timeout_s,
+        "body_timeout_s": settings.body_timeout_s,
+    }
     opts: dict[str, Any] = {
         "ws_max_size": settings.max_message_bytes + 1024 * 1024,
         "http": functools.partial(GuardedH11Protocol, limits=limits),
@@ -58,11 +61,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.registry = await run_in_threadpool(ModelRegistry.load, settings)
         ok, reason = app.state.registry.ready
         if ok:
-            log.info("models: %s (default %s)", ", ".join(app.state.registry.models), app.state.registry.default)
+            log.info(
+                "models: %s (default %s)", ", ".join(app.state.registry.models), app.state.registry.default
+            )
         else:
             log.warning("service not ready: %s", reason)
-        app.state.scheduler = Scheduler(metrics, settings.max_batch, tick_interval_s=settings.tick_interval_s,
-                                        png_level=settings.stream_png_level)
+        app.state.scheduler = Scheduler(
+            metrics,
+            settings.max_batch,
+            tick_interval_s=settings.tick_interval_s,
+            png_level=settings.stream_png_level,
+        )
         if settings.warmup:
             for name, entry in list(app.state.registry.models.items()):
                 try:
@@ -97,7 +106,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_log_redaction()
 
     @app.middleware("http")
-    async def count_requests(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def count_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
         t = time.perf_counter()
         status = 500
         try:

@@ -42,8 +42,15 @@ class StreamOptions:
     key_in: str = "subprotocol"  # how to send api_key: "subprotocol", "header" or "start"
 
     def start_message(self, width: int, height: int) -> dict[str, Any]:
-        msg: dict[str, Any] = {"type": "start", "protocol": 1, "sensor": {"width": width, "height": height},
-                               "seed": self.seed, "spikes": self.spikes, "inputs": self.inputs, "format": self.format}
+        msg: dict[str, Any] = {
+            "type": "start",
+            "protocol": 1,
+            "sensor": {"width": width, "height": height},
+            "seed": self.seed,
+            "spikes": self.spikes,
+            "inputs": self.inputs,
+            "format": self.format,
+        }
         for k in ("model", "roi", "dt_us", "emit"):
             if getattr(self, k) is not None:
                 msg[k] = getattr(self, k)
@@ -73,9 +80,13 @@ class StreamSummary:
     def describe(self) -> str:
         fps = len(self.frames) / self.wall_s if self.wall_s > 0 else 0.0
         last = self.end or (self.stats[-1] if self.stats else {})
-        parts = [f"{self.events_sent} events sent", f"{len(self.frames)} frames in {self.wall_s:.2f} s ({fps:.1f} frames/s)",
-                 f"dropped {last.get('dropped_frames', 0)}", f"late events {last.get('late_events', 0)}",
-                 f"close code {self.close_code}"]
+        parts = [
+            f"{self.events_sent} events sent",
+            f"{len(self.frames)} frames in {self.wall_s:.2f} s ({fps:.1f} frames/s)",
+            f"dropped {last.get('dropped_frames', 0)}",
+            f"late events {last.get('late_events', 0)}",
+            f"close code {self.close_code}",
+        ]
         if self.ready is not None:  # which model the service gave the stream, and why
             parts.append(f"model {self.ready.get('model')} ({self.ready.get('model_reason') or 'named'})")
         if self.error:
@@ -86,16 +97,27 @@ class StreamSummary:
         return np.stack([f.image() for f in self.frames]) if self.frames else np.zeros((0, 0, 0), np.uint8)
 
     def save(self, path: str) -> None:
-        np.savez_compressed(path, images=self.images(), bin=np.array([f.bin for f in self.frames]),
-                            bin_end_us=np.array([f.bin_end_us for f in self.frames], dtype=np.int64))
+        np.savez_compressed(
+            path,
+            images=self.images(),
+            bin=np.array([f.bin for f in self.frames]),
+            bin_end_us=np.array([f.bin_end_us for f in self.frames], dtype=np.int64),
+        )
 
 
 class StreamClient:
     """One websocket stream (context manager). Frames are collected by a reader thread."""
 
-    def __init__(self, url: str, width: int, height: int, options: StreamOptions | None = None,
-                 open_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        width: int,
+        height: int,
+        options: StreamOptions | None = None,
+        open_timeout: float = 10.0,
+    ) -> None:
         from websockets.sync.client import connect
+        from websockets.typing import Subprotocol
 
         self.options = options or StreamOptions()
         protocols = [SUBPROTOCOL]
@@ -106,8 +128,14 @@ class StreamClient:
             headers["Authorization"] = f"Bearer {self.options.api_key}"
         self.summary = StreamSummary()
         self._t0 = time.perf_counter()
-        self.ws = connect(url, subprotocols=protocols, additional_headers=headers, max_size=None,  # type: ignore[arg-type]
-                          open_timeout=open_timeout, compression=None)
+        self.ws = connect(
+            url,
+            subprotocols=[Subprotocol(p) for p in protocols],
+            additional_headers=headers,
+            max_size=None,  # type: ignore[arg-type]
+            open_timeout=open_timeout,
+            compression=None,
+        )
         self.ws.send(json.dumps(self.options.start_message(width, height)))
         self._ready = threading.Event()
         self._done = threading.Event()
@@ -139,9 +167,18 @@ class StreamClient:
 
                     spikes = None
                     if "spikes" in obj:
-                        spikes = unpack_spikes(base64.b64decode(obj["spikes"]), obj["spike_rows"], obj["n_readout"])
-                    s.frames.append(Frame(obj["bin"], obj["bin_end_us"], base64.b64decode(obj["image"]),
-                                          base64.b64decode(obj["input"]) if "input" in obj else None, spikes))
+                        spikes = unpack_spikes(
+                            base64.b64decode(obj["spikes"]), obj["spike_rows"], obj["n_readout"]
+                        )
+                    s.frames.append(
+                        Frame(
+                            obj["bin"],
+                            obj["bin_end_us"],
+                            base64.b64decode(obj["image"]),
+                            base64.b64decode(obj["input"]) if "input" in obj else None,
+                            spikes,
+                        )
+                    )
                     s.frame_times.append(time.perf_counter())
                 elif kind == "stats":
                     s.stats.append(obj)
@@ -203,8 +240,15 @@ def packets_by_time(events: np.ndarray, packet_us: int) -> list[np.ndarray]:
     return np.split(events, cuts)
 
 
-def replay_events(client: StreamClient, events: np.ndarray, *, realtime: bool, speed: float = 1.0,
-                  packet_us: int = 10_000, progress: bool = False) -> StreamSummary:
+def replay_events(
+    client: StreamClient,
+    events: np.ndarray,
+    *,
+    realtime: bool,
+    speed: float = 1.0,
+    packet_us: int = 10_000,
+    progress: bool = False,
+) -> StreamSummary:
     """Send ``events`` packet by packet (paced to event time with ``realtime``), then end."""
     packets = packets_by_time(events, packet_us)
     bar = None
@@ -227,8 +271,11 @@ def replay_events(client: StreamClient, events: np.ndarray, *, realtime: bool, s
             # set_postfix(refresh=False): the postfix alone must not redraw; update() redraws at
             # most every mininterval (0.5 s), so the bar draws at most twice a second
             el = time.perf_counter() - start
-            bar.set_postfix(frames=len(client.summary.frames), fps=f"{len(client.summary.frames) / max(el, 1e-6):.1f}",
-                            refresh=False)
+            bar.set_postfix(
+                frames=len(client.summary.frames),
+                fps=f"{len(client.summary.frames) / max(el, 1e-6):.1f}",
+                refresh=False,
+            )
             bar.update(len(pk))
     summary = client.end()
     if bar is not None:
@@ -236,8 +283,16 @@ def replay_events(client: StreamClient, events: np.ndarray, *, realtime: bool, s
     return summary
 
 
-def replay_file(url: str, path: str, options: StreamOptions | None = None, *, realtime: bool = False,
-                speed: float = 1.0, packet_us: int = 10_000, progress: bool = False) -> StreamSummary:
+def replay_file(
+    url: str,
+    path: str,
+    options: StreamOptions | None = None,
+    *,
+    realtime: bool = False,
+    speed: float = 1.0,
+    packet_us: int = 10_000,
+    progress: bool = False,
+) -> StreamSummary:
     """Read an event file and replay it to ``url``."""
     import events as ev
 
@@ -246,12 +301,19 @@ def replay_file(url: str, path: str, options: StreamOptions | None = None, *, re
         if client.summary.ready is None:
             client.close()
             return client.summary
-        return replay_events(client, rec.events, realtime=realtime, speed=speed, packet_us=packet_us,
-                             progress=progress)
+        return replay_events(
+            client, rec.events, realtime=realtime, speed=speed, packet_us=packet_us, progress=progress
+        )
 
 
-def replay_dv(url: str, address: str, options: StreamOptions | None = None, *, max_seconds: float | None = None,
-              progress: bool = False) -> StreamSummary:
+def replay_dv(
+    url: str,
+    address: str,
+    options: StreamOptions | None = None,
+    *,
+    max_seconds: float | None = None,
+    progress: bool = False,
+) -> StreamSummary:
     """Forward the events of a dv-processing NetworkWriter (``tcp://HOST:PORT``) to ``url``."""
     import dv_processing as dv
 

@@ -58,7 +58,8 @@ def require_api_key(request: Request) -> None:
     settings: Settings = request.app.state.settings
     if not key_ok(settings, bearer(request.headers.get("authorization"))):
         raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED, "missing or invalid API key (Authorization: Bearer <key>)",
+            status.HTTP_401_UNAUTHORIZED,
+            "missing or invalid API key (Authorization: Bearer <key>)",
             headers={"WWW-Authenticate": "Bearer"},
         )
 
@@ -79,7 +80,8 @@ async def upload_slot(request: Request) -> AsyncIterator[None]:
     limit = state.settings.max_concurrent_uploads
     if state.uploads_running >= limit:
         raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE, f"{limit} uploads are running; try again shortly",
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"{limit} uploads are running; try again shortly",
             headers={"Retry-After": "1", "Connection": "close"},  # close: the unread body is not drained
         )
     state.uploads_running += 1

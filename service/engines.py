@@ -141,7 +141,9 @@ class TorchEngine(Engine):
         # stream's rows (1.5 instead of 2.7 ms per step at batch 100), and a stream's result does
         # not depend on the other streams of its batch. GPUs take the GEMM.
         self.streams = TorchStreams(
-            naturalizer, device=self.device, event_driven="rows" if self.device == "cpu" else "auto",
+            naturalizer,
+            device=self.device,
+            event_driven="rows" if self.device == "cpu" else "auto",
             decoder_dtype=getattr(torch, decoder_dtype),
         )
         self.model = self.streams.model
@@ -169,7 +171,9 @@ class TorchEngine(Engine):
             if rows == list(range(n)):
                 parts.append(batch)
             else:
-                parts.append(self._select(batch, self._torch.tensor(rows, dtype=self._torch.long, device=self.device)))
+                parts.append(
+                    self._select(batch, self._torch.tensor(rows, dtype=self._torch.long, device=self.device))
+                )
         return parts[0] if len(parts) == 1 else self._stack(parts)
 
     def unstack(self, state: State, n: int) -> list[State]:
@@ -185,8 +189,11 @@ class TorchEngine(Engine):
         return self.streams.decode(windows)
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "device": self.device,
-                "decoder_dtype": str(self.streams.decoder_dtype).split(".")[-1]}
+        return {
+            "engine": self.name,
+            "device": self.device,
+            "decoder_dtype": str(self.streams.decoder_dtype).split(".")[-1],
+        }
 
 
 class OnnxEngine(Engine):
@@ -212,7 +219,9 @@ class OnnxEngine(Engine):
         want_cuda = device in ("auto", "cuda") or device.startswith("cuda")
         use_cuda = want_cuda and "CUDAExecutionProvider" in ort.get_available_providers()
         if device.startswith("cuda") and not use_cuda:
-            raise EngineError("device 'cuda' asked for but onnxruntime has no CUDAExecutionProvider (install the gpu extra)")
+            raise EngineError(
+                "device 'cuda' asked for but onnxruntime has no CUDAExecutionProvider (install the gpu extra)"
+            )
         self._tmp = tempfile.TemporaryDirectory(prefix="vdib-onnx-")
         export_onnx(naturalizer.cpu().eval(), self._tmp.name)
         self.runner = Runner(self._tmp.name, device="cuda" if use_cuda else "cpu", threads=threads)
@@ -258,7 +267,9 @@ class OnnxEngine(Engine):
 
     def decode(self, windows: np.ndarray) -> np.ndarray:
         img = self.runner.decode(windows)
-        return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0).reshape(windows.shape[0], *self.image_shape)
+        return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0).reshape(
+            windows.shape[0], *self.image_shape
+        )
 
     def describe(self) -> dict[str, Any]:
         return {"engine": self.name, "device": self.device, "providers": list(self.runner.providers)}

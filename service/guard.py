@@ -151,8 +151,11 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport is None or self.transport.is_closing() or self.transport.get_protocol() is not self:
             return
         self._guard.timed_out += 1
-        log.info("closing a connection from %s: request %s not received in time",
-                 self._peer, "headers" if self._phase == "head" else "body")
+        log.info(
+            "closing a connection from %s: request %s not received in time",
+            self._peer,
+            "headers" if self._phase == "head" else "body",
+        )
         self._phase = ""
         self.transport.close()
 
@@ -276,8 +279,11 @@ estimate_bins = count_bins
 
 
 # ---------------------------------------------------------------------------- logs
-_SECRET_QUERY = re.compile(r"([?&;](?:api[_-]?key|apikey|key|token|access_token|auth|authorization|password|"
-                           r"secret|bearer)=)[^&;\s\"]*", re.IGNORECASE)
+_SECRET_QUERY = re.compile(
+    r"([?&;](?:api[_-]?key|apikey|key|token|access_token|auth|authorization|password|"
+    r"secret|bearer)=)[^&;\s\"]*",
+    re.IGNORECASE,
+)
 
 
 def redact(text: str) -> str:

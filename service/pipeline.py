@@ -113,8 +113,17 @@ def naturalize(entry: ModelEntry, events: np.ndarray, opts: RunOptions) -> RunRe
             yield from segs
 
     gen = torch.Generator().manual_seed(opts.seed)
-    out = decode_segments(engine, segments(), gen, opts.emit, dt_us=opts.dt_us, step_chunk=STEP_CHUNK,
-                          decode_batch=DECODE_BATCH, keep_frames=opts.inputs, check=opts.check)
+    out = decode_segments(
+        engine,
+        segments(),
+        gen,
+        opts.emit,
+        dt_us=opts.dt_us,
+        step_chunk=STEP_CHUNK,
+        decode_batch=DECODE_BATCH,
+        keep_frames=opts.inputs,
+        check=opts.check,
+    )
     T = len(out.spikes)
     inputs: list[np.ndarray] = []
     if opts.inputs and T:

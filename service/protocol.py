@@ -168,8 +168,10 @@ def parse_start(obj: dict[str, Any]) -> StartMessage:
     if obj.get("type") != "start":
         raise ProtocolError(CLOSE_UNSUPPORTED, f"expected a 'start' message, got {obj.get('type')!r}")
     if obj.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
-        raise ProtocolError(CLOSE_UNSUPPORTED, f"protocol version {obj.get('protocol')!r} is not supported "
-                                               f"(server speaks {PROTOCOL_VERSION})")
+        raise ProtocolError(
+            CLOSE_UNSUPPORTED,
+            f"protocol version {obj.get('protocol')!r} is not supported (server speaks {PROTOCOL_VERSION})",
+        )
     try:
         return StartMessage.model_validate(obj)
     except ValidationError as exc:
@@ -180,16 +182,32 @@ def parse_start(obj: dict[str, Any]) -> StartMessage:
 def ready_message(session: Any, start: StartMessage, limits: dict[str, Any]) -> str:
     """The ``ready`` message for an accepted start message (what the stream will do)."""
     entry, engine = session.entry, session.engine
-    return json.dumps({
-        "type": "ready", "protocol": PROTOCOL_VERSION, "session": session.id, "model": entry.name,
-        "model_reason": session.model_reason, "family": entry.family,
-        "roi": list(session.roi), "pool": session.pool, "dt_us": session.dt_us,
-        "emit": session.emit if session.emit is not None else "last",
-        "input_shape": list(session.spec.shape), "image_shape": list(engine.image_shape),
-        "n_readout": engine.n_readout, "tau_d": engine.tau_d, "format": start.format,
-        "spikes": session.want_spikes, "inputs": start.inputs, "seed": start.seed,
-        "limits": {**limits, "max_pending_bins": session.max_pending_bins or limits.get("max_pending_bins")},
-    })
+    return json.dumps(
+        {
+            "type": "ready",
+            "protocol": PROTOCOL_VERSION,
+            "session": session.id,
+            "model": entry.name,
+            "model_reason": session.model_reason,
+            "family": entry.family,
+            "roi": list(session.roi),
+            "pool": session.pool,
+            "dt_us": session.dt_us,
+            "emit": session.emit if session.emit is not None else "last",
+            "input_shape": list(session.spec.shape),
+            "image_shape": list(engine.image_shape),
+            "n_readout": engine.n_readout,
+            "tau_d": engine.tau_d,
+            "format": start.format,
+            "spikes": session.want_spikes,
+            "inputs": start.inputs,
+            "seed": start.seed,
+            "limits": {
+                **limits,
+                "max_pending_bins": session.max_pending_bins or limits.get("max_pending_bins"),
+            },
+        }
+    )
 
 
 def error_message(code: int, message: str) -> str:
@@ -201,12 +219,23 @@ def pong_message() -> str:
     return json.dumps({"type": "pong", "t": time.time()})
 
 
-def frame_json(bin_index: int, bin_end_us: int, image_png: bytes, input_png: bytes | None,
-               spikes_packed: bytes | None, spike_rows: int, n_readout: int) -> str:
+def frame_json(
+    bin_index: int,
+    bin_end_us: int,
+    image_png: bytes,
+    input_png: bytes | None,
+    spikes_packed: bytes | None,
+    spike_rows: int,
+    n_readout: int,
+) -> str:
     """A frame as a text message (``format="json"``): the fields of the binary layout, PNGs and
     bit-packed spikes in base64 (``spikes``, ``spike_rows``, ``n_readout`` only when asked for)."""
-    msg: dict[str, Any] = {"type": "frame", "bin": bin_index, "bin_end_us": bin_end_us,
-                           "image": base64.b64encode(image_png).decode()}
+    msg: dict[str, Any] = {
+        "type": "frame",
+        "bin": bin_index,
+        "bin_end_us": bin_end_us,
+        "image": base64.b64encode(image_png).decode(),
+    }
     if input_png is not None:
         msg["input"] = base64.b64encode(input_png).decode()
     if spikes_packed is not None:
@@ -231,19 +260,27 @@ def packet_count(data: bytes | bytearray | memoryview, max_events: int | None = 
     """Check an event packet's header and length; its number of events. Raises
     :class:`ProtocolError` (1007/1003/1009) when malformed (polarities are not checked)."""
     if len(data) < EVENT_HEADER.size:
-        raise ProtocolError(CLOSE_INVALID, f"event packet of {len(data)} bytes is shorter than its 12-byte header")
+        raise ProtocolError(
+            CLOSE_INVALID, f"event packet of {len(data)} bytes is shorter than its 12-byte header"
+        )
     magic, version, flags, count = EVENT_HEADER.unpack_from(data)
     if magic != EVENT_MAGIC:
-        raise ProtocolError(CLOSE_UNSUPPORTED, f"binary message does not start with {EVENT_MAGIC!r} (got {bytes(magic)!r})")
+        raise ProtocolError(
+            CLOSE_UNSUPPORTED, f"binary message does not start with {EVENT_MAGIC!r} (got {bytes(magic)!r})"
+        )
     if version != PROTOCOL_VERSION:
-        raise ProtocolError(CLOSE_UNSUPPORTED, f"event packet version {version} is not supported (expected 1)")
+        raise ProtocolError(
+            CLOSE_UNSUPPORTED, f"event packet version {version} is not supported (expected 1)"
+        )
     expected = EVENT_HEADER.size + count * EVENT_DTYPE.itemsize
     if len(data) != expected:
         raise ProtocolError(
             CLOSE_INVALID, f"event packet says {count} events ({expected} bytes) but has {len(data)} bytes"
         )
     if max_events is not None and count > max_events:
-        raise ProtocolError(CLOSE_TOO_BIG, f"event packet of {count} events exceeds the limit of {max_events}")
+        raise ProtocolError(
+            CLOSE_TOO_BIG, f"event packet of {count} events exceeds the limit of {max_events}"
+        )
     return int(count)
 
 
@@ -275,13 +312,26 @@ class Frame:
 
 
 def encode_frame(
-    bin_index: int, bin_end_us: int, image_png: bytes, input_png: bytes | None, spikes_packed: bytes | None,
-    spike_rows: int, n_readout: int,
+    bin_index: int,
+    bin_end_us: int,
+    image_png: bytes,
+    input_png: bytes | None,
+    spikes_packed: bytes | None,
+    spike_rows: int,
+    n_readout: int,
 ) -> bytes:
     flags = (1 if spikes_packed is not None else 0) | (2 if input_png is not None else 0)
     head = FRAME_HEADER.pack(
-        FRAME_MAGIC, PROTOCOL_VERSION, flags, 0, bin_index & 0xFFFFFFFF, bin_end_us, len(image_png),
-        len(input_png or b""), spike_rows if spikes_packed is not None else 0, n_readout,
+        FRAME_MAGIC,
+        PROTOCOL_VERSION,
+        flags,
+        0,
+        bin_index & 0xFFFFFFFF,
+        bin_end_us,
+        len(image_png),
+        len(input_png or b""),
+        spike_rows if spikes_packed is not None else 0,
+        n_readout,
     )
     return head + image_png + (input_png or b"") + (spikes_packed or b"")
 

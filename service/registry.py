@@ -247,7 +247,8 @@ class ModelRegistry:
         known = ", ".join(sorted(self.models)) or "none"
         raise NoDefaultModelError(
             f"no model is loaded for a {w}x{h} sensor by default (loaded: {known}; none declares this sensor "
-            "and no general-scene model is loaded): name one with model=")
+            "and no general-scene model is loaded): name one with model="
+        )
 
     def get(self, name: str | None) -> ModelEntry:
         """The named model (or the default); :class:`UnknownModelError` with a message when absent."""

@@ -22,7 +22,9 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -57,7 +59,9 @@ def event_rgb(frames: np.ndarray) -> np.ndarray:
     With one channel (merged polarity) every active pixel is white. Presence over the ``k`` bins
     (any bin active) so a frame shows everything since the previous emitted frame.
     """
-    active: np.ndarray = np.asarray(frames.astype(bool).any(axis=0) if frames.ndim == 4 else frames.astype(bool))
+    active: np.ndarray = np.asarray(
+        frames.astype(bool).any(axis=0) if frames.ndim == 4 else frames.astype(bool)
+    )
     h, w = active.shape[-2:]
     rgb = np.zeros((h, w, 3), dtype=np.uint8)
     if active.shape[0] >= 2:
@@ -79,7 +83,12 @@ def gif(images: list[np.ndarray], frame_ms: float) -> bytes:
     if not frames:
         frames = [Image.new("L", (1, 1))]
     frames[0].save(
-        buf, format="GIF", save_all=True, append_images=frames[1:], duration=max(20, int(round(frame_ms))), loop=0
+        buf,
+        format="GIF",
+        save_all=True,
+        append_images=frames[1:],
+        duration=max(20, int(round(frame_ms))),
+        loop=0,
     )
     return buf.getvalue()
 
@@ -103,11 +112,17 @@ def unpack_spikes(data: bytes, n_rows: int, n: int) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- upload answers
 #: media type of each upload ``format``
-UPLOAD_MEDIA = {"json": "application/json", "png": "image/png", "gif": "image/gif", "npz": "application/octet-stream"}
+UPLOAD_MEDIA = {
+    "json": "application/json",
+    "png": "image/png",
+    "gif": "image/gif",
+    "npz": "application/octet-stream",
+}
 
 
-def upload_body(fmt: str, res: Any, head: dict[str, Any], frame_ms: float, n_readout: int,
-                seconds: dict[str, float]) -> tuple[bytes, dict[str, str]]:
+def upload_body(
+    fmt: str, res: Any, head: dict[str, Any], frame_ms: float, n_readout: int, seconds: dict[str, float]
+) -> tuple[bytes, dict[str, str]]:
     """The body of an upload's answer in ``fmt`` (``json``, ``png``: the last frame, ``gif``: all
     frames ``frame_ms`` apart, ``npz``: arrays) and its extra headers. ``res`` is the
     :class:`~service.pipeline.RunResult`; ``head`` the JSON answer's leading fields (model,
@@ -121,23 +136,34 @@ def upload_body(fmt: str, res: Any, head: dict[str, Any], frame_ms: float, n_rea
         return gif(list(res.images), frame_ms), {}
     if fmt == "npz":
         buf = io.BytesIO()
-        arrays = {"images": res.images, "frame_bins": res.frame_bins, "frame_end_us": res.frame_end_us,
-                  "bin_end_us": res.bin_end_us}
+        arrays = {
+            "images": res.images,
+            "frame_bins": res.frame_bins,
+            "frame_end_us": res.frame_end_us,
+            "bin_end_us": res.bin_end_us,
+        }
         if res.spikes is not None:
             arrays["spikes"] = res.spikes
         np.savez_compressed(buf, **arrays)
         return buf.getvalue(), {"Content-Disposition": 'attachment; filename="naturalized.npz"'}
     frames = []
     for j in range(len(res.images)):
-        f: dict[str, Any] = {"bin": int(res.frame_bins[j]), "bin_end_us": int(res.frame_end_us[j]),
-                             "image": base64.b64encode(png_gray(res.images[j])).decode()}
+        f: dict[str, Any] = {
+            "bin": int(res.frame_bins[j]),
+            "bin_end_us": int(res.frame_end_us[j]),
+            "image": base64.b64encode(png_gray(res.images[j])).decode(),
+        }
         if res.inputs:
             f["input"] = base64.b64encode(png_rgb(event_rgb(res.inputs[j]))).decode()
         frames.append(f)
     spikes = None
     if res.spikes is not None:
-        spikes = {"encoding": "bitpacked-little", "rows": int(len(res.spikes)), "n_readout": n_readout,
-                  "bin_end_us_first": int(res.bin_end_us[0]) if len(res.bin_end_us) else None,
-                  "data": base64.b64encode(pack_spikes(res.spikes)).decode()}
+        spikes = {
+            "encoding": "bitpacked-little",
+            "rows": int(len(res.spikes)),
+            "n_readout": n_readout,
+            "bin_end_us_first": int(res.bin_end_us[0]) if len(res.bin_end_us) else None,
+            "data": base64.b64encode(pack_spikes(res.spikes)).decode(),
+        }
     stats = {**res.stats, "seconds": {**seconds, **res.stats["seconds"], "render": time.perf_counter() - t}}
     return json.dumps({**head, "frames": frames, "spikes": spikes, "stats": stats}).encode(), {}

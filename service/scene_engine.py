@@ -81,7 +81,9 @@ class SceneEngine(Engine):
         self.n_readout = int(cfg.n_readout)  # readout maps K
         self.tau_d = int(cfg.tau_d)
         self.image_shape = (0, 0)
-        self._sized: weakref.WeakValueDictionary[tuple[int, int, int], SizedSceneEngine] = weakref.WeakValueDictionary()
+        self._sized: weakref.WeakValueDictionary[tuple[int, int, int], SizedSceneEngine] = (
+            weakref.WeakValueDictionary()
+        )
         self._lock = threading.Lock()  # sessions are made on the event loop, uploads in worker threads
         self.live_pixels = 0  # sensor pixels of the open scene streams (admission)
 
@@ -89,7 +91,9 @@ class SceneEngine(Engine):
         """The engine of ``(C, H, W)`` inputs, the same object while any stream uses it."""
         c, h, w = (int(v) for v in shape)
         if c != self.config.in_channels or h < 1 or w < 1:
-            raise EngineError(f"input {c}x{h}x{w} cannot feed a scene model of {self.config.in_channels} channels")
+            raise EngineError(
+                f"input {c}x{h}x{w} cannot feed a scene model of {self.config.in_channels} channels"
+            )
         with self._lock:
             eng = self._sized.get((c, h, w))
             if eng is None:
@@ -103,7 +107,8 @@ class SceneEngine(Engine):
             if self.live_pixels + pixels > limit:
                 raise CapacityError(
                     f"open scene streams hold {self.live_pixels} sensor pixels; {pixels} more would pass the "
-                    f"limit of {limit} (max_scene_pixels); try again later")
+                    f"limit of {limit} (max_scene_pixels); try again later"
+                )
             self.live_pixels += pixels
 
     def leave(self, pixels: int) -> None:
@@ -160,7 +165,9 @@ class SizedSceneEngine(Engine):
         """The all-zero batch-1 state (made once per engine; states are never written in place)."""
         if self._fresh is None:
             with torch.inference_mode():
-                self._fresh = self.net.init_state(1, self.height, self.width, self.device, spike_dtype=torch.uint8)
+                self._fresh = self.net.init_state(
+                    1, self.height, self.width, self.device, spike_dtype=torch.uint8
+                )
         return self._fresh
 
     def init_state(self) -> State:
@@ -191,8 +198,9 @@ class SizedSceneEngine(Engine):
             xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
             ut = torch.from_numpy(np.ascontiguousarray(uniforms, dtype=np.float32)).to(self.device)
             xt = xt.view(b, self.in_channels, self.height, self.width)
-            y, _, nxt = self.net.step_detailed(self.net.prepare(xt), state, ut.view(b, *self.spike_shape),
-                                               self.model.lag_weight)
+            y, _, nxt = self.net.step_detailed(
+                self.net.prepare(xt), state, ut.view(b, *self.spike_shape), self.model.lag_weight
+            )
             return y.to("cpu", torch.uint8).reshape(b, -1).numpy(), nxt
 
     def decode(self, windows: np.ndarray) -> np.ndarray:
@@ -210,8 +218,10 @@ class SizedSceneEngine(Engine):
             return self._decode(state.window)
 
     def _decode(self, wt: torch.Tensor) -> np.ndarray:
-        outs = [self.net.decode(wt[a : a + self.decode_batch], self.height, self.width)
-                for a in range(0, wt.shape[0], self.decode_batch)]
+        outs = [
+            self.net.decode(wt[a : a + self.decode_batch], self.height, self.width)
+            for a in range(0, wt.shape[0], self.decode_batch)
+        ]
         img = outs[0] if len(outs) == 1 else torch.cat(outs)
         return img.float().clamp_(0.0, 1.0).cpu().numpy()
 
@@ -224,7 +234,11 @@ class SizedSceneEngine(Engine):
             self.decode(np.zeros((b, self.tau_d, self.n_readout), np.uint8))
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "device": self.device, "input": [self.in_channels, self.height, self.width]}
+        return {
+            "engine": self.name,
+            "device": self.device,
+            "input": [self.in_channels, self.height, self.width],
+        }
 
 
 class SceneOnnxEngine(SceneEngine):
@@ -256,7 +270,9 @@ class SceneOnnxEngine(SceneEngine):
     def for_input(self, shape: tuple[int, ...]) -> SizedSceneEngine:
         c, h, w = (int(v) for v in shape)
         if c != self.config.in_channels or h < 1 or w < 1:
-            raise EngineError(f"input {c}x{h}x{w} cannot feed a scene model of {self.config.in_channels} channels")
+            raise EngineError(
+                f"input {c}x{h}x{w} cannot feed a scene model of {self.config.in_channels} channels"
+            )
         with self._lock:
             eng = self._sized.get((c, h, w))
             if eng is None:
@@ -265,8 +281,11 @@ class SceneOnnxEngine(SceneEngine):
             return eng
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": self.name, "device": self.onnx_device,
-                "providers": list(self.runner.step_session.get_providers())}
+        return {
+            "engine": self.name,
+            "device": self.onnx_device,
+            "providers": list(self.runner.step_session.get_providers()),
+        }
 
 
 class SizedSceneOnnxEngine(SizedSceneEngine):
@@ -309,14 +328,18 @@ class SizedSceneOnnxEngine(SizedSceneEngine):
 
     def decode(self, windows: np.ndarray) -> np.ndarray:
         b = windows.shape[0]
-        return self._decode_np(np.asarray(windows, dtype=np.float32).reshape(b, self.tau_d, *self.spike_shape))
+        return self._decode_np(
+            np.asarray(windows, dtype=np.float32).reshape(b, self.tau_d, *self.spike_shape)
+        )
 
     def decode_state(self, state: Any) -> np.ndarray:
         return self._decode_np(state[-1])
 
     def _decode_np(self, w: np.ndarray) -> np.ndarray:
-        outs = [self.runner.decode(w[a : a + self.decode_batch], self.height, self.width)
-                for a in range(0, w.shape[0], self.decode_batch)]
+        outs = [
+            self.runner.decode(w[a : a + self.decode_batch], self.height, self.width)
+            for a in range(0, w.shape[0], self.decode_batch)
+        ]
         img = outs[0] if len(outs) == 1 else np.concatenate(outs)
         return np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
 
@@ -375,13 +398,17 @@ class SceneEntry(ModelEntry):
             except (TypeError, ValueError) as exc:
                 raise RoiError(f"roi must be four integers x,y,w,h, got {roi!r}") from exc
             if x < 0 or y < 0 or rw <= 0 or rh <= 0 or x + rw > sensor_w or y + rh > sensor_h:
-                raise RoiError(f"roi {(x, y, rw, rh)} must lie inside the {sensor_w}x{sensor_h} sensor "
-                               "with a positive size")
+                raise RoiError(
+                    f"roi {(x, y, rw, rh)} must lie inside the {sensor_w}x{sensor_h} sensor "
+                    "with a positive size"
+                )
             region = ROI(x, y, rw, rh)
         if region.width * region.height > self.max_pixels:
-            raise RoiError(f"{region.width}x{region.height} = {region.width * region.height} pixels is over the "
-                           f"limit of {self.max_pixels} (max_sensor_pixels) for the scene model; send a region "
-                           "(roi=x,y,w,h)")
+            raise RoiError(
+                f"{region.width}x{region.height} = {region.width * region.height} pixels is over the "
+                f"limit of {self.max_pixels} (max_sensor_pixels) for the scene model; send a region "
+                "(roi=x,y,w,h)"
+            )
         return region, 1
 
     def admit(self, session: Any) -> None:
@@ -393,19 +420,32 @@ class SceneEntry(ModelEntry):
         weakref.finalize(session, self.scenes.leave, px)
 
 
-def load_scene_entry(path: Path, settings: Settings, net: SceneNaturalizer, meta: dict[str, Any]) -> SceneEntry:
+def load_scene_entry(
+    path: Path, settings: Settings, net: SceneNaturalizer, meta: dict[str, Any]
+) -> SceneEntry:
     """The registry entry of a loaded scene checkpoint, on the ``settings.engine`` engine."""
     cfg = net.config
     if not 0 < int(cfg.dt_us) <= 10_000_000:
         raise ValueError(f"dt_us {cfg.dt_us} must be in 1 .. 10000000")
-    engine = SceneOnnxEngine(net, settings.device) if settings.engine == "onnx" else SceneEngine(net, settings.device)
+    engine = (
+        SceneOnnxEngine(net, settings.device)
+        if settings.engine == "onnx"
+        else SceneEngine(net, settings.device)
+    )
     if settings.warmup:
         engine.warmup()
     return SceneEntry(
-        name=path.name, path=path, engine=engine, meta=meta,
+        name=path.name,
+        path=path,
+        engine=engine,
+        meta=meta,
         input_shape=(int(cfg.in_channels), 0, 0),  # any H x W
-        dt_us=int(cfg.dt_us), polarity=str(cfg.polarity), mode=str(cfg.mode), preprocessing={},
-        max_pixels=int(settings.max_sensor_pixels), max_live_pixels=int(settings.max_scene_pixels),
+        dt_us=int(cfg.dt_us),
+        polarity=str(cfg.polarity),
+        mode=str(cfg.mode),
+        preprocessing={},
+        max_pixels=int(settings.max_sensor_pixels),
+        max_live_pixels=int(settings.max_scene_pixels),
     )
 
 
@@ -427,12 +467,15 @@ class _CheckedNet:
 
 def _frame_budget(n_frames: int, pixels: int, opts: RunOptions) -> None:
     if opts.max_frames is not None and n_frames > opts.max_frames:
-        raise EventLimitError(f"about {n_frames} frames, over the limit of {opts.max_frames}: use a larger emit, "
-                              "emit=last or fewer timestamps")
+        raise EventLimitError(
+            f"about {n_frames} frames, over the limit of {opts.max_frames}: use a larger emit, "
+            "emit=last or fewer timestamps"
+        )
     if opts.max_output_pixels is not None and n_frames * pixels > opts.max_output_pixels:
         raise EventLimitError(
             f"about {n_frames} frames of {pixels} pixels, over the limit of {opts.max_output_pixels} output "
-            "pixels (max_output_pixels): use a larger emit, emit=last, timestamps or a smaller roi")
+            "pixels (max_output_pixels): use a larger emit, emit=last, timestamps or a smaller roi"
+        )
 
 
 def run_scene(entry: SceneEntry, events: np.ndarray, opts: RunOptions) -> RunResult:
@@ -518,10 +561,15 @@ def run_scene(entry: SceneEntry, events: np.ndarray, opts: RunOptions) -> RunRes
         spikes=None,  # scene spike maps are not returned (see docs/service.md)
         bin_end_us=np.concatenate(bin_end) if bin_end else np.zeros(0, np.int64),
         inputs=inputs,
-        stats={"events": int(n_ev), "bins": int(steps), "frames": len(images), "gaps": int(binner.gaps),
-               "late_events": int(binner.late_events),
-               "spike_rate": spikes / max(1, steps * eng.n_readout),
-               "seconds": {"bin": t_bin, "encode": t_enc, "decode": t_dec}},
+        stats={
+            "events": int(n_ev),
+            "bins": int(steps),
+            "frames": len(images),
+            "gaps": int(binner.gaps),
+            "late_events": int(binner.late_events),
+            "spike_rate": spikes / max(1, steps * eng.n_readout),
+            "seconds": {"bin": t_bin, "encode": t_enc, "decode": t_dec},
+        },
     )
 
 
@@ -539,7 +587,9 @@ def _at_times(entry: SceneEntry, eng: SizedSceneEngine, events: np.ndarray, opts
     times = np.asarray(opts.timestamps, dtype=np.int64)
     _frame_budget(len(times), roi.width * roi.height, opts)
     ev = events
-    if roi.x or roi.y:  # the region's events in its own coordinates (events past its far sides are not binned)
+    if (
+        roi.x or roi.y
+    ):  # the region's events in its own coordinates (events past its far sides are not binned)
         ev = ev[(ev["x"] >= roi.x) & (ev["y"] >= roi.y)].copy()
         ev["x"] -= roi.x
         ev["y"] -= roi.y
@@ -547,17 +597,32 @@ def _at_times(entry: SceneEntry, eng: SizedSceneEngine, events: np.ndarray, opts
     t0 = int(events["t"][0]) if len(events) else 0
     steps = int(max(0, (int(times.max()) - t0) // dt + 1)) if len(times) else 0
     if opts.max_bins is not None and steps > opts.max_bins:
-        raise EventLimitError(f"the latest timestamp is {steps} bins of {dt} us after the first event, over the "
-                              f"limit of {opts.max_bins} bins (max_upload_bins)")
+        raise EventLimitError(
+            f"the latest timestamp is {steps} bins of {dt} us after the first event, over the "
+            f"limit of {opts.max_bins} bins (max_upload_bins)"
+        )
     t = time.perf_counter()
     net = cast("SceneNaturalizer", _CheckedNet(eng.net, opts.check or (lambda: None)))
-    images, _ = reconstruct_events(net, ev, roi.width, roi.height, times,
-                                   generator=torch.Generator().manual_seed(opts.seed), t0_us=t0)
+    images, _ = reconstruct_events(
+        net, ev, roi.width, roi.height, times, generator=torch.Generator().manual_seed(opts.seed), t0_us=t0
+    )
     seconds = time.perf_counter() - t
     bins = np.where(times < t0, -1, (times - t0) // dt).astype(np.int64)
     return RunResult(
-        images=np.clip(images, 0.0, 1.0).astype(np.float32), frame_bins=bins, frame_end_us=times, spikes=None,
-        bin_end_us=t0 + dt * np.arange(1, steps + 1, dtype=np.int64), inputs=[],
-        stats={"events": int(len(events)), "bins": steps, "frames": len(times), "gaps": 0, "late_events": 0,
-               "spike_rate": None, "timestamps": len(times), "seconds": {"reconstruct": seconds}},
+        images=np.clip(images, 0.0, 1.0).astype(np.float32),
+        frame_bins=bins,
+        frame_end_us=times,
+        spikes=None,
+        bin_end_us=t0 + dt * np.arange(1, steps + 1, dtype=np.int64),
+        inputs=[],
+        stats={
+            "events": int(len(events)),
+            "bins": steps,
+            "frames": len(times),
+            "gaps": 0,
+            "late_events": 0,
+            "spike_rate": None,
+            "timestamps": len(times),
+            "seconds": {"reconstruct": seconds},
+        },
     )

@@ -64,8 +64,14 @@ def _end_message(s: Session) -> Callable[[], str]:
 class Scheduler:
     """Owns the set of live sessions and the tick loop (start with :meth:`start`)."""
 
-    def __init__(self, metrics: Any, max_batch: int = 1024, inline: bool = True, tick_interval_s: float = 0.0,
-                 png_level: int = 0) -> None:
+    def __init__(
+        self,
+        metrics: Any,
+        max_batch: int = 1024,
+        inline: bool = True,
+        tick_interval_s: float = 0.0,
+        png_level: int = 0,
+    ) -> None:
         self.metrics = metrics
         self.png_level = png_level
         self.inline = inline
@@ -138,9 +144,23 @@ class Scheduler:
         width, height = entry.warmup_sensor()
         for seed in range(4):
             roi, pool = entry.resolve_roi(width, height, "centre")
-            sessions.append(Session(entry, roi, pool, entry.dt_us, 2, seed, spikes=entry.family != "scene",
-                                    inputs=True, fmt="binary", encoding="packed", t0_us=None,
-                                    max_gap_us=10 * entry.dt_us, out_queue_frames=4))
+            sessions.append(
+                Session(
+                    entry,
+                    roi,
+                    pool,
+                    entry.dt_us,
+                    2,
+                    seed,
+                    spikes=entry.family != "scene",
+                    inputs=True,
+                    fmt="binary",
+                    encoding="packed",
+                    t0_us=None,
+                    max_gap_us=10 * entry.dt_us,
+                    out_queue_frames=4,
+                )
+            )
         ev = np.zeros(200, EVENT_DTYPE)
         ev["t"] = np.arange(200) * (entry.dt_us // 20)
         ev["x"] = np.arange(200) % width
@@ -242,7 +262,9 @@ class Scheduler:
 
     def _collect(self) -> list[tuple[Session, Pending]]:
         busy = self._busy
-        due = [s for s in self.sessions.values() if s.pending and not s.closed and (not busy or s.id not in busy)]
+        due = [
+            s for s in self.sessions.values() if s.pending and not s.closed and (not busy or s.id not in busy)
+        ]
         if not due:
             return []
         if len(due) > self.max_batch:
@@ -281,9 +303,13 @@ class Scheduler:
         out: list[tuple[Session, Outgoing]] = []
 
         def fail(s: Session, exc: BaseException, step: str) -> None:
-            failed.setdefault(id(s), (s, type(exc).__name__, f"{type(exc).__name__}: {exc}"[:300] + f" (in {step})"))
+            failed.setdefault(
+                id(s), (s, type(exc).__name__, f"{type(exc).__name__}: {exc}"[:300] + f" (in {step})")
+            )
 
-        def batched(step: str, rows: list[Any], fn: Callable[[list[Any]], Any]) -> list[tuple[list[Any], Any]]:
+        def batched(
+            step: str, rows: list[Any], fn: Callable[[list[Any]], Any]
+        ) -> list[tuple[list[Any], Any]]:
             """``fn(rows)`` at once; when it fails, ``fn([row])`` for each row: the rows whose
             stream fails alone fail, the others go on in batches of one (this tick only)."""
             if failed:
@@ -410,7 +436,9 @@ class Scheduler:
         s.since_emit.clear()
         s.input_acc = None
         n = s.engine.n_readout
-        n = n if n <= 0xFFFF else 0  # the header's 16 bits (a scene stream's K*h*w readouts; it sends no spikes)
+        n = (
+            n if n <= 0xFFFF else 0
+        )  # the header's 16 bits (a scene stream's K*h*w readouts; it sends no spikes)
         packed = (pack_spikes(spikes) if spikes is not None else b"") if s.want_spikes else None
         rows = 0 if spikes is None else len(spikes)
         encode = frame_json if s.format == "json" else encode_frame

@@ -221,7 +221,9 @@ class Session:
             elif data[: len(AEDAT4_MAGIC)] == AEDAT4_MAGIC or AEDAT4_MAGIC.startswith(bytes(data)):
                 self.encoding = "aedat4"  # a stream cut anywhere, even inside its magic
             else:
-                raise ProtocolError(CLOSE_UNSUPPORTED, "binary data is neither a 'VDEV' event packet nor an AEDAT 4 stream")
+                raise ProtocolError(
+                    CLOSE_UNSUPPORTED, "binary data is neither a 'VDEV' event packet nor an AEDAT 4 stream"
+                )
         budget = None if self.max_pending_bins is None else max(0, self.max_pending_bins - self.pending.bins)
         try:
             if self.encoding == "aedat4":
@@ -237,10 +239,13 @@ class Session:
                 segments = self.binner.push(events, max_bins=budget) if n else []
             else:
                 n = packet_count(data)
-                segments = self.binner.push_packed(np.frombuffer(data, np.uint8), EVENT_HEADER.size, n, max_bins=budget)
+                segments = self.binner.push_packed(
+                    np.frombuffer(data, np.uint8), EVENT_HEADER.size, n, max_bins=budget
+                )
         except EventLimitError:
             raise ProtocolError(
-                CLOSE_POLICY, f"{self.pending.bins} bins waiting and the message completes more than {budget} more "
+                CLOSE_POLICY,
+                f"{self.pending.bins} bins waiting and the message completes more than {budget} more "
                 f"(limit {self.max_pending_bins}): the stream runs ahead of the service; slow down or raise dt_us",
             ) from None
         except EventFormatError as exc:
@@ -314,7 +319,9 @@ class Session:
         i = self._u_next
         if u is None or i >= len(u):
             n = self.engine.n_readout
-            u = self._uniforms = stream_uniforms(self.generator, max(1, min(UNIFORM_BLOCK, UNIFORM_VALUES // n)), n)
+            u = self._uniforms = stream_uniforms(
+                self.generator, max(1, min(UNIFORM_BLOCK, UNIFORM_VALUES // n)), n
+            )
             i = 0
         self._u_next = i + 1
         return u[i : i + 1]
@@ -324,7 +331,9 @@ class Session:
         self.ring[:] = 0
         self.head = 0
 
-    def record_step(self, y: np.ndarray, frame: np.ndarray, bin_end_us: int, n_spikes: int | None = None) -> bool:
+    def record_step(
+        self, y: np.ndarray, frame: np.ndarray, bin_end_us: int, n_spikes: int | None = None
+    ) -> bool:
         """Store one step's spikes (``n_spikes``: their count when the caller has it, e.g. from
         one sum over the whole batch); True when this step is due to emit a frame."""
         self.last_bin_end = bin_end_us
@@ -336,7 +345,9 @@ class Session:
         if self.want_spikes:
             self.since_emit.append(y.copy())
         if self.want_inputs:
-            self.input_acc = frame.astype(bool) if self.input_acc is None else (self.input_acc | frame.astype(bool))
+            self.input_acc = (
+                frame.astype(bool) if self.input_acc is None else (self.input_acc | frame.astype(bool))
+            )
         return self.emit is not None and self.steps % self.emit == 0
 
     def window(self) -> np.ndarray:
@@ -398,15 +409,27 @@ def start_session(start: StartMessage, registry: Any, settings: Any) -> Session:
         raise ProtocolError(CLOSE_UNSUPPORTED, str(exc)) from None
     dt = start.dt_us or entry.dt_us
     if dt < settings.min_dt_us:
-        raise ProtocolError(CLOSE_POLICY, f"dt_us {dt} is below the service's min_dt_us of {settings.min_dt_us}")
+        raise ProtocolError(
+            CLOSE_POLICY, f"dt_us {dt} is below the service's min_dt_us of {settings.min_dt_us}"
+        )
     if start.t0_us is not None and abs(start.t0_us) > MAX_T_US:
         raise ProtocolError(CLOSE_INVALID, f"t0_us must be within +-{MAX_T_US}")
     scene = entry.family == "scene"
     session = Session(
-        entry, roi, pool, dt, parse_emit(start.emit, dt), start.seed, spikes=start.spikes and not scene,
+        entry,
+        roi,
+        pool,
+        dt,
+        parse_emit(start.emit, dt),
+        start.seed,
+        spikes=start.spikes and not scene,
         inputs=start.inputs,
-        fmt=start.format, encoding=start.encoding, t0_us=start.t0_us, max_gap_us=settings.max_gap_us,
-        out_queue_frames=settings.out_queue_frames, max_pending_bins=settings.max_pending_bins,
+        fmt=start.format,
+        encoding=start.encoding,
+        t0_us=start.t0_us,
+        max_gap_us=settings.max_gap_us,
+        out_queue_frames=settings.out_queue_frames,
+        max_pending_bins=settings.max_pending_bins,
         max_message_events=settings.max_message_events,
         max_message_decoded_bytes=settings.max_message_decoded_bytes,
         max_aedat4_buffer=settings.max_message_bytes * 4,
@@ -414,7 +437,9 @@ def start_session(start: StartMessage, registry: Any, settings: Any) -> Session:
     session.model_reason = reason
     # the waiting bins hold a frame each: a full-sensor stream may queue fewer of them
     frame_bytes = int(np.prod(session.spec.shape)) * np.dtype(session.spec.dtype).itemsize
-    session.max_pending_bins = min(settings.max_pending_bins, max(16, settings.max_pending_bytes // frame_bytes))
+    session.max_pending_bins = min(
+        settings.max_pending_bins, max(16, settings.max_pending_bytes // frame_bytes)
+    )
     if scene:
         from .scene_engine import CapacityError
 

@@ -77,7 +77,12 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
 
     async def receive(self) -> Any:
         message = await super().receive()
-        if self._parked and not self._holding and self.queue.qsize() < _QUEUE_PAUSE // 2 and not self.close_sent:
+        if (
+            self._parked
+            and not self._holding
+            and self.queue.qsize() < _QUEUE_PAUSE // 2
+            and not self.close_sent
+        ):
             self._unpark()
         return message
 
@@ -147,7 +152,9 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
                 break
             if b0 == _BINARY_FIN and self.conn.state is State.OPEN and not self.close_sent:
                 mask = buf[i + h : i + h + 4]
-                self.queue.put_nowait({"type": "websocket.receive", "bytes": apply_mask(buf[i + h + 4 : end], mask)})
+                self.queue.put_nowait(
+                    {"type": "websocket.receive", "bytes": apply_mask(buf[i + h + 4 : end], mask)}
+                )
                 if not self._answered:
                     self._hold(memoryview(buf)[end:])
                     return
@@ -181,9 +188,15 @@ class FastWebSocketProtocol(GuardedWebSocketProtocol):
     async def send(self, message: Any) -> None:
         if not self._answered and self.scope.get(STARTED):
             self.app_answered()
-        if (message["type"] == "websocket.send" and self.handshake_complete and not self.close_sent
-                and not self.disconnected and self.initial_response is None and self.conn.state is State.OPEN
-                and not self.conn.extensions):
+        if (
+            message["type"] == "websocket.send"
+            and self.handshake_complete
+            and not self.close_sent
+            and not self.disconnected
+            and self.initial_response is None
+            and self.conn.state is State.OPEN
+            and not self.conn.extensions
+        ):
             data = message.get("bytes")
             opcode = 0x82
             if data is None:

@@ -31,13 +31,18 @@ from .metrics import image_grid, ssim
 class SpikeDataset(Protocol):
     def __len__(self) -> int: ...
 
-    def batch(self, idx: Any, generator: torch.Generator | None = None,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+    def batch(
+        self, idx: Any, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 @torch.no_grad()
-def reconstruct(naturalizer: torch.nn.Module, x: torch.Tensor, generator: torch.Generator | None = None,
-                return_spikes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruct(
+    naturalizer: torch.nn.Module,
+    x: torch.Tensor,
+    generator: torch.Generator | None = None,
+    return_spikes: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode ``x [T, B, N]`` and decode the final window: ``(images [B, 784], spike_rate [B])``.
 
     With ``return_spikes`` the second item is the readout spikes ``[T, B, n_readout]`` instead.
@@ -49,9 +54,15 @@ def reconstruct(naturalizer: torch.nn.Module, x: torch.Tensor, generator: torch.
 
 @torch.no_grad()
 def evaluate_model(
-    naturalizer: torch.nn.Module, dataset: SpikeDataset, judge: torch.nn.Module | None,
-    limit: int | None = None, batch_size: int = 500, seed: int = 0, device: str | torch.device = "cpu",
-    progress: bool = False, keep: int = 0,
+    naturalizer: torch.nn.Module,
+    dataset: SpikeDataset,
+    judge: torch.nn.Module | None,
+    limit: int | None = None,
+    batch_size: int = 500,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    keep: int = 0,
 ) -> dict[str, Any]:
     """Reconstruct the first ``limit`` items of ``dataset`` and score them.
 
@@ -77,8 +88,11 @@ def evaluate_model(
         if judge is not None:
             preds.append(predict(judge, img))
         if keep and "recon" not in samples:
-            samples = {"target": tgt[:keep].view(-1, 28, 28), "recon": img[:keep].view(-1, 28, 28),
-                       "labels": lab[:keep].cpu()}
+            samples = {
+                "target": tgt[:keep].view(-1, 28, 28),
+                "recon": img[:keep].view(-1, 28, 28),
+                "labels": lab[:keep].cpu(),
+            }
     out: dict[str, Any] = {"n": n}
     lab_all = torch.cat(labels)
     if judge is not None:
@@ -96,8 +110,9 @@ def evaluate_model(
     return out
 
 
-def build_eval_dataset(meta: dict, data: str | Path | None, limit: int | None, progress: bool = True
-                       ) -> tuple[SpikeDataset, str]:
+def build_eval_dataset(
+    meta: dict, data: str | Path | None, limit: int | None, progress: bool = True
+) -> tuple[SpikeDataset, str]:
     """The test set a checkpoint was trained for, from its ``config.json`` training section.
 
     MNIST checkpoints: the 10k test digits in ``data`` (idx folder) encoded as in training.
@@ -110,25 +125,38 @@ def build_eval_dataset(meta: dict, data: str | Path | None, limit: int | None, p
     kind = dcfg.get("kind", "mnist")
     if kind == "mnist":
         imgs, labs = D.load_mnist_split(data or dcfg.get("dir") or None, "test", limit)
-        return D.MnistSpikes(D.ImageSet.from_uint8(imgs, labs), dcfg.get("encoding", "ttfs"),
-                             int(dcfg.get("T", 30))), f"MNIST test ({dcfg.get('encoding')})"
+        return D.MnistSpikes(
+            D.ImageSet.from_uint8(imgs, labs), dcfg.get("encoding", "ttfs"), int(dcfg.get("T", 30))
+        ), f"MNIST test ({dcfg.get('encoding')})"
     if kind in ("simulated-mnist-dvs", "mnist-dvs"):
         dt = int(dcfg.get("dt_us", 10_000))
         dur = int(dcfg.get("duration_us", 2_000_000))
         if data is not None and D.scan_mnist_dvs(data):
             recs = D.scan_mnist_dvs(data)
             split = "test" if any(D.mnist_dvs_split_of(r[2]) == "test" for r in recs) else "all"
-            return D.load_mnist_dvs(data, split, dt, dur, progress=progress, limit=limit), f"MNIST-DVS real ({split})"
+            return D.load_mnist_dvs(
+                data, split, dt, dur, progress=progress, limit=limit
+            ), f"MNIST-DVS real ({split})"
         mdir = data or dcfg.get("mnist_dir") or None
         imgs, labs = D.load_mnist_split(mdir, "test", limit)
-        fs = D.simulate_mnist_dvs_set(imgs, labs, "source", dt, dur, seed=10_000_000,
-                                      progress=progress, simulate_kwargs=dcfg.get("simulate") or {}, tag="test")
+        fs = D.simulate_mnist_dvs_set(
+            imgs,
+            labs,
+            "source",
+            dt,
+            dur,
+            seed=10_000_000,
+            progress=progress,
+            simulate_kwargs=dcfg.get("simulate") or {},
+            tag="test",
+        )
         return fs, "simulated MNIST-DVS test (exact source targets)"
     raise ValueError(f"cannot evaluate a checkpoint trained on {kind!r} with this command")
 
 
-def write_results(out_dir: Path, summary: dict[str, Any], samples: dict[str, torch.Tensor] | None,
-                  title: str) -> None:
+def write_results(
+    out_dir: Path, summary: dict[str, Any], samples: dict[str, torch.Tensor] | None, title: str
+) -> None:
     """``summary.json``, ``summary.md`` and ``samples.png`` (targets above reconstructions)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -139,20 +167,35 @@ def write_results(out_dir: Path, summary: dict[str, Any], samples: dict[str, tor
         elif isinstance(v, int | str):
             lines.append(f"| {k} | {v} |")
     if summary.get("judge_accuracy_per_class"):
-        lines += ["", "Judge accuracy per class: " + ", ".join(
-            f"{c}: {100 * a:.1f} %" for c, a in enumerate(summary["judge_accuracy_per_class"]) if a is not None)]
+        lines += [
+            "",
+            "Judge accuracy per class: "
+            + ", ".join(
+                f"{c}: {100 * a:.1f} %"
+                for c, a in enumerate(summary["judge_accuracy_per_class"])
+                if a is not None
+            ),
+        ]
     if samples:
         lines += ["", "![targets (top) and reconstructions (bottom)](samples.png)"]
         n_recon = samples["recon"].shape[0]
         titles = [f"target {int(v)}" for v in samples["labels"]] + ["recon"] * n_recon
-        image_grid(torch.cat([samples["target"], samples["recon"]]), out_dir / "samples.png", rows=2, titles=titles)
+        image_grid(
+            torch.cat([samples["target"], samples["recon"]]), out_dir / "samples.png", rows=2, titles=titles
+        )
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path, data: str | Path | None = None, judge_dir: str | Path | None = None,
-    limit: int | None = None, out_dir: str | Path | None = None, seed: int = 0, batch_size: int = 500,
-    progress: bool = True, device: str | None = None,
+    checkpoint: str | Path,
+    data: str | Path | None = None,
+    judge_dir: str | Path | None = None,
+    limit: int | None = None,
+    out_dir: str | Path | None = None,
+    seed: int = 0,
+    batch_size: int = 500,
+    progress: bool = True,
+    device: str | None = None,
 ) -> dict[str, Any]:
     """``vdib evaluate``: load a naturalizer checkpoint and the judge, evaluate, write results."""
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -167,8 +210,12 @@ def evaluate_checkpoint(
         recs = sorted(Path(data).rglob("mnist_*_scale04_*.aedat"))
         if recs:  # the first recording decoded along its length, as the service would
             out.mkdir(parents=True, exist_ok=True)
-            summary["decoded_over_time"] = {"recording": recs[0].name, "judge_classes": plot_decoded_over_time(
-                nat.to("cpu"), recs[0], judge, out / "decoded_over_time.png", seed=seed)}
+            summary["decoded_over_time"] = {
+                "recording": recs[0].name,
+                "judge_classes": plot_decoded_over_time(
+                    nat.to("cpu"), recs[0], judge, out / "decoded_over_time.png", seed=seed
+                ),
+            }
     write_results(out, summary, samples, f"Evaluation of {Path(checkpoint).name}")
     summary["results_dir"] = str(out)
     return summary
@@ -181,8 +228,9 @@ def judge_label(images: np.ndarray | torch.Tensor, judge: torch.nn.Module) -> li
 
 
 @torch.no_grad()
-def decode_recording(naturalizer: Naturalizer, source: str | Path, seed: int = 0,
-                     every: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_recording(
+    naturalizer: Naturalizer, source: str | Path, seed: int = 0, every: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode an event recording with a naturalizer as the service does (online, from its start).
 
     The recording is binned with the checkpoint's preprocessing (ROI, ``dt_us``, polarity,
@@ -199,7 +247,9 @@ def decode_recording(naturalizer: Naturalizer, source: str | Path, seed: int = 0
     binner = events.Binner(spec, max_gap_us=None)
     segments = binner.push(rec.events) + binner.flush()
     streams = TorchStreams(naturalizer)
-    out = decode_segments(streams, segments, torch.Generator().manual_seed(seed), every or None, dt_us=spec.dt_us)
+    out = decode_segments(
+        streams, segments, torch.Generator().manual_seed(seed), every or None, dt_us=spec.dt_us
+    )
     if len(out.spikes) == 0:  # nothing to step: the decoding of an empty window
         empty = np.zeros((1, streams.tau_d, streams.n_readout), np.float32)
         return torch.from_numpy(streams.decode(empty)).reshape(28, 28), torch.zeros(0, 28, 28)
@@ -208,8 +258,14 @@ def decode_recording(naturalizer: Naturalizer, source: str | Path, seed: int = 0
     return images[-1], images[: len(out.spikes) // every if every else 0]
 
 
-def plot_decoded_over_time(naturalizer: Naturalizer, source: str | Path, judge: torch.nn.Module,
-                           out_png: str | Path, every_ms: float = 200.0, seed: int = 0) -> list[int]:
+def plot_decoded_over_time(
+    naturalizer: Naturalizer,
+    source: str | Path,
+    judge: torch.nn.Module,
+    out_png: str | Path,
+    every_ms: float = 200.0,
+    seed: int = 0,
+) -> list[int]:
     """Decode ``source`` online (:func:`decode_recording`) and save the summed input frame, a
     snapshot every ``every_ms`` and the final image, each titled with the judge's class.
 
@@ -222,16 +278,29 @@ def plot_decoded_over_time(naturalizer: Naturalizer, source: str | Path, judge: 
     pre = cfg.preprocessing
     rec = events.read(source)
     roi = events.ROI(*pre.get("roi", list(events.MNIST_DVS.roi)))
-    summed = events.bin_events(rec.events, roi, int(cfg.dt_us), None, None, polarity=cfg.polarity, mode=cfg.mode,
-                               pool=int(pre.get("pool", 1))).sum(axis=(0, 1))
+    summed = events.bin_events(
+        rec.events,
+        roi,
+        int(cfg.dt_us),
+        None,
+        None,
+        polarity=cfg.polarity,
+        mode=cfg.mode,
+        pool=int(pre.get("pool", 1)),
+    ).sum(axis=(0, 1))
     n = len(images) + 1
     cols = min(n, 7)
     rows = (n + cols - 1) // cols
     fig = Figure(figsize=(1.3 * cols, 1.45 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
-    panels = [(summed, "input (sum)")] + [
-        (img.numpy(), f"{(i + 1) * every * int(cfg.dt_us) / 1000:.0f} ms: {lab}") for i, (img, lab) in
-        enumerate(zip(snaps, labels[:-1], strict=True))] + [(final.numpy(), f"final: {labels[-1]}")]
+    panels = (
+        [(summed, "input (sum)")]
+        + [
+            (img.numpy(), f"{(i + 1) * every * int(cfg.dt_us) / 1000:.0f} ms: {lab}")
+            for i, (img, lab) in enumerate(zip(snaps, labels[:-1], strict=True))
+        ]
+        + [(final.numpy(), f"final: {labels[-1]}")]
+    )
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (img, title) in zip(axes.ravel(), panels, strict=False):

@@ -33,7 +33,7 @@ try:
 
     _njit = numba.njit(cache=True, nogil=True)
 except ImportError:  # pragma: no cover - numba is a core dependency
-    numba = None
+    numba = None  # type: ignore[assignment]
 
     def _njit(f):  # type: ignore[no-redef]
         return f
@@ -99,7 +99,9 @@ class _Integrator:
     leak = 0.0
     contrast = 0.1
 
-    def log_intensity(self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray) -> np.ndarray:
+    def log_intensity(
+        self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray
+    ) -> np.ndarray:
         """The filter state L (log intensity) at each timestamp, float64 [K, H, W]."""
         ts, order = _order(timestamps_us)
         out = np.zeros((len(ts), height * width), dtype=np.float64)
@@ -111,21 +113,39 @@ class _Integrator:
             if int(xs.max()) >= width or int(ys.max()) >= height:
                 raise ValueError(f"events outside the {width}x{height} sensor")
         sorted_out = np.zeros_like(out)
-        _integrate(np.ascontiguousarray(events["t"]), np.ascontiguousarray(events["x"]),
-                   np.ascontiguousarray(events["y"]), np.ascontiguousarray(events["p"]), width, height,
-                   ts[order], 2.0 * math.pi * self.cutoff_hz, self.leak, self.contrast, self.contrast,
-                   sorted_out)
+        _integrate(
+            np.ascontiguousarray(events["t"]),
+            np.ascontiguousarray(events["x"]),
+            np.ascontiguousarray(events["y"]),
+            np.ascontiguousarray(events["p"]),
+            width,
+            height,
+            ts[order],
+            2.0 * math.pi * self.cutoff_hz,
+            self.leak,
+            self.contrast,
+            self.contrast,
+            sorted_out,
+        )
         out[order] = sorted_out
         return out.reshape(len(ts), height, width)
 
-    def reconstruct(self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray) -> np.ndarray:
+    def reconstruct(
+        self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray
+    ) -> np.ndarray:
         L = self.log_intensity(events, width, height, timestamps_us)
-        return np.stack([robust_stretch(np.exp(f)) for f in L]) if len(L) else np.zeros((0, height, width),
-                                                                                         np.float32)
+        return (
+            np.stack([robust_stretch(np.exp(f)) for f in L])
+            if len(L)
+            else np.zeros((0, height, width), np.float32)
+        )
 
     def info(self) -> dict[str, Any]:
-        return {"params": 0, "macs_per_frame": None,
-                "settings": {"cutoff_hz": self.cutoff_hz, "leak": self.leak, "contrast": self.contrast}}
+        return {
+            "params": 0,
+            "macs_per_frame": None,
+            "settings": {"cutoff_hz": self.cutoff_hz, "leak": self.leak, "contrast": self.contrast},
+        }
 
 
 class DirectIntegration(_Integrator):
@@ -147,7 +167,9 @@ class MidGray:
         self.name = "mid-gray"
         self.value = value
 
-    def reconstruct(self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray) -> np.ndarray:
+    def reconstruct(
+        self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray
+    ) -> np.ndarray:
         return np.full((len(timestamps_us), height, width), self.value, dtype=np.float32)
 
     def info(self) -> dict[str, Any]:
@@ -187,8 +209,16 @@ def voxel_grid(events: np.ndarray, width: int, height: int, bins: int = 5) -> np
     out = np.zeros((bins, height, width), dtype=np.float32)
     if len(events) == 0:
         return out
-    return _voxel(np.ascontiguousarray(events["t"]), np.ascontiguousarray(events["x"]),
-                  np.ascontiguousarray(events["y"]), np.ascontiguousarray(events["p"]), width, height, bins, out)
+    return _voxel(
+        np.ascontiguousarray(events["t"]),
+        np.ascontiguousarray(events["x"]),
+        np.ascontiguousarray(events["y"]),
+        np.ascontiguousarray(events["p"]),
+        width,
+        height,
+        bins,
+        out,
+    )
 
 
 def pienet_available() -> str | None:
@@ -216,7 +246,9 @@ class PIENetMethod:
         self.output_times_us: np.ndarray | None = None
         self.last_counters: dict[str, float] | None = None
 
-    def reconstruct(self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray) -> np.ndarray:
+    def reconstruct(
+        self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray
+    ) -> np.ndarray:
         from .scene_eval import CostCounter
 
         torch = self._torch
@@ -250,8 +282,12 @@ class PIENetMethod:
     def info(self) -> dict[str, Any]:
         from .scene_eval import count_parameters
 
-        return {"params": count_parameters(self.net), "package": "event-pienet", "variant": self.variant,
-                "input": f"{self.bins}-bin voxel grid between output frames"}
+        return {
+            "params": count_parameters(self.net),
+            "package": "event-pienet",
+            "variant": self.variant,
+            "input": f"{self.bins}-bin voxel grid between output frames",
+        }
 
 
 BASELINES = ("mid-gray", "direct", "hpf", "pienet", "pienet-lite")

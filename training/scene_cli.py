@@ -12,7 +12,9 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    sc = subparsers.add_parser("scenes", help="general-scene reconstruction: evaluate (and train) the scene model")
+    sc = subparsers.add_parser(
+        "scenes", help="general-scene reconstruction: evaluate (and train) the scene model"
+    )
     sub = sc.add_subparsers(dest="scenes_command", metavar="SCENES_COMMAND")
     sc.set_defaults(func=lambda args: (sc.print_help(), 2)[1])
 
@@ -20,17 +22,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="score the scene model and every baseline on real DAVIS frames and simulated clips (EVREAL std)",
         description="EVREAL standard protocol (SSIM, MSE; raw and histogram-matched) on the ECD slider_depth "
-                    "excerpt, the DAVIS346 clip with its APS frames, and the simulated test set; the "
-                    "mid-gray floor, direct integration, the high-pass filter and PIE-Net(-Lite) side by "
-                    "side, with ms/frame on one core, parameters, MACs, spikes and SynOps per frame.",
+        "excerpt, the DAVIS346 clip with its APS frames, and the simulated test set; the "
+        "mid-gray floor, direct integration, the high-pass filter and PIE-Net(-Lite) side by "
+        "side, with ms/frame on one core, parameters, MACs, spikes and SynOps per frame.",
     )
-    ev.add_argument("checkpoint", type=Path, nargs="?", default=None,
-                    help="scene checkpoint directory (default checkpoints/scenes; skipped when absent)")
+    ev.add_argument(
+        "checkpoint",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="scene checkpoint directory (default checkpoints/scenes; skipped when absent)",
+    )
     ev.add_argument("--json", action="store_true", help="print the report as one JSON object on stdout")
-    ev.add_argument("--out", type=Path, default=None,
-                    help="directory for scenes.json, scenes.md and montage PNGs")
-    ev.add_argument("--methods", default=",".join(_method_order()),
-                    help="comma-separated methods (vdib, mid-gray, direct, hpf, pienet, pienet-lite)")
+    ev.add_argument(
+        "--out", type=Path, default=None, help="directory for scenes.json, scenes.md and montage PNGs"
+    )
+    ev.add_argument(
+        "--methods",
+        default=",".join(_method_order()),
+        help="comma-separated methods (vdib, mid-gray, direct, hpf, pienet, pienet-lite)",
+    )
     ev.add_argument("--sets", default="ecd,davis346,simulated", help="comma-separated test sets")
     ev.add_argument("--sim-clips", type=int, default=8, help="simulated test clips")
     ev.add_argument("--sim-seed", type=int, default=0)
@@ -43,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train the scene model (vdib-bptt) on simulated scenes from bundled images",
         description="Simulated clips (training.scene_data) are generated into a cache by worker processes "
-                    "while the trainer samples random crops from them; checkpoints best/last/final under --out.",
+        "while the trainer samples random crops from them; checkpoints best/last/final under --out.",
     )
     tr.add_argument("--out", default="runs/scenes")
     tr.add_argument("--cache-dir", default="runs/scene-cache")
@@ -58,9 +69,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .scene_train import main as train_main
 
-    return train_main(["--out", args.out, "--cache-dir", args.cache_dir, "--minutes", str(args.minutes),
-                       "--batch", str(args.batch), "--workers", str(args.workers), "--threads", str(args.threads),
-                       "--seed", str(args.seed)])
+    return train_main(
+        [
+            "--out",
+            args.out,
+            "--cache-dir",
+            args.cache_dir,
+            "--minutes",
+            str(args.minutes),
+            "--batch",
+            str(args.batch),
+            "--workers",
+            str(args.workers),
+            "--threads",
+            str(args.threads),
+            "--seed",
+            str(args.seed),
+        ]
+    )
 
 
 def _method_order() -> tuple[str, ...]:
@@ -95,8 +121,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         log(f"method {k} skipped: {v}")
     if args.checkpoint is not None and "vdib" in skipped:
         return 1
-    report, recons = se.run_benchmark(methods, test_sets, timing=not args.no_timing, repeats=args.repeats,
-                                      progress=not args.no_progress, skipped=skipped)
+    report, recons = se.run_benchmark(
+        methods,
+        test_sets,
+        timing=not args.no_timing,
+        repeats=args.repeats,
+        progress=not args.no_progress,
+        skipped=skipped,
+    )
     if args.out is not None:
         se.write_report(report, args.out / "scenes.json", args.out / "scenes.md")
         for p in se.write_montages(report, recons, test_sets, args.out):

@@ -98,7 +98,7 @@ def image_bank(split: str) -> tuple[tuple[str, np.ndarray], ...]:
     try:
         import skimage.data as skd
     except ImportError:  # pragma: no cover - scikit-image is a training dependency
-        skd = None
+        skd = None  # type: ignore[assignment]
     for name in IMAGE_SOURCES:
         if name == "dead-leaves" or (name in TEST_IMAGES) != (split == "test"):
             continue
@@ -155,19 +155,31 @@ def make_clip(index: int, config: SceneDataConfig, base_seed: int = 0) -> SceneC
     objects = []
     for _ in range(n_obj):
         s = config.object_size_px
-        img = (dead_leaves((s, s), rng, r_max=s / 2) if not bank or rng.random() < 0.5
-               else _crop(rng, bank[rng.integers(len(bank))][1], int(rng.integers(s, 4 * s))))
+        img = (
+            dead_leaves((s, s), rng, r_max=s / 2)
+            if not bank or rng.random() < 0.5
+            else _crop(rng, bank[rng.integers(len(bank))][1], int(rng.integers(s, 4 * s)))
+        )
         objects.append((img, object_mask(img.shape, rng)))
     scene = replace(config.scene, height=config.height, width=config.width)
     times = np.arange(1, config.n_bins + 1, dtype=np.int64) * config.dt_us
-    return simulate_scene(bg, objects, duration_us=int(times[-1]), frame_times_us=times, config=scene, seed=rng)
+    return simulate_scene(
+        bg, objects, duration_us=int(times[-1]), frame_times_us=times, config=scene, seed=rng
+    )
 
 
 def clip_tensors(clip: SceneClip, n_bins: int, dt_us: int) -> tuple[np.ndarray, np.ndarray]:
     """(count frames ``uint8 [T, 2, H, W]`` of 10 ms bins from t = 0, frames ``float16 [T, H, W]``
     at the bins' ends)."""
-    x = bin_events(clip.events, ROI.full(clip.width, clip.height), dt_us, t0=0, n_bins=n_bins,
-                   polarity="split", mode="count")
+    x = bin_events(
+        clip.events,
+        ROI.full(clip.width, clip.height),
+        dt_us,
+        t0=0,
+        n_bins=n_bins,
+        polarity="split",
+        mode="count",
+    )
     return x, clip.frames.astype(np.float16)
 
 
@@ -175,8 +187,13 @@ class SceneDataset(torch.utils.data.Dataset):
     """Map-style dataset of simulated clips: item ``i`` -> ``(x uint8 [T, 2, H, W], target
     float16 [T, H, W])``; optional on-disk cache (``.npz`` per clip, keyed by the config hash)."""
 
-    def __init__(self, config: SceneDataConfig, length: int, base_seed: int = 0,
-                 cache_dir: str | os.PathLike[str] | None = None):
+    def __init__(
+        self,
+        config: SceneDataConfig,
+        length: int,
+        base_seed: int = 0,
+        cache_dir: str | os.PathLike[str] | None = None,
+    ):
         self.config = config
         self.length = int(length)
         self.base_seed = int(base_seed)
@@ -213,26 +230,42 @@ def iterate_batches(dataset: SceneDataset, batch: int, rng: np.random.Generator)
             yield order[i : i + batch].tolist()
 
 
-def test_clips(n: int = 8, seed: int = 0, *, height: int = 120, width: int = 160,
-               duration_us: int = 500_000, frame_every_us: int = 50_000) -> list[SceneClip]:
+def test_clips(
+    n: int = 8,
+    seed: int = 0,
+    *,
+    height: int = 120,
+    width: int = 160,
+    duration_us: int = 500_000,
+    frame_every_us: int = 50_000,
+) -> list[SceneClip]:
     """The simulated test set: ``n`` clips of held-out images (:data:`TEST_IMAGES`) and
     held-out dead leaves, at a resolution training never uses, with exact frames every
     ``frame_every_us``. Deterministic in ``seed``."""
-    cfg = SceneDataConfig(height=height, width=width, split="test", leaves_size=2 * max(height, width),
-                          object_size_px=max(height, width) // 3)
+    cfg = SceneDataConfig(
+        height=height,
+        width=width,
+        split="test",
+        leaves_size=2 * max(height, width),
+        object_size_px=max(height, width) // 3,
+    )
     clips = []
     times = np.arange(frame_every_us, duration_us + 1, frame_every_us, dtype=np.int64)
     for i in range(n):
         rng = np.random.default_rng(_TEST_LEAVES_SEED + 7919 * seed + i)
         bank = image_bank("test")
-        bg = (bank[i % len(bank)][1] if bank and i % 3 != 2
-              else dead_leaves((cfg.leaves_size, cfg.leaves_size), rng))
+        bg = (
+            bank[i % len(bank)][1]
+            if bank and i % 3 != 2
+            else dead_leaves((cfg.leaves_size, cfg.leaves_size), rng)
+        )
         objects = []
         for _ in range(int(rng.integers(0, 3))):
             s = cfg.object_size_px
             img = dead_leaves((s, s), rng, r_max=s / 2)
             objects.append((img, object_mask(img.shape, rng)))
         scene = replace(cfg.scene, height=height, width=width)
-        clips.append(simulate_scene(bg, objects, duration_us=duration_us, frame_times_us=times,
-                                    config=scene, seed=rng))
+        clips.append(
+            simulate_scene(bg, objects, duration_us=duration_us, frame_times_us=times, config=scene, seed=rng)
+        )
     return clips

@@ -105,7 +105,9 @@ class TestSet:
 # ---------------------------------------------------------------------------------------------
 
 
-def in_span(events: np.ndarray, frames: np.ndarray, times_us: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def in_span(
+    events: np.ndarray, frames: np.ndarray, times_us: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Keep the GT frames whose timestamps lie inside [first event, last event]."""
     if len(events) == 0:
         raise SceneEvalError("a test sequence without events cannot be scored")
@@ -147,11 +149,19 @@ def load_ecd_slider_depth(root: Path | None = None) -> TestSequence:
     height, width = stack.shape[1:]
     ts = np.asarray(times, dtype=np.int64)
     kept, kept_t, dropped = in_span(rec.events, stack, ts)
-    return _check_sequence(TestSequence(
-        name="ecd_slider_depth", events=rec.events, width=int(width), height=int(height), frames=kept,
-        frame_times_us=kept_t, source=str(d), dropped_frames=dropped,
-        notes="ECD slider_depth, first 50,000 events (IJRR 2017, CC BY-NC-SA 3.0)",
-    ))
+    return _check_sequence(
+        TestSequence(
+            name="ecd_slider_depth",
+            events=rec.events,
+            width=int(width),
+            height=int(height),
+            frames=kept,
+            frame_times_us=kept_t,
+            source=str(d),
+            dropped_frames=dropped,
+            notes="ECD slider_depth, first 50,000 events (IJRR 2017, CC BY-NC-SA 3.0)",
+        )
+    )
 
 
 def load_davis346(path: Path | None = None) -> TestSequence:
@@ -160,7 +170,11 @@ def load_davis346(path: Path | None = None) -> TestSequence:
 
     import events as ev
 
-    p = Path(path) if path is not None else shared_data_dir() / "events" / "aedat4" / "evlib_davis346_trimmed.aedat4"
+    p = (
+        Path(path)
+        if path is not None
+        else shared_data_dir() / "events" / "aedat4" / "evlib_davis346_trimmed.aedat4"
+    )
     rec = ev.read(p)
     cam = dv.io.MonoCameraRecording(str(p))
     if not cam.isFrameStreamAvailable():
@@ -181,11 +195,19 @@ def load_davis346(path: Path | None = None) -> TestSequence:
     stack = np.stack(frames)
     ts = np.asarray(times, dtype=np.int64)
     kept, kept_t, dropped = in_span(rec.events, stack, ts)
-    return _check_sequence(TestSequence(
-        name="davis346_evlib", events=rec.events, width=rec.width, height=rec.height, frames=kept,
-        frame_times_us=kept_t, source=str(p), dropped_frames=dropped,
-        notes="DAVIS346 evlib clip, APS frames (dv-processing frame timestamps, event clock)",
-    ))
+    return _check_sequence(
+        TestSequence(
+            name="davis346_evlib",
+            events=rec.events,
+            width=rec.width,
+            height=rec.height,
+            frames=kept,
+            frame_times_us=kept_t,
+            source=str(p),
+            dropped_frames=dropped,
+            notes="DAVIS346 evlib clip, APS frames (dv-processing frame timestamps, event clock)",
+        )
+    )
 
 
 def load_simulated(n: int = 8, seed: int = 0) -> TestSet | None:
@@ -207,18 +229,30 @@ def load_simulated(n: int = 8, seed: int = 0) -> TestSet | None:
         kept, kept_t, dropped = in_span(evs, frames, times)
         if len(kept) == 0:
             continue
-        seqs.append(_check_sequence(TestSequence(
-            name=f"sim_{i:02d}", events=evs, width=int(clip.width), height=int(clip.height),
-            frames=kept, frame_times_us=kept_t, source=f"training.scene_data.test_clips({n}, {seed})[{i}]",
-            dropped_frames=dropped,
-        )))
+        seqs.append(
+            _check_sequence(
+                TestSequence(
+                    name=f"sim_{i:02d}",
+                    events=evs,
+                    width=int(clip.width),
+                    height=int(clip.height),
+                    frames=kept,
+                    frame_times_us=kept_t,
+                    source=f"training.scene_data.test_clips({n}, {seed})[{i}]",
+                    dropped_frames=dropped,
+                )
+            )
+        )
     if not seqs:
         return None
     return TestSet("simulated", seqs, f"training.scene_data.test_clips(n={n}, seed={seed}): held-out images")
 
 
 def default_test_sets(
-    names: Iterable[str] = ("ecd", "davis346", "simulated"), *, sim_n: int = 8, sim_seed: int = 0,
+    names: Iterable[str] = ("ecd", "davis346", "simulated"),
+    *,
+    sim_n: int = 8,
+    sim_seed: int = 0,
     log: Callable[[str], None] | None = None,
 ) -> list[TestSet]:
     """The test sets that are available here; a missing one is skipped with a message to ``log``."""
@@ -226,11 +260,21 @@ def default_test_sets(
     for name in names:
         try:
             if name == "ecd":
-                out.append(TestSet("ecd_slider_depth", [load_ecd_slider_depth()],
-                                   "ECD slider_depth excerpt, DAVIS240C, GT frames in the event span"))
+                out.append(
+                    TestSet(
+                        "ecd_slider_depth",
+                        [load_ecd_slider_depth()],
+                        "ECD slider_depth excerpt, DAVIS240C, GT frames in the event span",
+                    )
+                )
             elif name == "davis346":
-                out.append(TestSet("davis346_evlib", [load_davis346()],
-                                   "DAVIS346 evlib clip with its APS frames in the event span"))
+                out.append(
+                    TestSet(
+                        "davis346_evlib",
+                        [load_davis346()],
+                        "DAVIS346 evlib clip with its APS frames in the event span",
+                    )
+                )
             elif name == "simulated":
                 s = load_simulated(sim_n, sim_seed)
                 if s is None:
@@ -314,8 +358,9 @@ def evaluate_on_sequence(method: Method, seq: TestSequence, *, keep_recon: bool 
     recon = np.asarray(method.reconstruct(seq.events, seq.width, seq.height, times))
     seconds = time.perf_counter() - t0
     if recon.shape != (len(times), seq.height, seq.width):
-        raise SceneEvalError(f"{method.name} returned {recon.shape} for {len(times)} frames of "
-                             f"{seq.height}x{seq.width}")
+        raise SceneEvalError(
+            f"{method.name} returned {recon.shape} for {len(times)} frames of {seq.height}x{seq.width}"
+        )
     out_times = getattr(method, "output_times_us", None)
     out_times = times if out_times is None else np.asarray(out_times, dtype=np.int64)
     idx = match_within_tolerance(out_times, times)
@@ -327,8 +372,15 @@ def evaluate_on_sequence(method: Method, seq: TestSequence, *, keep_recon: bool 
         s["t_us"] = float(times[i])
         per_frame.append(s)
     counters = dict(getattr(method, "last_counters", None) or {})
-    return SequenceResult(seq.name, len(per_frame), int((idx < 0).sum()), per_frame, seconds,
-                          recon.astype(np.float32) if keep_recon else None, counters)
+    return SequenceResult(
+        seq.name,
+        len(per_frame),
+        int((idx < 0).sum()),
+        per_frame,
+        seconds,
+        recon.astype(np.float32) if keep_recon else None,
+        counters,
+    )
 
 
 def summarize(results: Sequence[SequenceResult]) -> dict[str, Any]:
@@ -364,8 +416,12 @@ def _conv_dispatch_mode(counter: CostCounter) -> Any:
     aten = torch.ops.aten
     # op -> index of its ``groups`` argument (conv2d reaches a python mode undecomposed under
     # inference_mode, convolution otherwise; a mode never sees both for one call)
-    convs = {aten.convolution.default: 8, aten.conv1d.default: 6, aten.conv2d.default: 6,
-             aten.conv3d.default: 6}
+    convs = {
+        aten.convolution.default: 8,
+        aten.conv1d.default: 6,
+        aten.conv2d.default: 6,
+        aten.conv3d.default: 6,
+    }
 
     class _Mode(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
@@ -420,8 +476,14 @@ class CostCounter:
         c.totals()  # {"macs": ..., "synops": ..., "spikes": ..., ...}
     """
 
-    def __init__(self, module: Any, *, spiking: bool = True, spike_modules: Iterable[Any] = (),
-                 explicit_spikes: bool = False):
+    def __init__(
+        self,
+        module: Any,
+        *,
+        spiking: bool = True,
+        spike_modules: Iterable[Any] = (),
+        explicit_spikes: bool = False,
+    ):
         self.module = module
         self.spiking = spiking
         self.spike_modules = list(spike_modules)
@@ -452,8 +514,10 @@ class CostCounter:
 
         if not isinstance(x, torch.Tensor):
             return
-        row = self.per_weight.setdefault(self._name(w), {"calls": 0.0, "dense_macs": 0.0, "input_nnz": 0.0,
-                                                          "synops": 0.0, "spike_driven_calls": 0.0})
+        row = self.per_weight.setdefault(
+            self._name(w),
+            {"calls": 0.0, "dense_macs": 0.0, "input_nnz": 0.0, "synops": 0.0, "spike_driven_calls": 0.0},
+        )
         row["calls"] += 1
         row["dense_macs"] += dense
         nnz = float((x != 0).sum().item())
@@ -556,8 +620,12 @@ def calibration(seconds: float = 0.5) -> dict[str, float]:
         n += 1
     dt = time.perf_counter() - t0
     load1, load5, _ = os.getloadavg()
-    return {"gemm_gflops_1core": 2 * 256**3 * n / dt / 1e9, "loadavg_1min": load1, "loadavg_5min": load5,
-            "cpu_count": float(os.cpu_count() or 0)}
+    return {
+        "gemm_gflops_1core": 2 * 256**3 * n / dt / 1e9,
+        "loadavg_1min": load1,
+        "loadavg_5min": load5,
+        "cpu_count": float(os.cpu_count() or 0),
+    }
 
 
 def time_method(method: Method, seq: TestSequence, *, repeats: int = 2) -> float:
@@ -597,8 +665,9 @@ def vdib_available(checkpoint: Path | None = None) -> str | None:
 class VdibScenes:
     """The VDIB scene naturalizer: spiking conv encoder + ANN decoder (``model.scene``)."""
 
-    def __init__(self, checkpoint: Path | None = None, *, seed: int = 0, count_cost: bool = False,
-                 net: Any = None):
+    def __init__(
+        self, checkpoint: Path | None = None, *, seed: int = 0, count_cost: bool = False, net: Any = None
+    ):
         import torch
 
         import model
@@ -611,7 +680,7 @@ class VdibScenes:
             self.checkpoint = Path("<in memory>")
         else:
             loaded = model.load_checkpoint(self.checkpoint)
-            self.net, self.meta = (loaded if isinstance(loaded, tuple) else (loaded, {}))
+            self.net, self.meta = loaded if isinstance(loaded, tuple) else (loaded, {})
         self.net.eval()
         self.seed = seed
         self.name = "vdib"
@@ -624,7 +693,9 @@ class VdibScenes:
         gen = self._torch.Generator().manual_seed(self.seed)
         return self._scene.reconstruct_events(self.net, events, width, height, timestamps_us, generator=gen)
 
-    def reconstruct(self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray) -> np.ndarray:
+    def reconstruct(
+        self, events: np.ndarray, width: int, height: int, timestamps_us: np.ndarray
+    ) -> np.ndarray:
         torch = self._torch
         with torch.inference_mode():
             if not self.count_cost:
@@ -659,15 +730,22 @@ class VdibScenes:
 
     def info(self) -> dict[str, Any]:
         meta = self.meta if isinstance(self.meta, dict) else {}
-        metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+        found = meta.get("metrics")
+        metrics: dict[str, Any] = found if isinstance(found, dict) else {}
         try:
             where = str(self.checkpoint.resolve().relative_to(REPO))
         except ValueError:
             where = str(self.checkpoint)
-        return {"params": count_parameters(self.net), "checkpoint": where, "spiking": True,
-                "kind": "spiking conv encoder (VDIB) + ANN decoder",
-                "checkpoint_step": metrics.get("step"), "checkpoint_created_utc": meta.get("created_utc"),
-                "weights_sha256": meta.get("weights_sha256"), "seed": self.seed}
+        return {
+            "params": count_parameters(self.net),
+            "checkpoint": where,
+            "spiking": True,
+            "kind": "spiking conv encoder (VDIB) + ANN decoder",
+            "checkpoint_step": metrics.get("step"),
+            "checkpoint_created_utc": meta.get("created_utc"),
+            "weights_sha256": meta.get("weights_sha256"),
+            "seed": self.seed,
+        }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -710,15 +788,24 @@ def _git_commit() -> str:
     import subprocess
 
     try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
 
 def run_benchmark(
-    methods: Sequence[Any], test_sets: Sequence[TestSet], *, timing: bool = True, repeats: int = 2,
-    progress: bool = True, skipped: dict[str, str] | None = None,
+    methods: Sequence[Any],
+    test_sets: Sequence[TestSet],
+    *,
+    timing: bool = True,
+    repeats: int = 2,
+    progress: bool = True,
+    skipped: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], dict[str, dict[str, list[np.ndarray]]]]:
     """Score and time every method on every test set (one run). Returns (report, reconstructions).
 
@@ -730,10 +817,16 @@ def run_benchmark(
     calib = calibration()
     report: dict[str, Any] = {
         "protocol": {
-            "name": "EVREAL standard (std)", "tolerance_ms": TOLERANCE_US / 1000, "ssim": SSIM_KWARGS,
-            "mse": "skimage.metrics.mean_squared_error", "clip": [0, 1], "gt": "8-bit / 255",
-            "raw": "no histogram processing", "hist": "skimage.exposure.match_histograms(recon, gt) per frame",
-            "start": "cold, from each sequence's first event", "lpips": "left out: needs pretrained network "
+            "name": "EVREAL standard (std)",
+            "tolerance_ms": TOLERANCE_US / 1000,
+            "ssim": SSIM_KWARGS,
+            "mse": "skimage.metrics.mean_squared_error",
+            "clip": [0, 1],
+            "gt": "8-bit / 255",
+            "raw": "no histogram processing",
+            "hist": "skimage.exposure.match_histograms(recon, gt) per frame",
+            "start": "cold, from each sequence's first event",
+            "lpips": "left out: needs pretrained network "
             "weights (AlexNet/VGG) that cannot be had offline here",
             "timing": "best of runs after a warm-up, torch and numba on 1 thread, per requested GT frame",
             "macs": "torch.utils.flop_counter (conv/matmul only) / 2, per requested frame",
@@ -742,12 +835,26 @@ def run_benchmark(
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git": _git_commit(),
         "test_sets": [
-            {"name": ts.name, "description": ts.description, "sequences": [
-                {"name": s.name, "width": s.width, "height": s.height, "events": int(len(s.events)),
-                 "span_us": list(s.span_us), "frames_in_span": int(len(s.frames)),
-                 "frames_dropped_outside_span": s.dropped_frames, "source": s.source, "notes": s.notes}
-                for s in ts.sequences]}
-            for ts in test_sets],
+            {
+                "name": ts.name,
+                "description": ts.description,
+                "sequences": [
+                    {
+                        "name": s.name,
+                        "width": s.width,
+                        "height": s.height,
+                        "events": int(len(s.events)),
+                        "span_us": list(s.span_us),
+                        "frames_in_span": int(len(s.frames)),
+                        "frames_dropped_outside_span": s.dropped_frames,
+                        "source": s.source,
+                        "notes": s.notes,
+                    }
+                    for s in ts.sequences
+                ],
+            }
+            for ts in test_sets
+        ],
         "methods": {},
         "results": {},
         "skipped": dict(skipped or {}),
@@ -767,7 +874,8 @@ def run_benchmark(
             frames_requested += len(seq.frame_times_us)
             for k, v in r.counters.items():
                 counters[k] = counters.get(k, 0.0) + v
-            recons.setdefault(m.name, {}).setdefault(ts.name, []).append(r.recon)
+            if r.recon is not None:
+                recons.setdefault(m.name, {}).setdefault(ts.name, []).append(r.recon)
             if timing:
                 had = getattr(m, "count_cost", None)
                 if had is not None:
@@ -779,13 +887,25 @@ def run_benchmark(
                         m.count_cost = had
         entry = summarize(seq_results)
         entry["frames_requested"] = frames_requested
-        entry["ms_per_frame_1core"] = 1000.0 * seconds / frames_requested if timing and frames_requested else None
+        entry["ms_per_frame_1core"] = (
+            1000.0 * seconds / frames_requested if timing and frames_requested else None
+        )
         # compute time over the stream time it covered (first event to last GT frame): < 1 is real time
-        covered = sum(float(q.frame_times_us[-1] - q.events["t"][0]) for q in ts.sequences if len(q.frame_times_us))
+        covered = sum(
+            float(q.frame_times_us[-1] - q.events["t"][0]) for q in ts.sequences if len(q.frame_times_us)
+        )
         entry["realtime_factor_1core"] = seconds / (covered * 1e-6) if timing and covered > 0 else None
         spiking = bool(m.info().get("spiking"))
-        for k in ("macs", "synops", "spikes", "macs_all_dense", "event_driven_macs", "spikes_hidden",
-                  "spikes_readout", "steps"):
+        for k in (
+            "macs",
+            "synops",
+            "spikes",
+            "macs_all_dense",
+            "event_driven_macs",
+            "spikes_hidden",
+            "spikes_readout",
+            "steps",
+        ):
             if k in counters and (spiking or k in ("macs", "macs_all_dense")):
                 entry[f"{k}_per_frame"] = counters[k] / max(frames_requested, 1)
         if not counters and getattr(m, "name", "") == "mid-gray":
@@ -821,28 +941,33 @@ def markdown(report: dict[str, Any]) -> str:
     """The side-by-side tables of one run."""
     methods = list(report["results"])
     lines = ["# General-scene reconstruction: one benchmark run", ""]
-    lines.append(f"Run {report['created_utc']} at commit `{report.get('git', '')}`. Protocol: EVREAL standard "
-                 "(cold start at the first event; reconstruction within 1 ms of each GT frame inside the "
-                 "event span; clip to [0, 1]; GT / 255; skimage MSE and SSIM with gaussian_weights, sigma 1.5, "
-                 "population covariance, data_range 1). **raw** = no histogram processing (the published "
-                 "metric); **hist** = after `match_histograms(recon, gt)` per frame (structure only; a "
-                 "constant image becomes near-white). LPIPS left out (needs network weights not available "
-                 "offline).")
+    lines.append(
+        f"Run {report['created_utc']} at commit `{report.get('git', '')}`. Protocol: EVREAL standard "
+        "(cold start at the first event; reconstruction within 1 ms of each GT frame inside the "
+        "event span; clip to [0, 1]; GT / 255; skimage MSE and SSIM with gaussian_weights, sigma 1.5, "
+        "population covariance, data_range 1). **raw** = no histogram processing (the published "
+        "metric); **hist** = after `match_histograms(recon, gt)` per frame (structure only; a "
+        "constant image becomes near-white). LPIPS left out (needs network weights not available "
+        "offline)."
+    )
     lines.append("")
     for ts in report["test_sets"]:
         seqs = ts["sequences"]
         n = sum(s["frames_in_span"] for s in seqs)
         ev = sum(s["events"] for s in seqs)
-        lines.append(f"- **{ts['name']}**: {ts['description']}; {len(seqs)} sequence(s), {n} GT frames, "
-                     f"{ev:,} events")
+        lines.append(
+            f"- **{ts['name']}**: {ts['description']}; {len(seqs)} sequence(s), {n} GT frames, {ev:,} events"
+        )
     lines.append("")
     for ts in report["test_sets"]:
         s = ts["name"]
         n = sum(q["frames_in_span"] for q in ts["sequences"])
         lines.append(f"## {s} ({n} GT frames)")
         lines.append("")
-        lines.append("| method | SSIM raw | MSE raw | SSIM hist | MSE hist | ms/frame (1 core) | x real time "
-                     "| params | MACs/frame | spikes/frame | SynOps/frame |")
+        lines.append(
+            "| method | SSIM raw | MSE raw | SSIM hist | MSE hist | ms/frame (1 core) | x real time "
+            "| params | MACs/frame | spikes/frame | SynOps/frame |"
+        )
         lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for m in methods:
             e = report["results"][m].get(s)
@@ -850,39 +975,51 @@ def markdown(report: dict[str, Any]) -> str:
                 continue
             params = report["methods"].get(m, {}).get("params")
             miss = f" ({e['missed']} missed)" if e.get("missed") else ""
-            lines.append(f"| {m} | {_fmt(e['ssim_raw'])}{miss} | {_fmt(e['mse_raw'])} | {_fmt(e['ssim_hist'])} "
-                         f"| {_fmt(e['mse_hist'])} | {_fmt(e.get('ms_per_frame_1core'), '.1f')} "
-                         f"| {_fmt(e.get('realtime_factor_1core'), '.2f')} "
-                         f"| {_si(params) if params else '0'} | {_si(e.get('macs_per_frame'))} "
-                         f"| {_si(e.get('spikes_per_frame'))} | {_si(e.get('synops_per_frame'))} |")
+            lines.append(
+                f"| {m} | {_fmt(e['ssim_raw'])}{miss} | {_fmt(e['mse_raw'])} | {_fmt(e['ssim_hist'])} "
+                f"| {_fmt(e['mse_hist'])} | {_fmt(e.get('ms_per_frame_1core'), '.1f')} "
+                f"| {_fmt(e.get('realtime_factor_1core'), '.2f')} "
+                f"| {_si(params) if params else '0'} | {_si(e.get('macs_per_frame'))} "
+                f"| {_si(e.get('spikes_per_frame'))} | {_si(e.get('synops_per_frame'))} |"
+            )
         lines.append("")
     spiking = [m for m in methods if report["methods"].get(m, {}).get("spiking")]
     for m in spiking:
-        lines.append(f"### {m}: the spiking encoder's work per output frame (accumulates vs multiply-accumulates)")
+        lines.append(
+            f"### {m}: the spiking encoder's work per output frame (accumulates vs multiply-accumulates)"
+        )
         lines.append("")
-        lines.append("| test set | bins stepped | hidden spikes | readout spikes | SynOps (ACs) | MACs (ANN parts, "
-                     "dense) | MACs if the analog input layer were event-driven |")
+        lines.append(
+            "| test set | bins stepped | hidden spikes | readout spikes | SynOps (ACs) | MACs (ANN parts, "
+            "dense) | MACs if the analog input layer were event-driven |"
+        )
         lines.append("|---|---:|---:|---:|---:|---:|---:|")
         for ts in report["test_sets"]:
             e = report["results"][m].get(ts["name"]) or {}
-            lines.append(f"| {ts['name']} | {_fmt(e.get('steps_per_frame'), '.2f')} | {_si(e.get('spikes_hidden_per_frame'))} "
-                         f"| {_si(e.get('spikes_readout_per_frame'))} | {_si(e.get('synops_per_frame'))} "
-                         f"| {_si(e.get('macs_per_frame'))} | {_si(e.get('event_driven_macs_per_frame'))} |")
+            lines.append(
+                f"| {ts['name']} | {_fmt(e.get('steps_per_frame'), '.2f')} | {_si(e.get('spikes_hidden_per_frame'))} "
+                f"| {_si(e.get('spikes_readout_per_frame'))} | {_si(e.get('synops_per_frame'))} "
+                f"| {_si(e.get('macs_per_frame'))} | {_si(e.get('event_driven_macs_per_frame'))} |"
+            )
         lines.append("")
     c = report["calibration"]
-    lines.append(f"Same-run machine reference: {c['gemm_gflops_1core']:.1f} GFLOP/s single-thread fp32 GEMM "
-                 f"(256x256x256), load average {c['loadavg_1min']:.2f} (1 min) / {c['loadavg_5min']:.2f} "
-                 f"(5 min) on {int(c['cpu_count'])} cores. MACs count convolutions and matrix products "
-                 "(torch's flop counter), not element-wise ops; SynOps are accumulates of spike-driven "
-                 "layers (each input spike costs out_channels x k x k). Classical filters: O(events) "
-                 "numba loops, no MACs counted.")
+    lines.append(
+        f"Same-run machine reference: {c['gemm_gflops_1core']:.1f} GFLOP/s single-thread fp32 GEMM "
+        f"(256x256x256), load average {c['loadavg_1min']:.2f} (1 min) / {c['loadavg_5min']:.2f} "
+        f"(5 min) on {int(c['cpu_count'])} cores. MACs count convolutions and matrix products "
+        "(torch's flop counter), not element-wise ops; SynOps are accumulates of spike-driven "
+        "layers (each input spike costs out_channels x k x k). Classical filters: O(events) "
+        "numba loops, no MACs counted."
+    )
     for m in methods:
         info = report["methods"].get(m, {})
         if info.get("checkpoint"):
             lines.append("")
-            lines.append(f"{m}: checkpoint `{info['checkpoint']}` (training step {info.get('checkpoint_step')}, "
-                         f"created {info.get('checkpoint_created_utc')}, weights sha256 "
-                         f"{str(info.get('weights_sha256'))[:12]}), Bernoulli readout seed {info.get('seed')}.")
+            lines.append(
+                f"{m}: checkpoint `{info['checkpoint']}` (training step {info.get('checkpoint_step')}, "
+                f"created {info.get('checkpoint_created_utc')}, weights sha256 "
+                f"{str(info.get('weights_sha256'))[:12]}), Bernoulli readout seed {info.get('seed')}."
+            )
     if report.get("skipped"):
         lines.append("")
         for k, v in report["skipped"].items():
@@ -891,7 +1028,9 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def event_image(events: np.ndarray, width: int, height: int, t_us: int, window_us: int = 10_000) -> np.ndarray:
+def event_image(
+    events: np.ndarray, width: int, height: int, t_us: int, window_us: int = 10_000
+) -> np.ndarray:
     """The events of the ``window_us`` before ``t_us`` as a picture: gray 0.5, on white, off black."""
     img = np.full((height, width), 0.5, dtype=np.float32)
     t = events["t"]
@@ -901,8 +1040,9 @@ def event_image(events: np.ndarray, width: int, height: int, t_us: int, window_u
     return img
 
 
-def montage(gt: np.ndarray, columns: Sequence[tuple[str, np.ndarray]], *, title: str = "",
-            gt_label: str = "GT") -> Any:
+def montage(
+    gt: np.ndarray, columns: Sequence[tuple[str, np.ndarray]], *, title: str = "", gt_label: str = "GT"
+) -> Any:
     """PIL image: one row per frame, GT then each (label, [K, H, W]) column, labelled on top."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -929,8 +1069,12 @@ def montage(gt: np.ndarray, columns: Sequence[tuple[str, np.ndarray]], *, title:
 
 
 def write_montages(
-    report: dict[str, Any], recons: dict[str, dict[str, list[np.ndarray]]], test_sets: Sequence[TestSet],
-    out_dir: Path, *, max_rows: int = 4,
+    report: dict[str, Any],
+    recons: dict[str, dict[str, list[np.ndarray]]],
+    test_sets: Sequence[TestSet],
+    out_dir: Path,
+    *,
+    max_rows: int = 4,
 ) -> list[Path]:
     """One PNG per test set: GT | events | ours | every baseline, set-mean scores in the labels.
 
@@ -951,8 +1095,17 @@ def write_montages(
         if not picks:
             continue
         gt = np.stack([ts.sequences[si].frames[fi] for si, fi in picks])
-        evs = np.stack([event_image(ts.sequences[si].events, ts.sequences[si].width, ts.sequences[si].height,
-                                    int(ts.sequences[si].frame_times_us[fi])) for si, fi in picks])
+        evs = np.stack(
+            [
+                event_image(
+                    ts.sequences[si].events,
+                    ts.sequences[si].width,
+                    ts.sequences[si].height,
+                    int(ts.sequences[si].frame_times_us[fi]),
+                )
+                for si, fi in picks
+            ]
+        )
         cols = [("events (last 10 ms)", evs)]
         for m in recons:
             if ts.name not in recons[m]:

@@ -107,14 +107,17 @@ def _generate(cfg_json: str, cache_dir: str, base_seed: int, start: int, stop: i
     from events.simulate import SceneConfig
 
     d = json.loads(cfg_json)
-    scene = SceneConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("scene").items()})
+    scene_kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("scene").items()}
+    scene = SceneConfig(**scene_kw)
     cfg = SceneDataConfig(**d, scene=scene)
     ds = SceneDataset(cfg, stop, base_seed=base_seed, cache_dir=cache_dir)
     for i in range(start, stop, step):
         ds[i]
 
 
-def _augment(x: np.ndarray, y: np.ndarray, crop: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _augment(
+    x: np.ndarray, y: np.ndarray, crop: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Random ``crop x crop`` window, flips and a 90-degree rotation (all keep polarities valid)."""
     h, w = y.shape[-2:]
     i, j = rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)
@@ -129,8 +132,9 @@ def _augment(x: np.ndarray, y: np.ndarray, crop: int, rng: np.random.Generator) 
     return np.ascontiguousarray(x), np.ascontiguousarray(y)
 
 
-def _losses(net: SceneNaturalizer, x: torch.Tensor, y: torch.Tensor, cfg: SceneTrainConfig,
-            generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+def _losses(
+    net: SceneNaturalizer, x: torch.Tensor, y: torch.Tensor, cfg: SceneTrainConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, dict[str, float]]:
     """x uint8 [T, B, 2, H, W], y [T, B, H, W] -> total loss and its parts."""
     T = x.shape[0]
     steps = list(range(cfg.first_decoded_bin, T, cfg.decode_every))
@@ -145,8 +149,13 @@ def _losses(net: SceneNaturalizer, x: torch.Tensor, y: torch.Tensor, cfg: SceneT
     p = torch.sigmoid(u)
     kl = (p * (TF.logsigmoid(u) - math.log(r)) + (1 - p) * (TF.logsigmoid(-u) - math.log1p(-r))).mean()
     total = l1 + cfg.ssim_weight * (1 - ssim) + cfg.beta * kl
-    return total, {"loss": float(total), "l1": float(l1), "ssim": float(ssim), "kl": float(kl),
-                   "rate": float(spikes.detach().mean())}
+    return total, {
+        "loss": float(total),
+        "l1": float(l1),
+        "ssim": float(ssim),
+        "kl": float(kl),
+        "rate": float(spikes.detach().mean()),
+    }
 
 
 def _load_pool(cache: Path, have: dict[int, tuple[np.ndarray, np.ndarray]], limit: int) -> None:
@@ -176,8 +185,14 @@ def train_scenes(cfg: SceneTrainConfig) -> Path:
     val_cfg = replace(cfg.data, height=cfg.crop, width=cfg.crop)
     val_ds = SceneDataset(val_cfg, 16, base_seed=cfg.seed + 50_000_000, cache_dir=cfg.cache_dir)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_generate, args=(data_json, cfg.cache_dir, cfg.seed, w, cfg.pool_clips, cfg.workers),
-                         daemon=True) for w in range(cfg.workers)]
+    procs = [
+        ctx.Process(
+            target=_generate,
+            args=(data_json, cfg.cache_dir, cfg.seed, w, cfg.pool_clips, cfg.workers),
+            daemon=True,
+        )
+        for w in range(cfg.workers)
+    ]
     for p in procs:
         p.start()
     val = [val_ds[i] for i in range(len(val_ds))]
@@ -225,8 +240,13 @@ def train_scenes(cfg: SceneTrainConfig) -> Path:
             rec = {"step": step, "t": round(elapsed, 1), "lr": lr, "pool": len(pool), **parts}
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            bar.set_postfix(step=step, l1=f"{parts['l1']:.3f}", ssim=f"{parts['ssim']:.3f}",
-                            rate=f"{parts['rate']:.3f}", pool=len(pool))
+            bar.set_postfix(
+                step=step,
+                l1=f"{parts['l1']:.3f}",
+                ssim=f"{parts['ssim']:.3f}",
+                rate=f"{parts['rate']:.3f}",
+                pool=len(pool),
+            )
         now = int(time.monotonic() - t_start)
         bar.update(max(now - last_bar, 0))
         last_bar = max(now, last_bar)
@@ -236,7 +256,9 @@ def train_scenes(cfg: SceneTrainConfig) -> Path:
             history.append(ev)
             log.write(json.dumps({"eval": ev}) + "\n")
             log.flush()
-            tqdm.write(f"step {step}: val ssim {ev['val_ssim']:.4f} l1 {ev['val_l1']:.4f} rate {ev['val_rate']:.3f}")
+            tqdm.write(
+                f"step {step}: val ssim {ev['val_ssim']:.4f} l1 {ev['val_l1']:.4f} rate {ev['val_rate']:.3f}"
+            )
             if ev["val_ssim"] > best:
                 best = ev["val_ssim"]
                 _save(net, out / "best", cfg, ev, step)
@@ -254,16 +276,20 @@ def train_scenes(cfg: SceneTrainConfig) -> Path:
 
 
 @torch.no_grad()
-def evaluate_batch(net: SceneNaturalizer, x: torch.Tensor, y: torch.Tensor, cfg: SceneTrainConfig) -> dict[str, float]:
+def evaluate_batch(
+    net: SceneNaturalizer, x: torch.Tensor, y: torch.Tensor, cfg: SceneTrainConfig
+) -> dict[str, float]:
     net.eval()
     _, parts = _losses(net, x, y, cfg, torch.Generator().manual_seed(1234))
     return {f"val_{k}": v for k, v in parts.items()}
 
 
-def _save(net: SceneNaturalizer, where: Path, cfg: SceneTrainConfig, metrics: dict[str, Any], step: int) -> Path:
+def _save(
+    net: SceneNaturalizer, where: Path, cfg: SceneTrainConfig, metrics: dict[str, Any], step: int
+) -> Path:
     provenance = {
         "data": "simulated scenes (training.scene_data, events.simulate.simulate_scene); never the real "
-                "recordings of ../shared/data/events-gt",
+        "recordings of ../shared/data/events-gt",
         "train_images": [n for n, _ in image_bank("train")] + ["dead-leaves"],
         "held_out_images": list(TEST_IMAGES),
         "image_licences": {k: v[1] for k, v in IMAGE_SOURCES.items()},
@@ -291,10 +317,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=200)
     ap.add_argument("--decode-every", type=int, default=4, help="decode (and score) every n-th bin")
     a = ap.parse_args(argv)
-    cfg = SceneTrainConfig(out=a.out, cache_dir=a.cache_dir, minutes=a.minutes, max_steps=a.max_steps, batch=a.batch,
-                           crop=a.crop, lr=a.lr, beta=a.beta, workers=a.workers, threads=a.threads,
-                           pool_clips=a.pool_clips, seed=a.seed, eval_every=a.eval_every,
-                           decode_every=a.decode_every)
+    cfg = SceneTrainConfig(
+        out=a.out,
+        cache_dir=a.cache_dir,
+        minutes=a.minutes,
+        max_steps=a.max_steps,
+        batch=a.batch,
+        crop=a.crop,
+        lr=a.lr,
+        beta=a.beta,
+        workers=a.workers,
+        threads=a.threads,
+        pool_clips=a.pool_clips,
+        seed=a.seed,
+        eval_every=a.eval_every,
+        decode_every=a.decode_every,
+    )
     final = train_scenes(cfg)
     tqdm.write(f"wrote {final}")
     return 0

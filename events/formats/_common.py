@@ -179,7 +179,9 @@ def finish(
             monotonic = monotonic or mono
     if not in_bounds:
         check_bounds(events, width, height, offsets=offsets)
-    events = order_by_time(events, metadata, offsets=offsets, max_backstep_us=max_backstep_us, monotonic=monotonic)
+    events = order_by_time(
+        events, metadata, offsets=offsets, max_backstep_us=max_backstep_us, monotonic=monotonic
+    )
     metadata.setdefault("events", int(len(events)))
     return Recording(events=events, width=int(width), height=int(height), format=fmt, metadata=metadata)
 
@@ -210,7 +212,9 @@ def text_header(data: Any, prefix: bytes, *, max_header: int = 16 << 20) -> tupl
 
 
 @register
-def scan_packed(buf: np.ndarray, last_t: Any, x_max: Any, y_max: Any, monotonic: Any) -> tuple[Any, Any, Any, Any]:
+def scan_packed(
+    buf: np.ndarray, last_t: Any, x_max: Any, y_max: Any, monotonic: Any
+) -> tuple[Any, Any, Any, Any]:
     """One pass over packed EVENT_DTYPE records (``buf``: their uint8 bytes): carry the latest
     ``t``, the largest ``x`` and ``y`` and whether ``t`` never decreased (compiled by numba).
 

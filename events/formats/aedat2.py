@@ -89,8 +89,7 @@ def parse(data: bytes, *, limits: Limits, version: str | None = None, name: str 
     meta: dict[str, Any] = {"header": info, "aedat_version": version, "skipped": {}}
     if body % word:
         raise EventFormatError(
-            f"AEDAT {version} data is truncated: {body} bytes after the header is not a multiple "
-            f"of {word}",
+            f"AEDAT {version} data is truncated: {body} bytes after the header is not a multiple of {word}",
             offset=start + n * word,
         )
     check_count(n, limits, offset=start)
@@ -120,8 +119,16 @@ def parse(data: bytes, *, limits: Limits, version: str | None = None, name: str 
         offsets: Offsets = lambda i: start + int(kept[i]) * word  # noqa: E731
     else:
         offsets = lambda i: start + i * word  # noqa: E731 - no 80 MB offset array for clean files
-    return finish(events, w, h, "aedat2" if version == "2.0" else "aedat1", meta, offsets=offsets,
-                  monotonic=mono, in_bounds=True)
+    return finish(
+        events,
+        w,
+        h,
+        "aedat2" if version == "2.0" else "aedat1",
+        meta,
+        offsets=offsets,
+        monotonic=mono,
+        in_bounds=True,
+    )
 
 
 def _le_words(data: bytes, start: int, n: int) -> np.ndarray:
@@ -129,7 +136,9 @@ def _le_words(data: bytes, start: int, n: int) -> np.ndarray:
     return np.frombuffer(data, dtype="<u4", count=2 * n, offset=start)[0::2]
 
 
-def _dvs128(data: bytes, start: int, n: int, word: int, addr: np.ndarray, ts: np.ndarray, meta: dict[str, Any]):
+def _dvs128(
+    data: bytes, start: int, n: int, word: int, addr: np.ndarray, ts: np.ndarray, meta: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], bool]:
     w = h = 128
     if word == 8:
         # big-endian mask 0xFFFF8000 (bits 15-31: sync/special) seen through a little-endian view
@@ -161,8 +170,15 @@ def _dvs128(data: bytes, start: int, n: int, word: int, addr: np.ndarray, ts: np
     return out, keep, (w, h), mono
 
 
-def _davis(data: bytes, start: int, n: int, addr: np.ndarray, ts: np.ndarray,
-           chip: tuple[int, int, str] | None, meta: dict[str, Any]):
+def _davis(
+    data: bytes,
+    start: int,
+    n: int,
+    addr: np.ndarray,
+    ts: np.ndarray,
+    chip: tuple[int, int, str] | None,
+    meta: dict[str, Any],
+) -> tuple[np.ndarray, np.ndarray | None, tuple[int, int], bool]:
     # bit 31 (APS/IMU) and bit 10 (external input) of the big-endian word, little-endian view
     other_any = n > 0 and bool(int(np.bitwise_or.reduce(_le_words(data, start, n))) & 0x00040080)
     a = addr.astype(np.uint32)

@@ -27,8 +27,21 @@ from .aedat2 import CHIPS
 
 END = b"#!END-HEADER\r\n"
 HEADER = struct.Struct("<hhiiiiii")
-TYPES = {0: "special", 1: "polarity", 2: "frame", 3: "imu6", 4: "imu9", 5: "sample", 6: "ear", 7: "config",
-         8: "point1d", 9: "point2d", 10: "point3d", 11: "point4d", 12: "spike"}
+TYPES = {
+    0: "special",
+    1: "polarity",
+    2: "frame",
+    3: "imu6",
+    4: "imu9",
+    5: "sample",
+    6: "ear",
+    7: "config",
+    8: "point1d",
+    9: "point2d",
+    10: "point3d",
+    11: "point4d",
+    12: "spike",
+}
 #: cAER source names (lower case, no separators) -> sensor size; DVXplorer added
 SOURCES = [(frag, w, h) for frag, w, h, _ in CHIPS] + [("dvxplorerlite", 320, 240), ("dvxplorer", 640, 480)]
 
@@ -55,7 +68,9 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
         if m:
             meta["header"][m.group(1)] = m.group(2).strip()
     if meta["header"].get("Format", "RAW").upper() != "RAW":
-        raise EventFormatError(f"AEDAT 3 format {meta['header']['Format']!r} (compressed) is not supported", offset=0)
+        raise EventFormatError(
+            f"AEDAT 3 format {meta['header']['Format']!r} (compressed) is not supported", offset=0
+        )
 
     pos = start
     n_total = len(data)
@@ -67,8 +82,16 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
         if pos + HEADER.size > n_total:
             raise EventFormatError("AEDAT 3 truncated packet header", offset=pos, packet=packet)
         etype, source, esize, tsoff, tsover, capacity, number, valid = HEADER.unpack_from(data, pos)
-        if esize <= 0 or capacity < 0 or number < 0 or number > capacity or valid > number or valid < 0 \
-                or tsover < 0 or not (0 <= tsoff < max(esize, 1)):
+        if (
+            esize <= 0
+            or capacity < 0
+            or number < 0
+            or number > capacity
+            or valid > number
+            or valid < 0
+            or tsover < 0
+            or not (0 <= tsoff < max(esize, 1))
+        ):
             raise EventFormatError(
                 f"AEDAT 3 absurd packet header (type {etype}, size {esize}, capacity {capacity}, "
                 f"number {number}, valid {valid}, tsOffset {tsoff}, tsOverflow {tsover})",
@@ -161,5 +184,13 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
     if not w:
         w, h = mx + 1, my + 1
         meta["sensor_size_from"] = "event coordinates"
-    return finish(events, w, h, "aedat31", meta, offsets=lambda i: offset_of(i, valid_index),
-                  in_bounds=mx < w and my < h, monotonic=mono)
+    return finish(
+        events,
+        w,
+        h,
+        "aedat31",
+        meta,
+        offsets=lambda i: offset_of(i, valid_index),
+        in_bounds=mx < w and my < h,
+        monotonic=mono,
+    )

@@ -42,7 +42,7 @@ EVENT_STRUCT_BYTES = 16
 def _u32(b: bytes, pos: int, what: str) -> int:
     if pos < 0 or pos + 4 > len(b):
         raise EventFormatError(f"AEDAT4 IOHeader: {what} out of range", offset=pos)
-    return struct.unpack_from("<I", b, pos)[0]
+    return int(struct.unpack_from("<I", b, pos)[0])
 
 
 def parse_ioheader(buf: bytes, base: int) -> dict[str, Any]:
@@ -62,9 +62,14 @@ def parse_ioheader(buf: bytes, base: int) -> dict[str, Any]:
         at = 4 + 2 * i
         if at + 2 > vt_size:
             return 0
-        return struct.unpack_from("<H", buf, vt + at)[0]
+        return int(struct.unpack_from("<H", buf, vt + at)[0])
 
-    out: dict[str, Any] = {"compression": 0, "data_table_position": -1, "data_table_field": None, "description": ""}
+    out: dict[str, Any] = {
+        "compression": 0,
+        "data_table_position": -1,
+        "data_table_field": None,
+        "description": "",
+    }
     off = field(0)
     if off:
         if root + off + 4 > n:
@@ -106,7 +111,10 @@ def parse_description(xml: str) -> dict[int, dict[str, Any]]:
         except ValueError as exc:
             raise EventFormatError(f"AEDAT4 stream node with non-numeric id {node.get('name')!r}") from exc
         attrs = {a.get("key"): (a.text or "") for a in node.findall("attr")}
-        info: dict[str, Any] = {"type": attrs.get("typeIdentifier", ""), "name": attrs.get("originalOutputName", "")}
+        info: dict[str, Any] = {
+            "type": attrs.get("typeIdentifier", ""),
+            "name": attrs.get("originalOutputName", ""),
+        }
         inf = node.find("node[@name='info']")
         if inf is not None:
             ia = {a.get("key"): (a.text or "") for a in inf.findall("attr")}
@@ -115,7 +123,9 @@ def parse_description(xml: str) -> dict[int, dict[str, Any]]:
                     try:
                         info[k] = int(ia[k])
                     except ValueError as exc:
-                        raise EventFormatError(f"AEDAT4 stream {sid}: {k}={ia[k]!r} is not an integer") from exc
+                        raise EventFormatError(
+                            f"AEDAT4 stream {sid}: {k}={ia[k]!r} is not an integer"
+                        ) from exc
             if "source" in ia:
                 info["source"] = ia["source"]
         streams[sid] = info
@@ -162,7 +172,9 @@ def _inflated_size(
         try:
             declared = lz4.frame.get_frame_info(head).get("content_size", 0)
         except Exception as exc:  # lz4 raises RuntimeError on a bad frame header
-            raise EventFormatError(f"AEDAT4 corrupt LZ4 packet header: {exc}", offset=pos, packet=packet) from exc
+            raise EventFormatError(
+                f"AEDAT4 corrupt LZ4 packet header: {exc}", offset=pos, packet=packet
+            ) from exc
         if declared:
             return int(declared), True
         return _bounded_lz4(src.get(begin, size), pos, packet), True
@@ -171,7 +183,9 @@ def _inflated_size(
     try:
         declared = zstandard.frame_content_size(head)
     except zstandard.ZstdError as exc:
-        raise EventFormatError(f"AEDAT4 corrupt ZSTD packet header: {exc}", offset=pos, packet=packet) from exc
+        raise EventFormatError(
+            f"AEDAT4 corrupt ZSTD packet header: {exc}", offset=pos, packet=packet
+        ) from exc
     if declared >= 0:
         return int(declared), True
     return _bounded_zstd(src.get(begin, size), pos, packet), True
@@ -228,7 +242,9 @@ def prescan(data: Any, limits: Limits, fd: int | None = None) -> dict[str, Any]:
     if end < 0:
         end = len(data)
     elif end < pos or end > len(data):
-        raise EventFormatError(f"AEDAT4 data table position {end} is outside the packet area", offset=pos - hlen)
+        raise EventFormatError(
+            f"AEDAT4 data table position {end} is outside the packet area", offset=pos - hlen
+        )
     comp = header["compression"]
     total = 0
     n_packets = 0
@@ -247,7 +263,9 @@ def prescan(data: Any, limits: Limits, fd: int | None = None) -> dict[str, Any]:
                 f"AEDAT4 packet of {size} bytes runs past the end of the data", offset=pos, packet=n_packets
             )
         if size < 8:
-            raise EventFormatError(f"AEDAT4 packet of {size} bytes is too small", offset=pos, packet=n_packets)
+            raise EventFormatError(
+                f"AEDAT4 packet of {size} bytes is too small", offset=pos, packet=n_packets
+            )
         inflated, exact = _inflated_size(comp, src, pos + 8, size, pos, n_packets, chunk[8:])
         if inflated > MAX_PACKET_BYTES:
             raise EventFormatError(
@@ -318,7 +336,9 @@ def parse(data: Any, *, limits: Limits, path: str | None = None, name: str = "")
         "packets": info["packets"],
         "skipped": {},
     }
-    m = re.search(r"<attr key=\"(?:source|cameraModel)\" type=\"string\">([^<]*)</attr>", info["header"]["description"])
+    m = re.search(
+        r"<attr key=\"(?:source|cameraModel)\" type=\"string\">([^<]*)</attr>", info["header"]["description"]
+    )
     if m:
         meta["camera"] = m.group(1)
     if not event_ids:
@@ -345,17 +365,31 @@ def parse(data: Any, *, limits: Limits, path: str | None = None, name: str = "")
             raise EventFormatError("AEDAT4 file changed while it was read")
     for k, v in skipped.items():
         meta["skipped"][k] = v
-    return finish(events, width, height, "aedat4", meta, monotonic=stats["monotonic"],
-                  in_bounds=stats["x_max"] < width and stats["y_max"] < height)
+    return finish(
+        events,
+        width,
+        height,
+        "aedat4",
+        meta,
+        monotonic=stats["monotonic"],
+        in_bounds=stats["x_max"] < width and stats["y_max"] < height,
+    )
 
 
 def _kind(type_id: str) -> str:
-    return {"EVTS": "events", "FRME": "frames", "IMUS": "imus", "TRIG": "triggers"}.get(type_id, type_id or "unknown")
+    return {"EVTS": "events", "FRME": "frames", "IMUS": "imus", "TRIG": "triggers"}.get(
+        type_id, type_id or "unknown"
+    )
 
 
 def _decode(
-    data: bytes, path: str | None, main: int, streams: dict[int, dict[str, Any]], limits: Limits,
-    main_bytes: int, packet_sizes: list[int],
+    data: bytes,
+    path: str | None,
+    main: int,
+    streams: dict[int, dict[str, Any]],
+    limits: Limits,
+    main_bytes: int,
+    packet_sizes: list[int],
 ) -> tuple[np.ndarray, dict[str, int], dict[str, Any]]:
     """Decode every packet with ``aedat``; the events of stream ``main`` go into one array.
 
@@ -391,7 +425,8 @@ def _decode(
             if index >= len(packet_sizes):
                 raise EventFormatError(
                     f"AEDAT4 decoder returned more packets than the {len(packet_sizes)} pre-scanned "
-                    "(the file changed while it was read?)", packet=index,
+                    "(the file changed while it was read?)",
+                    packet=index,
                 )
             sid = packet.get("stream_id")
             ev = packet.get("events")
@@ -464,8 +499,10 @@ def _packed_layout(dtype: np.dtype) -> bool:
         dtype.itemsize == EVENT_DTYPE.itemsize
         and len(names) == 4
         and all(
-            fields[a][1] == ours[b][1] and fields[a][0].itemsize == ours[b][0].itemsize
-            and fields[a][0].kind in "iub" and fields[a][0].byteorder in "<=|"
+            fields[a][1] == ours[b][1]
+            and fields[a][0].itemsize == ours[b][0].itemsize
+            and fields[a][0].kind in "iub"
+            and fields[a][0].byteorder in "<=|"
             for a, b in zip(names, EVENT_DTYPE.names or (), strict=True)
         )
     )
@@ -591,4 +628,6 @@ class Aedat4StreamDecoder:
         chunk = self.header + bytes(self.buf[:o])  # type: ignore[operator]
         del self.buf[:o]
         self.offset += o
-        return read(chunk, format="aedat4", max_events=self.max_events, max_decompressed=self.max_decompressed).events
+        return read(
+            chunk, format="aedat4", max_events=self.max_events, max_decompressed=self.max_decompressed
+        ).events

@@ -37,7 +37,9 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
     if lines:
         if start + 2 > len(data):
             if start == len(data):
-                raise EventFormatError("DAT file ends after its header (no event type/size bytes)", offset=start)
+                raise EventFormatError(
+                    "DAT file ends after its header (no event type/size bytes)", offset=start
+                )
             raise EventFormatError("DAT truncated event type/size bytes", offset=start)
         ev_type, ev_size = data[start], data[start + 1]
         if ev_type not in CD_TYPES or ev_size != 8:
@@ -49,8 +51,9 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
         start += 2
     body = len(data) - start
     if body % 8:
-        raise EventFormatError(f"DAT data of {body} bytes is not a whole number of 8-byte events",
-                               offset=start + body - body % 8)
+        raise EventFormatError(
+            f"DAT data of {body} bytes is not a whole number of 8-byte events", offset=start + body - body % 8
+        )
     n = body // 8
     check_count(n, limits, offset=start)
     if size is not None:
@@ -60,7 +63,9 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
     stats = None
     if decode is not None:
         events = np.empty(n, EVENT_DTYPE)
-        wraps, x_max, y_max, mono = decode(rec["t"], rec["a"], events["t"], events["x"], events["y"], events["p"])
+        wraps, x_max, y_max, mono = decode(
+            rec["t"], rec["a"], events["t"], events["x"], events["y"], events["p"]
+        )
         stats = (int(x_max), int(y_max), bool(mono))
     else:
         a = rec["a"]
@@ -70,14 +75,27 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
     if size is None:
         size = size_from_events(events) if stats is None or n == 0 else (stats[0] + 1, stats[1] + 1)
         meta["sensor_size_from"] = "event coordinates"
-    return finish(events, size[0], size[1], "dat", meta, offsets=lambda i: start + 8 * i,
-                  monotonic=None if stats is None else stats[2],
-                  in_bounds=stats is not None and stats[0] < size[0] and stats[1] < size[1])
+    return finish(
+        events,
+        size[0],
+        size[1],
+        "dat",
+        meta,
+        offsets=lambda i: start + 8 * i,
+        monotonic=None if stats is None else stats[2],
+        in_bounds=stats is not None and stats[0] < size[0] and stats[1] < size[1],
+    )
 
 
 @register
-def decode_dat(ts: np.ndarray, addr: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.ndarray,
-               p_out: np.ndarray) -> tuple[Any, Any, Any, Any]:
+def decode_dat(
+    ts: np.ndarray,
+    addr: np.ndarray,
+    t_out: np.ndarray,
+    x_out: np.ndarray,
+    y_out: np.ndarray,
+    p_out: np.ndarray,
+) -> tuple[Any, Any, Any, Any]:
     """One pass (compiled by numba): unwrap the 32-bit µs counter (a step back of more than
     2^31 is one wrap, as :func:`unwrap`), split the address, and return (wraps, max x, max y,
     whether t never decreases)."""

@@ -89,7 +89,9 @@ def parse_header(data: Any) -> Header:
     if kind is None:
         raise EventFormatError(f"unknown Event Stream event type {code}", offset=15)
     if kind == "display":
-        raise EventFormatError("Event Stream asynchronous display events (type 3) are not supported", offset=15)
+        raise EventFormatError(
+            "Event Stream asynchronous display events (type 3) are not supported", offset=15
+        )
     if kind == "generic":
         return Header(version, kind, 0, 0, 16)
     if n < 20:
@@ -101,8 +103,17 @@ def parse_header(data: Any) -> Header:
 
 
 @register
-def scan_fixed(buf: np.ndarray, start: Any, size: Any, special: Any, unit: Any, shift: Any, atis: Any,
-               starts: np.ndarray, ts: np.ndarray) -> tuple[Any, Any]:
+def scan_fixed(
+    buf: np.ndarray,
+    start: Any,
+    size: Any,
+    special: Any,
+    unit: Any,
+    shift: Any,
+    atis: Any,
+    starts: np.ndarray,
+    ts: np.ndarray,
+) -> tuple[Any, Any]:
     """Walk the state machine of a fixed-size event type (compiled by numba): write each
     event's first byte offset and timestamp; return (events, final time)."""
     n = len(buf)
@@ -127,8 +138,19 @@ def scan_fixed(buf: np.ndarray, start: Any, size: Any, special: Any, unit: Any, 
 
 
 @register
-def decode_polarity(buf: np.ndarray, start: Any, shift: Any, atis: Any, width: Any, height: Any, limit: Any,
-                    t_out: np.ndarray, x_out: np.ndarray, y_out: np.ndarray, p_out: np.ndarray) -> tuple[Any, Any, Any, Any]:
+def decode_polarity(
+    buf: np.ndarray,
+    start: Any,
+    shift: Any,
+    atis: Any,
+    width: Any,
+    height: Any,
+    limit: Any,
+    t_out: np.ndarray,
+    x_out: np.ndarray,
+    y_out: np.ndarray,
+    p_out: np.ndarray,
+) -> tuple[Any, Any, Any, Any]:
     """DVS or ATIS streams straight to polarity events (compiled by numba): y flipped, ATIS
     threshold crossings skipped. Returns (events written, crossings skipped, status, offset):
     status 0 done, 1 the event at ``offset`` is truncated, 2 it lies outside the sensor, 3 it
@@ -169,8 +191,9 @@ def decode_polarity(buf: np.ndarray, start: Any, shift: Any, atis: Any, width: A
     return k, skipped, 0, i
 
 
-def _chain(buf: np.ndarray, start: int, size: int, special: int, unit: int, shift: int,
-           atis: bool) -> tuple[np.ndarray, np.ndarray]:
+def _chain(
+    buf: np.ndarray, start: int, size: int, special: int, unit: int, shift: int, atis: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """(first-byte offsets, timestamps) of every event, in numpy without a loop per byte.
 
     From a token start ``p`` the stream runs ``p, p + size, p + 2 size, ...`` (events) up to the
@@ -287,8 +310,9 @@ def _generic(buf: np.ndarray, start: int, limits: Limits) -> np.ndarray:
         shift = 0
         while True:
             if i >= n:
-                raise EventFormatError(f"Event Stream generic event {len(rows)} is truncated (size bytes)",
-                                       offset=first)
+                raise EventFormatError(
+                    f"Event Stream generic event {len(rows)} is truncated (size bytes)", offset=first
+                )
             s = int(buf[i])
             length |= (s >> 1) << shift
             shift += 7
@@ -324,7 +348,11 @@ def decode(data: Any, *, limits: Limits | None = None) -> tuple[Header, np.ndarr
     if header.event_type == "generic":
         return header, _generic(buf, header.start, limits)
     starts, t = _scan(buf, header.start, header.event_type)
-    check_count(len(starts), limits, offset=int(starts[limits.max_events]) if len(starts) > limits.max_events else None)
+    check_count(
+        len(starts),
+        limits,
+        offset=int(starts[limits.max_events]) if len(starts) > limits.max_events else None,
+    )
     x, y = _fields(buf, starts, header)
     b0 = buf[starts]
     if header.event_type == "dvs":
@@ -349,8 +377,11 @@ def parse(data: Any, *, limits: Limits, name: str = "") -> Recording:
     """Parse an Event Stream buffer into polarity events (DVS, or the DVS events of ATIS)."""
     header = parse_header(data)
     if header.event_type in ("color", "generic"):
-        what = "colour events (RGB, no polarity)" if header.event_type == "color" else (
-            "generic events (no pixel coordinates)")
+        what = (
+            "colour events (RGB, no polarity)"
+            if header.event_type == "color"
+            else ("generic events (no pixel coordinates)")
+        )
         raise EventFormatError(
             f"Event Stream {what} cannot be read as polarity events; use events.formats.es.decode for "
             "their raw fields",
@@ -368,9 +399,19 @@ def parse(data: Any, *, limits: Limits, name: str = "") -> Recording:
     decode_k = kernel(decode_polarity, body)
     if decode_k is not None:
         events = np.empty(min(body // 5 + 1, limits.max_events), EVENT_DTYPE)
-        k, skipped, status, where_ = decode_k(buf, header.start, _LAYOUT[header.event_type][3], atis, header.width,
-                                               header.height, limits.max_events, events["t"], events["x"],
-                                               events["y"], events["p"])
+        k, skipped, status, where_ = decode_k(
+            buf,
+            header.start,
+            _LAYOUT[header.event_type][3],
+            atis,
+            header.width,
+            header.height,
+            limits.max_events,
+            events["t"],
+            events["x"],
+            events["y"],
+            events["p"],
+        )
         if status == 3:
             check_count(k + 1, limits, offset=int(where_))
         elif status:
@@ -392,7 +433,9 @@ def parse(data: Any, *, limits: Limits, name: str = "") -> Recording:
         p = b0 & 1
         offsets = starts
     # the bound on decoded events applies to what comes back (ATIS exposure events are dropped)
-    check_count(len(t), limits, offset=int(offsets[limits.max_events]) if len(t) > limits.max_events else None)
+    check_count(
+        len(t), limits, offset=int(offsets[limits.max_events]) if len(t) > limits.max_events else None
+    )
     events = np.empty(len(t), EVENT_DTYPE)
     events["t"] = t
     events["x"] = x
@@ -432,7 +475,11 @@ def encode(event_type: str, raw: np.ndarray, width: int = 0, height: int = 0) ->
         part = steps % 3
         has = part != 0
         out[ev_pos[has] - 1] = 0xFC | part[has]
-        b0 = (rem << shift) | (np.asarray(raw["polarity"], np.int64) << 1) | np.asarray(raw["exposure"], np.int64)
+        b0 = (
+            (rem << shift)
+            | (np.asarray(raw["polarity"], np.int64) << 1)
+            | np.asarray(raw["exposure"], np.int64)
+        )
     elif event_type == "dvs":
         b0 = (rem << shift) | np.asarray(raw["on"], np.int64)
     else:

@@ -21,7 +21,8 @@ million words or without numba (see ``_jit``).
 from __future__ import annotations
 
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import numpy as np
 
@@ -71,7 +72,11 @@ def parse_header(lines: list[str]) -> tuple[dict[str, str], tuple[int, int] | No
     if m4 and m5:
         size = (int(m4.group(1)), int(m5.group(1)))
     if size is None:
-        hint = (fields.get("plugin_name", "") + " " + fields.get("sensor_generation", "")).lower().replace(".", "")
+        hint = (
+            (fields.get("plugin_name", "") + " " + fields.get("sensor_generation", ""))
+            .lower()
+            .replace(".", "")
+        )
         for frag, w, h in SENSORS:
             if frag in hint:
                 size = (w, h)
@@ -90,6 +95,7 @@ def parse(data: bytes, *, limits: Limits, version: str = "evt3", name: str = "")
     fast = _evt2_fast if version == "evt2" else _evt3_fast
     got = fast(data, start, limits, meta)
     stats = None
+    offsets: np.ndarray | Callable[[int], int]
     if got is not None:
         events, offsets, stats = got
     elif version == "evt2":
@@ -99,9 +105,16 @@ def parse(data: bytes, *, limits: Limits, version: str = "evt3", name: str = "")
     if size is None:
         size = size_from_events(events) if stats is None or len(events) == 0 else (stats[0] + 1, stats[1] + 1)
         meta["sensor_size_from"] = "event coordinates"
-    return finish(events, size[0], size[1], version, meta, offsets=offsets,
-                  monotonic=None if stats is None else stats[2],
-                  in_bounds=stats is not None and stats[0] < size[0] and stats[1] < size[1])
+    return finish(
+        events,
+        size[0],
+        size[1],
+        version,
+        meta,
+        offsets=offsets,
+        monotonic=None if stats is None else stats[2],
+        in_bounds=stats is not None and stats[0] < size[0] and stats[1] < size[1],
+    )
 
 
 def _shrink(out: np.ndarray, n: int) -> np.ndarray:
@@ -115,7 +128,9 @@ def _shrink(out: np.ndarray, n: int) -> np.ndarray:
         return out[:n].copy()
 
 
-def _evt2_fast(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
+def _evt2_fast(
+    data: Any, start: int, limits: Limits, meta: dict[str, Any]
+) -> tuple[np.ndarray, Callable[[int], int], tuple[int, int, bool]] | None:
     """EVT 2.0 in one compiled pass (same semantics as :func:`_evt2`); None without numba."""
     body = len(data) - start
     decode = kernel(decode_evt2, body // 4)
@@ -146,8 +161,14 @@ def _evt2_fast(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
 
 
 @register
-def decode_evt2(w: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.ndarray, p_out: np.ndarray,
-                counts: np.ndarray) -> tuple[Any, Any, Any, Any, Any]:
+def decode_evt2(
+    w: np.ndarray,
+    t_out: np.ndarray,
+    x_out: np.ndarray,
+    y_out: np.ndarray,
+    p_out: np.ndarray,
+    counts: np.ndarray,
+) -> tuple[Any, Any, Any, Any, Any]:
     """EVT 2.0 words to events (compiled by numba): words before the first TIME_HIGH are
     dropped; TIME_HIGH (28 bits of 64 µs) wraps when it steps back by more than 2^27. Stops
     when the outputs are full. Returns (events, index of the first TIME_HIGH, max x, max y,
@@ -194,11 +215,13 @@ def decode_evt2(w: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.n
     return n, first, x_max, y_max, mono
 
 
-def _evt2(data: bytes, start: int, limits: Limits, meta: dict[str, Any]):
+def _evt2(data: bytes, start: int, limits: Limits, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     body = len(data) - start
     if body % 4:
-        raise EventFormatError(f"EVT 2.0 data of {body} bytes is not a whole number of 32-bit words",
-                               offset=start + body - body % 4)
+        raise EventFormatError(
+            f"EVT 2.0 data of {body} bytes is not a whole number of 32-bit words",
+            offset=start + body - body % 4,
+        )
     w = np.frombuffer(data, "<u4", count=body // 4, offset=start)
     typ = w >> 28
     is_th = typ == 0x8
@@ -224,7 +247,12 @@ def _evt2(data: bytes, start: int, limits: Limits, meta: dict[str, Any]):
         c = int(np.count_nonzero(typ == code))
         if c:
             meta["skipped"][label] = c
-    unknown = int(len(w) - n - np.count_nonzero(is_th) - sum(meta["skipped"].get(k, 0) for k in ("ext_trigger", "others", "continued")))
+    unknown = int(
+        len(w)
+        - n
+        - np.count_nonzero(is_th)
+        - sum(meta["skipped"].get(k, 0) for k in ("ext_trigger", "others", "continued"))
+    )
     if unknown:
         meta["skipped"]["unknown"] = unknown
     wc = w[cd]
@@ -236,7 +264,9 @@ def _evt2(data: bytes, start: int, limits: Limits, meta: dict[str, Any]):
     return events, offsets
 
 
-def _evt3_fast(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
+def _evt3_fast(
+    data: Any, start: int, limits: Limits, meta: dict[str, Any]
+) -> tuple[np.ndarray, Callable[[int], int], tuple[int, int, bool]] | None:
     """EVT 3.0 in compiled passes (same semantics as :func:`_evt3`); None without numba.
 
     The state machine runs word by word; when the output fills up (vectors yield up to 12
@@ -289,13 +319,40 @@ def _evt3_fast(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
 
 
 # decode_evt3's state vector (resumable when the output fills up)
-(_S_I, _S_N, _S_FIRST, _S_TH, _S_TL, _S_Y, _S_BASE, _S_POL, _S_HAVE_BASE, _S_LOOPS, _S_PREV_TH,
- _S_LAST, _S_XMAX, _S_YMAX, _S_MONO, _S_ORPHANS, _S_BAD, _S_BADX, _S_STARTED, _S_LEN) = range(20)
+(
+    _S_I,
+    _S_N,
+    _S_FIRST,
+    _S_TH,
+    _S_TL,
+    _S_Y,
+    _S_BASE,
+    _S_POL,
+    _S_HAVE_BASE,
+    _S_LOOPS,
+    _S_PREV_TH,
+    _S_LAST,
+    _S_XMAX,
+    _S_YMAX,
+    _S_MONO,
+    _S_ORPHANS,
+    _S_BAD,
+    _S_BADX,
+    _S_STARTED,
+    _S_LEN,
+) = range(20)
 
 
 @register
-def decode_evt3(w: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.ndarray, p_out: np.ndarray,
-                counts: np.ndarray, state: np.ndarray) -> bool:
+def decode_evt3(
+    w: np.ndarray,
+    t_out: np.ndarray,
+    x_out: np.ndarray,
+    y_out: np.ndarray,
+    p_out: np.ndarray,
+    counts: np.ndarray,
+    state: np.ndarray,
+) -> bool:
     """EVT 3.0 state machine (compiled by numba), resumable: returns True when every word is
     decoded, False when the outputs are full (``state`` says where to resume) or a vector runs
     past x = 65535 (``state[_S_BAD]`` = its word index). Timestamps: ``(TH + loops * 4096) << 12
@@ -311,8 +368,14 @@ def decode_evt3(w: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.n
         state[_S_STARTED] = 1
         state[_S_BAD] = -1
     i, n = state[_S_I], state[_S_N]
-    th, tl, y, base, pol, have_base = (state[_S_TH], state[_S_TL], state[_S_Y], state[_S_BASE], state[_S_POL],
-                                       state[_S_HAVE_BASE])
+    th, tl, y, base, pol, have_base = (
+        state[_S_TH],
+        state[_S_TL],
+        state[_S_Y],
+        state[_S_BASE],
+        state[_S_POL],
+        state[_S_HAVE_BASE],
+    )
     loops, prev_th, last = state[_S_LOOPS], state[_S_PREV_TH], state[_S_LAST]
     x_max, y_max, mono, orphans = state[_S_XMAX], state[_S_YMAX], state[_S_MONO], state[_S_ORPHANS]
     done = True
@@ -384,7 +447,13 @@ def decode_evt3(w: np.ndarray, t_out: np.ndarray, x_out: np.ndarray, y_out: np.n
     state[_S_I], state[_S_N] = i, n
     state[_S_TH], state[_S_TL], state[_S_Y], state[_S_BASE] = th, tl, y, base
     state[_S_POL], state[_S_HAVE_BASE], state[_S_LOOPS], state[_S_PREV_TH] = pol, have_base, loops, prev_th
-    state[_S_LAST], state[_S_XMAX], state[_S_YMAX], state[_S_MONO], state[_S_ORPHANS] = last, x_max, y_max, mono, orphans
+    state[_S_LAST], state[_S_XMAX], state[_S_YMAX], state[_S_MONO], state[_S_ORPHANS] = (
+        last,
+        x_max,
+        y_max,
+        mono,
+        orphans,
+    )
     return done
 
 
@@ -402,11 +471,12 @@ def locate_evt3(w: np.ndarray, first: int, k: int) -> int:
     return first + int(np.searchsorted(np.cumsum(per), k, side="right"))
 
 
-def _evt3(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
+def _evt3(data: Any, start: int, limits: Limits, meta: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     body = len(data) - start
     if body % 2:
-        raise EventFormatError(f"EVT 3.0 data of {body} bytes is not a whole number of 16-bit words",
-                               offset=start + body - 1)
+        raise EventFormatError(
+            f"EVT 3.0 data of {body} bytes is not a whole number of 16-bit words", offset=start + body - 1
+        )
     w = np.frombuffer(data, "<u2", count=body // 2, offset=start)
     typ = (w >> 12).astype(np.uint8)
     is_th = typ == 0x8
@@ -425,7 +495,7 @@ def _evt3(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
     # the running count of each state word type indexes its value table (slot 0 = not seen yet)
     def state(mask: np.ndarray, values: np.ndarray, where_: np.ndarray) -> np.ndarray:
         table = np.concatenate([[0], values.astype(np.int64)])
-        return table[np.cumsum(mask, dtype=np.int32)[where_]]
+        return cast(np.ndarray, table[np.cumsum(mask, dtype=np.int32)[where_]])
 
     th_seq = (w[is_th] & 0x0FFF).astype(np.int64)
     if len(th_seq) > 1:
@@ -457,9 +527,13 @@ def _evt3(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
     step = np.where(v12, 12, 8).astype(np.int64)
     cum = np.cumsum(step)
     # vector words before the base (no base at all: every vector is an orphan, masked below)
-    before = np.searchsorted(vec_pos, base_pos[np.maximum(b, 0)]) if len(base_pos) else np.zeros(len(b), np.int64)
+    before = (
+        np.searchsorted(vec_pos, base_pos[np.maximum(b, 0)]) if len(base_pos) else np.zeros(len(b), np.int64)
+    )
     cum_at_base = np.where(before > 0, cum[np.maximum(before - 1, 0)], 0)
-    base_word = w[base_pos[np.maximum(b, 0)]].astype(np.int64) if len(base_pos) else np.zeros(len(b), np.int64)
+    base_word = (
+        w[base_pos[np.maximum(b, 0)]].astype(np.int64) if len(base_pos) else np.zeros(len(b), np.int64)
+    )
     x0 = (base_word & 0x7FF) + (cum - step - cum_at_base)
     pv = (base_word >> 11) & 1
     masks = (w[vec_pos] & np.where(v12, 0xFFF, 0xFF)).astype(np.int64)
@@ -489,8 +563,9 @@ def _evt3(data: Any, start: int, limits: Limits, meta: dict[str, Any]):
         xv = x0[r] + col
         if len(xv) and int(xv.max()) > 0xFFFF:
             i = int(np.argmax(xv > 0xFFFF))
-            raise EventFormatError(f"EVT 3.0 vector runs past x={int(xv[i])}",
-                                   offset=start + 2 * (first + int(vec_pos[r[i]])))
+            raise EventFormatError(
+                f"EVT 3.0 vector runs past x={int(xv[i])}", offset=start + 2 * (first + int(vec_pos[r[i]]))
+            )
         out["t"][sv] = t_prod[kv][r]
         out["x"][sv] = xv
         out["y"][sv] = y_prod[kv][r]

@@ -21,8 +21,10 @@ OVERFLOW_US = 1 << 13
 
 def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
     if len(data) % 5:
-        raise EventFormatError(f"N-MNIST data of {len(data)} bytes is not a whole number of 5-byte events",
-                               offset=len(data) - len(data) % 5)
+        raise EventFormatError(
+            f"N-MNIST data of {len(data)} bytes is not a whole number of 5-byte events",
+            offset=len(data) - len(data) % 5,
+        )
     n = len(data) // 5
     check_count(n, limits, offset=0)
     r = np.frombuffer(data, dtype=np.uint8, count=5 * n).reshape(n, 5)

@@ -48,11 +48,16 @@ def _load_npy(buf: Any, limits: Limits, what: str, offset: int = 0, length: int 
 
 def _to_events(arr: np.ndarray, what: str) -> np.ndarray:
     names = arr.dtype.names or ()
-    p_name = "p" if "p" in names else ("on" if "on" in names else ("polarity" if "polarity" in names else None))
+    p_name = (
+        "p" if "p" in names else ("on" if "on" in names else ("polarity" if "polarity" in names else None))
+    )
     t_name = "t" if "t" in names else ("timestamp" if "timestamp" in names else None)
     if arr.ndim != 1 or t_name is None or p_name is None or "x" not in names or "y" not in names:
-        raise EventFormatError(f"{what}: expected a 1-D structured array with t, x, y, p fields, got "
-                               f"shape {arr.shape} dtype {arr.dtype}", offset=0)
+        raise EventFormatError(
+            f"{what}: expected a 1-D structured array with t, x, y, p fields, got "
+            f"shape {arr.shape} dtype {arr.dtype}",
+            offset=0,
+        )
     for k in (t_name, "x", "y", p_name):
         if arr.dtype[k].kind not in "iub":
             raise EventFormatError(f"{what}: field {k} has non-integer type {arr.dtype[k]}", offset=0)
@@ -84,7 +89,9 @@ class _MapFile:
         return getattr(self._m, name)
 
 
-def _member_array(z: zipfile.ZipFile, info: zipfile.ZipInfo, data: Any, limits: Limits, what: str) -> np.ndarray:
+def _member_array(
+    z: zipfile.ZipFile, info: zipfile.ZipInfo, data: Any, limits: Limits, what: str
+) -> np.ndarray:
     """The array stored in one npz member: a view into ``data`` for a stored (uncompressed)
     member after its CRC-32 is checked (zipfile would copy it twice); inflated otherwise."""
     at = info.header_offset
@@ -98,7 +105,9 @@ def _member_array(z: zipfile.ZipFile, info: zipfile.ZipInfo, data: Any, limits: 
         view = memoryview(data)[begin : begin + info.file_size]
         try:
             if zlib.crc32(view) != info.CRC:
-                raise EventFormatError(f"npz: member {info.filename} is corrupt (CRC-32 mismatch)", offset=begin)
+                raise EventFormatError(
+                    f"npz: member {info.filename} is corrupt (CRC-32 mismatch)", offset=begin
+                )
         finally:
             view.release()
         return _load_npy(data, limits, what, begin, info.file_size)

@@ -20,8 +20,18 @@ import numpy as np
 from .._types import EventFormatError, Recording
 from ._common import Limits, build_events, check_count, check_sensor, finish, size_from_events
 
-NAMES = {"t": "t", "ts": "t", "timestamp": "t", "time": "t", "x": "x", "y": "y", "p": "p", "pol": "p",
-         "polarity": "p", "on": "p"}
+NAMES = {
+    "t": "t",
+    "ts": "t",
+    "timestamp": "t",
+    "time": "t",
+    "x": "x",
+    "y": "y",
+    "p": "p",
+    "pol": "p",
+    "polarity": "p",
+    "on": "p",
+}
 
 
 def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
@@ -55,11 +65,15 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
             try:
                 order = [NAMES[c] for c in first]
             except KeyError as exc:
-                raise EventFormatError(f"CSV header names an unknown column {exc.args[0]!r}",
-                                       offset=_line_offset(lines, body_start)) from exc
+                raise EventFormatError(
+                    f"CSV header names an unknown column {exc.args[0]!r}",
+                    offset=_line_offset(lines, body_start),
+                ) from exc
             if sorted(order) != ["p", "t", "x", "y"]:
-                raise EventFormatError(f"CSV header must name t, x, y and p once each, not {first}",
-                                       offset=_line_offset(lines, body_start))
+                raise EventFormatError(
+                    f"CSV header must name t, x, y and p once each, not {first}",
+                    offset=_line_offset(lines, body_start),
+                )
             rows = rows[1:]
             body_start += 1
     rows = [r for r in rows if r.strip() and not r.lstrip().startswith("#")]
@@ -72,11 +86,14 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
                 warnings.simplefilter("error")
                 arr = np.loadtxt(io.StringIO(blob), delimiter="," if sep else None, dtype=np.float64, ndmin=2)
         except (ValueError, UserWarning) as exc:
-            raise EventFormatError(f"CSV rows are not four numbers each: {exc}",
-                                   offset=_line_offset(lines, body_start)) from exc
+            raise EventFormatError(
+                f"CSV rows are not four numbers each: {exc}", offset=_line_offset(lines, body_start)
+            ) from exc
         if arr.shape[1] != 4:
-            raise EventFormatError(f"CSV rows have {arr.shape[1]} columns, expected 4 (t x y p)",
-                                   offset=_line_offset(lines, body_start))
+            raise EventFormatError(
+                f"CSV rows have {arr.shape[1]} columns, expected 4 (t x y p)",
+                offset=_line_offset(lines, body_start),
+            )
     else:
         arr = np.zeros((0, 4))
     cols = {k: arr[:, i] for i, k in enumerate(order)}
@@ -89,15 +106,21 @@ def parse(data: bytes, *, limits: Limits, name: str = "") -> Recording:
     for k in ("x", "y"):
         c = cols[k]
         if len(c) and (c.min() < 0 or c.max() > 0xFFFF or np.any(c != np.round(c))):
-            raise EventFormatError(f"CSV {k} column holds values that are not pixel indices",
-                                   offset=_line_offset(lines, body_start))
+            raise EventFormatError(
+                f"CSV {k} column holds values that are not pixel indices",
+                offset=_line_offset(lines, body_start),
+            )
     p = cols["p"]
     if len(p) and not np.all(np.isin(p, (-1, 0, 1))):
         raise EventFormatError("CSV polarity must be 0/1 (or -1/1)", offset=_line_offset(lines, body_start))
     if len(t) and (np.abs(t).max() >= 2**62):
         raise EventFormatError("CSV timestamp out of range", offset=_line_offset(lines, body_start))
-    events = build_events(np.round(t).astype(np.int64), cols["x"].astype(np.int64), cols["y"].astype(np.int64),
-                          (p > 0).astype(np.uint8))
+    events = build_events(
+        np.round(t).astype(np.int64),
+        cols["x"].astype(np.int64),
+        cols["y"].astype(np.int64),
+        (p > 0).astype(np.uint8),
+    )
     if size is None:
         size = size_from_events(events)
         meta["sensor_size_from"] = "event coordinates"

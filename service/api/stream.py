@@ -66,11 +66,15 @@ async def _handshake(ws: WebSocket, key: str | None) -> StartMessage:
         async with asyncio.timeout(settings.start_timeout_s):
             msg = await ws.receive()
     except TimeoutError:
-        raise ProtocolError(CLOSE_GOING_AWAY, f"idle for {settings.start_timeout_s:g} s: stream timed out") from None
+        raise ProtocolError(
+            CLOSE_GOING_AWAY, f"idle for {settings.start_timeout_s:g} s: stream timed out"
+        ) from None
     if msg["type"] == "websocket.disconnect":
         raise _Closed()
     if _size(msg) > settings.max_message_bytes:
-        raise ProtocolError(CLOSE_TOO_BIG, f"message of {_size(msg)} bytes exceeds {settings.max_message_bytes}")
+        raise ProtocolError(
+            CLOSE_TOO_BIG, f"message of {_size(msg)} bytes exceeds {settings.max_message_bytes}"
+        )
     if msg.get("text") is None:
         raise ProtocolError(CLOSE_UNSUPPORTED, "the first message must be the JSON start message")
     obj = parse_message(msg["text"])
@@ -90,7 +94,9 @@ async def stream(ws: WebSocket) -> None:
     try:
         start = await _handshake(ws, keys[-1] if keys else bearer(ws.headers.get("authorization")))
         if not (slot := scheduler.acquire_slot(settings.max_sessions)):
-            raise ProtocolError(CLOSE_TRY_AGAIN, f"session limit of {settings.max_sessions} streams reached; try again later")
+            raise ProtocolError(
+                CLOSE_TRY_AGAIN, f"session limit of {settings.max_sessions} streams reached; try again later"
+            )
         session = start_session(start, ws.app.state.registry, settings)
         scheduler.add(session)
         metrics.streams_total.inc()
@@ -118,8 +124,9 @@ async def stream(ws: WebSocket) -> None:
         session = sender = None
 
 
-async def _close(scheduler: Any, metrics: Any, slot: bool, session: Session | None,
-                 sender: asyncio.Task[None] | None) -> None:
+async def _close(
+    scheduler: Any, metrics: Any, slot: bool, session: Session | None, sender: asyncio.Task[None] | None
+) -> None:
     """Give back the slot, drop the session from the scheduler and its buffers, stop the sender."""
     if slot:
         scheduler.release_slot()
@@ -138,11 +145,13 @@ async def _close(scheduler: Any, metrics: Any, slot: bool, session: Session | No
             sender.exception()
 
 
-async def _ingest(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metrics: Any,
-                  sender: asyncio.Task[None]) -> tuple[int, str] | None:
+async def _ingest(
+    ws: WebSocket, s: Session, settings: Any, scheduler: Any, metrics: Any, sender: asyncio.Task[None]
+) -> tuple[int, str] | None:
     """Read client messages until ``end`` or a disconnect; bad input gives its close code and
     message (returned, not raised: see the caller)."""
     me = asyncio.current_task()
+
     # The sender ending (it closed the socket after an internal error, or the client vanished)
     # ends this loop too; a callback instead of a task per message keeps receiving cheap.
     def stop_receiving(_t: asyncio.Task[None]) -> None:
@@ -165,8 +174,16 @@ async def _ingest(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metr
     return None
 
 
-async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any, metrics: Any,
-                       sender: asyncio.Task[None], me: asyncio.Task[Any] | None, stop_receiving: Any) -> None:
+async def _ingest_loop(
+    ws: WebSocket,
+    s: Session,
+    settings: Any,
+    scheduler: Any,
+    metrics: Any,
+    sender: asyncio.Task[None],
+    me: asyncio.Task[Any] | None,
+    stop_receiving: Any,
+) -> None:
     # The idle timeout is one watchdog timer per timeout period, not an ``asyncio.timeout``
     # around every receive: a stream gets ~100 packets per second, and a timer armed and
     # cancelled per packet costs more than binning the packet.
@@ -190,7 +207,9 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
             except asyncio.CancelledError:
                 if watch.fired and me is not None:
                     me.uncancel()
-                    raise ProtocolError(CLOSE_GOING_AWAY, f"idle for {timeout:g} s: stream timed out") from None
+                    raise ProtocolError(
+                        CLOSE_GOING_AWAY, f"idle for {timeout:g} s: stream timed out"
+                    ) from None
                 if not sender.done() or me is None:
                     raise
                 me.uncancel()
@@ -199,8 +218,11 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
             if msg["type"] == "websocket.disconnect":
                 raise _Closed()
             if not messages.take(now):
-                raise ProtocolError(CLOSE_POLICY, f"more than {settings.message_rate_per_s:g} messages per second "
-                                    f"(burst {settings.message_burst})")
+                raise ProtocolError(
+                    CLOSE_POLICY,
+                    f"more than {settings.message_rate_per_s:g} messages per second "
+                    f"(burst {settings.message_burst})",
+                )
             data = msg.get("bytes")
             if data is not None:
                 if len(data) > max_bytes:
@@ -208,12 +230,16 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
                 if s.offload(data, offload):
                     # decoding and binning that cost real CPU run off the event loop (bounded pool)
                     try:
-                        n, segments, used = await loop.run_in_executor(pool, _bin_timed, s, data, time.thread_time)
+                        n, segments, used = await loop.run_in_executor(
+                            pool, _bin_timed, s, data, time.thread_time
+                        )
                     except asyncio.CancelledError:
                         # the same stops as around receive(): idle timeout, or the sender ended
                         if watch.fired and me is not None:
                             me.uncancel()
-                            raise ProtocolError(CLOSE_GOING_AWAY, f"idle for {timeout:g} s: stream timed out") from None
+                            raise ProtocolError(
+                                CLOSE_GOING_AWAY, f"idle for {timeout:g} s: stream timed out"
+                            ) from None
                         if not sender.done() or me is None:
                             raise
                         me.uncancel()
@@ -225,8 +251,11 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
                     # cache is cold): not charged; its size and events are bounded per message
                     charged_from = now
                 elif not cpu.spend(now, used):
-                    raise ProtocolError(CLOSE_POLICY, f"decoding and binning this stream took more than "
-                                        f"{settings.ingest_cpu_per_s:g} CPU s per second (burst {settings.ingest_cpu_burst_s:g} s)")
+                    raise ProtocolError(
+                        CLOSE_POLICY,
+                        f"decoding and binning this stream took more than "
+                        f"{settings.ingest_cpu_per_s:g} CPU s per second (burst {settings.ingest_cpu_burst_s:g} s)",
+                    )
                 if n:
                     s.counters.events += n
                     s.unreported_events += n
@@ -237,13 +266,18 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
             if n > max_bytes:
                 raise ProtocolError(CLOSE_TOO_BIG, f"message of {n} bytes exceeds {max_bytes}")
             if not control.take(now):
-                raise ProtocolError(CLOSE_POLICY, f"more than {settings.control_rate_per_s:g} text messages per "
-                                    f"second (burst {settings.control_burst})")
+                raise ProtocolError(
+                    CLOSE_POLICY,
+                    f"more than {settings.control_rate_per_s:g} text messages per "
+                    f"second (burst {settings.control_burst})",
+                )
             kind = parse_message(msg.get("text") or "")["type"]
             if kind == "flush":
                 s.flush()
                 if s.pending.bins > max_pending:
-                    raise ProtocolError(CLOSE_POLICY, f"{s.pending.bins} bins and flushes waiting (limit {max_pending})")
+                    raise ProtocolError(
+                        CLOSE_POLICY, f"{s.pending.bins} bins and flushes waiting (limit {max_pending})"
+                    )
                 notify()
             elif kind == "end":
                 watch.cancel()  # the remaining frames may take longer than the idle timeout
@@ -260,7 +294,9 @@ async def _ingest_loop(ws: WebSocket, s: Session, settings: Any, scheduler: Any,
             elif kind == "start":
                 raise ProtocolError(CLOSE_UNSUPPORTED, "the stream has already started")
             else:
-                raise ProtocolError(CLOSE_UNSUPPORTED, f"unknown message type {kind!r} (expected flush, end or ping)")
+                raise ProtocolError(
+                    CLOSE_UNSUPPORTED, f"unknown message type {kind!r} (expected flush, end or ping)"
+                )
     finally:
         watch.cancel()
         s.report_events(metrics)
@@ -277,7 +313,9 @@ class _Watchdog:
     """Cancels ``task`` once nothing was received for ``timeout`` seconds (``last`` is the time
     of the latest message, updated by the receiver; the timer re-arms itself from it)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float, task: asyncio.Task[Any] | None) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, timeout: float, task: asyncio.Task[Any] | None
+    ) -> None:
         self.loop, self.timeout, self.task = loop, timeout, task
         self.last = loop.time()
         self.fired = False

@@ -62,8 +62,9 @@ def install_docs(app: FastAPI) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def swagger_ui() -> HTMLResponse:
-        return get_swagger_ui_html(openapi_url=openapi_url, title=f"{app.title} - API docs",
-                                   oauth2_redirect_url=redirect, **urls)
+        return get_swagger_ui_html(
+            openapi_url=openapi_url, title=f"{app.title} - API docs", oauth2_redirect_url=redirect, **urls
+        )
 
     @app.get(redirect, include_in_schema=False)
     async def swagger_ui_redirect() -> HTMLResponse:

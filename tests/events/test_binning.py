@@ -16,7 +16,9 @@ def reference(ev, roi, dt, t0, n_bins, polarity="split", mode="presence", pool=1
     """One event at a time, the definition in INTERFACES.md written as plainly as possible."""
     h, w = roi.height // pool, roi.width // pool
     acc = np.zeros((n_bins, 2, h, w), dtype=np.int64)
-    for t, x, y, p in zip(ev["t"].tolist(), ev["x"].tolist(), ev["y"].tolist(), ev["p"].tolist(), strict=True):
+    for t, x, y, p in zip(
+        ev["t"].tolist(), ev["x"].tolist(), ev["y"].tolist(), ev["p"].tolist(), strict=True
+    ):
         k = (t - t0) // dt
         dx, dy = x - roi.x, y - roi.y
         if 0 <= k < n_bins and 0 <= dx < w * pool and 0 <= dy < h * pool and p in (0, 1):
@@ -103,12 +105,17 @@ def test_large_output_count_path_matches_small_path():
     big = bin_events(ev, ROI(0, 0, 256, 256), 1_000, 1_000, 300, mode="count")
     assert big.size > 1 << 24
     small = np.concatenate(
-        [bin_events(ev, ROI(0, 0, 256, 256), 1_000, 1_000 + 1_000 * i, 50, mode="count") for i in range(0, 300, 50)]
+        [
+            bin_events(ev, ROI(0, 0, 256, 256), 1_000, 1_000 + 1_000 * i, 50, mode="count")
+            for i in range(0, 300, 50)
+        ]
     )
     np.testing.assert_array_equal(big, small)
     assert big[4, 1, 9, 17] == 255
     early = ev[ev["t"] < 51_000]  # the reference loops in Python: only the events of bins 0..49
-    np.testing.assert_array_equal(big[:50], reference(early, ROI(0, 0, 256, 256), 1_000, 1_000, 50, mode="count"))
+    np.testing.assert_array_equal(
+        big[:50], reference(early, ROI(0, 0, 256, 256), 1_000, 1_000, 50, mode="count")
+    )
 
 
 def test_binspec_and_roi_validation():
@@ -190,7 +197,11 @@ def test_mnist_dvs_preset_on_the_real_recording(mnist_dvs_events):
     assert (want.reshape(len(want), -1).sum(1) > 0).mean() > 0.95
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(cuts=st.lists(st.integers(0, 15_744), max_size=60), t0_shift=st.integers(-5_000, 5_000))
 def test_binner_real_recording_any_chunking(mnist_dvs_events, cuts, t0_shift):
     ev, want = mnist_dvs_events
@@ -279,12 +290,17 @@ def test_binner_steps_empty_bins_as_runs_and_reports_gaps():
     assert b.gaps == 1
     # t0 = 100: bin 0, bins 1-3 empty (one run, stepped but never materialized), bin 4, the gap,
     # then bin 59 alone
-    assert [(s.reset, s.empty, len(s.frames)) for s in segs] == [(False, 0, 1), (False, 3, 0), (False, 0, 1),
-                                                                   (True, 0, 1)]
+    assert [(s.reset, s.empty, len(s.frames)) for s in segs] == [
+        (False, 0, 1),
+        (False, 3, 0),
+        (False, 0, 1),
+        (True, 0, 1),
+    ]
     assert [s.n_bins for s in segs] == [1, 3, 1, 1] and segs[1].bin_end_us.tolist() == [2_100]
     first = expand_segments(segs[:3], spec.dt_us)
-    np.testing.assert_array_equal(np.concatenate([s.frames for s in first]),
-                                  bin_events(ev[:3], spec.roi, 1_000, 100, 5))
+    np.testing.assert_array_equal(
+        np.concatenate([s.frames for s in first]), bin_events(ev[:3], spec.roi, 1_000, 100, 5)
+    )
     assert np.concatenate([s.bin_end_us for s in first]).tolist() == [1_100, 2_100, 3_100, 4_100, 5_100]
     assert segs[3].bin_end_us.tolist() == [60_100]
     np.testing.assert_array_equal(segs[3].frames, bin_events(ev[3:], spec.roi, 1_000, 59_100, 1))
@@ -362,7 +378,9 @@ def _bins(b: Binner, pushes: list[np.ndarray | None], packed: bool) -> tuple[lis
         if chunk is None:
             segs += b.flush()
         elif packed:
-            segs += b.push_packed(np.frombuffer(b"head" + chunk.tobytes(), np.uint8), 4, len(chunk), check=False)
+            segs += b.push_packed(
+                np.frombuffer(b"head" + chunk.tobytes(), np.uint8), 4, len(chunk), check=False
+            )
         else:
             segs += b.push(chunk)
     return flatten(expand_segments(segs, b.spec.dt_us))

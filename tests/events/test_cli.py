@@ -45,7 +45,9 @@ def test_info_json_and_text(small_npz, capsys):
 
 
 def test_info_real_recording(shared_events, capsys):
-    assert main(["events", "info", str(shared_events / "aedat2" / "mnist_0_scale04_0001.aedat"), "--json"]) == 0
+    assert (
+        main(["events", "info", str(shared_events / "aedat2" / "mnist_0_scale04_0001.aedat"), "--json"]) == 0
+    )
     info = json.loads(capsys.readouterr().out)
     assert (info["format"], info["width"], info["height"], info["events"]) == ("aedat2", 128, 128, 15744)
     assert info["duration_s"] == pytest.approx(2.21, abs=0.01)
@@ -73,7 +75,12 @@ def test_convert_round_trips(small_npz, tmp_path, capsys):
 def test_render_png_and_gif(small_npz, tmp_path, capsys):
     path, _ = small_npz
     png, gif = tmp_path / "r.png", tmp_path / "r.gif"
-    assert main(["events", "render", str(path), str(png), "--dt-ms", "20", "--frames", "6", "--roi", "8,8,26,26"]) == 0
+    assert (
+        main(
+            ["events", "render", str(path), str(png), "--dt-ms", "20", "--frames", "6", "--roi", "8,8,26,26"]
+        )
+        == 0
+    )
     img = Image.open(png)
     assert img.width >= 3 * 64 * 4 and img.height >= 2 * 48 * 4  # 6 tiles, 4x magnified
     pixels = np.asarray(img.convert("RGB")).reshape(-1, 3)
@@ -116,31 +123,70 @@ def test_simulate_mnist_dvs_writes_the_dataset_layout(tmp_path, capsys):
     _write_idx(tmp_path / "t-images-idx3-ubyte.gz", np.stack([ring, bar, ring]), 0x08)
     _write_idx(tmp_path / "t-labels-idx1-ubyte.gz", np.array([0, 1, 0]), 0x08)
     out = tmp_path / "sim"
-    rc = main([
-        "simulate", "mnist-dvs", "--out", str(out), "--n", "3", "--scale", "4", "8", "--seed", "5",
-        "--duration-s", "0.3", "--mnist", str(tmp_path / "t-images-idx3-ubyte.gz"),
-    ])
+    rc = main(
+        [
+            "simulate",
+            "mnist-dvs",
+            "--out",
+            str(out),
+            "--n",
+            "3",
+            "--scale",
+            "4",
+            "8",
+            "--seed",
+            "5",
+            "--duration-s",
+            "0.3",
+            "--mnist",
+            str(tmp_path / "t-images-idx3-ubyte.gz"),
+        ]
+    )
     assert rc == 0
     rows = list(csv.DictReader((out / "index.csv").open()))
     assert len(rows) == 6
     paths = sorted(r["path"] for r in rows)
-    assert paths == sorted([
-        "0/scale04/mnist_0_scale04_0001.aedat4", "0/scale04/mnist_0_scale04_0002.aedat4",
-        "1/scale04/mnist_1_scale04_0001.aedat4", "0/scale08/mnist_0_scale08_0001.aedat4",
-        "0/scale08/mnist_0_scale08_0002.aedat4", "1/scale08/mnist_1_scale08_0001.aedat4",
-    ])
+    assert paths == sorted(
+        [
+            "0/scale04/mnist_0_scale04_0001.aedat4",
+            "0/scale04/mnist_0_scale04_0002.aedat4",
+            "1/scale04/mnist_1_scale04_0001.aedat4",
+            "0/scale08/mnist_0_scale08_0001.aedat4",
+            "0/scale08/mnist_0_scale08_0002.aedat4",
+            "1/scale08/mnist_1_scale08_0001.aedat4",
+        ]
+    )
     for r in rows:
         rec = events.read(out / r["path"])
         assert rec.format == "aedat4" and (rec.width, rec.height) == (128, 128)
         assert len(rec) == int(r["events"]) > 100
     # reproducible: same seed, same files
     again = tmp_path / "again"
-    main(["simulate", "mnist-dvs", "--out", str(again), "--n", "1", "--scale", "4", "--seed", "5",
-          "--duration-s", "0.3", "--mnist", str(tmp_path / "t-images-idx3-ubyte.gz")])
+    main(
+        [
+            "simulate",
+            "mnist-dvs",
+            "--out",
+            str(again),
+            "--n",
+            "1",
+            "--scale",
+            "4",
+            "--seed",
+            "5",
+            "--duration-s",
+            "0.3",
+            "--mnist",
+            str(tmp_path / "t-images-idx3-ubyte.gz"),
+        ]
+    )
     a = events.read(out / "0/scale04/mnist_0_scale04_0001.aedat4").events
     b = events.read(again / "0/scale04/mnist_0_scale04_0001.aedat4").events
     np.testing.assert_array_equal(a, b)
-    assert main(["simulate", "mnist-dvs", "--out", str(out), "--n", "1", "--mnist", str(tmp_path / "nope.gz")]) == 2
+    assert (
+        main(["simulate", "mnist-dvs", "--out", str(out), "--n", "1", "--mnist", str(tmp_path / "nope.gz")])
+        == 2
+    )
 
 
 def test_simulate_compare_prints_real_and_simulated(tmp_path, capsys):
@@ -151,8 +197,21 @@ def test_simulate_compare_prints_real_and_simulated(tmp_path, capsys):
     real = events.simulate_mnist_dvs(ring / 255.0, scale=4, duration_s=0.4, seed=1)
     path = tmp_path / "mnist_0_scale04_0001.aedat4"
     events.write_aedat4(path, real.events, 128, 128)
-    assert main(["simulate", "compare", str(path), "--n", "2", "--json",
-                 "--mnist", str(tmp_path / "t-images-idx3-ubyte.gz")]) == 0
+    assert (
+        main(
+            [
+                "simulate",
+                "compare",
+                str(path),
+                "--n",
+                "2",
+                "--json",
+                "--mnist",
+                str(tmp_path / "t-images-idx3-ubyte.gz"),
+            ]
+        )
+        == 0
+    )
     (row,) = json.loads(capsys.readouterr().out)
     assert row["scale"] == 4 and row["real"]["events"] == len(real.events)
     sim = row["simulated"]["events_per_s"]["mean"]

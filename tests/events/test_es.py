@@ -84,8 +84,15 @@ def test_faery_written_dvs_reads_identically(tmp_path: Path, kernels):
 @pytest.mark.parametrize("kind", ["dvs", "atis"])
 def test_faery_encoder_raw_fields_equal(tmp_path: Path, kind: str, kernels):
     raw = _raw(kind, 5000, 640, 480, seed=2)
-    arr = np.zeros(len(raw), dtype=[("t", "<u8"), ("x", "<u2"), ("y", "<u2"), *(
-        [("on", "?")] if kind == "dvs" else [("exposure", "?"), ("polarity", "?")])])
+    arr = np.zeros(
+        len(raw),
+        dtype=[
+            ("t", "<u8"),
+            ("x", "<u2"),
+            ("y", "<u2"),
+            *([("on", "?")] if kind == "dvs" else [("exposure", "?"), ("polarity", "?")]),
+        ],
+    )
     for f in arr.dtype.names:
         arr[f] = raw["on" if f == "on" else f]
     path = tmp_path / f"{kind}.es"
@@ -98,7 +105,9 @@ def test_faery_encoder_raw_fields_equal(tmp_path: Path, kind: str, kernels):
 
 def test_faery_written_generic_decodes(tmp_path: Path):
     rng = np.random.default_rng(3)
-    payloads = [bytes(rng.integers(0, 256, int(k), dtype=np.uint8)) for k in rng.choice([0, 1, 5, 127, 128, 300], 60)]
+    payloads = [
+        bytes(rng.integers(0, 256, int(k), dtype=np.uint8)) for k in rng.choice([0, 1, 5, 127, 128, 300], 60)
+    ]
     t = np.cumsum(rng.choice([0, 3, 253, 254, 255, 1000], 60))
     arr = np.zeros(60, dtype=[("t", "<u8"), ("bytes", "O")])
     arr["t"] = t
@@ -280,6 +289,10 @@ def test_upload_endpoint_takes_es(tmp_path: Path):
     with make_client(settings) as client:
         r = client.post("/v1/events", content=es.from_events(ev, 128, 128))
         assert r.status_code == 200, r.text
-        assert (r.headers["X-Format"], r.headers["X-Events"], r.headers["X-Sensor-Width"]) == ("es", "500", "128")
+        assert (r.headers["X-Format"], r.headers["X-Events"], r.headers["X-Sensor-Width"]) == (
+            "es",
+            "500",
+            "128",
+        )
         bad = client.post("/v1/events", files={"file": ("x.es", es.from_events(ev, 128, 128)[:-1])})
         assert bad.status_code == 422 and "truncated" in bad.json()["detail"]

@@ -43,7 +43,7 @@ def _dv_like_lz4(path: Path, ev: np.ndarray, w: int, h: int, monkeypatch) -> Non
 
     from events import writers
 
-    monkeypatch.setattr(writers, "_compressor", lambda c: (lambda b: lz4.frame.compress(b, store_size=False)))
+    monkeypatch.setattr(writers, "_compressor", lambda c: lambda b: lz4.frame.compress(b, store_size=False))
     events.write_aedat4(path, ev, w, h, "lz4", packet_events=2000)
     monkeypatch.undo()
 
@@ -173,7 +173,9 @@ def _evt3_words(rng: np.random.Generator, n: int, junk: float) -> np.ndarray:
         elif r < 0.9:
             words.append(0x5000 | int(rng.integers(0, 256)))
         elif r < 0.9 + junk:
-            words.append(int(rng.choice([0x1, 0x7, 0x9, 0xA, 0xB, 0xE, 0xF])) << 12 | int(rng.integers(0, 4096)))
+            words.append(
+                int(rng.choice([0x1, 0x7, 0x9, 0xA, 0xB, 0xE, 0xF])) << 12 | int(rng.integers(0, 4096))
+            )
     return np.array(words, "<u2")
 
 
@@ -209,13 +211,18 @@ def test_evt3_kernel_grows_output_and_reports_vector_overflow(monkeypatch):
 def test_evt2_kernel_equals_numpy(seed, monkeypatch):
     rng = np.random.default_rng(100 + seed)
     n = int(rng.integers(1, 5000))
-    typ = rng.choice([0, 1, 8, 0xA, 0xE, 0xF, 3], n, p=[0.4, 0.4, 0.1, 0.03, 0.03, 0.02, 0.02]).astype(np.uint32)
+    typ = rng.choice([0, 1, 8, 0xA, 0xE, 0xF, 3], n, p=[0.4, 0.4, 0.1, 0.03, 0.03, 0.02, 0.02]).astype(
+        np.uint32
+    )
     th = np.cumsum(typ == 8).astype(np.uint32)
     if seed % 2:  # TIME_HIGH wrapping past 2^28
         th = (th + (1 << 28) - 5) & 0x0FFFFFFF
     low = rng.integers(0, 1 << 28, n).astype(np.uint32)
-    low = np.where(typ <= 1, (rng.integers(0, 64, n) << 22) | (rng.integers(0, 640, n) << 11)
-                   | rng.integers(0, 480, n), low).astype(np.uint32)
+    low = np.where(
+        typ <= 1,
+        (rng.integers(0, 64, n) << 22) | (rng.integers(0, 640, n) << 11) | rng.integers(0, 480, n),
+        low,
+    ).astype(np.uint32)
     w = (typ << 28) | np.where(typ == 8, th, low)
     head = b"% evt 2.0\n% format EVT2;height=480;width=640\n" if seed % 3 else b"% evt 2.0\n"
     a, b = _both(head + w.astype("<u4").tobytes(), monkeypatch)
@@ -332,8 +339,15 @@ def test_saturating_counts_in_the_kernel(monkeypatch):
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    prefix=st.sampled_from([b"% evt 3.0\n", b"% evt 2.0\n", b"% Version 2\n", b"% Version 2\n\x00\x08",
-                            b"% evt 3.0\n% format EVT3;height=480;width=640\n"]),
+    prefix=st.sampled_from(
+        [
+            b"% evt 3.0\n",
+            b"% evt 2.0\n",
+            b"% Version 2\n",
+            b"% Version 2\n\x00\x08",
+            b"% evt 3.0\n% format EVT3;height=480;width=640\n",
+        ]
+    ),
     body=st.binary(max_size=2048),
 )
 def test_kernels_and_numpy_agree_on_random_bytes(prefix: bytes, body: bytes):

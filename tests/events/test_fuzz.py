@@ -49,10 +49,22 @@ def test_random_bytes(data: bytes, fmt: str | None):
 
 @FUZZ
 @given(
-    prefix=st.sampled_from([b"#!AER-DAT2.0\r\n", b"#!AER-DAT3.1\r\n#!END-HEADER\r\n", b"#!AER-DAT4.0\r\n",
-                            b"% evt 3.0\n", b"% evt 2.0\n", b"% Version 2\n", b"\x93NUMPY", b"PK\x03\x04",
-                            b"Event Stream\x02\x00\x00\x01\x40\x00\x30\x00", b"Event Stream\x02\x00\x00\x02\x40\x00\x30\x00",
-                            b"Event Stream\x02\x00\x00\x04\x40\x00\x30\x00", b"Event Stream\x02\x00\x00\x00"]),
+    prefix=st.sampled_from(
+        [
+            b"#!AER-DAT2.0\r\n",
+            b"#!AER-DAT3.1\r\n#!END-HEADER\r\n",
+            b"#!AER-DAT4.0\r\n",
+            b"% evt 3.0\n",
+            b"% evt 2.0\n",
+            b"% Version 2\n",
+            b"\x93NUMPY",
+            b"PK\x03\x04",
+            b"Event Stream\x02\x00\x00\x01\x40\x00\x30\x00",
+            b"Event Stream\x02\x00\x00\x02\x40\x00\x30\x00",
+            b"Event Stream\x02\x00\x00\x04\x40\x00\x30\x00",
+            b"Event Stream\x02\x00\x00\x00",
+        ]
+    ),
     body=st.binary(max_size=2048),
 )
 def test_random_bytes_behind_each_magic(prefix: bytes, body: bytes):
@@ -78,10 +90,12 @@ def test_mutated_and_truncated_real_files(name: str, edits, cut: float, as_forma
 
 def read_format_of(name: str) -> str:
     return {".aedat4": "aedat4", ".raw": "evt2", ".dat": "dat", ".bin": "nmnist"}.get(
-        Path(name).suffix, "aedat31" if "aedat31" in name else "aedat2")
+        Path(name).suffix, "aedat31" if "aedat31" in name else "aedat2"
+    )
 
 
 # ---- specific bad inputs: what is wrong, and where --------------------------------------------
+
 
 def _aedat2(words, header=b"#!AER-DAT2.0\r\n"):
     return header + b"".join(struct.pack(">II", a, t) for a, t in words)
@@ -143,7 +157,13 @@ def _aedat4_with_packet(payload: bytes, compression: int) -> bytes:
 
     desc = _DESCRIPTION.format(compression="X", width=64, height=64, source="t")
     head = _ioheader(compression, desc)
-    return b"#!AER-DAT4.0\r\n" + struct.pack("<I", len(head)) + head + struct.pack("<iI", 0, len(payload)) + payload
+    return (
+        b"#!AER-DAT4.0\r\n"
+        + struct.pack("<I", len(head))
+        + head
+        + struct.pack("<iI", 0, len(payload))
+        + payload
+    )
 
 
 def test_corrupt_compressed_packet_names_the_packet(tmp_path: Path):
@@ -179,7 +199,9 @@ def test_decompression_bomb_is_stopped_before_inflating(monkeypatch):
         assert err.value.packet == 0
     # and the total cap holds across packets
     with pytest.raises(EventFormatError, match="max_decompressed"):
-        read(_aedat4_with_packet(zstandard.ZstdCompressor().compress(bytes(1 << 20)), 3), max_decompressed=1000)
+        read(
+            _aedat4_with_packet(zstandard.ZstdCompressor().compress(bytes(1 << 20)), 3), max_decompressed=1000
+        )
 
 
 def test_npz_bomb_and_truncated_npy():
@@ -255,13 +277,19 @@ def test_total_cap_counts_real_sizes_of_dv_lz4_packets():
 
 # ---- Event Stream (.es): no shared .es recordings, so the seeds come from our encoder -------
 
+
 def _es_seed(kind: str) -> bytes:
     from events.formats import es
 
     rng = np.random.default_rng({"dvs": 0, "atis": 1, "color": 2, "generic": 3}[kind])
     if kind == "generic":
-        return es.encode("generic", [(int(t), bytes(int(k))) for t, k in
-                                     zip(np.cumsum(rng.integers(0, 600, 40)), rng.integers(0, 200, 40), strict=True)])
+        return es.encode(
+            "generic",
+            [
+                (int(t), bytes(int(k)))
+                for t, k in zip(np.cumsum(rng.integers(0, 600, 40)), rng.integers(0, 200, 40), strict=True)
+            ],
+        )
     dtype = {"dvs": es.DVS_RAW, "atis": es.ATIS_RAW, "color": es.COLOR_RAW}[kind]
     raw = np.zeros(300, dtype)
     raw["t"] = np.cumsum(rng.choice([0, 5, 63, 127, 254, 400, 5000], 300))

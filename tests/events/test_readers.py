@@ -113,7 +113,11 @@ def _dv_read(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
         if batch is None:
             break
         chunks.append(batch.numpy())
-    arr = np.concatenate(chunks) if chunks else np.zeros(0, [("timestamp", "<i8"), ("x", "<i2"), ("y", "<i2"), ("polarity", "i1")])
+    arr = (
+        np.concatenate(chunks)
+        if chunks
+        else np.zeros(0, [("timestamp", "<i8"), ("x", "<i2"), ("y", "<i2"), ("polarity", "i1")])
+    )
     return _events(arr["timestamp"], arr["x"], arr["y"], arr["polarity"]), tuple(rec.getEventResolution())
 
 
@@ -180,7 +184,9 @@ def test_files_written_by_faery_read_back_identically(tmp_path: Path, version):
     np.testing.assert_array_equal(rec.events, ev)
     if version == "evt3":
         words = np.frombuffer(path.read_bytes().split(b"\n% geometry 640x480\n", 1)[-1][:], "<u2")
-        assert np.isin(words >> 12, (4, 5)).any(), "faery wrote no vector words: the test would not cover them"
+        assert np.isin(words >> 12, (4, 5)).any(), (
+            "faery wrote no vector words: the test would not cover them"
+        )
 
 
 def _evt3_bytes(words: list[int], header: str = "% evt 3.0\n% format EVT3;height=720;width=1280\n") -> bytes:
@@ -197,20 +203,35 @@ def test_evt3_hand_built_stream_follows_the_spec():
     v8 = lambda m: 0x5000 | m  # noqa: E731
     words = [
         ax(5, 1),  # before the first TIME_HIGH: dropped, as openeb does
-        th(0x001), tl(0x002), ay(100), ax(7, 1),  # t = 0x001002
+        th(0x001),
+        tl(0x002),
+        ay(100),
+        ax(7, 1),  # t = 0x001002
         v12(0b1),  # a vector before any VECT_BASE_X has no x: skipped and counted
-        base(10, 0), v12(0b100000000101), v8(0b10000001),  # x = 10, 12, 21 and 22, 29
+        base(10, 0),
+        v12(0b100000000101),
+        v8(0b10000001),  # x = 10, 12, 21 and 22, 29
         0xA000 | 3,  # EXT_TRIGGER: skipped
-        tl(0x010), ay(719), ax(1279, 0),
-        th(0xFFF), tl(0xFFF), ax(1, 1),  # t = 0xFFFFFF
-        th(0x000), tl(0x001), ax(2, 0),  # the 24-bit counter wrapped: t = 2**24 + 1
+        tl(0x010),
+        ay(719),
+        ax(1279, 0),
+        th(0xFFF),
+        tl(0xFFF),
+        ax(1, 1),  # t = 0xFFFFFF
+        th(0x000),
+        tl(0x001),
+        ax(2, 0),  # the 24-bit counter wrapped: t = 2**24 + 1
     ]
     rec = read(_evt3_bytes(words))
     assert rec.format == "evt3" and (rec.width, rec.height) == (1280, 720)
     t1 = 0x001002
     expected = [
         (t1, 7, 100, 1),
-        (t1, 10, 100, 0), (t1, 12, 100, 0), (t1, 21, 100, 0), (t1, 22, 100, 0), (t1, 29, 100, 0),
+        (t1, 10, 100, 0),
+        (t1, 12, 100, 0),
+        (t1, 21, 100, 0),
+        (t1, 22, 100, 0),
+        (t1, 29, 100, 0),
         (0x001010, 1279, 719, 0),
         (0xFFFFFF, 1, 719, 1),
         ((1 << 24) + 1, 2, 719, 0),
@@ -392,7 +413,9 @@ def test_dat_matches_prophesee_loader_reference(shared_events: Path):
         pos = b.index(b"\n", pos) + 1
     ev_type, ev_size = b[pos], b[pos + 1]
     assert (ev_type, ev_size) == (0, 8)
-    ref = [(t, a & 0x3FFF, (a >> 14) & 0x3FFF, (a >> 28) & 1) for t, a in struct.iter_unpack("<II", b[pos + 2 :])]
+    ref = [
+        (t, a & 0x3FFF, (a >> 14) & 0x3FFF, (a >> 28) & 1) for t, a in struct.iter_unpack("<II", b[pos + 2 :])
+    ]
     ref.sort(key=lambda e: e[0])
     rec = read(path)
     assert [tuple(int(v) for v in e) for e in rec.events[["t", "x", "y", "p"]].tolist()] == ref

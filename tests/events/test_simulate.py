@@ -76,7 +76,10 @@ def test_background_noise_rate_and_polarity():
 
 def test_moving_bar_leading_edge_on_trailing_edge_off_and_iterables():
     ts = np.arange(0, 50_001, 1000)
-    frames = [place_image(np.ones((8, 3)), (16, 40), (5 + 0.5 * i, 8.0), 1.0, background=0.1) for i in range(len(ts))]
+    frames = [
+        place_image(np.ones((8, 3)), (16, 40), (5 + 0.5 * i, 8.0), 1.0, background=0.1)
+        for i in range(len(ts))
+    ]
     ev = simulate(np.stack(frames), ts, DVSParams(threshold_sigma=0.0), seed=0)
     ev_iter = simulate(iter(frames), iter(ts.tolist()), DVSParams(threshold_sigma=0.0), seed=0)
     np.testing.assert_array_equal(ev, ev_iter)

@@ -21,7 +21,9 @@ def test_leak_gives_on_events_at_the_leak_rate():
     # every 1/leak_rate seconds -> leak_rate ON events per pixel per second
     frames = np.full((101, 20, 20), 0.5)
     ts = np.linspace(0, 2_000_000, 101)
-    p = DVSParams(threshold_on=0.2, threshold_off=0.2, threshold_sigma=0.0, refractory_us=0.0, leak_rate_hz=5.0)
+    p = DVSParams(
+        threshold_on=0.2, threshold_off=0.2, threshold_sigma=0.0, refractory_us=0.0, leak_rate_hz=5.0
+    )
     ev = simulate(frames, ts, p, seed=0)
     assert len(ev) and np.all(ev["p"] == 1)
     per_pixel = len(ev) / 400 / 2.0
@@ -94,6 +96,10 @@ def test_scene_clip_is_reproducible_and_consistent():
 
 def test_scene_config_spread_of_sensors():
     bg = dead_leaves((64, 64), seed=0)
-    th = [simulate_scene(bg, duration_us=20_000, config=SceneConfig(height=16, width=16), seed=s).metadata["dvs"]
-          ["threshold_on"] for s in range(40)]
+    th = [
+        simulate_scene(bg, duration_us=20_000, config=SceneConfig(height=16, width=16), seed=s).metadata[
+            "dvs"
+        ]["threshold_on"]
+        for s in range(40)
+    ]
     assert min(th) < 0.25 and max(th) > 0.55

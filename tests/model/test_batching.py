@@ -94,11 +94,15 @@ def test_sparse_decoder_equals_dense_and_ignores_batch(decoder):
     # non-binary entries are weighted, dense windows take the dense path
     scaled = win * 0.5
     with torch.inference_mode():
-        np.testing.assert_allclose(streams.decode(scaled), nat.decoder(torch.from_numpy(scaled)).reshape(sparse.shape).numpy(),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            streams.decode(scaled),
+            nat.decoder(torch.from_numpy(scaled)).reshape(sparse.shape).numpy(),
+            atol=1e-6,
+        )
         full = np.ones((2, 12, 32), np.float32)
-        np.testing.assert_allclose(streams.decode(full), nat.decoder(torch.from_numpy(full)).reshape(2, 28, 28).numpy(),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            streams.decode(full), nat.decoder(torch.from_numpy(full)).reshape(2, 28, 28).numpy(), atol=1e-5
+        )
     assert tiny_naturalizer(decoder="cnn", n_readout=16).decoder.sparse_form() is None
 
 
@@ -137,11 +141,18 @@ def test_decode_segments_equals_online_stepping_with_runs_and_resets(nat):
     OnlineNaturalizer pushed the same frames, with a fresh one after the reset."""
     streams = TorchStreams(nat)
     frames = random_spike_frames(20, (2, 26, 26), rate=0.08, seed=2).numpy()
-    segs = [BinSegment(frames[:6], np.arange(1, 7) * 10, False), BinSegment(frames[:0], np.array([70]), False, 5),
-            BinSegment(frames[6:9], np.arange(12, 15) * 10, False), BinSegment(frames[9:], np.arange(100, 111) * 10, True)]
+    segs = [
+        BinSegment(frames[:6], np.arange(1, 7) * 10, False),
+        BinSegment(frames[:0], np.array([70]), False, 5),
+        BinSegment(frames[6:9], np.arange(12, 15) * 10, False),
+        BinSegment(frames[9:], np.arange(100, 111) * 10, True),
+    ]
     out = decode_segments(streams, segs, torch.Generator().manual_seed(4), 4, dt_us=10, step_chunk=3)
     assert len(out.spikes) == 6 + 5 + 3 + 11 and out.frame_steps.tolist() == [3, 7, 11, 15, 19, 23, 24]
-    assert out.bin_end_us[6:11].tolist() == [70, 80, 90, 100, 110] and out.seg_start[13:15].tolist() == [0, 14]
+    assert out.bin_end_us[6:11].tolist() == [70, 80, 90, 100, 110] and out.seg_start[13:15].tolist() == [
+        0,
+        14,
+    ]
     g = torch.Generator().manual_seed(4)
     on = OnlineNaturalizer(nat, g)
     seq = [*frames[:6], *np.zeros((5, 2, 26, 26), np.uint8), *frames[6:9]]

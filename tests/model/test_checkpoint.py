@@ -14,10 +14,22 @@ from model.testing import random_spike_frames, tiny_naturalizer
 
 @pytest.fixture()
 def ckpt(tmp_path):
-    nat = tiny_naturalizer(input_shape=(2, 6, 6), hidden=(12,), n_readout=8, tau_d=4, decoder="mlp",
-                           decoder_options={"hidden": 20}, preprocessing={"roi": [1, 2, 6, 6]})
-    d = save_checkpoint(tmp_path / "ck", nat, {"rule": "vdib", "lr": 1e-3}, {"judge_acc": 0.5},
-                        {"data": "synthetic", "seed": 0})
+    nat = tiny_naturalizer(
+        input_shape=(2, 6, 6),
+        hidden=(12,),
+        n_readout=8,
+        tau_d=4,
+        decoder="mlp",
+        decoder_options={"hidden": 20},
+        preprocessing={"roi": [1, 2, 6, 6]},
+    )
+    d = save_checkpoint(
+        tmp_path / "ck",
+        nat,
+        {"rule": "vdib", "lr": 1e-3},
+        {"judge_acc": 0.5},
+        {"data": "synthetic", "seed": 0},
+    )
     return nat, d
 
 
@@ -58,7 +70,10 @@ def _edit_json(d, fn):
         (lambda d: _edit_json(d, lambda m: m["model"]["encoder"].update(hidden=[13])), "shape"),
         (lambda d: _edit_json(d, lambda m: m["model"].update(bogus=1)), "invalid model config"),
         (lambda d: _edit_json(d, lambda m: m["model"]["encoder"].update(n_inputs=5)), "invalid model config"),
-        (lambda d: _edit_json(d, lambda m: m["tensors"]["encoder.readout_bias"].update(dtype="float16")), "dtype"),
+        (
+            lambda d: _edit_json(d, lambda m: m["tensors"]["encoder.readout_bias"].update(dtype="float16")),
+            "dtype",
+        ),
     ],
 )
 def test_corrupt_checkpoint_raises_checkpoint_error(ckpt, corrupt, message):
@@ -140,7 +155,9 @@ from hypothesis import strategies as st  # noqa: E402
     values=st.lists(st.integers(0, 255), min_size=4, max_size=4),
     truncate=st.one_of(st.none(), st.integers(0, 10**6)),
 )
-def test_fuzzed_checkpoint_loads_or_raises_checkpoint_error(tmp_path_factory, which, positions, values, truncate):
+def test_fuzzed_checkpoint_loads_or_raises_checkpoint_error(
+    tmp_path_factory, which, positions, values, truncate
+):
     _, d = _fuzz_ckpt_dir(tmp_path_factory)
     if which == "weights.safetensors":  # without the digest, so the parser and checks are exercised
         _edit_json(d, lambda m: m.pop("weights_sha256"))
@@ -253,15 +270,60 @@ def _rewrite_weights(d, fn):
     "corrupt, message",
     [
         (lambda d: _rewrite_weights(d, lambda t: t.pop("decoder.fc1.weight.q4scale")), "missing"),
-        (lambda d: _rewrite_weights(d, lambda t: t.update({"decoder.fc1.weight.q4": t["decoder.fc1.weight.q4"].to(torch.int16)})), "inconsistent"),
-        (lambda d: _rewrite_weights(d, lambda t: t.update({"decoder.fc1.weight.q4scale": t["decoder.fc1.weight.q4scale"][:, :3].contiguous()})), "inconsistent"),
-        (lambda d: _rewrite_weights(d, lambda t: t.update({"encoder.readout_ff_weight.q8": t["encoder.readout_ff_weight.q8"][:10].contiguous()})), "inconsistent"),
-        (lambda d: _rewrite_weights(d, lambda t: t.update({"decoder.fc1.weight.q4scale": torch.full_like(t["decoder.fc1.weight.q4scale"], float("inf"))})), "NaN or infinite"),
-        (lambda d: _edit_json(d, lambda m: m["quantization"]["decoder.fc1.weight"].update(scheme="int3")), "unknown quantization"),
-        (lambda d: _edit_json(d, lambda m: m["quantization"]["decoder.fc1.weight"].update(group=7)), "inconsistent"),
-        (lambda d: _edit_json(d, lambda m: m["quantization"].update({"nope": {"scheme": "int8"}})), "not in the manifest"),
+        (
+            lambda d: _rewrite_weights(
+                d, lambda t: t.update({"decoder.fc1.weight.q4": t["decoder.fc1.weight.q4"].to(torch.int16)})
+            ),
+            "inconsistent",
+        ),
+        (
+            lambda d: _rewrite_weights(
+                d,
+                lambda t: t.update(
+                    {"decoder.fc1.weight.q4scale": t["decoder.fc1.weight.q4scale"][:, :3].contiguous()}
+                ),
+            ),
+            "inconsistent",
+        ),
+        (
+            lambda d: _rewrite_weights(
+                d,
+                lambda t: t.update(
+                    {"encoder.readout_ff_weight.q8": t["encoder.readout_ff_weight.q8"][:10].contiguous()}
+                ),
+            ),
+            "inconsistent",
+        ),
+        (
+            lambda d: _rewrite_weights(
+                d,
+                lambda t: t.update(
+                    {
+                        "decoder.fc1.weight.q4scale": torch.full_like(
+                            t["decoder.fc1.weight.q4scale"], float("inf")
+                        )
+                    }
+                ),
+            ),
+            "NaN or infinite",
+        ),
+        (
+            lambda d: _edit_json(d, lambda m: m["quantization"]["decoder.fc1.weight"].update(scheme="int3")),
+            "unknown quantization",
+        ),
+        (
+            lambda d: _edit_json(d, lambda m: m["quantization"]["decoder.fc1.weight"].update(group=7)),
+            "inconsistent",
+        ),
+        (
+            lambda d: _edit_json(d, lambda m: m["quantization"].update({"nope": {"scheme": "int8"}})),
+            "not in the manifest",
+        ),
         (lambda d: _edit_json(d, lambda m: m.update(quantization=[1])), "must be an object"),
-        (lambda d: _edit_json(d, lambda m: m["quantization"].pop("decoder.fc1.weight")), "tensor names differ"),
+        (
+            lambda d: _edit_json(d, lambda m: m["quantization"].pop("decoder.fc1.weight")),
+            "tensor names differ",
+        ),
     ],
 )
 def test_corrupt_quantized_checkpoint_raises(qckpt, corrupt, message):

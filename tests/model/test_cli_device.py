@@ -31,7 +31,9 @@ def test_cli_tiny_info_export(tmp_path, capsys):
 def test_on_device():
     if DEVICE.startswith("cuda") and not torch.cuda.is_available():
         pytest.skip("CUDA requested but not available")
-    nat = tiny_naturalizer(input_shape=(2, 6, 6), hidden=(16,), n_readout=8, tau_d=4, image_shape=(6, 6)).to(DEVICE)
+    nat = tiny_naturalizer(input_shape=(2, 6, 6), hidden=(16,), n_readout=8, tau_d=4, image_shape=(6, 6)).to(
+        DEVICE
+    )
     frames = random_spike_frames(12, (2, 6, 6), rate=0.1, seed=0).to(DEVICE)
     gen = torch.Generator(device=DEVICE)
     y_b, img_b = nat(frames[:, None], gen.manual_seed(3))
@@ -39,6 +41,9 @@ def test_on_device():
     ys = torch.stack([online.push(f) for f in frames])
     assert torch.equal(ys, y_b[:, 0]) and ys.device.type == torch.device(DEVICE).type
     rule = build_rule("vdib", nat, baseline="loo", n_samples=2)
-    stats = rule.train_step(frames[:, None].expand(-1, 3, -1, -1, -1), torch.rand(3, 6, 6, device=DEVICE),
-                            torch.Generator(device=DEVICE).manual_seed(0))
+    stats = rule.train_step(
+        frames[:, None].expand(-1, 3, -1, -1, -1),
+        torch.rand(3, 6, 6, device=DEVICE),
+        torch.Generator(device=DEVICE).manual_seed(0),
+    )
     assert stats["loss"] == stats["loss"]

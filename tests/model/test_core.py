@@ -32,7 +32,9 @@ def test_lif_step_golden_trace():
         assert u_t.item() == pytest.approx(u, abs=1e-6)
         assert out.item() == s
         # the state keeps the traces after the synapse: W Q and W P
-        assert st.q.item() == pytest.approx(30 * q, abs=1e-5) and st.p.item() == pytest.approx(30 * pp, abs=1e-5)
+        assert st.q.item() == pytest.approx(30 * q, abs=1e-5) and st.p.item() == pytest.approx(
+            30 * pp, abs=1e-5
+        )
 
 
 def test_surrogate_gradient_is_sigmoid_derivative():
@@ -68,8 +70,16 @@ def test_srm_readout_matches_explicit_convolution():
     for t in range(12):
         z = (torch.rand(1, n_in) < 0.5).float()
         uni = torch.rand(1, n_out)
-        y, st, u = F.srm_readout_step(z, st, F.lag_weights(w, ffb), wfb, bias, F.history_kernel(fbb[:, None])[:, 0], uni,
-                                      event_driven=bool(t % 2))
+        y, st, u = F.srm_readout_step(
+            z,
+            st,
+            F.lag_weights(w, ffb),
+            wfb,
+            bias,
+            F.history_kernel(fbb[:, None])[:, 0],
+            uni,
+            event_driven=bool(t % 2),
+        )
         z_hist.append(z[0])
         # explicit: u_t = sum_{d=0}^{tau-1} sum_k W_k phi_k(d) z_{t-d} + w_fb sum_{d=1}^{fb} psi(d-1) y_{t-d} + b
         ref = bias.clone()
@@ -148,7 +158,9 @@ def test_decoders_shapes_and_range(name, window):
     out = dec((torch.rand(4, window, 16) < 0.3).float())
     assert out.shape == (4, 784)
     assert (out >= 0).all() and (out <= 1).all()
-    logits = build_decoder(name, 16, window, 10, output="logits", **opts)((torch.rand(2, window, 16) < 0.3).float())
+    logits = build_decoder(name, 16, window, 10, output="logits", **opts)(
+        (torch.rand(2, window, 16) < 0.3).float()
+    )
     assert logits.shape == (2, 10)
 
 
@@ -184,7 +196,9 @@ def test_sliding_windows():
 @pytest.mark.parametrize("decoder", ["linear", "cnn"])
 def test_online_equals_batched_forward(decoder):
     opts = {"decoder_options": {"hidden": 16}} if decoder == "cnn" else {}
-    nat = tiny_naturalizer(input_shape=(2, 8, 8), hidden=(24,), n_readout=12, tau_d=6, decoder=decoder, **opts)
+    nat = tiny_naturalizer(
+        input_shape=(2, 8, 8), hidden=(24,), n_readout=12, tau_d=6, decoder=decoder, **opts
+    )
     frames = random_spike_frames(20, (2, 8, 8), rate=0.15, seed=2)
     y_b, img_b = nat(frames[:, None], torch.Generator().manual_seed(11))
     online = OnlineNaturalizer(nat, torch.Generator().manual_seed(11))

@@ -15,7 +15,9 @@ from model.testing import random_spike_frames, tiny_naturalizer  # noqa: E402
 @pytest.mark.parametrize("hidden,decoder", [((24, 16), "linear"), ((), "cnn")])
 def test_onnx_parity_over_a_sequence(tmp_path, hidden, decoder):
     opts = {"decoder_options": {"hidden": 16}} if decoder == "cnn" else {}
-    nat = tiny_naturalizer(input_shape=(2, 6, 6), hidden=hidden, n_readout=12, tau_d=5, decoder=decoder, **opts)
+    nat = tiny_naturalizer(
+        input_shape=(2, 6, 6), hidden=hidden, n_readout=12, tau_d=5, decoder=decoder, **opts
+    )
     paths = export_onnx(nat, tmp_path)
     assert paths["encoder"].is_file() and paths["decoder"].is_file()
     eng = OnnxEngine(tmp_path)

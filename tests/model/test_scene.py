@@ -18,8 +18,9 @@ from model.scene import (
     stack_states,
 )
 
-SMALL = SceneNaturalizerConfig(hidden=(6,), n_readout=3, tau_e=4, n_basis=2, fb_memory=3, tau_d=5,
-                               decoder_widths=(6, 8, 10))
+SMALL = SceneNaturalizerConfig(
+    hidden=(6,), n_readout=3, tau_e=4, n_basis=2, fb_memory=3, tau_d=5, decoder_widths=(6, 8, 10)
+)
 
 
 def _net(seed: int = 0, cfg: SceneNaturalizerConfig = SMALL) -> SceneNaturalizer:
@@ -33,7 +34,9 @@ def _net(seed: int = 0, cfg: SceneNaturalizerConfig = SMALL) -> SceneNaturalizer
 
 def _counts(T: int, B: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    return (torch.rand((T, B, 2, H, W), generator=g) < 0.15).float() * torch.randint(1, 4, (T, B, 2, H, W), generator=g)
+    return (torch.rand((T, B, 2, H, W), generator=g) < 0.15).float() * torch.randint(
+        1, 4, (T, B, 2, H, W), generator=g
+    )
 
 
 def test_forward_equals_repeated_step_bit_for_bit():

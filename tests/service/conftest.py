@@ -24,8 +24,12 @@ def make_checkpoints(root: Path, names: tuple[str, ...] = ("tiny",)) -> Path:
     from model.testing import tiny_naturalizer
 
     for i, name in enumerate(names):
-        nat = tiny_naturalizer(seed=i, hidden_init_scale=3.0, readout_bias=-0.5,
-                               preprocessing={"roi": [48, 54, 26, 26], "sensor": [128, 128]})
+        nat = tiny_naturalizer(
+            seed=i,
+            hidden_init_scale=3.0,
+            readout_bias=-0.5,
+            preprocessing={"roi": [48, 54, 26, 26], "sensor": [128, 128]},
+        )
         save_checkpoint(root / name, nat, {"note": "random test model"}, {}, {"source": "model.testing"})
     return root
 

@@ -70,14 +70,23 @@ def test_settings_from_env_and_env_file(tmp_path: Path, monkeypatch: pytest.Monk
 def test_metrics_and_openapi(client, mnist_dvs_bytes):
     client.post("/v1/naturalize?emit=last", content=mnist_dvs_bytes)
     text = client.get("/metrics").text
-    for name in ("vdib_http_requests_total", "vdib_http_request_seconds", "vdib_active_streams",
-                 "vdib_steps_per_second", "vdib_batch_size", "vdib_dropped_frames_total",
-                 "vdib_late_events_total", "vdib_frame_latency_seconds"):
+    for name in (
+        "vdib_http_requests_total",
+        "vdib_http_request_seconds",
+        "vdib_active_streams",
+        "vdib_steps_per_second",
+        "vdib_batch_size",
+        "vdib_dropped_frames_total",
+        "vdib_late_events_total",
+        "vdib_frame_latency_seconds",
+    ):
         assert name in text
     assert 'vdib_http_requests_total{method="POST",route="/v1/naturalize",status="200"}' in text
     assert "vdib_upload_events_total 15744.0" in text
     spec = client.get("/openapi.json").json()
-    assert {"/v1/naturalize", "/v1/models", "/healthz", "/readyz", "/metrics", "/v1/events"} <= set(spec["paths"])
+    assert {"/v1/naturalize", "/v1/models", "/healthz", "/readyz", "/metrics", "/v1/events"} <= set(
+        spec["paths"]
+    )
     assert client.get("/docs").status_code == 200
 
 
@@ -96,7 +105,9 @@ def test_api_keys_http(checkpoints_dir: Path, mnist_dvs_bytes):
         assert c.get("/v1/models", headers={"Authorization": "Bearer k2"}).status_code == 200
         r = c.post("/v1/naturalize?emit=last", content=mnist_dvs_bytes)
         assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
-        r = c.post("/v1/naturalize?emit=last", content=mnist_dvs_bytes, headers={"Authorization": "Bearer k1"})
+        r = c.post(
+            "/v1/naturalize?emit=last", content=mnist_dvs_bytes, headers={"Authorization": "Bearer k1"}
+        )
         assert r.status_code == 200
         # operations stay open for probes
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200
@@ -106,10 +117,17 @@ def test_service_never_imports_training():
     import subprocess
     import sys
 
-    code = ("import sys, service.app, service.cli, service.client, service.pipeline; "
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'training')))")
-    out = subprocess.run([sys.executable, "-c", "import json; " + code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys, service.app, service.cli, service.client, service.pipeline; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'training')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", "import json; " + code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert json.loads(out.stdout) == []
 
 

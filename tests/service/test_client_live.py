@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[2]
 def test_client_replay_equals_upload(live_server, mnist_dvs_path, mnist_dvs_bytes):
     import httpx
 
-    up = httpx.post(f"{live_server.http}/v1/naturalize?seed=9&emit=3", content=mnist_dvs_bytes, timeout=60).json()
+    up = httpx.post(
+        f"{live_server.http}/v1/naturalize?seed=9&emit=3", content=mnist_dvs_bytes, timeout=60
+    ).json()
     summary = replay_file(live_server.ws, str(mnist_dvs_path), StreamOptions(seed=9, emit=3), packet_us=7_000)
     assert summary.ok and summary.close_code == 1000, summary.describe()
     assert [f.bin for f in summary.frames] == [f["bin"] for f in up["frames"]]
@@ -57,9 +59,25 @@ def test_realtime_replay_paced(live_server, mnist_dvs_events):
 def test_vdib_stream_cli(live_server, mnist_dvs_path, tmp_path):
     out = tmp_path / "frames.npz"
     r = subprocess.run(
-        [sys.executable, str(REPO / "vdib_cli.py"), "stream", str(mnist_dvs_path), "--url", live_server.ws,
-         "--realtime", "--speed", "8", "--emit", "10", "--out", str(out)],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "vdib_cli.py"),
+            "stream",
+            str(mnist_dvs_path),
+            "--url",
+            live_server.ws,
+            "--realtime",
+            "--speed",
+            "8",
+            "--emit",
+            "10",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert r.returncode == 0, r.stderr
     assert "frames/s" in r.stdout and "close code 1000" in r.stdout
@@ -68,8 +86,13 @@ def test_vdib_stream_cli(live_server, mnist_dvs_path, tmp_path):
 
 
 def test_stream_cli_needs_a_source():
-    r = subprocess.run([sys.executable, str(REPO / "vdib_cli.py"), "stream"], capture_output=True, text=True,
-                       timeout=60, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "vdib_cli.py"), "stream"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "either a FILE or --dv" in r.stderr
 
 
@@ -98,8 +121,12 @@ class RawWS:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
         self.sock.connect(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
-        self.sock.sendall((f"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                           f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+        self.sock.sendall(
+            (
+                f"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
         self.buf = b""
         while b"\r\n\r\n" not in self.buf:
             self.buf += self.sock.recv(4096)
@@ -156,12 +183,16 @@ class RawWS:
 
 
 def test_slow_client_loses_frames_others_unaffected(checkpoints_dir):
-    srv = LiveServer(Settings(checkpoints_dir=checkpoints_dir, out_queue_frames=4, stats_interval_s=0.2,
-                              _env_file=None), sndbuf=4096)
+    srv = LiveServer(
+        Settings(checkpoints_dir=checkpoints_dir, out_queue_frames=4, stats_interval_s=0.2, _env_file=None),
+        sndbuf=4096,
+    )
     try:
         ev = _dense_events(15.0)
         slow = RawWS(srv.port)
-        slow.send(json.dumps({"type": "start", "sensor": {"width": 128, "height": 128}, "emit": 1, "inputs": True}))
+        slow.send(
+            json.dumps({"type": "start", "sensor": {"width": 128, "height": 128}, "emit": 1, "inputs": True})
+        )
         fast = StreamClient(srv.ws, 128, 128, StreamOptions(emit=1, inputs=True, seed=3))
         t0 = time.perf_counter()
         for a in range(0, len(ev), 2000):
@@ -198,15 +229,32 @@ def test_dv_network_source(live_server, shared_events):
     rec = read(path)
     reader = dv.io.MonoCameraRecording(str(path))
     port = _free_port()
-    writer = dv.io.NetworkWriter("127.0.0.1", port, dv.io.Stream.EventStream(0, "events", "DVXplorer",
-                                                                            reader.getEventResolution()))
+    writer = dv.io.NetworkWriter(
+        "127.0.0.1", port, dv.io.Stream.EventStream(0, "events", "DVXplorer", reader.getEventResolution())
+    )
     result = {}
 
     def run_cli():
         r = subprocess.run(
-            [sys.executable, str(REPO / "vdib_cli.py"), "stream", "--dv", f"tcp://127.0.0.1:{port}", "--url",
-             live_server.ws, "--emit", "1", "--max-seconds", "3", "--model", "tiny"],  # a 320x240 DVXplorer
-            capture_output=True, text=True, timeout=120, cwd=REPO,
+            [
+                sys.executable,
+                str(REPO / "vdib_cli.py"),
+                "stream",
+                "--dv",
+                f"tcp://127.0.0.1:{port}",
+                "--url",
+                live_server.ws,
+                "--emit",
+                "1",
+                "--max-seconds",
+                "3",
+                "--model",
+                "tiny",
+            ],  # a 320x240 DVXplorer
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
         )
         result["r"] = r
 
@@ -254,9 +302,23 @@ def test_vdib_serve_prints_viewer_url_and_serves(checkpoints_dir):
 
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "vdib_cli.py"), "serve", "--port", str(port), "--checkpoints", str(checkpoints_dir),
-         "--engine", "onnx", "--log-level", "warning"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+        [
+            sys.executable,
+            str(REPO / "vdib_cli.py"),
+            "serve",
+            "--port",
+            str(port),
+            "--checkpoints",
+            str(checkpoints_dir),
+            "--engine",
+            "onnx",
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
     )
     try:
         line = proc.stdout.readline()

@@ -67,7 +67,7 @@ def test_dockerfile_layers_user_torch_check_port():
     # dependencies before the source: an edit of the code reuses the dependency layer
     assert froms[0] < copy_meta < copy_setup < deps < check < copy_all < project < user < cmd
     # every COPY before the source copy names only the install's inputs
-    for ln in lines[: copy_all]:
+    for ln in lines[:copy_all]:
         if ln.startswith(("COPY", "ADD")):
             assert ln in ("COPY pyproject.toml constraints.txt ./", "COPY scripts/setup scripts/setup"), ln
     # the CUDA check applies to CPU images and fails the RUN (sys.exit with a message)
@@ -88,7 +88,7 @@ def test_dockerfile_layers_user_torch_check_port():
 def test_setup_script():
     setup = (REPO / "scripts" / "setup").read_text()
     assert subprocess.run(["bash", "-n", str(REPO / "scripts" / "setup")]).returncode == 0
-    assert "-c constraints.txt" in setup and "python3}\" -m venv .venv" in setup
+    assert "-c constraints.txt" in setup and 'python3}" -m venv .venv' in setup
     # the CPU index is an extra index, only after a short probe (no retry storm when unreachable)
     assert "https://download.pytorch.org/whl/cpu" in setup and "--extra-index-url" in setup
     assert "VDIB_TORCH_INDEX_TIMEOUT:-5" in setup
@@ -105,10 +105,16 @@ def test_setup_rejects_an_unknown_torch_kind(tmp_path):
     (fake / "python3").write_text(
         "#!/usr/bin/env bash\n"
         'if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; '
-        "printf '#!/usr/bin/env bash\\nexit 0\\n' > \"$3/bin/python\"; chmod +x \"$3/bin/python\"; fi\n")
+        'printf \'#!/usr/bin/env bash\\nexit 0\\n\' > "$3/bin/python"; chmod +x "$3/bin/python"; fi\n'
+    )
     (fake / "python3").chmod(0o755)
-    r = subprocess.run(["bash", "scripts/setup"], cwd=tmp_path, capture_output=True, text=True,
-                       env=dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", VDIB_TORCH="rocm"))
+    r = subprocess.run(
+        ["bash", "scripts/setup"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", VDIB_TORCH="rocm"),
+    )
     assert r.returncode == 2 and "VDIB_TORCH must be cpu or cuda" in r.stderr
 
 
@@ -125,7 +131,9 @@ def test_compose_file_static():
         s = svc[name]
         assert s["ports"] == ["${VDIB_PORT:-8000}:${VDIB_PORT:-8000}"]  # same port inside and out
         assert s["environment"]["VDIB_PORT"] == "${VDIB_PORT:-8000}"
-        assert "readyz" in " ".join(s["healthcheck"]["test"]) and "VDIB_PORT" in " ".join(s["healthcheck"]["test"])
+        assert "readyz" in " ".join(s["healthcheck"]["test"]) and "VDIB_PORT" in " ".join(
+            s["healthcheck"]["test"]
+        )
         assert "./checkpoints:/app/checkpoints:ro" in s["volumes"]
     assert svc["vdib"]["build"]["args"]["TORCH"] == "cpu"
     gpu = svc["vdib-gpu"]
@@ -155,8 +163,9 @@ def test_docker_compose_config():
         pytest.skip("no docker compose (v2) or docker-compose (v1) client")
     prof = ["--profile", "gpu", "--profile", "train"]
     env = dict(os.environ, VDIB_PORT="9123")
-    r = subprocess.run([*cmd, *prof, "config", "--services"], cwd=REPO, capture_output=True, text=True, timeout=60,
-                       env=env)
+    r = subprocess.run(
+        [*cmd, *prof, "config", "--services"], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+    )
     assert r.returncode == 0, r.stderr
     assert set(r.stdout.split()) == {"vdib", "vdib-gpu", "train"}
     r = subprocess.run([*cmd, *prof, "config"], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
@@ -178,10 +187,13 @@ def _engine_reason() -> str | None:
     docker = shutil.which("docker")
     if docker is None:
         return "no docker client"
-    r = subprocess.run([docker, "info", "--format", "{{json .ServerVersion}}"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [docker, "info", "--format", "{{json .ServerVersion}}"], capture_output=True, text=True, timeout=60
+    )
     if r.returncode != 0:
-        return "no Docker engine answers (`docker info`: " + (r.stderr.strip().splitlines() or ["?"])[-1] + ")"
+        return (
+            "no Docker engine answers (`docker info`: " + (r.stderr.strip().splitlines() or ["?"])[-1] + ")"
+        )
     return None
 
 
@@ -196,8 +208,10 @@ def _base_image(tmp: Path) -> str:
     if os.environ.get("VDIB_DOCKER_BASE"):
         return os.environ["VDIB_DOCKER_BASE"]
     default = "python:3.11-slim-bookworm"
-    if _run(["docker", "image", "inspect", default], 60).returncode == 0 or _run(["docker", "pull", default],
-                                                                                600).returncode == 0:
+    if (
+        _run(["docker", "image", "inspect", default], 60).returncode == 0
+        or _run(["docker", "pull", default], 600).returncode == 0
+    ):
         return default
     standin = "vdib-test-base:bookworm"
     if _run(["docker", "image", "inspect", standin], 60).returncode == 0:
@@ -205,16 +219,29 @@ def _base_image(tmp: Path) -> str:
     if not shutil.which("debootstrap") or os.geteuid() != 0:
         pytest.skip(f"{default} cannot be pulled and no stand-in can be built (needs debootstrap, root)")
     root = tmp / "rootfs"
-    r = _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm",
-              str(root)], 1800)
+    r = _run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=python3,python3-venv,ca-certificates",
+            "bookworm",
+            str(root),
+        ],
+        1800,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     host_ca = Path("/etc/ssl/certs/ca-certificates.crt")
     if host_ca.is_file():
         shutil.copy(host_ca, root / "etc/ssl/certs/ca-certificates.crt")
         (root / "etc/pip.conf").write_text("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
     tar = subprocess.Popen(["tar", "-C", str(root), "-c", "."], stdout=subprocess.PIPE)
-    r = subprocess.run(["docker", "import", "-c", "ENV LANG=C.UTF-8", "-", standin], stdin=tar.stdout,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        ["docker", "import", "-c", "ENV LANG=C.UTF-8", "-", standin],
+        stdin=tar.stdout,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     tar.wait()
     assert r.returncode == 0, r.stderr
     return standin
@@ -247,10 +274,14 @@ def torch_index(tmp_path: Path) -> Iterator[str]:
     except OSError:
         pass
     wheels = _local_torch_wheels()
-    gw = _run(["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"], 60)
+    gw = _run(
+        ["docker", "network", "inspect", "bridge", "--format", "{{(index .IPAM.Config 0).Gateway}}"], 60
+    )
     if wheels is None or gw.returncode != 0:
-        pytest.skip("the CPU wheel index is unreachable and no local CPU wheel of torch 2.13.0 is known: "
-                    "the image would get the CUDA build (which its build refuses)")
+        pytest.skip(
+            "the CPU wheel index is unreachable and no local CPU wheel of torch 2.13.0 is known: "
+            "the image would get the CUDA build (which its build refuses)"
+        )
     idx = tmp_path / "torch-index" / "torch"
     idx.mkdir(parents=True)
     for whl in wheels.glob("torch-2.13.0+cpu-*.whl"):
@@ -290,14 +321,31 @@ def test_compose_up_for_real(tmp_path, torch_index, mnist_dvs_path, mnist_dvs_by
 
     port = _free_port()
     project = f"vdibtest{os.getpid()}"
-    env = dict(os.environ, VDIB_PORT=str(port), VDIB_BASE=_base_image(tmp_path), VDIB_TORCH_INDEX=torch_index,
-               VDIB_WORKERS="2", DOCKER_BUILDKIT="0", COMPOSE_DOCKER_CLI_BUILD="0")
+    env = dict(
+        os.environ,
+        VDIB_PORT=str(port),
+        VDIB_BASE=_base_image(tmp_path),
+        VDIB_TORCH_INDEX=torch_index,
+        VDIB_WORKERS="2",
+        DOCKER_BUILDKIT="0",
+        COMPOSE_DOCKER_CLI_BUILD="0",
+    )
     compose = [*cmd, "-p", project]
     r = _run([*compose, "build", "vdib"], 3000, cwd=REPO, env=env)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     # the image: torch's CPU build, a non-root user
-    r = _run(["docker", "run", "--rm", "vdib:latest", "sh", "-c",
-              "id -u; python -c 'import torch; print(torch.__version__, torch.version.cuda)'"], 600)
+    r = _run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "vdib:latest",
+            "sh",
+            "-c",
+            "id -u; python -c 'import torch; print(torch.__version__, torch.version.cuda)'",
+        ],
+        600,
+    )
     assert r.returncode == 0, r.stderr
     uid, torch_line = r.stdout.split("\n")[:2]
     assert uid.strip() == "10001" and torch_line.split()[1] == "None", r.stdout
@@ -312,8 +360,24 @@ def test_compose_up_for_real(tmp_path, torch_index, mnist_dvs_path, mnist_dvs_by
     (fake / "__init__.py").chmod(0o644)
     r = _run(["docker", "run", "--rm", "-e", "TORCH=cpu", "vdib:latest", "sh", "-c", check], 600)
     assert r.returncode == 0, r.stderr
-    r = _run(["docker", "run", "--rm", "-e", "TORCH=cpu", "-e", "PYTHONPATH=/fake", "-v", f"{fake.parent}:/fake:ro",
-              "vdib:latest", "sh", "-c", check], 600)
+    r = _run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "-e",
+            "TORCH=cpu",
+            "-e",
+            "PYTHONPATH=/fake",
+            "-v",
+            f"{fake.parent}:/fake:ro",
+            "vdib:latest",
+            "sh",
+            "-c",
+            check,
+        ],
+        600,
+    )
     assert r.returncode != 0 and "CUDA torch build 12.6" in r.stderr
     try:
         r = _run([*compose, "up", "-d", "vdib"], 600, cwd=REPO, env=env)
@@ -332,17 +396,32 @@ def test_compose_up_for_real(tmp_path, torch_index, mnist_dvs_path, mnist_dvs_by
         logs = _run([*compose, "logs", "vdib"], 120, cwd=REPO, env=env).stdout
         assert ready is not None and ready.status_code == 200, logs[-4000:]
         assert f"viewer at http://127.0.0.1:{port}/" in logs and "workers 2" in logs  # the port it serves
-        up = httpx.post(base + "/v1/naturalize?seed=9&emit=3&model=mnist-dvs", content=mnist_dvs_bytes,
-                        timeout=600)
+        up = httpx.post(
+            base + "/v1/naturalize?seed=9&emit=3&model=mnist-dvs", content=mnist_dvs_bytes, timeout=600
+        )
         assert up.status_code == 200, up.text
         frames = up.json()["frames"]
-        s = replay_file(f"ws://127.0.0.1:{port}/v1/stream", str(mnist_dvs_path),
-                        StreamOptions(seed=9, emit=3, model="mnist-dvs"), packet_us=7_000)
+        s = replay_file(
+            f"ws://127.0.0.1:{port}/v1/stream",
+            str(mnist_dvs_path),
+            StreamOptions(seed=9, emit=3, model="mnist-dvs"),
+            packet_us=7_000,
+        )
         assert s.ok and s.close_code == 1000, s.describe()
         assert [f.bin for f in s.frames] == [f["bin"] for f in frames]
-        health = json.loads(_run(["docker", "inspect", "--format", "{{json .State.Health.Status}}",
-                                  f"{project}_vdib_1" if cmd[-1].endswith("docker-compose") else f"{project}-vdib-1"],
-                                 60).stdout or "null")
+        health = json.loads(
+            _run(
+                [
+                    "docker",
+                    "inspect",
+                    "--format",
+                    "{{json .State.Health.Status}}",
+                    f"{project}_vdib_1" if cmd[-1].endswith("docker-compose") else f"{project}-vdib-1",
+                ],
+                60,
+            ).stdout
+            or "null"
+        )
         assert health in ("healthy", "starting")
     finally:
         _run([*compose, "down", "-v"], 600, cwd=REPO, env=env)

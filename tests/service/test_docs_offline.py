@@ -14,7 +14,9 @@ from service.api.viewer import DOCS_ASSETS, swagger_assets
 def test_docs_page_and_assets_are_local(client):
     page = client.get("/docs")
     assert page.status_code == 200
-    urls = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text) + re.findall(r"url: ?'([^']+)'", page.text)
+    urls = re.findall(r"""(?:src|href)=['"]([^'"]+)['"]""", page.text) + re.findall(
+        r"url: ?'([^']+)'", page.text
+    )
     assert urls and not [u for u in urls if u.startswith(("http:", "https:", "//"))], urls
     for name in ("swagger-ui-bundle.js", "swagger-ui.css", "favicon-32x32.png"):
         assert f"{DOCS_ASSETS}/{name}" in page.text

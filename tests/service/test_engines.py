@@ -96,8 +96,11 @@ def test_onnx_stack_gathers_rows_in_any_composition(nat):
     for t, group in enumerate(plan):
         u = {i: torch.rand((1, eng.n_readout), generator=gens[i]).numpy() for i in group}
         order = sorted(group, key=lambda i: eng.order_key(rows[i]))
-        y, st = eng.step(np.repeat(x[t % 6 : t % 6 + 1], len(order), 0), eng.stack([rows[i] for i in order]),
-                         np.concatenate([u[i] for i in order]))
+        y, st = eng.step(
+            np.repeat(x[t % 6 : t % 6 + 1], len(order), 0),
+            eng.stack([rows[i] for i in order]),
+            np.concatenate([u[i] for i in order]),
+        )
         for j, (i, r) in enumerate(zip(order, eng.unstack(st, len(order)))):
             rows[i] = r
             yl, sl = eng.step(x[t % 6 : t % 6 + 1], eng.stack([lone[i]]), u[i])
@@ -162,8 +165,11 @@ def test_torch_stack_gathers_rows_in_any_composition(nat):
     for t, group in enumerate(plan):
         u = {i: torch.rand((1, eng.n_readout), generator=gens[i]).numpy() for i in group}
         order = sorted(group, key=lambda i: eng.order_key(rows[i]))
-        y, st = eng.step(np.repeat(x[t : t + 1], len(order), 0), eng.stack([rows[i] for i in order]),
-                         np.concatenate([u[i] for i in order]))
+        y, st = eng.step(
+            np.repeat(x[t : t + 1], len(order), 0),
+            eng.stack([rows[i] for i in order]),
+            np.concatenate([u[i] for i in order]),
+        )
         for j, (i, r) in enumerate(zip(order, eng.unstack(st, len(order)))):
             rows[i] = r
             yl, sl = eng.step(x[t : t + 1], eng.stack([lone[i]]), u[i])
@@ -173,5 +179,3 @@ def test_torch_stack_gathers_rows_in_any_composition(nat):
         a, b = eng.stack([rows[i]]), eng.stack([lone[i]])
         for ta, tb in zip(a.readout, b.readout):
             assert torch.allclose(ta, tb, atol=1e-6)
-
-

@@ -77,7 +77,11 @@ def test_time_amplification_is_refused_before_the_work(checkpoints_dir, mnist_dv
         # dt_us below the floor: refused at the start message / as a query
         with c.websocket_connect("/v1/stream") as ws:
             _expect_close(ws, [start_msg(dt_us=1)], 1008, "min_dt_us")
-        r = c.post("/v1/naturalize", content=b"t,x,y,p\n0,1,1,1\n1000000,1,1,1\n", params={"filename": "a.csv", "dt_us": 1, "model": "tiny"})
+        r = c.post(
+            "/v1/naturalize",
+            content=b"t,x,y,p\n0,1,1,1\n1000000,1,1,1\n",
+            params={"filename": "a.csv", "dt_us": 1, "model": "tiny"},
+        )
         assert r.status_code == 422 and "min_dt_us" in r.json()["detail"]
         # events just under max_gap_us apart: ~99 bins each, 20 of them pass max_pending_bins at once
         t = [i * 990_000 for i in range(20)]
@@ -167,7 +171,9 @@ def test_huge_sensor_upload_stays_small(client):
     csv = b"t,x,y,p\n0,0,0,1\n10,16383,16383,0\n20,8000,8000,1\n"
     tracemalloc.start()
     try:
-        r = client.post("/v1/naturalize", content=csv, params={"filename": "a.csv", "roi": "full", "model": "tiny"})
+        r = client.post(
+            "/v1/naturalize", content=csv, params={"filename": "a.csv", "roi": "full", "model": "tiny"}
+        )
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -218,8 +224,21 @@ def test_spike_rows_never_overflow_the_frame_header(client):
 
     entry = client.app.state.registry.get(None)
     roi, pool = entry.resolve_roi(128, 128, "centre")
-    s = Session(entry, roi, pool, entry.dt_us, None, 0, spikes=True, inputs=False, fmt="binary", encoding="packed",
-                t0_us=None, max_gap_us=entry.dt_us * 10, out_queue_frames=4)
+    s = Session(
+        entry,
+        roi,
+        pool,
+        entry.dt_us,
+        None,
+        0,
+        spikes=True,
+        inputs=False,
+        fmt="binary",
+        encoding="packed",
+        t0_us=None,
+        max_gap_us=entry.dt_us * 10,
+        out_queue_frames=4,
+    )
     row = np.zeros(entry.engine.n_readout, np.uint8)
     for i in range(MAX_SPIKE_ROWS + 10):
         s.since_emit.append(row)
@@ -385,16 +404,21 @@ def test_packets_sent_right_after_the_start_message(live, mnist_dvs_events):
 
     big = encode_events(mnist_dvs_events[:8000])  # ~104 kB: over the pre-start limit
     sock = _socket.create_connection(("127.0.0.1", live.port))
-    sock.sendall(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    sock.sendall(
+        b"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
     sock.settimeout(30)
     head = b""
     while b"\r\n\r\n" not in head:
         head += sock.recv(4096)
     rest = head.split(b"\r\n\r\n", 1)[1]
     # start, packets and end in one write: nothing waits for the ready
-    sock.sendall(ws_frame(1, json.dumps(start_msg(emit=1)).encode()) + ws_frame(2, big)
-                 + ws_frame(1, b'{"type": "end"}'))
+    sock.sendall(
+        ws_frame(1, json.dumps(start_msg(emit=1)).encode())
+        + ws_frame(2, big)
+        + ws_frame(1, b'{"type": "end"}')
+    )
     data = rest
     while True:
         chunk = sock.recv(1 << 16)
@@ -458,8 +482,15 @@ def test_broken_checkpoints_are_skipped(tmp_path: Path, checkpoints_dir: Path):
 # ---------------------------------------------------------------------------- 9. slowloris, connections
 @pytest.fixture(scope="module")
 def guarded(checkpoints_dir):
-    srv = LiveServer(Settings(checkpoints_dir=checkpoints_dir, header_timeout_s=0.3, body_timeout_s=0.3,
-                              max_connections_per_client=8, _env_file=None))
+    srv = LiveServer(
+        Settings(
+            checkpoints_dir=checkpoints_dir,
+            header_timeout_s=0.3,
+            body_timeout_s=0.3,
+            max_connections_per_client=8,
+            _env_file=None,
+        )
+    )
     yield srv
     srv.stop()
 
@@ -539,8 +570,15 @@ def test_wsfast_reassembles_trickled_frames_in_place():
             self._parked = False
             self._answered = True  # a started stream
             self.paused = 0
-            self.transport = type("T", (), {"pause_reading": lambda _t: setattr(self, "paused", self.paused + 1),
-                                            "resume_reading": lambda _t: None, "is_closing": lambda _t: False})()
+            self.transport = type(
+                "T",
+                (),
+                {
+                    "pause_reading": lambda _t: setattr(self, "paused", self.paused + 1),
+                    "resume_reading": lambda _t: None,
+                    "is_closing": lambda _t: False,
+                },
+            )()
 
     for step in (1, 7, 1000):
         p = P()
@@ -573,7 +611,11 @@ def test_bad_input_is_4xx_or_1003_1007_never_500_1011(client, mnist_dvs_bytes, s
     r = client.post("/v1/naturalize", content=mnist_dvs_bytes, params={"roi": "65500,0,52,52"})
     assert r.status_code == 422 and "coordinate" in r.json()["detail"]
     with client.websocket_connect("/v1/stream") as ws:
-        _expect_close(ws, [start_msg(sensor={"width": 65536, "height": 65536}, roi=[65500, 0, 52, 52], model="tiny")], 1003)
+        _expect_close(
+            ws,
+            [start_msg(sensor={"width": 65536, "height": 65536}, roi=[65500, 0, 52, 52], model="tiny")],
+            1003,
+        )
     with client.websocket_connect("/v1/stream") as ws:
         _expect_close(ws, [start_msg(t0_us=2**63 - 1)], 1007, "t0_us")
     with client.websocket_connect("/v1/stream") as ws:
@@ -608,8 +650,15 @@ def test_api_keys_in_query_strings_are_not_logged():
     from service.guard import RedactQuery, install_log_redaction
 
     install_log_redaction()
-    rec = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d',
-                            ("127.0.0.1:5", "GET", "/v1/stream?model=a&api_key=sekret&token=t2", "1.1", 101), None)
+    rec = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        "",
+        0,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", "/v1/stream?model=a&api_key=sekret&token=t2", "1.1", 101),
+        None,
+    )
     for f in logging.getLogger("uvicorn.access").filters:
         f.filter(rec)
     line = rec.getMessage()
@@ -645,14 +694,20 @@ def test_bench_client_answers_pings():
 
 
 def test_stream_ingest_cpu_budget(checkpoints_dir, mnist_dvs_events):
-    s = Settings(checkpoints_dir=checkpoints_dir, ingest_cpu_per_s=0.0, ingest_cpu_burst_s=0.0, _env_file=None)
+    s = Settings(
+        checkpoints_dir=checkpoints_dir, ingest_cpu_per_s=0.0, ingest_cpu_burst_s=0.0, _env_file=None
+    )
     with make_client(s) as c:
         with c.websocket_connect("/v1/stream") as ws:
             ws.send_text(json.dumps(GOOD))
             assert json.loads(ws.receive_text())["limits"]["ingest_cpu_per_s"] == 0.0
             # the first message is free (it may load compiled kernels), the second is charged
-            _expect_close(ws, [encode_events(mnist_dvs_events[:100]), encode_events(mnist_dvs_events[100:200])],
-                          1008, "CPU")
+            _expect_close(
+                ws,
+                [encode_events(mnist_dvs_events[:100]), encode_events(mnist_dvs_events[100:200])],
+                1008,
+                "CPU",
+            )
 
 
 def test_memory_trimmer_runs_at_most_once_per_interval():

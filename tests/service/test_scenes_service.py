@@ -33,8 +33,9 @@ def small_scene(seed: int = 0):
     from model.scene import SceneNaturalizer, SceneNaturalizerConfig
 
     torch.manual_seed(seed)
-    cfg = SceneNaturalizerConfig(hidden=(6,), n_readout=3, tau_e=4, n_basis=2, fb_memory=3, tau_d=5,
-                                 decoder_widths=(6, 8, 10))
+    cfg = SceneNaturalizerConfig(
+        hidden=(6,), n_readout=3, tau_e=4, n_basis=2, fb_memory=3, tau_d=5, decoder_widths=(6, 8, 10)
+    )
     net = SceneNaturalizer(cfg)
     with torch.no_grad():  # spiking at a useful rate, and an image that depends on the spikes
         net.readout_bias.fill_(-1.0)
@@ -131,7 +132,9 @@ def test_davis346_upload_full_resolution_in_every_format(client: TestClient, dav
     n_bins = (int(davis_rec.events["t"][-1]) - int(davis_rec.events["t"][0])) // 10_000 + 1
     assert j["stats"]["bins"] == n_bins and 0 < j["stats"]["spike_rate"] < 1
     frames = [_b64png(f["image"]) for f in j["frames"]]
-    assert len(frames) == -(-n_bins // 3) and all(f.shape == (260, 346) and f.dtype == np.uint8 for f in frames)
+    assert len(frames) == -(-n_bins // 3) and all(
+        f.shape == (260, 346) and f.dtype == np.uint8 for f in frames
+    )
     assert all(_b64png(f["input"]).shape == (260, 346, 3) for f in j["frames"])
     assert len({f.tobytes() for f in frames}) > 1  # the image follows the events
 
@@ -154,7 +157,9 @@ def test_davis346_upload_full_resolution_in_every_format(client: TestClient, dav
     assert list(z["frame_end_us"]) == [f["bin_end_us"] for f in j["frames"]]
 
 
-def test_timestamps_give_the_named_count_as_reconstruct_events(client: TestClient, davis: Path, davis_rec) -> None:
+def test_timestamps_give_the_named_count_as_reconstruct_events(
+    client: TestClient, davis: Path, davis_rec
+) -> None:
     from model.scene import reconstruct_events
 
     t = davis_rec.events["t"]
@@ -165,8 +170,9 @@ def test_timestamps_give_the_named_count_as_reconstruct_events(client: TestClien
     z = np.load(io.BytesIO(r.content))
     assert z["images"].shape == (len(times), 260, 346)
     assert list(z["frame_end_us"]) == times  # in the order asked
-    want, _ = reconstruct_events(_scene_net(client), davis_rec.events, 346, 260, times,
-                                 generator=torch.Generator().manual_seed(7))
+    want, _ = reconstruct_events(
+        _scene_net(client), davis_rec.events, 346, 260, times, generator=torch.Generator().manual_seed(7)
+    )
     assert np.array_equal(z["images"], want)
     j = client.post(f"/v1/naturalize?seed=7&{q}", content=davis.read_bytes()).json()
     assert len(j["frames"]) == len(times) and j["timestamps_us"] == times
@@ -183,20 +189,27 @@ def test_images_at_the_aps_frame_times(client: TestClient, davis: Path) -> None:
         times.append(int(f.timestamp))
         aps.append(np.asarray(f.image).shape[:2])
     assert len(times) == 4 and set(aps) == {(260, 346)}
-    r = client.post("/v1/naturalize?format=npz&timestamps=" + ",".join(map(str, times)), content=davis.read_bytes())
+    r = client.post(
+        "/v1/naturalize?format=npz&timestamps=" + ",".join(map(str, times)), content=davis.read_bytes()
+    )
     assert r.status_code == 200, r.text
     z = np.load(io.BytesIO(r.content))
     assert z["images"].shape == (4, 260, 346) and list(z["frame_end_us"]) == times
 
 
-@pytest.mark.parametrize("query, status, text", [
-    ("timestamps=1,x", 422, "integers"),
-    ("timestamps=" + ",".join(["1"] * 1001), 422, "max_timestamps"),
-    ("timestamps=1&model=mnist-dvs", 422, "scene-family"),
-    ("timestamps=1&dt_us=5000", 422, "dt_us"),
-    ("timestamps=FAR", 413, "max_upload_bins"),  # 10^13 us after the first event: 10^9 bins
-])
-def test_bad_timestamps(client: TestClient, davis: Path, davis_rec, query: str, status: int, text: str) -> None:
+@pytest.mark.parametrize(
+    "query, status, text",
+    [
+        ("timestamps=1,x", 422, "integers"),
+        ("timestamps=" + ",".join(["1"] * 1001), 422, "max_timestamps"),
+        ("timestamps=1&model=mnist-dvs", 422, "scene-family"),
+        ("timestamps=1&dt_us=5000", 422, "dt_us"),
+        ("timestamps=FAR", 413, "max_upload_bins"),  # 10^13 us after the first event: 10^9 bins
+    ],
+)
+def test_bad_timestamps(
+    client: TestClient, davis: Path, davis_rec, query: str, status: int, text: str
+) -> None:
     query = query.replace("FAR", str(int(davis_rec.events["t"][0]) + 10**13))
     r = client.post(f"/v1/naturalize?{query}", content=davis.read_bytes())
     assert r.status_code == status and text in r.json()["detail"], r.text
@@ -208,12 +221,19 @@ def test_scene_upload_budgets(ckpts: Path, davis: Path) -> None:
     from service.app import create_app
 
     data = davis.read_bytes()
-    s = Settings(checkpoints_dir=ckpts, max_sensor_pixels=346 * 259, max_output_pixels=3 * 346 * 260,
-                 _env_file=None, warmup=False)
+    s = Settings(
+        checkpoints_dir=ckpts,
+        max_sensor_pixels=346 * 259,
+        max_output_pixels=3 * 346 * 260,
+        _env_file=None,
+        warmup=False,
+    )
     with TestClient(create_app(s)) as c:
         r = c.post("/v1/naturalize", content=data)
         assert r.status_code == 422 and "max_sensor_pixels" in r.json()["detail"]
-        r = c.post("/v1/naturalize?roi=0,0,100,100&emit=1", content=data)  # a region fits; 17 frames of it too
+        r = c.post(
+            "/v1/naturalize?roi=0,0,100,100&emit=1", content=data
+        )  # a region fits; 17 frames of it too
         assert r.status_code == 200 and r.json()["image_shape"] == [100, 100]
         r = c.post("/v1/naturalize?roi=0,0,346,259&emit=1", content=data)
         assert r.status_code == 413 and "max_output_pixels" in r.json()["detail"]
@@ -256,7 +276,9 @@ def test_default_model_rule_registry(tmp_path: Path, ckpts: Path) -> None:
     with pytest.raises(NoDefaultModelError, match="346x260"):  # never the digit model by default
         reg.pick(None, 346, 260)
     assert reg.pick("mnist-dvs", 346, 260)[0].name == "mnist-dvs"
-    reg = ModelRegistry.load(Settings(checkpoints_dir=ckpts, warmup=False, default_model="scenes", _env_file=None))
+    reg = ModelRegistry.load(
+        Settings(checkpoints_dir=ckpts, warmup=False, default_model="scenes", _env_file=None)
+    )
     entry, reason = reg.pick(None, 128, 128)
     assert entry.name == "scenes" and "default_model" in reason
     reg = ModelRegistry.load(Settings(checkpoints_dir=ckpts, warmup=False, _env_file=None))
@@ -266,7 +288,9 @@ def test_default_model_rule_registry(tmp_path: Path, ckpts: Path) -> None:
 def test_no_default_model_for_the_sensor_is_a_clear_error(tmp_path: Path, davis: Path) -> None:
     from service.app import create_app
 
-    s = Settings(checkpoints_dir=make_checkpoints(tmp_path / "d", ("mnist-dvs",)), warmup=False, _env_file=None)
+    s = Settings(
+        checkpoints_dir=make_checkpoints(tmp_path / "d", ("mnist-dvs",)), warmup=False, _env_file=None
+    )
     with TestClient(create_app(s)) as c:
         r = c.post("/v1/naturalize", content=davis.read_bytes())
         assert r.status_code == 422 and "name one" in r.json()["detail"]
@@ -299,8 +323,9 @@ def _stream(client: TestClient, rec, **start) -> dict:
     return out
 
 
-def test_davis_stream_at_full_sensor_equals_reconstruct_events_and_upload(client: TestClient, davis: Path,
-                                                                          davis_rec) -> None:
+def test_davis_stream_at_full_sensor_equals_reconstruct_events_and_upload(
+    client: TestClient, davis: Path, davis_rec
+) -> None:
     from model.scene import reconstruct_events
     from service.render import to_uint8
 
@@ -314,8 +339,9 @@ def test_davis_stream_at_full_sensor_equals_reconstruct_events_and_upload(client
     assert frames and all(f.image().shape == (260, 346) and f.spikes is None for f in frames)
     assert all(f.input_png is not None and _png(f.input_png).shape == (260, 346, 3) for f in frames)
     # the same seed, step by step: model.scene.reconstruct_events at every 2nd bin end and the last
-    want, times = reconstruct_events(_scene_net(client), davis_rec.events, 346, 260, every=2,
-                                     generator=torch.Generator().manual_seed(11))
+    want, times = reconstruct_events(
+        _scene_net(client), davis_rec.events, 346, 260, every=2, generator=torch.Generator().manual_seed(11)
+    )
     assert [f.bin_end_us for f in frames] == times.tolist()
     for f, w in zip(frames, want, strict=True):
         assert np.array_equal(f.image(), to_uint8(w))
@@ -357,11 +383,14 @@ def test_equal_sized_streams_batch_without_touching_each_other(client: TestClien
     stream's frames equal its frames alone, bit for bit."""
     import events
 
-    short = events.Recording(davis_rec.events[davis_rec.events["t"] < davis_rec.events["t"][0] + 60_000],
-                             346, 260, "aedat4", {})
+    short = events.Recording(
+        davis_rec.events[davis_rec.events["t"] < davis_rec.events["t"][0] + 60_000], 346, 260, "aedat4", {}
+    )
     recs, seeds = [davis_rec, short], [21, 22]
-    alone = [[f.image().tobytes() for f in _stream(client, r, seed=sd, emit=1)["frames"]]
-             for r, sd in zip(recs, seeds, strict=True)]
+    alone = [
+        [f.image().tobytes() for f in _stream(client, r, seed=sd, emit=1)["frames"]]
+        for r, sd in zip(recs, seeds, strict=True)
+    ]
     packets = [_packets(r.events) for r in recs]
     steps_before = client.app.state.scheduler.steps
     with client.websocket_connect("/v1/stream") as a, client.websocket_connect("/v1/stream") as b:
@@ -421,7 +450,9 @@ def test_a_parked_scene_tick_never_stalls_digit_streams(client: TestClient, davi
         gate.set()
 
 
-def test_onnx_engine_serves_scenes_like_torch(ckpts: Path, client: TestClient, davis: Path, davis_rec) -> None:
+def test_onnx_engine_serves_scenes_like_torch(
+    ckpts: Path, client: TestClient, davis: Path, davis_rec
+) -> None:
     """VDIB_ENGINE=onnx: the scene model's exported graphs at the full sensor; a stream equals its
     upload exactly and the torch engine's frames up to float rounding (a rare flipped spike)."""
     from service.app import create_app
@@ -433,17 +464,28 @@ def test_onnx_engine_serves_scenes_like_torch(ckpts: Path, client: TestClient, d
         out = _stream(c, davis_rec, seed=4, emit=2)
         j = c.post("/v1/naturalize?seed=4&emit=2", content=davis.read_bytes()).json()
     assert out["code"] == 1000 and [f.bin_end_us for f in out["frames"]] == [f.bin_end_us for f in ref]
-    assert [_b64png(x["image"]).tobytes() for x in j["frames"]] == [f.image().tobytes() for f in out["frames"]]
-    diff = np.stack([np.abs(a.image().astype(int) - b.image().astype(int)) for a, b in zip(out["frames"], ref,
-                                                                                           strict=True)])
+    assert [_b64png(x["image"]).tobytes() for x in j["frames"]] == [
+        f.image().tobytes() for f in out["frames"]
+    ]
+    diff = np.stack(
+        [
+            np.abs(a.image().astype(int) - b.image().astype(int))
+            for a, b in zip(out["frames"], ref, strict=True)
+        ]
+    )
     assert diff.shape[1:] == (260, 346) and diff.mean() < 0.5, (diff.mean(), diff.max())
 
 
 def test_scene_stream_limits(ckpts: Path) -> None:
     from service.app import create_app
 
-    s = Settings(checkpoints_dir=ckpts, max_sensor_pixels=640 * 480, max_scene_pixels=346 * 260 + 100,
-                 warmup=False, _env_file=None)
+    s = Settings(
+        checkpoints_dir=ckpts,
+        max_sensor_pixels=640 * 480,
+        max_scene_pixels=346 * 260 + 100,
+        warmup=False,
+        _env_file=None,
+    )
     with TestClient(create_app(s)) as c:
         with c.websocket_connect("/v1/stream") as ws:  # an absurd sensor: refused before any state exists
             ws.send_text(json.dumps(start_msg(sensor={"width": 65536, "height": 65536})))
@@ -487,7 +529,10 @@ def test_waiting_full_sensor_bins_are_bounded_in_bytes(ckpts: Path, client: Test
         assert out["code"] == 1008 and "limit 20" in out["messages"][-1]["message"]
     with client.websocket_connect("/v1/stream") as ws:  # by default a digit stream keeps max_pending_bins
         ws.send_text(json.dumps(start_msg()))
-        assert json.loads(ws.receive_text())["limits"]["max_pending_bins"] == Settings(_env_file=None).max_pending_bins
+        assert (
+            json.loads(ws.receive_text())["limits"]["max_pending_bins"]
+            == Settings(_env_file=None).max_pending_bins
+        )
 
 
 def test_frame_header_fields_fit(client: TestClient) -> None:
@@ -530,9 +575,18 @@ def _browser(tmp_path: Path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,800"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1400,800",
+    ):
         opts.add_argument(flag)
     drv = webdriver.Chrome(service=Service(executable_path=driver), options=opts)
     drv.set_page_load_timeout(30)
@@ -551,8 +605,9 @@ def _wait_phase(drv, phases: tuple[str, ...], timeout: float = 300.0) -> None:
 
 
 @pytest.mark.parametrize("parts, size", [(DAVIS346, "346x260"), (DAVIS240, "240x180")])
-def test_viewer_shows_events_and_reconstruction_at_native_resolution(settings: Settings, tmp_path: Path,
-                                                                    parts: tuple[str, ...], size: str) -> None:
+def test_viewer_shows_events_and_reconstruction_at_native_resolution(
+    settings: Settings, tmp_path: Path, parts: tuple[str, ...], size: str
+) -> None:
     """Live replay and upload of a real DAVIS recording with the model left on "auto": both
     canvases at the sensor's resolution, side by side, the raster hidden (a scene model sends
     none), the model and the rule's reason shown. Screenshots: $VDIB_SCREENSHOT_DIR or tmp."""
@@ -579,7 +634,7 @@ def test_viewer_shows_events_and_reconstruction_at_native_resolution(settings: S
         for cid in ("events", "recon"):
             canvas = drv.find_element(By.ID, cid)
             assert canvas.get_attribute("data-size") == size  # the image's own size, drawn 1:1
-            assert f'{canvas.get_attribute("width")}x{canvas.get_attribute("height")}' == size
+            assert f"{canvas.get_attribute('width')}x{canvas.get_attribute('height')}" == size
         assert not drv.find_element(By.ID, "raster-panel").is_displayed()
         assert "general-scene" in drv.find_element(By.ID, "model-info").text
         assert drv.find_element(By.ID, "error").text == ""

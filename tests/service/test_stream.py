@@ -71,12 +71,16 @@ def test_single_event_chunks_and_json_format(client, mnist_dvs_events, mnist_dvs
     buf = io.BytesIO()
     write_npz(buf, ev, 128, 128)
     ref = _upload(client, buf.getvalue(), seed=2, emit=1)
-    out = stream_events(client, ev, list(range(1, 400)) + list(range(400, 3000, 97)), seed=2, emit=1, format="json")
+    out = stream_events(
+        client, ev, list(range(1, 400)) + list(range(400, 3000, 97)), seed=2, emit=1, format="json"
+    )
     frames = out["frames"]
     assert len(frames) == len(ref["frames"])
     for f, u in zip(frames, ref["frames"]):
         # the same pixels (streamed PNGs are stored uncompressed by default, uploads use zlib level 1)
-        assert f["bin"] == u["bin"] and np.array_equal(_png(base64.b64decode(f["image"])), _png(base64.b64decode(u["image"])))
+        assert f["bin"] == u["bin"] and np.array_equal(
+            _png(base64.b64decode(f["image"])), _png(base64.b64decode(u["image"]))
+        )
 
 
 def test_concurrent_streams_batched_equal_uploads(client, mnist_dvs_events, mnist_dvs_bytes):
@@ -99,8 +103,11 @@ def test_concurrent_streams_batched_equal_uploads(client, mnist_dvs_events, mnis
     for out, s in zip(outs, seeds):
         assert out["code"] == 1000
         _same_frames(out["frames"], refs[s], tol=1)
-    assert refs[1]["frames"][-1]["image"] != refs[2]["frames"][-1]["image"] or \
-        refs[1]["stats"]["spike_rate"] != refs[2]["stats"]["spike_rate"]
+    assert (
+        refs[1]["frames"][-1]["image"] != refs[2]["frames"][-1]["image"]
+        or refs[1]["stats"]["spike_rate"] != refs[2]["stats"]["spike_rate"]
+    )
+
     # the scheduler did batch several streams into one step at least once
     def batch_stats(text):
         vals = {}
@@ -109,6 +116,7 @@ def test_concurrent_streams_batched_equal_uploads(client, mnist_dvs_events, mnis
                 k, v = line.split()
                 vals[k] = float(v)
         return vals
+
     b0, b1 = batch_stats(metrics_before), batch_stats(client.get("/metrics").text)
     steps = b1["vdib_batch_size_sum"] - b0.get("vdib_batch_size_sum", 0)
     ticks = b1["vdib_batch_size_count"] - b0.get("vdib_batch_size_count", 0)
@@ -159,7 +167,9 @@ def test_aedat4_bytes_stream_equals_upload(client, shared_events):
     data = (shared_events / "aedat4" / "tonic_sample.aedat4").read_bytes()
     ref = _upload(client, data, seed=5, emit=3, model="tiny")  # a 320x240 sensor: the digit model by name
     with client.websocket_connect("/v1/stream") as ws:
-        ws.send_text(json.dumps(start_msg(sensor={"width": 320, "height": 240}, seed=5, emit=3, model="tiny")))
+        ws.send_text(
+            json.dumps(start_msg(sensor={"width": 320, "height": 240}, seed=5, emit=3, model="tiny"))
+        )
         assert json.loads(ws.receive_text())["type"] == "ready"
         for a in range(0, len(data), 65_537):  # pieces that split packets and the header
             ws.send_bytes(data[a : a + 65_537])
@@ -201,25 +211,28 @@ def _expect_close(client, messages, code, text, url="/v1/stream", **kw):
 GOOD = start_msg()
 
 
-@pytest.mark.parametrize("messages, code, text", [
-    (["{not json"], 1007, "not JSON"),
-    ([b"VDEV\x01\x00\x00\x00\x00\x00\x00\x00"], 1003, "first message"),
-    ([{"type": "flush"}], 1003, "expected a 'start'"),
-    ([start_msg(protocol=2)], 1003, "protocol version"),
-    ([start_msg(model="nope")], 1003, "unknown model"),
-    ([start_msg(sensor={"width": 0, "height": 5})], 1007, "sensor.width"),
-    ([start_msg(roi=[0, 0, 27, 27])], 1003, "multiple"),
-    ([start_msg(emit=0)], 1007, "emit"),
-    ([start_msg(colour="blue")], 1007, "colour"),
-    ([GOOD, b"XXXX\x01\x00\x00\x00\x00\x00\x00\x00"], 1003, "neither"),
-    ([GOOD, b"VDEV\x01\x00\x00\x00\x05\x00\x00\x00" + b"\x00" * 13], 1007, "says 5 events"),
-    ([GOOD, b"VDEV\x02\x00\x00\x00\x00\x00\x00\x00"], 1003, "version 2"),
-    ([GOOD, b"VDEV\x01\x00\x00\x00\x01\x00\x00\x00" + b"\x00" * 12 + b"\x07"], 1007, "polarity"),
-    ([GOOD, b"#!AER-DAT4.0\r\n\xff\xff\xff\x7f"], 1007, "header size"),
-    ([GOOD, {"type": "dance"}], 1003, "unknown message type"),
-    ([GOOD, GOOD], 1003, "already started"),
-    ([GOOD, "[1, 2]"], 1007, "JSON object"),
-])
+@pytest.mark.parametrize(
+    "messages, code, text",
+    [
+        (["{not json"], 1007, "not JSON"),
+        ([b"VDEV\x01\x00\x00\x00\x00\x00\x00\x00"], 1003, "first message"),
+        ([{"type": "flush"}], 1003, "expected a 'start'"),
+        ([start_msg(protocol=2)], 1003, "protocol version"),
+        ([start_msg(model="nope")], 1003, "unknown model"),
+        ([start_msg(sensor={"width": 0, "height": 5})], 1007, "sensor.width"),
+        ([start_msg(roi=[0, 0, 27, 27])], 1003, "multiple"),
+        ([start_msg(emit=0)], 1007, "emit"),
+        ([start_msg(colour="blue")], 1007, "colour"),
+        ([GOOD, b"XXXX\x01\x00\x00\x00\x00\x00\x00\x00"], 1003, "neither"),
+        ([GOOD, b"VDEV\x01\x00\x00\x00\x05\x00\x00\x00" + b"\x00" * 13], 1007, "says 5 events"),
+        ([GOOD, b"VDEV\x02\x00\x00\x00\x00\x00\x00\x00"], 1003, "version 2"),
+        ([GOOD, b"VDEV\x01\x00\x00\x00\x01\x00\x00\x00" + b"\x00" * 12 + b"\x07"], 1007, "polarity"),
+        ([GOOD, b"#!AER-DAT4.0\r\n\xff\xff\xff\x7f"], 1007, "header size"),
+        ([GOOD, {"type": "dance"}], 1003, "unknown message type"),
+        ([GOOD, GOOD], 1003, "already started"),
+        ([GOOD, "[1, 2]"], 1007, "JSON object"),
+    ],
+)
 def test_protocol_errors_close_codes(client, messages, code, text):
     out = _expect_close(client, messages, code, text)
     if messages[0] is GOOD:
@@ -227,8 +240,14 @@ def test_protocol_errors_close_codes(client, messages, code, text):
 
 
 def test_limits_close_codes(checkpoints_dir, mnist_dvs_events):
-    s = Settings(checkpoints_dir=checkpoints_dir, max_message_bytes=1000, max_sessions=1, max_pending_bins=50,
-                 idle_timeout_s=0.4, _env_file=None)
+    s = Settings(
+        checkpoints_dir=checkpoints_dir,
+        max_message_bytes=1000,
+        max_sessions=1,
+        max_pending_bins=50,
+        idle_timeout_s=0.4,
+        _env_file=None,
+    )
     with make_client(s) as c:
         _expect_close(c, [GOOD, encode_events(mnist_dvs_events[:100])], 1009, "exceeds 1000")
         _expect_close(c, ["x" * 2000], 1009, "exceeds")
@@ -325,8 +344,22 @@ def test_session_queues_a_silence_as_one_run_and_checks_the_budget_first(client)
     roi, pool = entry.resolve_roi(26, 26, "centre")
 
     def session(max_pending: int) -> Session:
-        return Session(entry, roi, pool, 1_000, 2, 0, spikes=False, inputs=False, fmt="binary", encoding="auto",
-                       t0_us=None, max_gap_us=10_000_000, out_queue_frames=4, max_pending_bins=max_pending)
+        return Session(
+            entry,
+            roi,
+            pool,
+            1_000,
+            2,
+            0,
+            spikes=False,
+            inputs=False,
+            fmt="binary",
+            encoding="auto",
+            t0_us=None,
+            max_gap_us=10_000_000,
+            out_queue_frames=4,
+            max_pending_bins=max_pending,
+        )
 
     ev = np.zeros(3, EVENT_DTYPE)
     ev["t"] = [0, 100, 5_000_000]  # 4999 empty bins between bin 0 and bin 5000

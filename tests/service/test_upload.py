@@ -81,16 +81,21 @@ def test_png_gif_npz(client, mnist_dvs_bytes):
         assert np.array_equal(got, _png(js["frames"][0]["image"]))
 
 
-@pytest.mark.parametrize("fmt_file", [
-    ("aedat31", "mnist_0_scale04_0001_as_aedat31.aedat"),
-    ("aedat4", "tonic_sample.aedat4"),
-    ("evt2", "faery_evt2.raw"),
-    ("nmnist", "tonic_sample_nmnist.bin"),
-])
+@pytest.mark.parametrize(
+    "fmt_file",
+    [
+        ("aedat31", "mnist_0_scale04_0001_as_aedat31.aedat"),
+        ("aedat4", "tonic_sample.aedat4"),
+        ("evt2", "faery_evt2.raw"),
+        ("nmnist", "tonic_sample_nmnist.bin"),
+    ],
+)
 def test_other_formats_and_sensors(client, shared_events, fmt_file):
     sub, name = fmt_file
     data = (shared_events / sub / name).read_bytes()
-    r = client.post(f"/v1/naturalize?emit=last&model=tiny&filename={name}", content=data)  # digit model by name
+    r = client.post(
+        f"/v1/naturalize?emit=last&model=tiny&filename={name}", content=data
+    )  # digit model by name
     assert r.status_code == 200, r.text
     j = r.json()
     assert j["stats"]["events"] > 0 and len(j["frames"]) == 1
@@ -120,19 +125,22 @@ def test_events_endpoint_packet(client, mnist_dvs_bytes, mnist_dvs_events):
 
 
 # ---------------------------------------------------------------------------- bad input -> 4xx
-@pytest.mark.parametrize("query, code, text", [
-    ("roi=1,2,3", 422, "roi"),
-    ("roi=0,0,27,27", 422, "multiple"),
-    ("roi=200,0,26,26", 422, "outside"),
-    ("roi=a,b,c,d", 422, "integers"),
-    ("emit=0", 422, "emit"),
-    ("emit=soon", 422, "emit"),
-    ("format=bmp", 422, "format"),
-    ("spikes=raw", 422, "spikes"),
-    ("dt_us=0", 422, "dt_us"),
-    ("seed=-1", 422, "seed"),
-    ("model=nope", 404, "unknown model"),
-])
+@pytest.mark.parametrize(
+    "query, code, text",
+    [
+        ("roi=1,2,3", 422, "roi"),
+        ("roi=0,0,27,27", 422, "multiple"),
+        ("roi=200,0,26,26", 422, "outside"),
+        ("roi=a,b,c,d", 422, "integers"),
+        ("emit=0", 422, "emit"),
+        ("emit=soon", 422, "emit"),
+        ("format=bmp", 422, "format"),
+        ("spikes=raw", 422, "spikes"),
+        ("dt_us=0", 422, "dt_us"),
+        ("seed=-1", 422, "seed"),
+        ("model=nope", 404, "unknown model"),
+    ],
+)
 def test_bad_parameters(client, mnist_dvs_bytes, query, code, text):
     r = client.post(f"/v1/naturalize?{query}", content=mnist_dvs_bytes)
     assert r.status_code == code, r.text
@@ -165,10 +173,12 @@ def test_size_limits_413(checkpoints_dir, mnist_dvs_bytes):
         # Content-Length checked before reading
         r = c.post("/v1/naturalize", content=mnist_dvs_bytes)
         assert r.status_code == 413 and "Content-Length" in r.text
+
         # no Content-Length (chunked): counted while streaming
         def gen():
             for a in range(0, len(mnist_dvs_bytes), 8192):
                 yield mnist_dvs_bytes[a : a + 8192]
+
         r = c.post("/v1/naturalize", content=gen())
         assert r.status_code == 413 and "upload limit" in r.text
         r = c.post("/v1/naturalize", files={"file": ("a.aedat", mnist_dvs_bytes)})
@@ -240,7 +250,9 @@ def test_a_huge_declared_sensor_costs_its_sides_not_its_area(client):
     csv = b"# width 16384 height 16384\nt,x,y,p\n0,1,1,1\n20000,16000,16000,0\n"
     tracemalloc.start()
     try:
-        r = client.post("/v1/naturalize", content=csv, params={"filename": "big.csv", "roi": "full", "model": "tiny"})
+        r = client.post(
+            "/v1/naturalize", content=csv, params={"filename": "big.csv", "roi": "full", "model": "tiny"}
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -20,7 +20,9 @@ import pytest
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
-pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Debian chromium / chromium-driver not installed")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER), reason="Debian chromium / chromium-driver not installed"
+)
 
 
 @pytest.fixture
@@ -30,9 +32,19 @@ def browser(tmp_path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,800"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,800",
+    ):
         opts.add_argument(flag)
     drv = webdriver.Chrome(service=Service(executable_path=DRIVER), options=opts)
     drv.set_page_load_timeout(30)
@@ -53,8 +65,11 @@ def live_server(settings):
     budgets are not what these tests check."""
     from tests.service.conftest import LiveServer
 
-    srv = LiveServer(settings.model_copy(update={"start_timeout_s": TIMEOUT, "idle_timeout_s": TIMEOUT,
-                                                 "ingest_cpu_burst_s": TIMEOUT}))
+    srv = LiveServer(
+        settings.model_copy(
+            update={"start_timeout_s": TIMEOUT, "idle_timeout_s": TIMEOUT, "ingest_cpu_burst_s": TIMEOUT}
+        )
+    )
     yield srv
     srv.stop()
 
@@ -74,9 +89,11 @@ def _wait(fn, timeout=TIMEOUT, every=0.1, drv=None):
             log = drv.get_log("browser")
         except Exception:  # not every driver keeps the console log
             log = None
-        page = (f" status={drv.find_element(By.ID, 'status').text!r} error={drv.find_element(By.ID, 'error').text!r} "
-                f"frames={drv.execute_script('return window.vdib.frames')} "
-                f"phase={drv.execute_script('return window.vdib.phase')!r} log={log!r}")
+        page = (
+            f" status={drv.find_element(By.ID, 'status').text!r} error={drv.find_element(By.ID, 'error').text!r} "
+            f"frames={drv.execute_script('return window.vdib.frames')} "
+            f"phase={drv.execute_script('return window.vdib.phase')!r} log={log!r}"
+        )
     raise AssertionError("timed out waiting for the page" + page)
 
 

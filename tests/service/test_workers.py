@@ -57,9 +57,24 @@ class WorkersServer:
         env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", VDIB_INGEST_CPU_BURST_S="60")
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)
         self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "vdib_cli.py"), "serve", "--port", str(self.port), "--checkpoints",
-             str(checkpoints), "--workers", str(workers), "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
+            [
+                sys.executable,
+                str(REPO / "vdib_cli.py"),
+                "serve",
+                "--port",
+                str(self.port),
+                "--checkpoints",
+                str(checkpoints),
+                "--workers",
+                str(workers),
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+            env=env,
         )
         assert self.proc.stdout is not None
         self.banner = self.proc.stdout.readline()
@@ -146,13 +161,17 @@ def test_two_workers_ready_upload_streams_metrics(two_workers, live_server, mnis
     # one upload: the frames of a single-process server with the same seed
     up = srv.client.post("/v1/naturalize?seed=9&emit=3", content=mnist_dvs_bytes)
     assert up.status_code == 200, up.text
-    single = httpx.post(f"{live_server.http}/v1/naturalize?seed=9&emit=3", content=mnist_dvs_bytes, timeout=120)
+    single = httpx.post(
+        f"{live_server.http}/v1/naturalize?seed=9&emit=3", content=mnist_dvs_bytes, timeout=120
+    )
     assert [f["bin"] for f in up.json()["frames"]] == [f["bin"] for f in single.json()["frames"]]
     ref = _images(single.json())
     assert all(np.array_equal(a, b) for a, b in zip(_images(up.json()), ref, strict=True))
 
     # two concurrent streams: each equals the single-process stream (and the upload)
-    ref_stream = replay_file(live_server.ws, str(mnist_dvs_path), StreamOptions(seed=9, emit=3), packet_us=7_000)
+    ref_stream = replay_file(
+        live_server.ws, str(mnist_dvs_path), StreamOptions(seed=9, emit=3), packet_us=7_000
+    )
     assert ref_stream.ok, ref_stream.describe()
     for s in _two_streams(srv.ws, mnist_dvs_path):
         assert s.ok and s.close_code == 1000, s.describe()
@@ -173,8 +192,21 @@ def test_two_workers_ready_upload_streams_metrics(two_workers, live_server, mnis
 
 
 def test_workers_option_checked(checkpoints_dir):
-    r = subprocess.run([sys.executable, str(REPO / "vdib_cli.py"), "serve", "--workers", "0", "--checkpoints",
-                        str(checkpoints_dir)], capture_output=True, text=True, timeout=120, cwd=REPO)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "vdib_cli.py"),
+            "serve",
+            "--workers",
+            "0",
+            "--checkpoints",
+            str(checkpoints_dir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     assert r.returncode == 2 and "--workers must be at least 1" in r.stderr
 
 
@@ -190,7 +222,6 @@ def test_default_workers_is_the_usable_cores(monkeypatch):
     assert not Path(created[0]).exists() and "PROMETHEUS_MULTIPROC_DIR" not in os.environ
 
 
-
 def test_workers_keep_the_service_protocols():
     """uvicorn pickles its config to each spawned worker: the websocket fast path and the guarded
     h11 protocol (with their limits) must survive that."""
@@ -203,8 +234,14 @@ def test_workers_keep_the_service_protocols():
     from service.settings import Settings
     from service.wsfast import FastWebSocketProtocol
 
-    cfg = uvicorn.Config("service.workers:create_worker_app", factory=True, workers=2,
-                         **uvicorn_options(Settings(max_connections_per_client=7, _env_file=None)))  # type: ignore[call-arg]
+    cfg = uvicorn.Config(
+        "service.workers:create_worker_app",
+        factory=True,
+        workers=2,
+        **uvicorn_options(Settings(max_connections_per_client=7, _env_file=None)),
+    )  # type: ignore[call-arg]
     got = pickle.loads(pickle.dumps(cfg))
     assert got.ws is FastWebSocketProtocol
-    assert got.http.func is GuardedH11Protocol and got.http.keywords["limits"]["max_connections_per_client"] == 7
+    assert (
+        got.http.func is GuardedH11Protocol and got.http.keywords["limits"]["max_connections_per_client"] == 7
+    )

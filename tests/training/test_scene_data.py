@@ -32,7 +32,9 @@ def test_clips_are_reproducible_and_shaped():
     x, y = clip_tensors(a, SMALL.n_bins, SMALL.dt_us)
     assert x.shape == (6, 2, 24, 32) and x.dtype == np.uint8
     assert y.shape == (6, 24, 32) and np.all(np.isfinite(y.astype(np.float32)))
-    assert int(x.sum(dtype=np.int64)) == int(np.count_nonzero(a.events["t"] < 60_000))  # every event in one bin
+    assert int(x.sum(dtype=np.int64)) == int(
+        np.count_nonzero(a.events["t"] < 60_000)
+    )  # every event in one bin
     assert not np.array_equal(make_clip(4, SMALL).events, a.events)
 
 

@@ -55,15 +55,22 @@ def test_identical_image_scores_perfectly_raw_and_hist():
 def test_score_uses_the_protocols_ssim_settings_and_clips():
     from skimage.metrics import mean_squared_error, structural_similarity
 
-    assert se.SSIM_KWARGS == {"gaussian_weights": True, "sigma": 1.5, "use_sample_covariance": False,
-                              "data_range": 1.0}
+    assert se.SSIM_KWARGS == {
+        "gaussian_weights": True,
+        "sigma": 1.5,
+        "use_sample_covariance": False,
+        "data_range": 1.0,
+    }
     rng = np.random.default_rng(2)
     gt = rng.random((30, 40))
     recon = rng.normal(0.5, 0.6, (30, 40))  # outside [0, 1]: clipped before scoring
     s = se.score_frame(recon, gt)
     clipped = np.clip(recon, 0, 1)
-    assert s["ssim_raw"] == pytest.approx(structural_similarity(
-        gt, clipped, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0))
+    assert s["ssim_raw"] == pytest.approx(
+        structural_similarity(
+            gt, clipped, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1.0
+        )
+    )
     assert s["mse_raw"] == pytest.approx(mean_squared_error(gt, clipped))
     # the default skimage SSIM (7x7 uniform window, sample covariance) is a different number
     assert s["ssim_raw"] != pytest.approx(structural_similarity(gt, clipped, data_range=1.0), abs=1e-4)
@@ -154,7 +161,9 @@ def test_bad_method_output_shape_is_a_typed_error():
 # ---------------------------------------------------------------------------------------------
 
 
-def hpf_closed_form(ev: np.ndarray, width: int, height: int, T: int, a: float, b: float, c: float) -> np.ndarray:
+def hpf_closed_form(
+    ev: np.ndarray, width: int, height: int, T: int, a: float, b: float, c: float
+) -> np.ndarray:
     """L_p(T) = sum_k c_k exp(-a (T - t_k)) exp(-b * (events at p after k)), per pixel."""
     L = np.zeros((height, width))
     for yy in range(height):
@@ -175,7 +184,9 @@ def test_hpf_matches_its_closed_form(cutoff_hz):
     L = f.log_intensity(ev, 5, 4, times)
     a = 2 * math.pi * cutoff_hz
     for j, T in enumerate(times):
-        np.testing.assert_allclose(L[j], hpf_closed_form(ev, 5, 4, int(T), a, 0.06, 0.1), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(
+            L[j], hpf_closed_form(ev, 5, 4, int(T), a, 0.06, 0.1), rtol=1e-9, atol=1e-12
+        )
 
 
 def test_direct_integration_counts_polarities():
@@ -295,8 +306,9 @@ def test_ecd_loader_frames_in_span():
 
 
 @needs_ecd
-@pytest.mark.parametrize("name,ssim,mse", [("mid-gray", 0.378, 0.094), ("direct", 0.305, 0.122),
-                                           ("hpf", 0.297, 0.145)])
+@pytest.mark.parametrize(
+    "name,ssim,mse", [("mid-gray", 0.378, 0.094), ("direct", 0.305, 0.122), ("hpf", 0.297, 0.145)]
+)
 def test_ecd_reproduces_the_reference_numbers(name, ssim, mse):
     r = se.summarize([se.evaluate_on_sequence(sb.build_baseline(name), se.load_ecd_slider_depth())])
     assert r["frames"] == 4 and r["missed"] == 0
@@ -327,8 +339,21 @@ def test_davis346_aps_frames_and_hpf_reference():
 def test_cli_scores_the_floor_as_json(capsys, tmp_path):
     from vdib_cli import main
 
-    rc = main(["scenes", "evaluate", "--methods", "mid-gray,hpf", "--sets", "ecd", "--no-timing",
-               "--no-progress", "--json", "--out", str(tmp_path)])
+    rc = main(
+        [
+            "scenes",
+            "evaluate",
+            "--methods",
+            "mid-gray,hpf",
+            "--sets",
+            "ecd",
+            "--no-timing",
+            "--no-progress",
+            "--json",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     e = report["results"]["mid-gray"]["ecd_slider_depth"]
@@ -382,8 +407,22 @@ def test_vdib_method_on_an_untrained_scene_net():
 def test_cli_refuses_a_missing_checkpoint(tmp_path):
     from vdib_cli import main
 
-    assert main(["scenes", "evaluate", str(tmp_path / "nope"), "--methods", "vdib", "--sets", "ecd",
-                 "--no-progress", "--no-timing"]) == 2
+    assert (
+        main(
+            [
+                "scenes",
+                "evaluate",
+                str(tmp_path / "nope"),
+                "--methods",
+                "vdib",
+                "--sets",
+                "ecd",
+                "--no-progress",
+                "--no-timing",
+            ]
+        )
+        == 2
+    )
 
 
 def test_method_without_a_checkpoint_is_skipped_with_a_reason(tmp_path):
