@@ -11,7 +11,9 @@ from training.scene_data import (
     clip_tensors,
     image_bank,
     make_clip,
-    test_clips,
+)
+from training.scene_data import (
+    test_clips as simulated_test_set,
 )
 
 SMALL = SceneDataConfig(height=24, width=32, n_bins=6, leaves_size=48, object_size_px=12)
@@ -48,7 +50,7 @@ def test_dataset_cache_round_trip(tmp_path):
 
 
 def test_simulated_test_set_is_deterministic_and_held_out():
-    a = test_clips(2, seed=0, height=30, width=40, duration_us=100_000, frame_every_us=50_000)
-    b = test_clips(2, seed=0, height=30, width=40, duration_us=100_000, frame_every_us=50_000)
+    a = simulated_test_set(2, seed=0, height=30, width=40, duration_us=100_000, frame_every_us=50_000)
+    b = simulated_test_set(2, seed=0, height=30, width=40, duration_us=100_000, frame_every_us=50_000)
     assert [len(c.events) for c in a] == [len(c.events) for c in b]
     assert a[0].frames.shape == (2, 30, 40) and list(a[0].frame_times_us) == [50_000, 100_000]
