@@ -279,7 +279,7 @@ class Scheduler:
             self.metrics.steps_per_second.set((self.steps - self._rate_steps) / (now - self._rate_t))
             self._rate_t, self._rate_steps = now, self.steps
 
-    # ------------------------------------------------------------------ one tick (worker thread)
+    # ------------------------------------------------------------------ one tick (event loop; scene streams: their thread)
     def _tick(self, work: list[tuple[Session, Pending]]) -> list[tuple[Session, Outgoing]]:
         self.ticks += 1
         by_engine: dict[int, list[tuple[Session, Pending]]] = {}
