@@ -725,7 +725,6 @@ class _SceneMotion:
             )
             max_speed = max(max_speed, v + abs(w) * size)
         self.max_speed = max_speed
-        self.lo = rng.uniform(0.0, 1.0 - cfg.contrast[1]) if cfg.contrast[1] < 1 else 0.0
         span = _uniform(rng, cfg.contrast)
         self.lo = rng.uniform(0.0, 1.0 - span)
         self.span = span

@@ -48,7 +48,6 @@ __all__ = [
     "map_state",
     "stack_states",
     "reconstruct_events",
-    "scene_cost",
 ]
 
 
@@ -274,7 +273,7 @@ class SceneNaturalizer(nn.Module):
             pending = torch.empty_like(g)
             torch.add(state.pending[:, 1:], g[:, :-1], out=pending[:, :-1])
             pending[:, -1] = g[:, -1]
-        fb = torch.einsum("l,blkhw->bkhw", self.fb_kernel.to(u_dtype := g.dtype), state.fb_hist.to(u_dtype))
+        fb = torch.einsum("l,blkhw->bkhw", self.fb_kernel.to(g.dtype), state.fb_hist.to(g.dtype))
         u = pending[:, 0] + self.fb_weight.view(1, -1, 1, 1) * fb + self.readout_bias.view(1, -1, 1, 1)
         p = torch.sigmoid(u)
         y = (uniforms < p).to(u.dtype)
@@ -431,71 +430,25 @@ def reconstruct_events(
     lw = net.lag_weight()
     t_ev = ev["t"] if len(ev) else np.zeros(0, np.int64)
     out = np.zeros((len(times), height, width), np.float32)
+
+    def step_span(st: SceneState, start: int, end: int) -> SceneState:
+        """The state after one bin holding the events of ``[start, end)``."""
+        lo, hi = np.searchsorted(t_ev, [start, end])
+        x = bin_events(ev[lo:hi], roi, dt, t0=start, n_bins=1, polarity="split", mode="count")
+        _, _, nxt = net.step_detailed(
+            net.prepare(torch.from_numpy(x).to(device)), st, net.draw_uniforms(st, generator), lw
+        )
+        return nxt
+
     k = 0  # bins stepped so far; the state has seen events before t0 + k * dt
     for i, t in enumerate(times.tolist()):
         full = max((t - t0) // dt, 0)
         while k < full:  # step whole bins up to the one containing t
-            lo, hi = np.searchsorted(t_ev, [t0 + k * dt, t0 + (k + 1) * dt])
-            x = bin_events(ev[lo:hi], roi, dt, t0=t0 + k * dt, n_bins=1, polarity="split", mode="count")
-            xt = torch.from_numpy(x).to(device)
-            _, _, state = net.step_detailed(net.prepare(xt), state, net.draw_uniforms(state, generator), lw)
+            state = step_span(state, t0 + k * dt, t0 + (k + 1) * dt)
             k += 1
-        st = state
         start = t0 + k * dt
-        if t > start:  # partial bin [start, t) on a copy
-            lo, hi = np.searchsorted(t_ev, [start, t])
-            x = bin_events(ev[lo:hi], roi, dt, t0=start, n_bins=1, polarity="split", mode="count")
-            xt = torch.from_numpy(x).to(device)
-            _, _, st = net.step_detailed(net.prepare(xt), state, net.draw_uniforms(state, generator), lw)
+        st = step_span(state, start, t) if t > start else state  # partial bin [start, t) on a copy
         out[i] = net.decode(st.window, height, width)[0].cpu().numpy()
         if progress is not None:
             progress(i + 1, len(times))
     return out, times
-
-
-def scene_cost(
-    net: SceneNaturalizer, height: int, width: int, spikes_per_step: dict[str, float] | None = None
-) -> dict[str, float]:
-    """Parameters and multiply-accumulates per bin (encoder) and per decoded image (decoder) for a
-    ``height x width`` sensor; with measured ``spikes_per_step`` (``{"input": events, "hidden":
-    spikes, "readout": spikes}``) also the synaptic operations (accumulates) of the event-driven
-    encoder."""
-    cfg = net.config
-    h, w = cfg.spike_shape(height, width)
-    enc_macs = 0.0
-    c_in = cfg.in_channels
-    for c in cfg.hidden:
-        enc_macs += h * w * c_in * c * cfg.kernel**2
-        c_in = c
-    readout_macs = h * w * c_in * cfg.tau_e * cfg.n_readout * cfg.readout_kernel**2
-    dec_params = sum(p.numel() for p in net.decoder.parameters())
-    # decoder MACs: count with hooks on one dummy window
-    macs = [0.0]
-
-    def hook(mod: nn.Module, inp: tuple[Tensor, ...], out: Tensor) -> None:
-        if isinstance(mod, nn.Conv2d):
-            macs[0] += out.numel() * mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
-
-    hs = [m.register_forward_hook(hook) for m in net.decoder.modules() if isinstance(m, nn.Conv2d)]
-    try:
-        with torch.no_grad():
-            net.decoder(torch.zeros(1, cfg.tau_d * cfg.n_readout, h, w, device=next(net.parameters()).device))
-    finally:
-        for hd in hs:
-            hd.remove()
-    out = {
-        "params": float(sum(p.numel() for p in net.parameters())),
-        "params_encoder": float(sum(p.numel() for p in net.parameters()) - dec_params),
-        "params_decoder": float(dec_params),
-        "encoder_macs_per_bin_dense": enc_macs + readout_macs,
-        "decoder_macs_per_image": macs[0],
-    }
-    if spikes_per_step:
-        # every input event / hidden spike reaches fan-out synapses: accumulates, not MACs
-        fan_in0 = cfg.hidden[0] * cfg.kernel**2 / cfg.stride**2
-        syn = spikes_per_step.get("input", 0.0) * fan_in0
-        for i in range(1, len(cfg.hidden)):
-            syn += spikes_per_step.get(f"hidden{i - 1}", 0.0) * cfg.hidden[i] * cfg.kernel**2
-        syn += spikes_per_step.get("hidden", 0.0) * cfg.tau_e * cfg.n_readout * cfg.readout_kernel**2
-        out["synops_per_bin"] = syn
-    return out

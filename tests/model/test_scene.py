@@ -14,7 +14,6 @@ from model.scene import (
     SceneNaturalizer,
     SceneNaturalizerConfig,
     reconstruct_events,
-    scene_cost,
     stack_states,
 )
 
@@ -147,13 +146,6 @@ def test_reconstruct_events_without_events():
     net = _net()
     imgs, t = reconstruct_events(net, np.zeros(0, EVENT_DTYPE), 12, 9, [0, 5000])
     assert imgs.shape == (2, 9, 12) and np.isfinite(imgs).all()
-
-
-def test_scene_cost_counts():
-    net = _net()
-    c = scene_cost(net, 30, 40, {"input": 100.0, "hidden": 50.0})
-    assert c["params"] == sum(p.numel() for p in net.parameters())
-    assert c["decoder_macs_per_image"] > 0 and c["synops_per_bin"] > 0
 
 
 def test_onnx_export_matches_torch_at_two_sizes(tmp_path):
