@@ -87,6 +87,10 @@ class SceneEngine(Engine):
         self._lock = threading.Lock()  # sessions are made on the event loop, uploads in worker threads
         self.live_pixels = 0  # sensor pixels of the open scene streams (admission)
 
+    def _sized_engine(self, height: int, width: int) -> SizedSceneEngine:
+        """A new engine of one sensor size (the ONNX engine makes ONNX ones)."""
+        return SizedSceneEngine(self, height, width)
+
     def for_input(self, shape: tuple[int, ...]) -> SizedSceneEngine:
         """The engine of ``(C, H, W)`` inputs, the same object while any stream uses it."""
         c, h, w = (int(v) for v in shape)
@@ -97,7 +101,7 @@ class SceneEngine(Engine):
         with self._lock:
             eng = self._sized.get((c, h, w))
             if eng is None:
-                eng = SizedSceneEngine(self, h, w)
+                eng = self._sized_engine(h, w)
                 self._sized[(c, h, w)] = eng
             return eng
 
@@ -267,18 +271,8 @@ class SceneOnnxEngine(SceneEngine):
         self.runner = Runner(self._tmp.name, device="cuda" if use_cuda else "cpu", threads=threads)
         self.onnx_device = "cuda" if use_cuda else "cpu"
 
-    def for_input(self, shape: tuple[int, ...]) -> SizedSceneEngine:
-        c, h, w = (int(v) for v in shape)
-        if c != self.config.in_channels or h < 1 or w < 1:
-            raise EngineError(
-                f"input {c}x{h}x{w} cannot feed a scene model of {self.config.in_channels} channels"
-            )
-        with self._lock:
-            eng = self._sized.get((c, h, w))
-            if eng is None:
-                eng = SizedSceneOnnxEngine(self, h, w)
-                self._sized[(c, h, w)] = eng
-            return eng
+    def _sized_engine(self, height: int, width: int) -> SizedSceneEngine:
+        return SizedSceneOnnxEngine(self, height, width)
 
     def describe(self) -> dict[str, Any]:
         return {
